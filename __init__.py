@@ -1,0 +1,11 @@
+"""productbg: e-commerce product backgrounds (ComfyUI node pack and Python package).
+
+Importing this package never imports ComfyUI: node classes import ComfyUI lazily, inside their methods,
+so ``import productbg`` works in plain Python and the same folder loads as a ComfyUI custom node pack.
+"""
+__version__ = "0.1.0"
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+
+WEB_DIRECTORY = None
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]

@@ -1,0 +1,1 @@
+"""productbg.training"""
