@@ -1,10 +1,17 @@
-"""Pure-torch attention math (no ComfyUI, no diffusers): mask grids, identifier and style attention."""
-from .masks import background_weights, infer_grid, product_coverage
-from .identifier import IdentifierSpec, identifier_attention, identifier_attention_mass, identifier_columns
+"""Pure-torch attention math (no ComfyUI, no diffusers import): mask grids, identifier and style attention,
+and the one guided cross-attention call both adapters run."""
+from .guided import (SD15_LAYER_KEYS, Guidance, IdentifierGuidance, LayerContext, ProductMask, StyleGuidance,
+                     guided_cross_attention, positive_rows_from)
+from .identifier import (IdentifierSpec, identifier_attention, identifier_attention_mass, identifier_bias,
+                         identifier_columns, identifier_mass_map, plain_attention)
+from .masks import background_weights, infer_grid, product_coverage, rows_for_batch
 from .style import style_attention
 
 __all__ = [
-    "background_weights", "infer_grid", "product_coverage",
-    "IdentifierSpec", "identifier_attention", "identifier_attention_mass", "identifier_columns",
+    "SD15_LAYER_KEYS", "Guidance", "IdentifierGuidance", "LayerContext", "ProductMask", "StyleGuidance",
+    "guided_cross_attention", "positive_rows_from",
+    "IdentifierSpec", "identifier_attention", "identifier_attention_mass", "identifier_bias",
+    "identifier_columns", "identifier_mass_map", "plain_attention",
+    "background_weights", "infer_grid", "product_coverage", "rows_for_batch",
     "style_attention",
 ]

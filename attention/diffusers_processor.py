@@ -1,0 +1,116 @@
+"""diffusers adapter: an attention processor that runs identifier confinement and reference style.
+
+Install with :func:`install_processors` (``unet.set_attn_processor``); pass the per-call data as
+``unet(..., cross_attention_kwargs={"productbg": DiffusersCall(...)})``. Self-attention layers get the same
+processor (so the keyword is accepted everywhere) and run plain attention. No diffusers import at module level:
+the processor only uses the ``Attention`` module it is handed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .guided import Guidance, LayerContext, guided_cross_attention, identifier_bias_for, positive_rows_from
+from .identifier import identifier_attention_mass, identifier_columns, plain_attention
+from .masks import infer_grid, rows_for_batch
+
+CALL_KEY = "productbg"
+
+
+@dataclass
+class DiffusersCall:
+    """Per-forward data for the processors.
+
+    Attributes:
+        guidance: identifiers and styles for this run.
+        latent_hw: (H, W) of the latent the UNet runs on (to find each layer's grid).
+        cond_or_uncond: chunk layout of the batch, 0 = positive; diffusers pipelines put the negative first,
+            hence the default ``(1, 0)``. Use ``(0,)`` for a batch of positives only (training).
+        mass_losses: when a list, every cross-attention layer appends the first identifier's attention mass
+            inside the product (for the attention-mass loss); average it over layers.
+    """
+
+    guidance: Guidance
+    latent_hw: tuple[int, int]
+    cond_or_uncond: tuple[int, ...] = (1, 0)
+    mass_losses: list | None = field(default=None)
+
+
+class ProductBGAttnProcessor:
+    """``AttnProcessor2_0`` plus productbg's guided cross-attention (see module docstring)."""
+
+    def __init__(self, layer_index: int | None) -> None:
+        self.layer_index = layer_index  # index among cross-attention layers; None for self-attention
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 productbg: DiffusersCall | None = None, **kwargs) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        is_cross = encoder_hidden_states is not None
+        context = hidden_states if not is_cross else (
+            attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states)
+        q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
+            raise NotImplementedError("productbg's processor does not support q/k-normalised attention")
+
+        mask = None
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, k.shape[1], q.shape[0])
+            mask = mask.view(q.shape[0], attn.heads, -1, mask.shape[-1])
+
+        guided = is_cross and self.layer_index is not None and productbg is not None and productbg.guidance
+        if guided and mask is None:
+            ctx = self._context(q, productbg)
+            out = guided_cross_attention(q, k, v, attn.heads, productbg.guidance, ctx)
+            if productbg.mass_losses is not None:
+                productbg.mass_losses.append(self._mass(q, k, attn.heads, productbg, ctx))
+        else:
+            out = plain_attention(q, k, v, attn.heads, attn_mask=mask)
+
+        out = attn.to_out[1](attn.to_out[0](out.to(q.dtype)))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _context(self, q: torch.Tensor, call: DiffusersCall) -> LayerContext:
+        return LayerContext(layer_index=self.layer_index, grid=infer_grid(q.shape[1], latent_hw=call.latent_hw),
+                            positive_rows=positive_rows_from(call.cond_or_uncond, q.shape[0], q.device),
+                            chunks=len(call.cond_or_uncond))
+
+    @staticmethod
+    def _mass(q: torch.Tensor, k: torch.Tensor, heads: int, call: DiffusersCall, ctx: LayerContext) -> torch.Tensor:
+        if not call.guidance.identifiers:
+            return q.new_zeros(())
+        g = call.guidance.identifiers[0]
+        cols = identifier_columns(g.spec, k.shape[1], q.device)
+        coverage = rows_for_batch(g.product.coverage(ctx.grid, q.device), q.shape[0], ctx.chunks)
+        bias = identifier_bias_for(q, k, heads, call.guidance, ctx)
+        return identifier_attention_mass(q, k, heads, cols, ctx.positive_rows.to(q.device), coverage, bias)
+
+
+def install_processors(unet: torch.nn.Module) -> list[str]:
+    """Give every attention layer of ``unet`` a :class:`ProductBGAttnProcessor`.
+
+    Cross-attention layers are numbered in ``unet.attn_processors`` order (down, up, mid for SD1.5 — the
+    IP-Adapter order, matching ``guided.SD15_LAYER_KEYS``).
+
+    Returns:
+        the names of the cross-attention layers, in layer-index order.
+    """
+    names = list(unet.attn_processors.keys())
+    cross = [n for n in names if n.endswith("attn2.processor")]
+    index = {n: i for i, n in enumerate(cross)}
+    unet.set_attn_processor({n: ProductBGAttnProcessor(index.get(n)) for n in names})
+    return cross

@@ -1,0 +1,68 @@
+"""Measure identifier attention while a real sampler runs (tests, debugging, the demo's attention maps).
+
+Off by default and free when off. ``with record() as rec:`` collects, for every identifier-guided
+cross-attention call, the identifier's attention mass at product cells and elsewhere.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .identifier import identifier_mass_map
+
+
+@dataclass
+class IdentifierRecord:
+    layer_index: int
+    grid_tokens: int
+    max_mass_on_product: float
+    mean_mass_on_background: float
+    mass_map: torch.Tensor  # [positive rows, N], head-averaged
+
+
+@dataclass
+class Recorder:
+    identifier: list[IdentifierRecord] = field(default_factory=list)
+    keep_maps: bool = False
+
+    def layers(self) -> set[int]:
+        return {r.layer_index for r in self.identifier}
+
+
+_active: list[Recorder] = []
+
+
+def active() -> bool:
+    return bool(_active)
+
+
+@contextlib.contextmanager
+def record(keep_maps: bool = False) -> Iterator[Recorder]:
+    rec = Recorder(keep_maps=keep_maps)
+    _active.append(rec)
+    try:
+        yield rec
+    finally:
+        _active.remove(rec)
+
+
+@torch.no_grad()
+def record_identifier(layer_index: int, q: torch.Tensor, k: torch.Tensor, heads: int, bias: torch.Tensor,
+                      columns: torch.Tensor, positive_rows: torch.Tensor, coverage: torch.Tensor,
+                      threshold: float) -> None:
+    pos = positive_rows.to(q.device)
+    mass = identifier_mass_map(q[pos], k[pos], heads, columns, bias[pos])
+    product = coverage[pos] >= threshold
+    background = coverage[pos] < threshold
+    entry = IdentifierRecord(
+        layer_index=layer_index,
+        grid_tokens=q.shape[1],
+        max_mass_on_product=float(mass[product].max()) if product.any() else 0.0,
+        mean_mass_on_background=float(mass[background].mean()) if background.any() else 0.0,
+        mass_map=mass.cpu() if _active[-1].keep_maps else torch.empty(0),
+    )
+    for rec in _active:
+        rec.identifier.append(entry)

@@ -1,0 +1,48 @@
+"""Tiny Stable-Diffusion components built from configs (random weights, no downloads, CPU-fast)."""
+from __future__ import annotations
+
+import torch
+
+CROSS_DIM = 32
+
+
+def tiny_unet(in_channels: int = 4, seed: int = 0):
+    """UNet2DConditionModel with SD1.5's block structure in miniature: 7 cross-attention layers."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=in_channels, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=CROSS_DIM,
+        attention_head_dim=8, norm_num_groups=8,
+    ).eval()
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                         latent_channels=4, norm_num_groups=4, sample_size=32).eval()
+
+
+def tiny_text_encoder(seed: int = 0):
+    """CLIPTextModel with the real CLIP vocabulary size (so the shipped tokenizer works) and width 32."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=49408, hidden_size=CROSS_DIM, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
+                            eos_token_id=49407, pad_token_id=49407)
+    return CLIPTextModel(config).eval()
+
+
+def tiny_vision_encoder(seed: int = 0):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=24)
+    return CLIPVisionModelWithProjection(config).eval()
