@@ -1,0 +1,80 @@
+"""Nodes that confine prompt tokens to the background (the Category-Wise Generator's attention)."""
+from __future__ import annotations
+
+from ..attention import IdentifierGuidance, IdentifierSpec, ProductMask
+from ..attention import comfy_patch
+from .common import IDENTIFIER, NodeInputError, clip_token_ids, find_subsequence
+
+CATEGORY = "productbg/attention"
+
+
+class BackgroundWords:
+    """Encode a prompt and mark some of its words as an identifier to keep on the background (zero-shot)."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING", IDENTIFIER)
+    RETURN_NAMES = ("conditioning", "identifier")
+    FUNCTION = "encode"
+    DESCRIPTION = "Encodes a prompt; the chosen words' cross-attention can then be confined to the background."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "clip": ("CLIP", {"tooltip": "The CLIP text encoder of your checkpoint."}),
+            "text": ("STRING", {"multiline": True, "default": "a product photo on a marble table, soft light",
+                                "tooltip": "The positive prompt. Weighting syntax like (word:1.2) works."}),
+            "background_words": ("STRING", {"default": "marble table",
+                                            "tooltip": "Words of the prompt that describe the background only."}),
+        }}
+
+    def encode(self, clip, text: str, background_words: str):
+        tokens = clip.tokenize(text)
+        chunks = clip_token_ids(tokens)
+        target = clip_token_ids(clip.tokenize(background_words), strip_special=True)[0]
+        if not target:
+            raise NodeInputError("background_words is empty: name the prompt words that describe the background")
+        positions = find_subsequence(chunks, target)
+        if not positions:
+            raise NodeInputError(f"{background_words!r} does not occur in the prompt; copy the words exactly "
+                                 "as they appear in the text")
+        spec = IdentifierSpec(tuple(positions), context_length=77 * len(chunks))
+        return (clip.encode_from_tokens_scheduled(tokens), spec)
+
+
+class MaskGuidedAttention:
+    """Keep an identifier's cross-attention off the product: the mask-guided attention layer, in every block."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "patch"
+    DESCRIPTION = "Confines the identifier (category or background words) to the background of the product mask."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model to patch (left untouched; a patched copy is returned)."}),
+            "identifier": (IDENTIFIER, {"tooltip": "From Category Prompt or Background Words."}),
+            "product_mask": ("MASK", {"tooltip": "1 = product. From Place Product, Segment Product or any mask."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                                   "tooltip": "1 removes the identifier from the product entirely; 0 does nothing."}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                        "tooltip": "Sampling progress where confinement starts."}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "Sampling progress where confinement ends."}),
+        }}
+
+    def patch(self, model, identifier: IdentifierSpec, product_mask, strength: float, start_percent: float,
+              end_percent: float):
+        if start_percent > end_percent:
+            raise NodeInputError(f"start_percent {start_percent} is after end_percent {end_percent}")
+        product = ProductMask(product_mask)
+        if not product.mask.any():
+            raise NodeInputError("the product mask is empty (all 0): connect the product's mask (1 = product)")
+        sampling = model.get_model_object("model_sampling")
+        guidance = comfy_patch.current_guidance(model.model_options).with_identifier(IdentifierGuidance(
+            identifier, product, strength,
+            sigma_start=float(sampling.percent_to_sigma(start_percent)),
+            sigma_end=float(sampling.percent_to_sigma(end_percent))))
+        m = model.clone()
+        comfy_patch.install(m.model_options, guidance)
+        return (m,)

@@ -1,0 +1,35 @@
+"""Shared bits of the node classes: custom type names, errors, token helpers. No ComfyUI import."""
+from __future__ import annotations
+
+IDENTIFIER = "PRODUCTBG_IDENTIFIER"
+CLIP_END_TOKEN = 49407
+CLIP_START_TOKEN = 49406
+
+
+class NodeInputError(ValueError):
+    """Bad node input; ComfyUI shows the message on the node and keeps running."""
+
+
+def clip_token_ids(tokens: dict, strip_special: bool = False) -> list[list[int]]:
+    """Integer token ids per 77-token chunk of ComfyUI's ``clip.tokenize`` output (SD1.5 key ``l``).
+
+    Spliced embedding vectors (tensors) become -1 so they never match a word.
+    """
+    if "l" not in tokens:
+        raise NodeInputError(f"this CLIP has no CLIP-L tokens (keys {sorted(tokens)}); productbg supports SD1.5")
+    chunks = []
+    for chunk in tokens["l"]:
+        ids = [t[0] if isinstance(t[0], int) else -1 for t in chunk]
+        if strip_special:
+            ids = [i for i in ids if i not in (CLIP_START_TOKEN, CLIP_END_TOKEN)]
+        chunks.append(ids)
+    return chunks
+
+
+def find_subsequence(chunks: list[list[int]], target: list[int]) -> list[int]:
+    """Flat positions (chunk·77 + index) of the first occurrence of ``target`` in any chunk, else []."""
+    for c, ids in enumerate(chunks):
+        for start in range(len(ids) - len(target) + 1):
+            if ids[start:start + len(target)] == target:
+                return [c * len(ids) + start + i for i in range(len(target))]
+    return []
