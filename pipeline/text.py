@@ -68,7 +68,7 @@ def install_identifiers(tokenizer, text_encoder, vectors: torch.Tensor) -> Ident
         raise ValueError(f"identifier vectors are {width} wide, the text encoder expects {emb.weight.shape[1]}")
     names = [placeholder(c, v) for c in range(cats) for v in range(per)]
     tokenizer.add_tokens(names)
-    text_encoder.resize_token_embeddings(len(tokenizer))
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     ids = torch.tensor(tokenizer.convert_tokens_to_ids(names)).view(cats, per)
     with torch.no_grad():
         text_encoder.get_input_embeddings().weight[ids.flatten()] = vectors.reshape(-1, width).to(emb.weight)

@@ -1,4 +1,7 @@
-"""Tiny Stable-Diffusion components built from configs (random weights, no downloads, CPU-fast)."""
+"""Tiny Stable-Diffusion components built from configs (random weights, no downloads, CPU-fast).
+
+Used by the tests, the foundation demo and benchmarks that need a UNet but not its quality.
+"""
 from __future__ import annotations
 
 import torch

@@ -9,7 +9,7 @@ from productbg.attention import probe
 from productbg.attention.diffusers_processor import DiffusersCall, install_processors
 from productbg.pipeline.text import (clip_tokenizer, identifier_prompt, install_identifiers,
                                      tokenize_with_identifier, word_positions)
-from tiny_models import CROSS_DIM, tiny_text_encoder, tiny_unet
+from productbg.pipeline.tiny import CROSS_DIM, tiny_text_encoder, tiny_unet
 
 
 def _inputs(batch=2, hw=(8, 8), seed=0):
