@@ -5,7 +5,14 @@ so ``import productbg`` works in plain Python and the same folder loads as a Com
 """
 __version__ = "0.1.0"
 
+import sys as _sys
+
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+
+if "folder_paths" in _sys.modules:  # loaded by ComfyUI: make models/productbg/... known right away
+    from .nodes.folders import register_model_folders
+
+    register_model_folders()
 
 WEB_DIRECTORY = None
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]

@@ -1,9 +1,17 @@
 """ComfyUI nodes. Node modules import ComfyUI only inside methods, so this package imports without it."""
 from .attention_nodes import BackgroundWords, MaskGuidedAttention
+from .category_nodes import CategoryPrompt, LoadCategoryBank
+from .lora_nodes import CategoryLoraNode
+from .style_nodes import LoadStyleEncoder, ReferenceStyle
 
 _NODES = {
     "ProductBGBackgroundWords": (BackgroundWords, "Background Words (productbg)"),
     "ProductBGMaskGuidedAttention": (MaskGuidedAttention, "Mask-Guided Attention (productbg)"),
+    "ProductBGLoadCategoryBank": (LoadCategoryBank, "Load Category Bank (productbg)"),
+    "ProductBGCategoryPrompt": (CategoryPrompt, "Category Prompt (productbg)"),
+    "ProductBGCategoryLora": (CategoryLoraNode, "Category LoRA (productbg)"),
+    "ProductBGLoadStyleEncoder": (LoadStyleEncoder, "Load Style Encoder (productbg)"),
+    "ProductBGReferenceStyle": (ReferenceStyle, "Reference Style (productbg)"),
 }
 
 NODE_CLASS_MAPPINGS = {key: cls for key, (cls, _) in _NODES.items()}

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 IDENTIFIER = "PRODUCTBG_IDENTIFIER"
+BANK = "PRODUCTBG_BANK"
+STYLE = "PRODUCTBG_STYLE"
 CLIP_END_TOKEN = 49407
 CLIP_START_TOKEN = 49406
 
@@ -33,3 +35,17 @@ def find_subsequence(chunks: list[list[int]], target: list[int]) -> list[int]:
             if ids[start:start + len(target)] == target:
                 return [c * len(ids) + start + i for i in range(len(target))]
     return []
+
+
+def check_mask_batch(mask, image, name: str = "mask"):
+    """A MASK [B,H,W] resized to an IMAGE [B,H,W,C] (bilinear), with batch 1 broadcast; clear errors."""
+    import torch.nn.functional as F
+
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.shape[0] not in (1, image.shape[0]):
+        raise NodeInputError(f"{name} has {mask.shape[0]} masks for {image.shape[0]} images: give one mask, "
+                             "or one per image")
+    if tuple(mask.shape[1:]) != tuple(image.shape[1:3]):
+        mask = F.interpolate(mask[:, None].float(), size=tuple(image.shape[1:3]), mode="bilinear")[:, 0]
+    return mask.expand(image.shape[0], -1, -1)

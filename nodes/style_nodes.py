@@ -1,0 +1,109 @@
+"""Reference-style nodes (the Personality-Wise Generator): load a style encoder, apply a reference image."""
+from __future__ import annotations
+
+import torch
+
+from ..attention import NUM_SD15_LAYERS, ProductMask, StyleGuidance
+from ..attention import comfy_patch
+from ..weights.errors import WeightsError
+from ..weights.style_encoder import StyleEncoder, load_style_encoder
+from .common import STYLE, NodeInputError, check_mask_batch
+from .folders import full_path, list_files
+
+CATEGORY = "productbg/style"
+# Our reading: input blocks + middle shape the layout, output blocks the texture and colour.
+LAYER_PRESETS: dict[str, tuple[float, ...]] = {
+    "all": (1.0,) * NUM_SD15_LAYERS,
+    "style": tuple(1.0 if 6 <= i <= 14 else 0.0 for i in range(NUM_SD15_LAYERS)),
+    "composition": tuple(0.0 if 6 <= i <= 14 else 1.0 for i in range(NUM_SD15_LAYERS)),
+}
+
+
+class LoadStyleEncoder:
+    """Load a productbg style encoder or an IP-Adapter SD1.5 file (.safetensors)."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (STYLE,)
+    RETURN_NAMES = ("style_encoder",)
+    FUNCTION = "load"
+    DESCRIPTION = "Style encoders from models/productbg/style_encoders; IP-Adapter SD1.5 files from models/ipadapter."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"encoder_name": (list_files("productbg_style_encoders", "ipadapter"), {
+            "tooltip": "ip-adapter_sd15 / ip-adapter-plus_sd15 (.safetensors) or a file trained by productbg."})}}
+
+    def load(self, encoder_name: str):
+        try:
+            return (load_style_encoder(full_path("productbg_style_encoders", encoder_name, "ipadapter")),)
+        except WeightsError as e:
+            raise NodeInputError(f"{encoder_name}: {e}") from None
+
+
+def remove_product(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Fill the reference's product (mask 1) with the mean colour of its background, per image."""
+    keep = (1 - mask)[..., None]
+    mean = (image * keep).sum((1, 2), keepdim=True) / keep.sum((1, 2), keepdim=True).clamp_min(1)
+    return image * keep + mean * (1 - keep)
+
+
+def style_tokens(encoder: StyleEncoder, clip_vision, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond) style tokens of a reference IMAGE; uncond comes from a black image, as IP-Adapter does."""
+    plus = encoder.config.variant == "plus"
+
+    def features(images):
+        out = clip_vision.encode_image(images)
+        return out["penultimate_hidden_states"] if plus else out["image_embeds"]
+
+    cond = features(reference)
+    uncond = features(torch.zeros_like(reference[:1])) if plus else torch.zeros_like(cond[:1])
+    if cond.shape[-1] != encoder.config.clip_width:
+        raise NodeInputError(f"this CLIP vision model gives {cond.shape[-1]}-wide features; the style encoder "
+                             f"expects {encoder.config.clip_width} (use the CLIP vision model it was trained with)")
+    with torch.no_grad():
+        p = next(encoder.parameters())
+        return (encoder(cond.to(p)).float(), encoder(uncond.to(p)).expand(cond.shape[0], -1, -1).float())
+
+
+class ReferenceStyle:
+    """Take the background style of a reference image and apply it to the background of the product."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "apply"
+    DESCRIPTION = "Personality-Wise Generator: style tokens from one reference image, confined to the background."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to patch (left untouched; a patched copy is returned)."}),
+            "style_encoder": (STYLE, {"tooltip": "From Load Style Encoder."}),
+            "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP vision model of the style encoder (ViT-H for IP-Adapter SD1.5)."}),
+            "reference": ("IMAGE", {"tooltip": "An image whose background style you want."}),
+            "weight": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "Style strength."}),
+            "layer_preset": (list(LAYER_PRESETS), {"tooltip": "all; style = output blocks (texture, colour); "
+                                                   "composition = input + middle blocks (layout)."}),
+            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
+        }, "optional": {
+            "reference_mask": ("MASK", {"tooltip": "The reference's own product (1 = product): removed before encoding."}),
+            "product_mask": ("MASK", {"tooltip": "Your product (1 = product): the style stays off it."}),
+        }}
+
+    def apply(self, model, style_encoder: StyleEncoder, clip_vision, reference, weight: float, layer_preset: str,
+              start_percent: float, end_percent: float, reference_mask=None, product_mask=None):
+        if clip_vision is None:
+            raise NodeInputError("connect a CLIP_VISION model (Load CLIP Vision)")
+        if start_percent > end_percent:
+            raise NodeInputError(f"start_percent {start_percent} is after end_percent {end_percent}")
+        if reference_mask is not None:
+            reference = remove_product(reference, check_mask_batch(reference_mask, reference, "reference_mask"))
+        cond, uncond = style_tokens(style_encoder, clip_vision, reference)
+        sampling = model.get_model_object("model_sampling")
+        style = StyleGuidance(cond, uncond, style_encoder.layer_kv, weight, LAYER_PRESETS[layer_preset],
+                              product=ProductMask(product_mask) if product_mask is not None else None,
+                              sigma_start=float(sampling.percent_to_sigma(start_percent)),
+                              sigma_end=float(sampling.percent_to_sigma(end_percent)))
+        m = model.clone()
+        comfy_patch.install(m.model_options, comfy_patch.current_guidance(m.model_options).with_style(style))
+        return (m,)
