@@ -1,0 +1,107 @@
+"""Small, valid example weight files with the real key names and shapes, built from random numbers.
+
+Used by the tests, the fuzz harness and the benchmarks (nothing is ever downloaded). Values are random and
+small; the *layout* (names, shapes, metadata) is what matters.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from .bank import CategoryBank, CategoryLora
+from .lora import LoraModule
+from .style_encoder import StyleEncoder, StyleEncoderConfig
+from .targets import SD15, SD15_LAYERS, TargetModel
+
+#: A mix of BG60k-like Chinese and Latin category names.
+EXAMPLE_NAMES = ("运动鞋", "手提包", "咖啡杯", "Running Shoes", "Leather Bag", "Coffee Mug", "wool scarf", "台灯")
+
+#: The published releases' projection shapes.
+RELEASES = {
+    "ip-adapter_sd15": dict(variant="linear", tokens=4, clip_width=1024),
+    "ip-adapter-plus_sd15": dict(variant="plus", tokens=16, clip_width=1280, resampler_dim=768, depth=4,
+                                 heads=12, dim_head=64, ff_mult=4),
+}
+
+
+def example_bank(names: Iterable[str] = EXAMPLE_NAMES, vectors_per_id: int = 2, seed: int = 0,
+                 dtype: torch.dtype = torch.float32) -> CategoryBank:
+    """An in-memory SD1.5 bank with random vectors; the first category has a LoRA."""
+    gen = torch.Generator().manual_seed(seed)
+    bank = CategoryBank(vectors_per_id=vectors_per_id, dtype=dtype,
+                        training={"dataset": "example", "steps": 0, "date": "2025-01-01"})
+    for i, name in enumerate(names):
+        lora = CategoryLora(f"cat{i}.safetensors", 0.8) if i == 0 else None
+        bank.add(name, torch.randn(vectors_per_id, 768, generator=gen) * 0.02, lora=lora)
+    return bank
+
+
+def tiny_target(context_dim: int = 8, num_layers: int = 16) -> TargetModel:
+    """A made-up small target with SD1.5's layer pattern, for fast tests of the real key names."""
+    widths = [4 if h == 320 else 8 if h == 640 else 16 for h in SD15.hidden_sizes]
+    widths = (widths * (num_layers // 16 + 1))[:num_layers]
+    return TargetModel("tiny", "tiny test model", context_dim, tuple(widths))
+
+
+def example_style_encoder(release: str = "ip-adapter_sd15", target: TargetModel = SD15, seed: int = 0,
+                          dtype: torch.dtype = torch.float32, **overrides: object) -> StyleEncoder:
+    """A random style encoder shaped like a published release (or overridden, e.g. for tiny targets)."""
+    torch.manual_seed(seed)
+    kwargs = {**RELEASES[release], **overrides}
+    encoder = StyleEncoder(StyleEncoderConfig.for_target(target, **kwargs))
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.mul_(0.5)
+    return encoder.to(dtype)
+
+
+def tiny_style_encoder(variant: str = "linear", context_dim: int = 8, seed: int = 0) -> tuple[StyleEncoder, TargetModel]:
+    """A style encoder with real key names and tiny shapes, and the tiny target it fits."""
+    target = tiny_target(context_dim)
+    extra = dict(tokens=2, clip_width=6) if variant == "linear" else dict(
+        tokens=3, clip_width=6, resampler_dim=8, depth=2, heads=2, dim_head=4, ff_mult=2)
+    release = "ip-adapter_sd15" if variant == "linear" else "ip-adapter-plus_sd15"
+    return example_style_encoder(release, target, seed, **extra), target
+
+
+def ip_adapter_file_dict(encoder: StyleEncoder) -> dict[str, torch.Tensor]:
+    """The tensors of a published IP-Adapter ``.safetensors`` (no productbg metadata)."""
+    return {k: v.detach().clone() for k, v in encoder.file_state_dict().items()}
+
+
+def sd15_lora_modules(rank: int = 4, seed: int = 0, alpha: float | None = 2.0, text_encoder: bool = True,
+                      conv: bool = True) -> list[LoraModule]:
+    """A LoRA over SD1.5's attention (and optionally some conv and text-encoder) modules, full-size shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    specs: list[tuple[str, str, int, int, int]] = []  # component, path, in, out, kernel
+    for layer in SD15_LAYERS:
+        block = layer.diffusers_name.rsplit(".", 1)[0]
+        h = layer.hidden_size
+        for attn, ctx in (("attn1", h), ("attn2", 768)):
+            specs += [("unet", f"{block}.{attn}.to_q", h, h, 0), ("unet", f"{block}.{attn}.to_k", ctx, h, 0),
+                      ("unet", f"{block}.{attn}.to_v", ctx, h, 0), ("unet", f"{block}.{attn}.to_out.0", h, h, 0)]
+        specs += [("unet", f"{block}.ff.net.0.proj", h, 8 * h, 0), ("unet", f"{block}.ff.net.2", 4 * h, h, 0)]
+    if conv:
+        specs += [("unet", "down_blocks.0.resnets.0.conv1", 320, 320, 3),
+                  ("unet", "down_blocks.0.attentions.0.proj_in", 320, 320, 1),
+                  ("unet", "up_blocks.1.resnets.0.conv_shortcut", 2560, 1280, 1)]
+    if text_encoder:
+        for i in range(12):
+            base = f"text_model.encoder.layers.{i}"
+            specs += [("text_encoder", f"{base}.self_attn.{p}", 768, 768, 0)
+                      for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+            specs += [("text_encoder", f"{base}.mlp.fc1", 768, 3072, 0),
+                      ("text_encoder", f"{base}.mlp.fc2", 3072, 768, 0)]
+    return [_random_module(c, p, i, o, k, rank, alpha, gen) for c, p, i, o, k in specs]
+
+
+def _random_module(component: str, path: str, n_in: int, n_out: int, kernel: int, rank: int,
+                   alpha: float | None, gen: torch.Generator) -> LoraModule:
+    if kernel:
+        down = torch.randn(rank, n_in, kernel, kernel, generator=gen)
+        up = torch.randn(n_out, rank, 1, 1, generator=gen)
+    else:
+        down, up = torch.randn(rank, n_in, generator=gen), torch.randn(n_out, rank, generator=gen)
+    a = None if alpha is None else torch.tensor(float(alpha))
+    return LoraModule(component, path, (down * 0.01).half(), (up * 0.01).half(), a)
