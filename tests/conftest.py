@@ -1,0 +1,53 @@
+"""Shared pytest fixtures. Keep this file short: put logic in helper modules beside it (comfy_harness.py, ...).
+
+Real-ComfyUI fixtures (all session-scoped, built lazily; tests using them are marked ``comfyui`` and run last):
+- ``comfyui_dir``       the ComfyUI 0.3.75 tree from $COMFYUI_DIR (fails under CI=true when missing, else skips)
+- ``comfy_checkpoints`` {"sd15", "inpaint"}: CheckpointLoaderSimple names of random full-size SD1.5 checkpoints
+- ``comfy``             ComfyUI in this process with this pack loaded: ``comfy.run(api_prompt) -> outputs``
+- ``comfy_server``      ComfyUI's HTTP server (main.py) with this pack in custom_nodes/productbg
+"""
+import os
+import sys
+
+import pytest
+
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))   # helper modules; appended, so they shadow nothing
+import comfy_harness  # noqa: E402
+
+COMFY_FIXTURES = ("comfyui_dir", "comfy_checkpoints", "comfy", "comfy_server")
+
+
+def pytest_collection_modifyitems(config, items):
+    # ComfyUI's flat top-level modules (nodes, utils, server, ...) pollute sys.path: unit tests run first.
+    comfy_harness.move_comfyui_tests_last(items, "comfyui", COMFY_FIXTURES)
+
+
+# ---------------------------------------------------------------------------------------------- real ComfyUI
+@pytest.fixture(scope="session")
+def comfyui_dir():
+    path = os.environ.get("COMFYUI_DIR")
+    problem = comfy_harness.comfyui_dir_problem(path)
+    if problem:
+        if comfy_harness.in_ci():
+            pytest.fail(f"{problem}; CI must run the ComfyUI tests (use bash scripts/test.sh)", pytrace=False)
+        pytest.skip(problem)
+    return os.path.realpath(path)
+
+
+@pytest.fixture(scope="session")
+def comfy_checkpoints(comfyui_dir):
+    return comfy_harness.ensure_checkpoints(comfyui_dir)
+
+
+@pytest.fixture(scope="session")
+def comfy(comfyui_dir, comfy_checkpoints, tmp_path_factory):
+    return comfy_harness.ComfyInProcess.load(comfyui_dir, comfy_harness.REPO_ROOT,
+                                             tmp_path_factory.mktemp("comfy_inprocess"), comfy_checkpoints)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui_dir, comfy_checkpoints, tmp_path_factory):
+    server = comfy_harness.ComfyServer(comfyui_dir, comfy_harness.REPO_ROOT, tmp_path_factory.mktemp("comfy_server"))
+    server.start()
+    yield server
+    server.stop()
