@@ -9,7 +9,8 @@
 # Exports: PRODUCTBG_VENV, PRODUCTBG_PY (the venv's python), COMFYUI_DIR (the ComfyUI tree).
 #
 # Environment (all optional):
-#   PRODUCTBG_ENV_DIR  cache folder (default ~/.cache/productbg): venvs, ComfyUI tree, logs
+#   PRODUCTBG_ENV_DIR  cache folder (default ~/.cache/productbg): venvs, ComfyUI tree (with the test
+#                      checkpoints that tests build into it), logs
 #   PRODUCTBG_VENV     use this venv instead of <env dir>/venv-<hash>; the hash covers pyproject.toml,
 #                      requirements.txt and this script, so editing any of them builds a fresh venv
 #   COMFYUI_DIR        use this ComfyUI 0.3.75 tree (fetched there when absent) instead of
@@ -33,7 +34,7 @@ set -euo pipefail
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 COMFYUI_VERSION=0.3.75
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
-ENV_DIR=$(realpath -m "${PRODUCTBG_ENV_DIR:-$HOME/.cache/productbg}")
+ENV_DIR=$(realpath -m "${PRODUCTBG_ENV_DIR:-${HOME:-/tmp}/.cache/productbg}")
 KEY=$(cat "$REPO/pyproject.toml" "$REPO/requirements.txt" "$REPO/scripts/setup_env.sh" | sha256sum | cut -c1-12)
 VENV=$(realpath -m "${PRODUCTBG_VENV:-$ENV_DIR/venv-$KEY}")
 COMFYUI_DIR=$(realpath -m "${COMFYUI_DIR:-$ENV_DIR/comfyui-$COMFYUI_VERSION}")
@@ -116,6 +117,16 @@ assert got == os.path.realpath(repo), f"productbg imports from {got}, not from {
 print("ok", torch.__version__, got)
 EOF
 [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$KEY" ] || { echo "$KEY" >"$STAMP"; say "stamped $VENV"; }
+touch "$STAMP"   # last use; venvs of other hashes unused for 3 days (≈6 GB each) are removed below
+for old in "$ENV_DIR"/venv-*; do
+    [ -d "$old" ] && [ "$old" != "$VENV" ] || continue
+    if [ -n "$(find "$old" -maxdepth 1 -name .productbg-env-stamp -mtime -3)" ] \
+       || { [ ! -f "$old/.productbg-env-stamp" ] && [ -n "$(find "$old" -maxdepth 0 -mtime -1)" ]; }; then
+        continue
+    fi
+    say "removing the unused venv $old"
+    rm -rf "$old"
+done
 
 say "ready: $VENV, ComfyUI at $COMFYUI_DIR"
 printf 'export PRODUCTBG_VENV=%q\nexport PRODUCTBG_PY=%q\nexport COMFYUI_DIR=%q\n' "$VENV" "$PY" "$COMFYUI_DIR"
