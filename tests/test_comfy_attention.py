@@ -57,7 +57,8 @@ def test_real_sampling_keeps_identifier_off_the_product_in_all_16_layers(comfy, 
     for r in rec.identifier:
         assert r.product_cells > 0, f"layer {r.layer_index} ({r.grid_tokens} tokens) has no product cell"
         assert r.max_mass_on_product == 0.0
-        assert r.mean_mass_on_background > 0.0
+        if r.product_cells < r.grid_tokens:  # the 2×2 middle block is all product here
+            assert r.mean_mass_on_background > 0.0
 
 
 def test_strength_zero_matches_unpatched_sampling(comfy):
@@ -113,7 +114,7 @@ def test_identifier_tokens_found_across_chunks(comfy):
     """Background words in the second 77-token chunk of a long prompt get positions ≥ 77 and period 154."""
     model, clip, _ = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(comfy.ckpt_sd15)[:3]
     words = comfy.node_class_mappings["ProductBGBackgroundWords"]()
-    long_text = ", ".join(["studio"] * 80) + ", marble table"
+    long_text = " ".join(["studio"] * 80) + ", marble table"
     cond, spec = words.encode(clip, long_text, "marble table")
     assert spec.context_length == 154 and min(spec.token_indices) >= 77
     assert cond[0][0].shape[1] == 154
@@ -142,9 +143,12 @@ class ForeignAttn2:
         return out
 
 
+FOREIGN_CALLS: dict[str, list] = {"a": [], "b": []}  # module-level: ModelPatcher.clone() deep-copies kwargs
+
+
 def _shift(out, q, k, v, extra_options, **kwargs):
-    kwargs["calls"].append(extra_options["block"])
-    return torch.full_like(out, 0.0)
+    FOREIGN_CALLS[kwargs["calls"]].append(extra_options["block"])
+    return torch.zeros_like(out)
 
 
 def _install_foreign(model, calls):
@@ -159,7 +163,7 @@ def _install_foreign(model, calls):
 def test_stacks_with_ipadapter_style_objects_both_ways(comfy):
     """Ours adds itself to a foreign object; a foreign `.add` onto ours keeps both contributions; both run."""
     model, identifier, mask = _model_and_identifier(comfy)
-    calls_a, calls_b = [], []
+    calls_a, calls_b = "a", "b"
     foreign_first = _install_foreign(model, calls_a)
     ours_on_top = _apply(comfy, foreign_first, identifier, mask)
     attn2 = ours_on_top.model_options["transformer_options"]["patches_replace"]["attn2"]
@@ -177,7 +181,7 @@ def test_stacks_with_ipadapter_style_objects_both_ways(comfy):
     for patched, calls in ((ours_on_top, calls_a), (m, calls_b)):
         with probe.record() as rec:
             _sample(comfy, patched, identifier)
-        assert calls, "the foreign contribution never ran"
+        assert FOREIGN_CALLS[calls], "the foreign contribution never ran"
         assert rec.layers() == set(range(16)) and all(r.max_mass_on_product == 0 for r in rec.identifier)
 
 
