@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from .errors import FormatMismatchError, MalformedFileError, NameLookupError, WeightsError
-from .safefile import FLOAT_DTYPES, Header, SafeReader, atomic_save, check_finite, read_header
+from .safefile import FLOAT_DTYPES, Header, SafeReader, atomic_save, check_finite, parse_json_value, read_header
 
 BANK_KIND = "category_bank"
 SCHEMA_VERSION = 1
@@ -524,10 +524,7 @@ def _json_field(meta: Mapping[str, str], key: str, header: Header, default: Any 
         if default is not None:
             return default
         raise MalformedFileError(f"{header.path.name}: bank metadata lacks '{META + key}'")
-    try:
-        return json.loads(meta[META + key])
-    except (ValueError, RecursionError):
-        raise MalformedFileError(f"{header.path.name}: bank metadata '{META + key}' is not valid JSON") from None
+    return parse_json_value(meta[META + key], META + key, header.path)
 
 
 def _parse_bank_header(header: Header) -> tuple[_Meta, list[str], dict[str, CategoryLora]]:

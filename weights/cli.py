@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .errors import WeightsError
@@ -50,8 +51,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         report = describe_file(args.file)
     except WeightsError as e:
         raise _cli_error(str(e)) from None
-    print(json.dumps(report.to_json(), ensure_ascii=False) if args.json else report.render())
+    _print(json.dumps(report.to_json(), ensure_ascii=False) if args.json else report.render())
     return 0
+
+
+def _print(text: str) -> None:
+    """Print, degrading characters the terminal cannot show (e.g. Chinese names on a cp1252 console)."""
+    try:
+        print(text)
+    except UnicodeEncodeError:
+        enc = sys.stdout.encoding or "ascii"
+        print(text.encode(enc, "backslashreplace").decode(enc))
 
 
 def cmd_convert_lora(args: argparse.Namespace) -> int:

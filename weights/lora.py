@@ -34,7 +34,7 @@ from typing import Any, Mapping
 import torch
 
 from .errors import FormatMismatchError, MalformedFileError, WeightsError
-from .safefile import FLOAT_DTYPES, Header, atomic_save, load_all, read_header, require_float
+from .safefile import FLOAT_DTYPES, Header, atomic_save, load_all, parse_json_value, read_header, require_float
 
 LAYOUTS = ("kohya", "peft")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
@@ -249,10 +249,7 @@ def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     raw = metadata.get(DIFFUSERS_METADATA_KEY)
     if raw is None:
         return {}
-    try:
-        flat = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise MalformedFileError(f"LoRA metadata '{DIFFUSERS_METADATA_KEY}' is not valid JSON") from None
+    flat = parse_json_value(raw, DIFFUSERS_METADATA_KEY, Path("LoRA"))
     if not isinstance(flat, dict):
         raise MalformedFileError(f"LoRA metadata '{DIFFUSERS_METADATA_KEY}' must be a JSON object")
     out: dict[str, dict[str, Any]] = {}

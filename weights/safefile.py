@@ -131,6 +131,8 @@ def read_header(path: str | os.PathLike) -> Header:
         raise MalformedFileError(f"{p.name}: file is truncated inside its header")
     doc = _parse_header_json(raw, p)
     metadata = _parse_metadata(doc.pop("__metadata__", None), p)
+    for name in doc:
+        _check_unicode(name, p)
     tensors = {name: _parse_entry(name, entry, p) for name, entry in doc.items()}
     _check_layout(tensors, size - 8 - n, p)
     return Header(path=p, tensors=tensors, metadata=metadata, file_size=size)
@@ -182,7 +184,29 @@ def _parse_metadata(meta: Any, p: Path) -> dict[str, str]:
         return {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise MalformedFileError(f"{p.name}: __metadata__ must map strings to strings")
+    for k, v in meta.items():
+        _check_unicode(k, p)
+        _check_unicode(v, p)
     return dict(meta)
+
+
+def _check_unicode(text: str, p: Path) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise MalformedFileError(f"{p.name}: header holds an invalid Unicode escape (lone surrogate)") from None
+
+
+def parse_json_value(text: str, what: str, p: Path) -> Any:
+    """Parse a JSON document stored in a metadata string; reject bad JSON and invalid Unicode."""
+    try:
+        value = json.loads(text)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError):
+        raise MalformedFileError(f"{p.name}: metadata '{what}' is not valid JSON") from None
+    except UnicodeEncodeError:
+        raise MalformedFileError(f"{p.name}: metadata '{what}' holds an invalid Unicode escape") from None
+    return value
 
 
 def _is_int(x: Any) -> bool:

@@ -5,14 +5,20 @@ small; the *layout* (names, shapes, metadata) is what matters.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Iterable, Mapping
 
 import torch
 
 from .bank import CategoryBank, CategoryLora
 from .lora import LoraModule
 from .style_encoder import StyleEncoder, StyleEncoderConfig
-from .targets import SD15, SD15_LAYERS, TargetModel
+from .safefile import DTYPE_SIZES
+from .targets import SD15, SD15_LAYERS, SDXL, TargetModel
 
 #: A mix of BG60k-like Chinese and Latin category names.
 EXAMPLE_NAMES = ("运动鞋", "手提包", "咖啡杯", "Running Shoes", "Leather Bag", "Coffee Mug", "wool scarf", "台灯")
@@ -105,3 +111,36 @@ def _random_module(component: str, path: str, n_in: int, n_out: int, kernel: int
         down, up = torch.randn(rank, n_in, generator=gen), torch.randn(n_out, rank, generator=gen)
     a = None if alpha is None else torch.tensor(float(alpha))
     return LoraModule(component, path, (down * 0.01).half(), (up * 0.01).half(), a)
+
+
+def write_header_only(path: str | os.PathLike, shapes: Mapping[str, tuple[int, ...]], dtype: str = "F16",
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a valid safetensors file of zeros whose data is a sparse hole (no disk used).
+
+    Lets tests build files with the real shapes of big models (e.g. an SDXL IP-Adapter) cheaply: the header
+    is real, the tensor bytes read as zeros.
+    """
+    size = DTYPE_SIZES[dtype]
+    header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, shape in shapes.items():
+        end = offset + math.prod(shape) * size
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    p = Path(path)
+    with open(p, "wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        fh.truncate(8 + len(raw) + offset)
+    return p
+
+
+def sdxl_ip_adapter_shapes() -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of the published SDXL IP-Adapter (ip-adapter_sdxl: linear, 4 tokens, 70 layers)."""
+    shapes: dict[str, tuple[int, ...]] = {"image_proj.proj.weight": (4 * 2048, 1280), "image_proj.proj.bias": (4 * 2048,),
+                                          "image_proj.norm.weight": (2048,), "image_proj.norm.bias": (2048,)}
+    for i, h in enumerate(SDXL.hidden_sizes):
+        shapes[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = (h, 2048)
+        shapes[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = (h, 2048)
+    return shapes

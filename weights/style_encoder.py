@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import FormatMismatchError, MalformedFileError, WeightsError
-from .safefile import Header, SafeReader, atomic_save, read_header, require_float
+from .safefile import Header, SafeReader, atomic_save, parse_json_value, read_header, require_float
 from .targets import SD15, SD15_LAYERS, TargetModel, guess_target
 
 STYLE_KIND = "style_encoder"
@@ -135,7 +135,8 @@ class Resampler(nn.Module):
     def __init__(self, cfg: StyleEncoderConfig) -> None:
         super().__init__()
         dim = cfg.resampler_dim
-        self.latents = nn.Parameter(torch.randn(1, cfg.tokens, dim) / dim**0.5)
+        self.latents = nn.Parameter(torch.empty(1, cfg.tokens, dim))
+        nn.init.normal_(self.latents, std=dim**-0.5)
         self.proj_in = nn.Linear(cfg.clip_width, dim)
         self.proj_out = nn.Linear(dim, cfg.context_dim)
         self.norm_out = nn.LayerNorm(cfg.context_dim)
@@ -278,8 +279,8 @@ class StyleEncoderInfo:
     @property
     def release_name(self) -> str:
         """The IP-Adapter release this layout corresponds to."""
-        return ("linear projection (ip-adapter_sd15 layout)" if self.config.variant == "linear"
-                else "Resampler (ip-adapter-plus_sd15 layout)")
+        return ("linear projection (ip-adapter layout)" if self.config.variant == "linear"
+                else "Resampler (ip-adapter-plus layout)")
 
 
 def is_style_encoder(header: Header) -> bool:
@@ -407,10 +408,7 @@ def _training(meta: Mapping[str, str], fname: str) -> dict[str, Any]:
     raw = meta.get(META + "training")
     if raw is None:
         return {}
-    try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise MalformedFileError(f"{fname}: metadata 'training' is not valid JSON") from None
+    value = parse_json_value(raw, META + "training", Path(fname))
     if not isinstance(value, dict):
         raise MalformedFileError(f"{fname}: metadata 'training' must be a JSON object")
     return value
