@@ -243,7 +243,12 @@ class ComfyInProcess:
     core + comfy_extras + this pack), ``pack`` (the pack's module object as ComfyUI loaded it),
     ``pack_module_name`` (its ``sys.modules`` key), ``comfyui_dir``, ``output_dir``, ``input_dir``, ``temp_dir``,
     ``ckpt_sd15`` / ``ckpt_inpaint`` (names for CheckpointLoaderSimple), ``last_history`` (the executor's
-    history entry of the last ``run``).
+    history entry of the last ``run``), ``folder_paths``, ``execution``, ``executor``.
+    Methods: ``run(prompt) -> outputs``, ``saved_images(outputs) -> [Path]``, ``put_input_image(img, name)``,
+    ``pack_module("attention.masks")``.
+    One instance per process (ComfyUI's globals); the executor's cache keeps node outputs (e.g. a loaded
+    checkpoint) between ``run`` calls, as a real server does. Trap: inside a test that takes the ``comfy``
+    fixture, ``import comfy.sd`` rebinds the name ``comfy`` to ComfyUI's package; use ``from comfy.sd import ...``.
     """
 
     _loaded: "ComfyInProcess | None" = None
@@ -303,11 +308,21 @@ class ComfyInProcess:
                                                  cache_args={"lru": 0, "ram": 0})
 
     def _load_pack(self) -> None:
-        ok = asyncio.run(self.nodes.load_custom_node(self.pack_dir, module_parent="custom_nodes"))
+        import logging
+
+        records: list[logging.LogRecord] = []
+        handler = logging.Handler(logging.WARNING)
+        handler.emit = records.append             # ComfyUI logs a pack's import traceback, then returns False
+        logging.getLogger().addHandler(handler)
+        try:
+            ok = asyncio.run(self.nodes.load_custom_node(self.pack_dir, module_parent="custom_nodes"))
+        finally:
+            logging.getLogger().removeHandler(handler)
         self.pack_module_name = self.pack_dir.replace(".", "_x_")   # nodes.load_custom_node's sys.modules key
         self.pack = sys.modules.get(self.pack_module_name)
         if not ok or self.pack is None:
-            raise RuntimeError(f"ComfyUI could not import the pack {self.pack_dir} (see the log above)")
+            log = "\n".join(r.getMessage() for r in records)[-6000:]
+            raise RuntimeError(f"ComfyUI could not import the pack {self.pack_dir}:\n{log}")
         assert Path(self.pack.__file__).resolve() == Path(self.pack_dir, "__init__.py").resolve()
 
     @property
@@ -332,6 +347,20 @@ class ComfyInProcess:
         if not self.executor.success:
             raise AssertionError("ComfyUI execution failed: " + format_status_messages(self.executor.status_messages))
         return self.last_history.get("outputs", {})
+
+    def put_input_image(self, image, name: str) -> str:
+        """Save a PIL image (or HxWxC uint8 / 0..1 float array) into the input folder; returns LoadImage's name."""
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            import numpy as np
+
+            arr = np.asarray(image)
+            if arr.dtype != np.uint8:
+                arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+            image = Image.fromarray(arr)
+        image.save(self.input_dir / name)
+        return name
 
     def saved_images(self, outputs: dict) -> list[Path]:
         """Paths of the images that SaveImage / PreviewImage nodes wrote for ``outputs``."""

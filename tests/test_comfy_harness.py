@@ -87,3 +87,22 @@ def test_http_server_object_info(comfy_server, comfy_checkpoints):
     from productbg import NODE_CLASS_MAPPINGS
 
     assert mine == set(NODE_CLASS_MAPPINGS)
+
+
+def test_comfyui_tests_are_moved_last_and_marked():
+    """Marked items, and items using a ComfyUI fixture, go to the end in their order; the latter get the mark."""
+
+    class Item:
+        def __init__(self, name, marked=False, fixtures=()):
+            self.name, self.fixturenames, self.marks = name, list(fixtures), ["comfyui"] if marked else []
+
+        def get_closest_marker(self, name):
+            return name if name in self.marks else None
+
+        def add_marker(self, mark):
+            self.marks.append(mark.name)
+
+    items = [Item("a", marked=True), Item("b"), Item("c", fixtures=["tmp_path", "comfy"]), Item("d")]
+    comfy_harness.move_comfyui_tests_last(items, "comfyui", ("comfy",))
+    assert [i.name for i in items] == ["b", "d", "a", "c"]
+    assert items[-1].marks == ["comfyui"]
