@@ -56,6 +56,9 @@ def style_tokens(encoder: StyleEncoder, clip_vision, reference: torch.Tensor) ->
         return out["penultimate_hidden_states"] if plus else out["image_embeds"]
 
     cond = features(reference)
+    if not torch.isfinite(cond).all():
+        raise NodeInputError("the CLIP vision model returned NaN/inf features for the reference; check the "
+                             "CLIP vision file (a damaged or mismatched model)")
     uncond = features(torch.zeros_like(reference[:1])) if plus else torch.zeros_like(cond[:1])
     if cond.shape[-1] != encoder.config.clip_width:
         raise NodeInputError(f"this CLIP vision model gives {cond.shape[-1]}-wide features; the style encoder "

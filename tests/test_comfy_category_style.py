@@ -1,0 +1,162 @@
+"""Category bank, Category Prompt, Reference Style and Category LoRA nodes in a real ComfyUI.
+
+Tiny bank / style-encoder / LoRA files are written in fixtures (real key names and shapes, random values),
+plus a random full-size CLIP ViT-L vision checkpoint that ComfyUI's own CLIPVisionLoader recognises.
+"""
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytestmark = pytest.mark.comfyui
+
+SIZE = 128
+CATEGORIES = ("运动鞋", "Coffee Mug", "Leather Bag")
+
+
+@pytest.fixture(scope="module")
+def files(comfy, tmp_path_factory):
+    """Registers temp model folders with folder_paths and writes one file of each kind into them."""
+    import comfy_harness
+    from comfy.clip_vision import ClipVisionModel
+    from safetensors.torch import save_file
+
+    from productbg.weights.bank import CategoryLora
+    from productbg.weights.lora import to_kohya
+    from productbg.weights.samples import example_bank, example_style_encoder, sd15_lora_modules
+    from productbg.weights.style_encoder import save_style_encoder
+
+    root = tmp_path_factory.mktemp("models")
+    fp = comfy.folder_paths
+    for folder in ("productbg_banks", "productbg_style_encoders", "clip_vision", "loras"):
+        (root / folder).mkdir()
+        fp.add_model_folder_path(folder, str(root / folder))
+    comfy.pack_module("nodes.folders").register_model_folders()
+
+    bank = example_bank(CATEGORIES, vectors_per_id=2)
+    bank.set_lora("Coffee Mug", CategoryLora("mug_lora.safetensors", 1.0))
+    bank.save(root / "productbg_banks" / "test_bank.safetensors")
+    encoder = example_style_encoder("ip-adapter_sd15", clip_width=768)
+    save_style_encoder(encoder, root / "productbg_style_encoders" / "test_style.safetensors")
+    tensors, meta = to_kohya(sd15_lora_modules(rank=2, text_encoder=True, conv=False))
+    save_file(tensors, str(root / "loras" / "mug_lora.safetensors"), metadata=meta)
+    torch.manual_seed(0)
+    vision = ClipVisionModel(comfy.comfyui_dir + "/comfy/clip_vision_config_vitl.json")
+    with torch.no_grad():
+        for p in vision.model.parameters():  # ComfyUI leaves loose parameters (class embedding) uninitialised
+            p.normal_(0, 0.02)
+    comfy_harness._random_init(vision.model)
+    save_file({k: v.half().contiguous() for k, v in vision.model.state_dict().items()},
+              str(root / "clip_vision" / "random_vitl.safetensors"))
+    return root
+
+
+def _graph(comfy, category="Coffee Mug", style_weight=0.8, lora=True, prefix="pbg_cat"):
+    lo, hi = 16, 112
+    g = {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy.ckpt_inpaint}},
+        "canvas": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": SIZE, "height": SIZE}},
+        "box": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": hi - lo, "height": hi - lo}},
+        "mask": {"class_type": "MaskComposite", "inputs": {"destination": ["canvas", 0], "source": ["box", 0],
+                                                            "x": lo, "y": lo, "operation": "add"}},
+        "bank": {"class_type": "ProductBGLoadCategoryBank", "inputs": {"bank_name": "test_bank.safetensors"}},
+        "lora": {"class_type": "ProductBGCategoryLora", "inputs": {
+            "model": ["ckpt", 0], "clip": ["ckpt", 1], "bank": ["bank", 0], "category": category,
+            "lora_name": "(from bank)", "strength_model": 1.0, "strength_clip": 1.0}},
+        "pos": {"class_type": "ProductBGCategoryPrompt", "inputs": {
+            "clip": ["lora", 1] if lora else ["ckpt", 1], "bank": ["bank", 0], "category": category,
+            "template": "", "extra_text": "soft light"}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry"}},
+        "attn": {"class_type": "ProductBGMaskGuidedAttention", "inputs": {
+            "model": ["lora", 0] if lora else ["ckpt", 0], "identifier": ["pos", 1], "product_mask": ["mask", 0],
+            "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
+        "vision": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "random_vitl.safetensors"}},
+        "style_enc": {"class_type": "ProductBGLoadStyleEncoder", "inputs": {"encoder_name": "test_style.safetensors"}},
+        "reference": {"class_type": "EmptyImage", "inputs": {"width": 96, "height": 96, "batch_size": 1,
+                                                             "color": 0x3366AA}},
+        "style": {"class_type": "ProductBGReferenceStyle", "inputs": {
+            "model": ["attn", 0], "style_encoder": ["style_enc", 0], "clip_vision": ["vision", 0],
+            "reference": ["reference", 0], "weight": style_weight, "layer_preset": "all",
+            "start_percent": 0.0, "end_percent": 1.0, "product_mask": ["mask", 0]}},
+        "pixels": {"class_type": "EmptyImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1,
+                                                          "color": 0x808080}},
+        "invert": {"class_type": "InvertMask", "inputs": {"mask": ["mask", 0]}},
+        "inpaint": {"class_type": "InpaintModelConditioning", "inputs": {
+            "positive": ["pos", 0], "negative": ["neg", 0], "vae": ["ckpt", 2], "pixels": ["pixels", 0],
+            "mask": ["invert", 0], "noise_mask": True}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": ["style", 0], "positive": ["inpaint", 0], "negative": ["inpaint", 1],
+            "latent_image": ["inpaint", 2], "seed": 3, "steps": 2, "cfg": 7.5, "sampler_name": "euler",
+            "scheduler": "normal", "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}},
+    }
+    return g
+
+
+def _image(comfy, outputs):
+    (path,) = comfy.saved_images(outputs)
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def test_category_style_lora_graph_runs_with_identifier_confined(comfy, files, caplog):
+    """Bank → Category Prompt → Mask-Guided Attention → Reference Style → Category LoRA → inpaint sampling."""
+    probe = comfy.pack_module("attention.probe")
+    with probe.record() as rec, caplog.at_level(logging.WARNING):
+        outputs = comfy.run(_graph(comfy))
+    assert len(comfy.saved_images(outputs)) == 1
+    bad = [(r.layer_index, r.grid_tokens, r.product_cells, r.max_mass_on_product) for r in rec.identifier
+           if r.max_mass_on_product != 0]
+    assert rec.layers() == set(range(16)) and not bad
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+
+
+def test_categories_and_style_weight_change_the_image(comfy, files):
+    """Two categories differ; style weight 0 vs 0.8 differ: each input really reaches the sampler."""
+    base = _image(comfy, comfy.run(_graph(comfy, "Coffee Mug", lora=False, prefix="pbg_a")))
+    other = _image(comfy, comfy.run(_graph(comfy, "运动鞋", lora=False, prefix="pbg_b")))
+    no_style = _image(comfy, comfy.run(_graph(comfy, "Coffee Mug", style_weight=0.0, lora=False, prefix="pbg_c")))
+    assert np.abs(base - other).max() > 1
+    assert np.abs(base - no_style).max() > 1
+
+
+def test_category_prompt_splices_vectors(comfy, files):
+    """The identifier positions hold the bank's vectors: the conditioning changes when the vectors change."""
+    nodes = comfy.node_class_mappings
+    _, clip, _ = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(comfy.ckpt_sd15)[:3]
+    (bank,) = nodes["ProductBGLoadCategoryBank"]().load("test_bank.safetensors")
+    prompt = nodes["ProductBGCategoryPrompt"]()
+    cond_a, spec = prompt.encode(clip, bank, "coffee mug", "", "")
+    cond_b, spec_b = prompt.encode(clip, bank, "Leather Bag", "", "")
+    assert spec.token_indices == spec_b.token_indices and len(spec.token_indices) == 2
+    assert spec.token_indices[0] == 6  # <start> a product photo on a {id}...
+    assert not torch.allclose(cond_a[0][0], cond_b[0][0])
+    weighted, _ = prompt.encode(clip, bank, "Coffee Mug", "a product photo on a ({id}:1.3) background", "")
+    assert not torch.allclose(weighted[0][0], cond_a[0][0])
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ({"category": "Cofee Mug"}, "did you mean 'Coffee Mug'"),
+    ({"template": "no slot here"}, "{id}"),
+    ({"extra_text": "sks"}, "sks"),
+])
+def test_category_prompt_errors(comfy, files, inputs, message):
+    nodes = comfy.node_class_mappings
+    _, clip, _ = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(comfy.ckpt_sd15)[:3]
+    (bank,) = nodes["ProductBGLoadCategoryBank"]().load("test_bank.safetensors")
+    args = {"category": "Coffee Mug", "template": "", "extra_text": "", **inputs}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        nodes["ProductBGCategoryPrompt"]().encode(clip, bank, **args)
+
+
+def test_bad_graph_reports_node_error_and_comfy_keeps_working(comfy, files):
+    with pytest.raises(AssertionError, match="did you mean"):
+        comfy.run(_graph(comfy, category="Cofee Mug", prefix="pbg_bad"))
+    assert comfy.saved_images(comfy.run(_graph(comfy, lora=False, prefix="pbg_after")))
+
+
+def test_missing_file_says_where_to_put_it(comfy, files):
+    with pytest.raises(ValueError, match="models/productbg/banks"):
+        comfy.node_class_mappings["ProductBGLoadCategoryBank"]().load("nope.safetensors")
