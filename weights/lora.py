@@ -39,6 +39,8 @@ from .safefile import FLOAT_DTYPES, Header, atomic_save, load_all, parse_json_va
 LAYOUTS = ("kohya", "peft")
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
 ALPHA_DTYPE_KEY = "productbg.kohya_alpha_dtype"
+NO_ALPHA_KEY = "productbg.kohya_no_alpha"  # modules that had no .alpha in kohya (exact round trips)
+OWN_KEYS = (DIFFUSERS_METADATA_KEY, ALPHA_DTYPE_KEY, NO_ALPHA_KEY)
 
 #: Multi-word names of diffusers UNet / CLIP modules; a kohya name is split back into a module path with them.
 COMPOUND_NAMES = tuple(sorted({
@@ -220,12 +222,13 @@ def _parse_peft(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
             raise MalformedFileError(f"peft LoRA names {slot} of module '{where}' twice (key '{key}')")
         entry[slot] = t
     alphas = _peft_alphas(metadata)
+    no_alpha = _no_alpha(metadata)
     modules = []
     for (component, path), p in parts.items():
         if "down" not in p or "up" not in p:
             raise MalformedFileError(f"peft LoRA module '{component}.{path}' lacks its lora_A or lora_B weight")
         alpha = p.get("alpha")
-        if alpha is None:
+        if alpha is None and f"{component}.{path}" not in no_alpha:
             alpha = _alpha_for(alphas.get(component), path, metadata)
         modules.append(LoraModule(component, path, p["down"], p["up"], alpha))
     return modules
@@ -258,6 +261,16 @@ def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         if component in PEFT_COMPONENTS:
             out.setdefault(component, {})[field] = value
     return out
+
+
+def _no_alpha(metadata: Mapping[str, str]) -> set[str]:
+    raw = metadata.get(NO_ALPHA_KEY)
+    if raw is None:
+        return set()
+    value = parse_json_value(raw, NO_ALPHA_KEY, Path("LoRA"))
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise MalformedFileError(f"LoRA metadata '{NO_ALPHA_KEY}' must be a JSON list of module names")
+    return set(value)
 
 
 def _alpha_for(config: Mapping[str, Any] | None, path: str, metadata: Mapping[str, str]) -> torch.Tensor | None:
@@ -307,7 +320,7 @@ def to_kohya(modules: list[LoraModule], metadata: Mapping[str, str] | None = Non
         out[f"{name}.lora_up.weight"] = m.up
         if m.alpha is not None:
             out[f"{name}.alpha"] = m.alpha
-    meta = {k: v for k, v in (metadata or {}).items() if k not in (DIFFUSERS_METADATA_KEY, ALPHA_DTYPE_KEY)}
+    meta = {k: v for k, v in (metadata or {}).items() if k not in OWN_KEYS}
     return out, meta
 
 
@@ -317,10 +330,13 @@ def to_peft(modules: list[LoraModule], metadata: Mapping[str, str] | None = None
     for m in modules:
         out[f"{m.component}.{m.path}.lora_A.weight"] = m.down
         out[f"{m.component}.{m.path}.lora_B.weight"] = m.up
-    meta = {k: v for k, v in (metadata or {}).items() if k not in (DIFFUSERS_METADATA_KEY, ALPHA_DTYPE_KEY)}
+    meta = {k: v for k, v in (metadata or {}).items() if k not in OWN_KEYS}
     config = _adapter_metadata(modules)
     if config:
         meta[DIFFUSERS_METADATA_KEY] = json.dumps(config, sort_keys=True)
+        absent = sorted(f"{m.component}.{m.path}" for m in modules if m.alpha is None)
+        if absent:  # diffusers gets alpha = rank for these (same scale); we remember there was none
+            meta[NO_ALPHA_KEY] = json.dumps(absent)
         dtypes = {m.alpha.dtype for m in modules if m.alpha is not None}
         rev = {v: k for k, v in FLOAT_DTYPES.items()}
         if len(dtypes) == 1 and dtypes != {torch.float32}:
