@@ -1,1 +1,33 @@
-"""productbg.imaging"""
+"""productbg.imaging: segmentation, placement, compositing and preservation metrics (no ComfyUI, no weights).
+
+Functions take ``[H, W, C]`` float 0..1 images and ``[H, W]`` masks (1 = product) as torch tensors or numpy
+arrays and return the kind they were given. See each module for the details:
+
+- :mod:`.segment`   — alpha / uniform-background keying with shadow removal / GrabCut, mask refinement,
+  edge colour decontamination;
+- :mod:`.place`     — product on a canvas (presets, fill ratio, anchor, margin) with its inpaint mask;
+- :mod:`.composite` — paste-back that keeps the product's core bit-identical;
+- :mod:`.metrics`   — masked PSNR, CIEDE2000 drift, object expansion, pass/fail report;
+- :mod:`.folder`    — product folders with categories (sub-folders or CSV).
+"""
+from .color import srgb_to_lab
+from .composite import CORE_THRESHOLD, composite_product, outward_feather, product_core
+from .folder import IMAGE_EXTENSIONS, ProductEntry, ProductFolderError, list_products, load_image
+from .metrics import Thresholds, ciede2000, color_drift, masked_psnr, object_expansion, preservation_report
+from .place import (ANCHORS, DEFAULT_FILL_RATIO, PRESETS, Placement, canvas_size, inpaint_grow_pixels,
+                    inpaint_mask, parse_hex_color, place_product)
+from .segment import (METHODS, BackgroundEstimate, Segmentation, alpha_of, clean_edge_colors,
+                      decontaminate_foreground, estimate_background, feather_mask, fill_holes, grabcut,
+                      grow_mask, keep_largest_component, key_background, refine_mask, segment_product,
+                      shadow_distance, threshold_mask)
+
+__all__ = [
+    "srgb_to_lab", "CORE_THRESHOLD", "composite_product", "outward_feather", "product_core",
+    "IMAGE_EXTENSIONS", "ProductEntry", "ProductFolderError", "list_products", "load_image",
+    "Thresholds", "ciede2000", "color_drift", "masked_psnr", "object_expansion", "preservation_report",
+    "ANCHORS", "DEFAULT_FILL_RATIO", "PRESETS", "Placement", "canvas_size", "inpaint_grow_pixels", "inpaint_mask",
+    "parse_hex_color", "place_product",
+    "METHODS", "BackgroundEstimate", "Segmentation", "alpha_of", "clean_edge_colors", "decontaminate_foreground",
+    "estimate_background", "feather_mask", "fill_holes", "grabcut", "grow_mask", "keep_largest_component",
+    "key_background", "refine_mask", "segment_product", "shadow_distance", "threshold_mask",
+]

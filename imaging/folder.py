@@ -1,0 +1,135 @@
+"""Folders of product images for batch runs: listing with categories, and loading with transparency.
+
+Two layouts:
+
+- **sub-folders**: ``<folder>/<category>/<image>`` — the category is the first folder below ``<folder>``
+  (deeper folders are ignored for the category); images directly in ``<folder>`` have the category ``""``.
+- **CSV**: a table with a header row naming (at least) a path column and a category column; paths are relative
+  to ``<folder>`` (or absolute). Rows keep the file's order.
+
+Sub-folder listings are sorted by relative path (case-insensitively, then exactly), so the order — and an
+index into it — is the same on every machine. Hidden files and folders (``.name``) are skipped.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+class ProductFolderError(ValueError):
+    """A product folder or its CSV cannot be read; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class ProductEntry:
+    """One product image of a folder.
+
+    Attributes:
+        path: Absolute path of the image.
+        category: Category name (sub-folder or CSV column; may be ``""``).
+        name: The image's file name.
+    """
+
+    path: Path
+    category: str
+    name: str
+
+
+def _sort_key(relative: Path) -> tuple[str, str]:
+    text = relative.as_posix()
+    return text.casefold(), text
+
+
+def list_products(folder: Union[str, Path], csv_file: Optional[Union[str, Path]] = None,
+                  path_column: str = "path", category_column: str = "category",
+                  extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[ProductEntry]:
+    """List the product images of a folder with their categories.
+
+    Args:
+        folder: The product folder.
+        csv_file: Optional CSV table (relative paths are inside ``folder``); without it, categories come from
+            sub-folder names.
+        path_column: CSV column holding image paths.
+        category_column: CSV column holding category names.
+        extensions: Image file extensions to list (sub-folder layout), lower case.
+
+    Returns:
+        The products in a stable order.
+
+    Raises:
+        ProductFolderError: Missing folder, CSV, column or image file, or no images at all.
+    """
+    if not str(folder).strip():
+        raise ProductFolderError("no product folder given: enter the path of a folder of product images")
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise ProductFolderError(f"product folder not found: {root} (give an existing folder; relative paths "
+                                 f"are relative to {Path.cwd()})")
+    root = root.resolve()
+    if csv_file is not None and str(csv_file).strip():
+        entries = _from_csv(root, Path(csv_file).expanduser(), path_column, category_column)
+    else:
+        entries = _from_subfolders(root, extensions)
+    if not entries:
+        raise ProductFolderError(f"no product images in {root} (looked for {', '.join(extensions)})")
+    return entries
+
+
+def _from_subfolders(root: Path, extensions: tuple[str, ...]) -> list[ProductEntry]:
+    found = []
+    for path in root.rglob("*"):
+        relative = path.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        if path.suffix.lower() in extensions:
+            found.append(relative)
+    found.sort(key=_sort_key)
+    return [ProductEntry(root / rel, rel.parts[0] if len(rel.parts) > 1 else "", rel.name) for rel in found]
+
+
+def _from_csv(root: Path, csv_path: Path, path_column: str, category_column: str) -> list[ProductEntry]:
+    table = csv_path if csv_path.is_absolute() else root / csv_path
+    if not table.is_file():
+        raise ProductFolderError(f"category CSV not found: {table}")
+    with open(table, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        missing = [c for c in (path_column, category_column) if c not in columns]
+        if missing:
+            raise ProductFolderError(f"{table.name} has no column {', '.join(map(repr, missing))}; its header "
+                                     f"has {columns or 'nothing'} (the first row must name the columns)")
+        entries = []
+        for line, row in enumerate(reader, start=2):
+            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            if not row.get(path_column):
+                continue                                  # blank line
+            image = Path(row[path_column]).expanduser()
+            image = image if image.is_absolute() else root / image
+            if not image.is_file():
+                raise ProductFolderError(f"{table.name} line {line}: image not found: {image}")
+            entries.append(ProductEntry(image.resolve(), row.get(category_column, ""), image.name))
+    return entries
+
+
+def load_image(path: Union[str, Path]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Read an image as ``[H, W, 3]`` float32 sRGB 0..1 plus its alpha ``[H, W]`` (None when it has none).
+
+    EXIF orientation is applied; palette transparency and 16-bit greyscale are handled.
+    """
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
+            if im.mode == "I;16" or im.mode == "I":
+                im = Image.fromarray((np.asarray(im, np.float32) / 257.0).clip(0, 255).astype(np.uint8))
+            rgba = np.asarray(im.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
+    except (OSError, ValueError) as e:
+        raise ProductFolderError(f"cannot read image {path}: {e}") from e
+    return (rgba[..., :3].copy(), rgba[..., 3].copy()) if has_alpha else (rgba, None)
