@@ -19,7 +19,8 @@ class CliError(Exception):
 def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:
     from .weights import cli as weights_cli
     from . import demo
-    return [weights_cli.add_parser, demo.add_parser]
+    from .training import cli as training_cli
+    return [weights_cli.add_parser, demo.add_parser, training_cli.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,79 @@
+"""Exact resumption: 20 steps straight == 10 steps, SIGKILL mid-checkpoint, ``--resume latest`` to 20."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from productbg.training import bgsynth, checkpoint as ckpt
+from productbg.training.engine import FAULT_ENV
+
+RUN = "import sys; from productbg.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def _args(data, out, *extra):
+    return ["train-cg", "--data", str(data), "--model", "tiny-inpaint", "--output", str(out), "--resolution", "32",
+            "--max-steps", "20", "--batch-size", "2", "--vectors-per-id", "2", "--lora-rank", "4",
+            "--checkpoint-every", "5", "--keep-checkpoints", "5", "--seed", "7", "--mask-mode", "both",
+            "--no-progress", *extra]
+
+
+def _start(args, cwd, fault=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop(FAULT_ENV, None)
+    if fault:
+        env[FAULT_ENV] = fault
+    return subprocess.Popen([sys.executable, "-c", RUN, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _log(out):
+    return [json.loads(l) for l in (out / "loss_log.jsonl").read_text().splitlines()]
+
+
+def _wait_for(path, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"training exited early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+        if time.time() > deadline:
+            proc.kill()
+            pytest.fail("training never reached the fault point")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
+    data = tmp_path / "data"
+    bgsynth.generate(data, bgsynth.SynthSpec(categories=4, per_category=2, held_out=1, size=32, seed=1,
+                                             names=("运动鞋", "手提包", "咖啡杯", "台灯")))
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    a = _start(_args(data, straight), tmp_path)
+    b = _start(_args(data, killed), tmp_path, fault="hold-in-checkpoint:15")
+    _wait_for(killed / ".fault-held", b)
+    os.kill(b.pid, signal.SIGKILL)
+    b.wait(30)
+    assert b.returncode == -signal.SIGKILL
+    roots = killed / "checkpoints"
+    assert (roots / "step-000015.tmp").is_dir() and not (roots / "step-000015").exists()
+    assert len(_log(killed)) == 15                           # steps 11-15 were logged before the kill
+
+    resumed = subprocess.run([sys.executable, "-c", RUN, *_args(data, killed, "--resume", "latest")], cwd=tmp_path,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "skipping checkpoint step-000015.tmp" in resumed.stderr and "resumed from step 10" in resumed.stdout
+    out_a, _ = a.communicate(timeout=300)
+    assert a.returncode == 0, out_a
+
+    log_a, log_b = _log(straight), _log(killed)
+    assert [r["step"] for r in log_b] == list(range(1, 21))
+    for key in ("loss", "mse", "mass"):
+        assert [r[key] for r in log_a] == [r[key] for r in log_b], key
+    for name in ("category_bank.safetensors", "unet_lora.safetensors", "checkpoints/step-000020/trainable.safetensors"):
+        ta, tb = load_file(str(straight / name)), load_file(str(killed / name))
+        assert ta.keys() == tb.keys() and all((ta[k] == tb[k]).all() for k in ta), name
+    assert ckpt.find_latest(roots).step == 20 and not list(roots.glob("*.tmp"))

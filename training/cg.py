@@ -1,0 +1,285 @@
+"""Category-Wise Generator trainer (``productbg train-cg``): identifier vectors per category + one UNet LoRA.
+
+Every training image of category c is captioned with the template (default ``"a product photo on a {id}
+background"``) whose ``{id}`` is c's placeholder tokens. The mask-guided attention of
+:mod:`productbg.attention` is active in every cross-attention layer, exactly as at inference:
+
+* ``mask_mode="hard"``: the identifier's key columns get the confinement bias at product positions;
+* ``"loss"``: no bias; the identifier's attention mass inside the product is penalised instead
+  (``mass_loss_weight``);
+* ``"both"``: bias and loss.
+
+The denoising loss can weight background latents more (``background_loss_weight``). With a 9-channel
+inpainting UNet the input is noisy latent + repaint mask + masked-image latent, where the kept region is the
+product mask grown or shrunk by a random radius (``mask_jitter``, fractions of the image side; negative
+erodes, as the inference recipe's dilated repaint mask does).
+
+Outputs: ``category_bank.safetensors`` (every category's vectors) and ``unet_lora.safetensors`` (kohya layout).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import Guidance, IdentifierGuidance, IdentifierSpec, ProductMask
+from ..attention.diffusers_processor import CALL_KEY, DiffusersCall, install_processors
+from ..pipeline.text import DEFAULT_TEMPLATE, identifier_prompt, tokenize_with_identifier
+from . import identifiers, outputs
+from .datasets import BG60kIndex, ImageMaskDataset, open_bg60k
+from .models import SDComponents, load_components
+
+MASK_MODES = ("hard", "loss", "both")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+BANK_FILE = "category_bank.safetensors"
+LORA_FILE = "unet_lora.safetensors"
+
+
+@dataclass
+class CGConfig:
+    """Category-Wise training settings (the loop's settings are in :class:`~.engine.EngineConfig`).
+
+    Attributes:
+        data: BG60k-layout folder.
+        model: ``"tiny"``, ``"tiny-inpaint"``, a diffusers folder or a single-file ``.safetensors``.
+        resolution: training image side (multiple of 8).
+        vectors_per_id: identifier vectors per category.
+        template: prompt template with ``{id}``.
+        init: ``"name"`` (category-name embedding) or ``"background"``.
+        lora_rank, lora_alpha: the shared UNet LoRA (alpha defaults to the rank).
+        identifier_lr: learning rate of the identifier vectors (the LoRA uses the engine's ``lr``).
+        mask_mode: ``hard`` | ``loss`` | ``both``.
+        strength: confinement strength for ``hard`` / ``both``.
+        mass_loss_weight: weight of the attention-mass loss for ``loss`` / ``both``.
+        background_loss_weight: denoising-loss weight of background latents (product latents weigh 1).
+        mask_jitter: (min, max) radius of the random product-mask dilation, as fractions of the image side.
+        flip: random horizontal flips.
+        skip_bad: train on the good entries of a dataset with problems.
+        gradient_checkpointing: trade compute for memory in the UNet.
+        weights_dtype: dtype of the frozen base weights (``float32``, ``float16``, ``bfloat16``).
+        categories: restrict training to these categories (``None`` = all).
+    """
+
+    data: Path
+    model: str = "tiny-inpaint"
+    resolution: int = 512
+    vectors_per_id: int = 4
+    template: str = DEFAULT_TEMPLATE
+    init: str = "name"
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    identifier_lr: float = 5e-3
+    mask_mode: str = "hard"
+    strength: float = 1.0
+    mass_loss_weight: float = 0.1
+    background_loss_weight: float = 1.0
+    mask_jitter: tuple[float, float] = (-0.04, 0.02)
+    flip: bool = True
+    skip_bad: bool = False
+    gradient_checkpointing: bool = False
+    weights_dtype: str = "float32"
+    categories: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+        if self.init not in ("name", "background"):
+            raise ValueError(f"init must be 'name' or 'background', got {self.init!r}")
+        if self.mask_jitter[0] > self.mask_jitter[1]:
+            raise ValueError(f"mask_jitter min {self.mask_jitter[0]} exceeds max {self.mask_jitter[1]}")
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+def jitter_masks(mask: torch.Tensor, generator: torch.Generator, jitter: tuple[float, float]) -> torch.Tensor:
+    """Grow (positive radius) or shrink (negative) each [B,1,H,W] binary mask by a random radius."""
+    side = mask.shape[-1]
+    radii = torch.empty(mask.shape[0]).uniform_(jitter[0], jitter[1], generator=generator)
+    out = []
+    for m, r in zip(mask, (radii * side).round().long().tolist()):
+        out.append(_morph(m[None], r))
+    return torch.cat(out)
+
+
+def _morph(m: torch.Tensor, radius: int) -> torch.Tensor:
+    if radius == 0:
+        return m
+    k = 2 * abs(radius) + 1
+    if radius > 0:
+        return F.max_pool2d(m, k, stride=1, padding=abs(radius))
+    return 1 - F.max_pool2d(1 - m, k, stride=1, padding=abs(radius))
+
+
+def loss_weights(mask: torch.Tensor, latent_hw: tuple[int, int], background_weight: float) -> torch.Tensor:
+    """[B,1,h,w] per-latent weights: ``background_weight`` on background, 1 on product (area-averaged)."""
+    product = F.adaptive_avg_pool2d(mask.float(), latent_hw)
+    return background_weight * (1 - product) + product
+
+
+class CGModule(nn.Module):
+    """UNet (+LoRA, guided processors), frozen VAE, text encoder with trainable identifiers; forward = loss."""
+
+    def __init__(self, comps: SDComponents, cfg: CGConfig, prompt_ids: torch.Tensor, spec: IdentifierSpec,
+                 embedding: identifiers.IdentifierEmbedding) -> None:
+        super().__init__()
+        self.unet, self.vae, self.text_encoder = comps.unet, comps.vae, comps.text_encoder
+        self.embedding = embedding
+        self.noise_scheduler, self.cfg, self.spec = comps.noise_scheduler, cfg, spec
+        self.vae_scale, self.inpaint = comps.vae_scale, comps.inpaint
+        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
+
+    def encode(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """VAE latents (sampled when a generator is given, else the mode), scaled."""
+        with torch.no_grad():
+            dist = self.vae.encode(image.to(self.vae.dtype)).latent_dist
+            z = dist.sample(generator) if generator is not None else dist.mode()
+        return z.float() * self.vae_scale
+
+    def unet_input(self, noisy: torch.Tensor, image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The UNet input: noisy latents, plus repaint mask and masked-image latents for inpainting UNets."""
+        if not self.inpaint:
+            return noisy
+        repaint = 1 - keep
+        masked = self.encode(image * keep, None)
+        return torch.cat([noisy, F.interpolate(repaint, size=noisy.shape[-2:]), masked], dim=1)
+
+    def guidance_call(self, mask: torch.Tensor, latent_hw: tuple[int, int], collect: bool) -> DiffusersCall:
+        strength = self.cfg.strength if self.cfg.mask_mode in ("hard", "both") else 0.0
+        g = Guidance().with_identifier(IdentifierGuidance(self.spec, ProductMask(mask[:, 0]), strength))
+        return DiffusersCall(g, latent_hw=latent_hw, cond_or_uncond=(0,), mass_losses=[] if collect else None)
+
+    def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        image, mask = batch["image"], batch["mask"].float()
+        dev = image.device
+        latents = self.encode(image, generator)
+        noise = torch.randn(latents.shape, generator=generator).to(dev)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                          generator=generator).to(dev)
+        keep = jitter_masks(mask.cpu(), generator, self.cfg.mask_jitter).to(dev)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        context = self.text_encoder(self.prompt_ids[batch["category"]])[0]
+        collect = self.cfg.mask_mode in ("loss", "both") and self.cfg.mass_loss_weight > 0
+        call = self.guidance_call(mask, tuple(latents.shape[-2:]), collect)
+        pred = self.unet(self.unet_input(noisy, image, keep).to(self.unet.dtype), t, context.to(self.unet.dtype),
+                         cross_attention_kwargs={CALL_KEY: call}).sample.float()
+        w = loss_weights(mask, tuple(latents.shape[-2:]), self.cfg.background_loss_weight)
+        mse = (((pred - self.target(latents, noise, t)) ** 2) * w).mean() / w.mean()
+        mass = torch.stack(call.mass_losses).float().mean() if collect else mse.new_zeros(())
+        return {"loss": mse + self.cfg.mass_loss_weight * mass, "mse": mse.detach(), "mass": mass.detach()}
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        kind = self.noise_scheduler.config.prediction_type
+        return self.noise_scheduler.get_velocity(latents, noise, t) if kind == "v_prediction" else noise
+
+
+# ---------------------------------------------------------------------------------------------- task
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class CGTask:
+    """The :class:`~.engine.TrainTask` of the Category-Wise Generator."""
+
+    def __init__(self, cfg: CGConfig) -> None:
+        self.cfg = cfg
+        index = open_bg60k(cfg.data, skip_bad=cfg.skip_bad)
+        self.index = _restrict(index, cfg.categories)
+        self.categories = list(self.index.categories)
+        self._dataset = ImageMaskDataset(self.index, cfg.resolution, flip=cfg.flip)
+        self.lora_alpha = float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank)
+
+    def dataset(self) -> ImageMaskDataset:
+        return self._dataset
+
+    def fingerprint(self) -> dict[str, Any]:
+        d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.cfg).items() if k != "data"}
+        d["mask_jitter"] = list(self.cfg.mask_jitter)
+        d["categories"] = self.categories
+        d["dataset_size"] = len(self._dataset)
+        return d
+
+    def build(self, device: torch.device) -> CGModule:
+        comps = load_components(self.cfg.model)
+        comps.freeze()
+        dtype = _DTYPES[self.cfg.weights_dtype]
+        for m in (comps.unet, comps.vae, comps.text_encoder):
+            if m.dtype != dtype:
+                m.to(dtype)
+        init = identifiers.initial_vectors(comps.tokenizer, comps.text_encoder, self.categories,
+                                           self.cfg.vectors_per_id, self.cfg.init)
+        vocab, embedding = identifiers.attach(comps.tokenizer, comps.text_encoder, init)
+        prompt_ids, spec = _prompts(comps.tokenizer, vocab, self.cfg.template, len(self.categories))
+        install_processors(comps.unet)
+        _add_lora(comps.unet, self.cfg.lora_rank, self.lora_alpha)
+        if self.cfg.gradient_checkpointing:
+            comps.unet.enable_gradient_checkpointing()
+        return CGModule(comps, self.cfg, prompt_ids, spec, embedding)
+
+    def param_groups(self, module: CGModule, lr: float) -> list[dict[str, Any]]:
+        lora = [p for n, p in module.unet.named_parameters() if p.requires_grad]
+        return [{"params": lora, "lr": lr},
+                {"params": [module.embedding.vectors], "lr": self.cfg.identifier_lr, "weight_decay": 0.0}]
+
+    def trainable_state(self, module: CGModule) -> dict[str, torch.Tensor]:
+        state = {"identifiers": module.embedding.vectors}
+        state.update({f"lora.{n}": p for n, p in module.unet.named_parameters() if p.requires_grad})
+        return state
+
+    def load_trainable_state(self, module: CGModule, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.trainable_state(module)
+        if set(own) != set(tensors):
+            raise ValueError("checkpoint tensors do not match this model (different LoRA rank or categories?)")
+        with torch.no_grad():
+            for k, p in own.items():
+                p.copy_(tensors[k])
+
+    def save_outputs(self, module: CGModule, out_dir: Path, step: int) -> list[Path]:
+        from peft.utils import get_peft_model_state_dict
+
+        training = {"trainer": "train-cg", "steps": step, "dataset": str(self.cfg.data), "model": self.cfg.model,
+                    "mask_mode": self.cfg.mask_mode, "categories": len(self.categories)}
+        bank = outputs.save_bank(out_dir / BANK_FILE, self.categories,
+                                 module.embedding.identifier_vectors(), self.cfg.template, training)
+        modules = outputs.peft_lora_modules(get_peft_model_state_dict(module.unet), self.lora_alpha)
+        lora = outputs.save_kohya_lora(out_dir / LORA_FILE, modules, training)
+        return [bank, lora]
+
+    def preview(self, module: CGModule, out_dir: Path, step: int) -> Path | None:
+        from .preview import cg_preview
+
+        return cg_preview(module, self._dataset, out_dir, step)
+
+
+def _restrict(index: BG60kIndex, categories: tuple[str, ...] | None) -> BG60kIndex:
+    if not categories:
+        return index
+    unknown = sorted(set(categories) - set(index.categories))
+    if unknown:
+        raise ValueError(f"categories {unknown} are not in the dataset (it has {index.categories[:8]}...)")
+    records = [r for r in index.records if r.category in categories]
+    return BG60kIndex(index.root, index.split, records, sorted(set(categories)), index.problems, index.unlisted)
+
+
+def _prompts(tokenizer, vocab, template: str, count: int) -> tuple[torch.Tensor, IdentifierSpec]:
+    """Token ids [categories, 77] of every category's prompt and the (shared) identifier positions."""
+    ids, specs = [], set()
+    for c in range(count):
+        tokens, spec = tokenize_with_identifier(tokenizer, identifier_prompt(template, vocab.words(c)),
+                                                vocab.token_ids[c])
+        ids.append(tokens[0])
+        specs.add(spec)
+    if len(specs) != 1:
+        raise ValueError("identifier positions differ between categories; use one template for all")
+    return torch.stack(ids), specs.pop()
+
+
+def _add_lora(unet, rank: int, alpha: float) -> None:
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",
+                                target_modules=list(LORA_TARGETS)))
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()

@@ -1,0 +1,258 @@
+"""Command line of the training package.
+
+    productbg dataset synth OUT [--categories 16 --per-category 64 --held-out 4 --size 128 --seed 0]
+    productbg dataset build SRC OUT [--held-out 0.05 --max-side 1024 --alpha-only]
+    productbg dataset check ROOT [--split bg60k --decode]
+    productbg train-cg --data DIR --model MODEL --output OUT [options]
+    productbg train-cg --category NAME --images DIR --model MODEL --output OUT     (one designer LoRA)
+    productbg train-pg --data DIR --model MODEL --output OUT [options]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``dataset``, ``train-cg`` and ``train-pg``."""
+    _dataset_parser(sub)
+    cg = sub.add_parser("train-cg", help="train the Category-Wise Generator (identifiers + one UNet LoRA)",
+                        description="Train every category's identifier vectors and one shared UNet LoRA on a "
+                                    "BG60k-layout dataset, with mask-guided attention active.")
+    _engine_args(cg)
+    _cg_args(cg)
+    cg.set_defaults(func=cmd_train_cg)
+    pg = sub.add_parser("train-pg", help="train the Personality-Wise Generator (reference-style encoder)",
+                        description="Train the style projection and per-layer K/V on self-supervised pairs "
+                                    "(UNet and CLIP vision frozen).")
+    _engine_args(pg)
+    _pg_args(pg)
+    pg.set_defaults(func=cmd_train_pg)
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+def _dataset_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("dataset", help="build, generate and check BG60k-layout datasets")
+    dsub = p.add_subparsers(dest="dataset_command", metavar="SUBCOMMAND")
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+    syn = dsub.add_parser("synth", help="generate the procedural BG-synth dataset")
+    syn.add_argument("out", type=Path)
+    syn.add_argument("--categories", type=int, default=16)
+    syn.add_argument("--per-category", type=int, default=64, help="training images per category")
+    syn.add_argument("--held-out", type=int, default=4, help="held-out (bg1k) images per category")
+    syn.add_argument("--pairs", type=int, default=1, help="reference pairs per held-out image")
+    syn.add_argument("--size", type=int, default=128)
+    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--names", help="comma-separated category names (default: built-in English names)")
+    syn.set_defaults(func=cmd_synth)
+
+    b = dsub.add_parser("build", help="turn a folder (category sub-folders) or CSV (path,category) into the layout")
+    b.add_argument("src", type=Path)
+    b.add_argument("out", type=Path)
+    b.add_argument("--held-out", type=float, default=0.0, help="fraction of images put in the bg1k split")
+    b.add_argument("--max-side", type=int, help="downscale images larger than this")
+    b.add_argument("--alpha-only", action="store_true", help="masks from alpha only (no segmentation)")
+    b.set_defaults(func=cmd_build)
+
+    c = dsub.add_parser("check", help="validate a BG60k-layout folder and print its summary")
+    c.add_argument("root", type=Path)
+    c.add_argument("--split", default="bg60k", choices=["bg60k", "bg1k"])
+    c.add_argument("--decode", action="store_true", help="decode every image (slow, finds truncated files)")
+    c.set_defaults(func=cmd_check)
+
+
+def _error(message: str) -> Exception:
+    from ..cli import CliError
+
+    return CliError(" ".join(str(message).split("\n")))
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .bgsynth import SynthSpec, generate
+
+    names = tuple(n.strip() for n in args.names.split(",")) if args.names else None
+    try:
+        spec = SynthSpec(args.categories, args.per_category, args.held_out, args.pairs, args.size, args.seed, names)
+        counts = generate(args.out, spec)
+    except ValueError as e:
+        raise _error(str(e)) from None
+    print(f"wrote {args.out}: {counts['bg60k']} training, {counts['bg1k']} held-out images, {counts['pairs']} pairs")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .folder import build_from_folder
+
+    try:
+        report = build_from_folder(args.src, args.out, held_out=args.held_out, max_side=args.max_side,
+                                   segmenter=None if args.alpha_only else "auto")
+    except FileNotFoundError as e:
+        raise _error(str(e)) from None
+    print(report.render())
+    return 0 if report.written + report.reused else 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .datasets import DatasetError, open_bg60k
+
+    try:
+        index = open_bg60k(args.root, args.split, decode=args.decode)
+    except DatasetError as e:
+        raise _error(str(e)) from None
+    counts = index.counts()
+    print(f"{args.root} ({args.split}): {len(index.records)} entries, {len(counts)} categories, "
+          f"{min(counts.values())}-{max(counts.values())} images per category, {index.unlisted} unlisted files")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- training
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--data", type=Path, help="BG60k-layout dataset folder")
+    g.add_argument("--model", default="tiny-inpaint",
+                   help="base model: a .safetensors checkpoint, a diffusers folder, or tiny / tiny-inpaint")
+    g.add_argument("--output", type=Path, required=True, help="output folder (logs, checkpoints, weights)")
+    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--max-steps", type=int, default=1000)
+    g.add_argument("--batch-size", type=int, default=1, help="per process")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--lr-schedule", default="constant",
+                   choices=["constant", "constant_with_warmup", "cosine", "linear"])
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--checkpoint-every", type=int, default=500)
+    g.add_argument("--keep-checkpoints", type=int, default=3)
+    g.add_argument("--resume", help="'latest' or a checkpoint folder")
+    g.add_argument("--sample-every", type=int, default=0, help="preview PNG every N steps (0 = none)")
+    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--skip-bad", action="store_true", help="train on the good entries of a dataset with problems")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+
+
+def _cg_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("category-wise")
+    g.add_argument("--vectors-per-id", type=int, default=4)
+    g.add_argument("--template", default="a product photo on a {id} background")
+    g.add_argument("--init", default="name", choices=["name", "background"])
+    g.add_argument("--lora-rank", type=int, default=8)
+    g.add_argument("--lora-alpha", type=float)
+    g.add_argument("--identifier-lr", type=float, default=5e-3)
+    g.add_argument("--mask-mode", default="hard", choices=["hard", "loss", "both"])
+    g.add_argument("--strength", type=float, default=1.0, help="identifier confinement strength (hard/both)")
+    g.add_argument("--mass-loss-weight", type=float, default=0.1, help="attention-mass loss weight (loss/both)")
+    g.add_argument("--background-loss-weight", type=float, default=1.0,
+                   help="denoising-loss weight of background latents (product latents weigh 1)")
+    g.add_argument("--mask-jitter", type=float, nargs=2, default=(-0.04, 0.02), metavar=("MIN", "MAX"),
+                   help="random product-mask dilation radius range, fraction of the side (negative erodes)")
+    g.add_argument("--no-flip", action="store_true")
+    g.add_argument("--category", help="train one category only (with --images: a designer LoRA)")
+    g.add_argument("--images", type=Path, help="folder of product images (alpha = mask) for --category")
+
+
+def _engine_config(args: argparse.Namespace):
+    from .engine import EngineConfig
+
+    return EngineConfig(output_dir=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
+                        grad_accum=args.grad_accum, lr=args.lr, lr_schedule=args.lr_schedule,
+                        warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
+                        mixed_precision=args.mixed_precision, seed=args.seed,
+                        checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                        resume=args.resume, sample_every=args.sample_every, num_workers=args.num_workers,
+                        progress=not args.no_progress, cpu=args.cpu)
+
+
+def _designer_dataset(args: argparse.Namespace) -> Path:
+    """``--category NAME --images DIR``: build OUT/dataset from the images (alpha masks)."""
+    from .folder import build_from_folder
+
+    out = args.output / "dataset"
+    out.mkdir(parents=True, exist_ok=True)
+    listing = out / "sources.csv"
+    with listing.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "category"])
+        w.writerows([str(p.resolve()), args.category] for p in sorted(args.images.iterdir()) if p.is_file())
+    report = build_from_folder(listing, out, segmenter="auto")
+    print(report.render())
+    return out
+
+
+def cmd_train_cg(args: argparse.Namespace) -> int:
+    from .cg import CGConfig, CGTask
+    from .datasets import DatasetError
+    from .engine import fit
+    from .models import ModelLoadError
+
+    if args.images is not None and not args.category:
+        raise _error("--images needs --category NAME")
+    data = _designer_dataset(args) if args.images is not None else args.data
+    if data is None:
+        raise _error("pass --data DIR (a BG60k-layout folder) or --category NAME --images DIR")
+    try:
+        cfg = CGConfig(data=data, model=args.model, resolution=args.resolution, vectors_per_id=args.vectors_per_id,
+                       template=args.template, init=args.init, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                       identifier_lr=args.identifier_lr, mask_mode=args.mask_mode, strength=args.strength,
+                       mass_loss_weight=args.mass_loss_weight, background_loss_weight=args.background_loss_weight,
+                       mask_jitter=tuple(args.mask_jitter), flip=not args.no_flip, skip_bad=args.skip_bad,
+                       gradient_checkpointing=args.gradient_checkpointing,
+                       weights_dtype=_weights_dtype(args.mixed_precision),
+                       categories=(args.category,) if args.category else None)
+        result = fit(CGTask(cfg), _engine_config(args))
+    except (DatasetError, ModelLoadError, ValueError, FileNotFoundError) as e:
+        raise _error(str(e)) from None
+    _print_result(result)
+    return 0
+
+
+def _weights_dtype(mixed_precision: str) -> str:
+    return {"fp16": "float16", "bf16": "bfloat16"}.get(mixed_precision, "float32")
+
+
+def _print_result(result) -> None:
+    start = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
+    last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
+    print(f"trained to step {result.step}{start}{last}")
+    for p in result.outputs:
+        print(f"wrote {p}")
+
+
+# ---------------------------------------------------------------------------------------------- PG
+def _pg_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("personality-wise")
+    g.add_argument("--variant", default="linear", choices=["linear", "plus"])
+    g.add_argument("--tokens", type=int, default=4, help="style tokens")
+    g.add_argument("--init-from", type=Path, help="start from an IP-Adapter / style encoder .safetensors")
+    g.add_argument("--vision-model", default="tiny", help="CLIP vision: a transformers folder, or tiny")
+    g.add_argument("--prompt", default="a product photo", help="text prompt used for every sample")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX"))
+    g.add_argument("--drop-reference", type=float, default=0.05,
+                   help="probability of an empty reference (keeps unconditional generation working)")
+
+
+def cmd_train_pg(args: argparse.Namespace) -> int:
+    from .datasets import DatasetError
+    from .engine import fit
+    from .models import ModelLoadError
+    from .pg import PGConfig, PGTask
+
+    if args.data is None:
+        raise _error("pass --data DIR (a BG60k-layout folder)")
+    try:
+        cfg = PGConfig(data=args.data, model=args.model, vision_model=args.vision_model,
+                       resolution=args.resolution, variant=args.variant, tokens=args.tokens,
+                       init_from=args.init_from, prompt=args.prompt, crop_scale=tuple(args.crop_scale),
+                       drop_reference=args.drop_reference, skip_bad=args.skip_bad,
+                       gradient_checkpointing=args.gradient_checkpointing,
+                       weights_dtype=_weights_dtype(args.mixed_precision))
+        result = fit(PGTask(cfg), _engine_config(args))
+    except (DatasetError, ModelLoadError, ValueError, FileNotFoundError) as e:
+        raise _error(str(e)) from None
+    _print_result(result)
+    return 0
