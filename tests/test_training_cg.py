@@ -143,3 +143,18 @@ def test_designer_single_category_lora(tmp_path):
     names, vectors = read_bank_vectors(out / "category_bank.safetensors")
     assert names == ["台灯"] and vectors.shape == (1, 1, 32)
     assert (out / "unet_lora.safetensors").is_file()
+
+
+def test_single_file_checkpoint_trains(data, tmp_path):
+    """An LDM-layout single-file checkpoint (what ComfyUI users have) loads offline and trains."""
+    sf = pytest.importorskip("productbg.pipeline.single_file")
+    from productbg.pipeline.tiny import tiny_text_encoder, tiny_unet, tiny_vae
+
+    unet, vae, te = tiny_unet(9), tiny_vae(), tiny_text_encoder()
+    path = sf.save_single_file(tmp_path / "tiny-inpaint.safetensors", unet, vae, te)
+    configs = sf.write_config_dir(tmp_path / "configs", unet, vae, te)
+    out = tmp_path / "run"
+    assert main(["train-cg", "--data", str(data), "--model", str(path), "--model-configs", str(configs),
+                 "--output", str(out), "--resolution", "32", "--max-steps", "1", "--vectors-per-id", "1",
+                 "--lora-rank", "2", "--no-progress"]) == 0
+    assert read_lora(out / "unet_lora.safetensors").layout == "kohya"

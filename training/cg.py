@@ -62,6 +62,7 @@ class CGConfig:
         gradient_checkpointing: trade compute for memory in the UNet.
         weights_dtype: dtype of the frozen base weights (``float32``, ``float16``, ``bfloat16``).
         categories: restrict training to these categories (``None`` = all).
+        model_configs: component configs for a single-file ``model`` (default: the shipped SD1.5 set).
     """
 
     data: Path
@@ -83,6 +84,7 @@ class CGConfig:
     gradient_checkpointing: bool = False
     weights_dtype: str = "float32"
     categories: tuple[str, ...] | None = None
+    model_configs: Path | None = None
 
     def __post_init__(self) -> None:
         if self.mask_mode not in MASK_MODES:
@@ -201,7 +203,7 @@ class CGTask:
         return d
 
     def build(self, device: torch.device) -> CGModule:
-        comps = load_components(self.cfg.model)
+        comps = load_components(self.cfg.model, config_dir=self.cfg.model_configs)
         comps.freeze()
         dtype = _DTYPES[self.cfg.weights_dtype]
         for m in (comps.unet, comps.vae, comps.text_encoder):

@@ -113,6 +113,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", type=Path, help="BG60k-layout dataset folder")
     g.add_argument("--model", default="tiny-inpaint",
                    help="base model: a .safetensors checkpoint, a diffusers folder, or tiny / tiny-inpaint")
+    g.add_argument("--model-configs", type=Path,
+                   help="component configs for a single-file --model (default: the shipped SD1.5 set)")
     g.add_argument("--output", type=Path, required=True, help="output folder (logs, checkpoints, weights)")
     g.add_argument("--resolution", type=int, default=512)
     g.add_argument("--max-steps", type=int, default=1000)
@@ -203,7 +205,7 @@ def cmd_train_cg(args: argparse.Namespace) -> int:
                        mask_jitter=tuple(args.mask_jitter), flip=not args.no_flip, skip_bad=args.skip_bad,
                        gradient_checkpointing=args.gradient_checkpointing,
                        weights_dtype=_weights_dtype(args.mixed_precision),
-                       categories=(args.category,) if args.category else None)
+                       categories=(args.category,) if args.category else None, model_configs=args.model_configs)
         result = fit(CGTask(cfg), _engine_config(args))
     except (DatasetError, ModelLoadError, ValueError, FileNotFoundError) as e:
         raise _error(str(e)) from None

@@ -5,16 +5,15 @@
 * ``"tiny"`` / ``"tiny-inpaint"``: the random tiny models of :mod:`productbg.pipeline.tiny` (CPU tests);
 * a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``), read with
   ``local_files_only``;
-* a single ``.safetensors`` checkpoint in the original (LDM) layout — what ComfyUI users have. Components are
-  converted with diffusers' ``from_single_file`` using the SD1.5 configs shipped in ``assets/sd15`` (never a hub
-  lookup); a 9-channel ``input_blocks.0.0`` makes it the inpainting UNet.
+* a single ``.safetensors`` checkpoint in the original (LDM) layout — what ComfyUI users have — loaded by
+  :func:`productbg.pipeline.single_file.load_single_file` with the SD1.5 configs shipped in ``assets/sd15``
+  (never a hub lookup); a 9-channel ``input_blocks.0.0`` makes it the inpainting UNet.
 
 The tokenizer is always the shipped CLIP tokenizer (:func:`productbg.pipeline.text.clip_tokenizer`).
 """
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from typing import Any
 import torch
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "sd15"
-LDM_UNET_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
 class ModelLoadError(Exception):
@@ -75,12 +73,14 @@ def default_scheduler():
     return DDPMScheduler.from_config(json.loads((ASSETS / "scheduler_config.json").read_text()))
 
 
-def load_components(source: str | Path, dtype: torch.dtype = torch.float32) -> SDComponents:
+def load_components(source: str | Path, dtype: torch.dtype = torch.float32,
+                    config_dir: str | Path | None = None) -> SDComponents:
     """Load a base model (see the module docstring for accepted sources).
 
     Args:
         source: ``"tiny"``, ``"tiny-inpaint"``, a diffusers folder or a ``.safetensors`` checkpoint.
         dtype: dtype for the frozen weights.
+        config_dir: component configs for a single-file checkpoint (default: the shipped SD1.5 set).
 
     Raises:
         ModelLoadError: unknown source, pickle checkpoint, missing files.
@@ -95,7 +95,7 @@ def load_components(source: str | Path, dtype: torch.dtype = torch.float32) -> S
         if path.is_dir():
             parts = _from_folder(path, dtype)
         elif path.is_file() and path.suffix.lower() == ".safetensors":
-            parts = _from_single_file(path, dtype)
+            parts = _from_single_file(path, dtype, Path(config_dir) if config_dir else None)
         elif path.is_file():
             raise ModelLoadError(f"{path.name}: only .safetensors checkpoints are loaded (pickle files can run code)")
         else:
@@ -128,33 +128,13 @@ def _from_folder(path: Path, dtype: torch.dtype) -> tuple[Any, Any, Any, Any]:
     return unet, vae, text_encoder, scheduler
 
 
-def config_skeleton(folder: Path, in_channels: int) -> Path:
-    """Write the shipped SD1.5 component configs as a diffusers config tree (``unet/config.json`` ...)."""
-    unet = json.loads((ASSETS / "unet_config.json").read_text())
-    unet["in_channels"] = in_channels
-    files = {"unet": unet, "vae": json.loads((ASSETS / "vae_config.json").read_text()),
-             "text_encoder": json.loads((ASSETS / "text_encoder_config.json").read_text())}
-    for sub, cfg in files.items():
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-        (folder / sub / "config.json").write_text(json.dumps(cfg, indent=1))
-    return folder
+def _from_single_file(path: Path, dtype: torch.dtype, config_dir: Path | None) -> tuple[Any, Any, Any, Any]:
+    """Through :func:`productbg.pipeline.single_file.load_single_file` (shipped SD1.5 configs, offline)."""
+    from diffusers import DDPMScheduler
 
-
-def _from_single_file(path: Path, dtype: torch.dtype) -> tuple[Any, Any, Any, Any]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from safetensors.torch import load_file
-    from transformers import CLIPTextModel
-
-    checkpoint = load_file(str(path))
-    if LDM_UNET_IN not in checkpoint:
-        raise ModelLoadError(f"{path.name}: not an SD1.5 checkpoint in the original layout (no {LDM_UNET_IN})")
-    in_channels = int(checkpoint[LDM_UNET_IN].shape[1])
-    with tempfile.TemporaryDirectory(prefix="productbg-sd15-") as tmp:
-        cfg = str(config_skeleton(Path(tmp), in_channels))
-        kw = dict(config=cfg, local_files_only=True, torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_single_file(checkpoint, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", **kw)
-        text_encoder = create_diffusers_clip_model_from_ldm(CLIPTextModel, checkpoint, subfolder="text_encoder",
-                                                            config=cfg, torch_dtype=dtype, local_files_only=True)
-    return unet, vae, text_encoder, default_scheduler()
+    try:
+        from ..pipeline.single_file import load_single_file
+    except ImportError as e:  # the pipeline package provides the loader
+        raise ModelLoadError(f"single-file checkpoints need productbg.pipeline.single_file ({e})") from None
+    parts = load_single_file(path, config_dir, dtype)
+    return parts.unet, parts.vae, parts.text_encoder, DDPMScheduler.from_config(parts.scheduler_config)
