@@ -1,6 +1,8 @@
 """ComfyUI nodes. Node modules import ComfyUI only inside methods, so this package imports without it."""
 from .attention_nodes import BackgroundWords, MaskGuidedAttention
 from .category_nodes import CategoryPrompt, LoadCategoryBank
+from .imaging_nodes import (CompositeProduct, LoadProductsFromFolder, PlaceProduct, PreservationReport,
+                            SegmentProduct)
 from .lora_nodes import CategoryLoraNode
 from .style_nodes import LoadStyleEncoder, ReferenceStyle
 
@@ -12,6 +14,11 @@ _NODES = {
     "ProductBGCategoryLora": (CategoryLoraNode, "Category LoRA (productbg)"),
     "ProductBGLoadStyleEncoder": (LoadStyleEncoder, "Load Style Encoder (productbg)"),
     "ProductBGReferenceStyle": (ReferenceStyle, "Reference Style (productbg)"),
+    "ProductBGSegmentProduct": (SegmentProduct, "Segment Product (productbg)"),
+    "ProductBGPlaceProduct": (PlaceProduct, "Place Product (productbg)"),
+    "ProductBGCompositeProduct": (CompositeProduct, "Composite Product (productbg)"),
+    "ProductBGPreservationReport": (PreservationReport, "Preservation Report (productbg)"),
+    "ProductBGLoadProductsFromFolder": (LoadProductsFromFolder, "Load Products From Folder (productbg)"),
 }
 
 NODE_CLASS_MAPPINGS = {key: cls for key, (cls, _) in _NODES.items()}

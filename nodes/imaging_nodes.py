@@ -1,0 +1,379 @@
+"""Image nodes: segment a product, place it on a canvas, paste it back, report preservation, load folders.
+
+Thin wrappers around :mod:`productbg.imaging`: validate ComfyUI's batched tensors (IMAGE ``[B, H, W, C]``,
+MASK ``[B, H, W]``), call the library per image, stack the results. ComfyUI is imported only inside methods.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import imaging
+from .common import NodeInputError
+
+CATEGORY = "productbg/image"
+CANVAS_CHOICES = ["custom", *imaging.PRESETS]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def as_masks(mask: torch.Tensor, hw: tuple[int, int], name: str) -> torch.Tensor:
+    """A MASK as ``[N, H, W]`` float of size ``hw`` (resized bilinearly when its size differs)."""
+    mask = mask.float()
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3:
+        raise NodeInputError(f"{name} must be a MASK [B, H, W], got shape {tuple(mask.shape)}")
+    if tuple(mask.shape[1:]) != tuple(hw):
+        mask = F.interpolate(mask[:, None], size=tuple(hw), mode="bilinear", align_corners=False)[:, 0]
+    return mask.clamp(0.0, 1.0)
+
+
+def as_mask_batch(mask: Optional[torch.Tensor], images: torch.Tensor, name: str) -> Optional[torch.Tensor]:
+    """``mask`` as ``[B, H, W]`` matching ``images`` ``[B, H, W, C]``: resized when its size differs, a batch of
+    1 repeated; any other batch size is a NodeInputError. None stays None."""
+    if mask is None:
+        return None
+    mask = as_masks(mask, tuple(images.shape[1:3]), name)
+    batch = images.shape[0]
+    if mask.shape[0] not in (1, batch):
+        raise NodeInputError(f"{name} has {mask.shape[0]} masks but there are {batch} images; give one mask, "
+                             f"or one per image")
+    return mask.expand(batch, *mask.shape[1:])
+
+
+def pick(batch: Optional[torch.Tensor], i: int) -> Optional[torch.Tensor]:
+    """Item ``i`` of a batch that holds 1 or more items (a batch of 1 serves every index)."""
+    return None if batch is None else batch[i if batch.shape[0] > 1 else 0]
+
+
+def check_images(images: torch.Tensor, name: str) -> torch.Tensor:
+    """Validate an IMAGE ``[B, H, W, 3|4]``."""
+    if images.ndim != 4 or images.shape[-1] not in (3, 4):
+        raise NodeInputError(f"{name} must be an IMAGE [B, H, W, 3], got shape {tuple(images.shape)}")
+    return images.float()
+
+
+def require_product(mask: torch.Tensor, name: str, hint: str) -> None:
+    """NodeInputError when any mask of the batch is empty (no pixel ≥ 0.5) or full (every pixel ≥ 0.5)."""
+    for i, m in enumerate(mask):
+        which = f"{name}[{i}]" if mask.shape[0] > 1 else name
+        product = m >= 0.5
+        if not product.any():
+            raise NodeInputError(f"{which} is empty (no product pixels; 1 = product). {hint}")
+        if product.all():
+            raise NodeInputError(f"{which} covers the whole image, so there is no background. {hint}")
+
+
+def broadcast_batch(named: dict[str, torch.Tensor]) -> int:
+    """The common batch size of tensors whose batch is 1 or that size; NodeInputError otherwise."""
+    sizes = {name: t.shape[0] for name, t in named.items()}
+    batch = max(sizes.values())
+    wrong = {name: n for name, n in sizes.items() if n not in (1, batch)}
+    if wrong:
+        raise NodeInputError(f"batch sizes do not match: {sizes}; give 1 or {batch} of each")
+    return batch
+
+
+def progress(total: int) -> Callable[[], None]:
+    """A step function that advances ComfyUI's progress bar (a no-op outside ComfyUI)."""
+    try:
+        from comfy.utils import ProgressBar
+    except ImportError:
+        return lambda: None
+    bar = ProgressBar(total)
+    return lambda: bar.update(1)
+
+
+def map_batch(function: Callable[[int], Any], batch: int) -> list[Any]:
+    """``function(i)`` for each batch index, with progress."""
+    step, results = progress(batch), []
+    for i in range(batch):
+        results.append(function(i))
+        step()
+    return results
+
+
+def library_call(function: Callable, *args, **kwargs) -> Any:
+    """Call an imaging function, turning its ValueErrors into NodeInputErrors (shown on the node)."""
+    try:
+        return function(*args, **kwargs)
+    except NodeInputError:
+        raise
+    except ValueError as e:
+        raise NodeInputError(str(e)) from e
+
+
+# ------------------------------------------------------------------------------------------------ 7. segment
+class SegmentProduct:
+    """Product mask without model weights: alpha, uniform-background keying (shadows excluded), GrabCut."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("image", "mask")
+    FUNCTION = "segment"
+    DESCRIPTION = ("Cuts the product out of a packshot without any model: uses transparency when present, keys a "
+                   "uniform (white) background while leaving its soft shadows out, or falls back to GrabCut. "
+                   "Refines the mask and cleans background colour off the product's edge (no halos).")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The product photo(s)."}),
+            "method": (list(imaging.METHODS), {"default": "auto", "tooltip":
+                       "auto: external mask, else transparency, else background keying when the border is "
+                       "uniform, else GrabCut. background+grabcut refines the key with GrabCut."}),
+            "tolerance": ("FLOAT", {"default": 10.0, "min": 1.0, "max": 60.0, "step": 0.5, "tooltip":
+                          "Colour distance (Lab ΔE) that separates background from product. Raise it for noisy "
+                          "or unevenly lit backdrops, lower it for pale products."}),
+            "shadow_strength": ("FLOAT", {"default": 0.75, "min": 0.0, "max": 0.95, "step": 0.05, "tooltip":
+                                "How dark a backdrop shadow may be and still count as background (fraction of "
+                                "light removed). 0 keeps shadows as product."}),
+            "threshold": ("FLOAT", {"default": 0.5, "min": 0.01, "max": 0.99, "step": 0.01, "tooltip":
+                          "Mask values at or above this are product (before grow, fill and feather)."}),
+            "grow": ("INT", {"default": 0, "min": -64, "max": 64, "tooltip":
+                     "Grow (+) or shrink (−) the mask by this many pixels."}),
+            "fill_holes": ("BOOLEAN", {"default": True, "tooltip":
+                           "Fill enclosed holes. Turn off for see-through parts such as a mug handle."}),
+            "keep_largest": ("BOOLEAN", {"default": False, "tooltip":
+                             "Keep only the largest part (drops specks, but also the second shoe of a pair)."}),
+            "feather": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 32.0, "step": 0.5, "tooltip":
+                        "Width of the soft mask edge in pixels."}),
+            "clean_edges": ("BOOLEAN", {"default": True, "tooltip":
+                            "Remove background colour from the edge pixels (against halos). Not applied to "
+                            "transparency: cut-outs keep their own colours."}),
+        }, "optional": {
+            "transparency": ("MASK", {"tooltip": "LoadImage's MASK output (1 = transparent), so a PNG's alpha "
+                                                 "is used. Leave empty for photos."}),
+            "external_mask": ("MASK", {"tooltip": "A mask from another tool (RMBG, SAM…; 1 = product): with "
+                                                  "method auto or mask it is only refined and edge-cleaned."}),
+        }}
+
+    def segment(self, image, method, tolerance, shadow_strength, threshold, grow, fill_holes, keep_largest,
+                feather, clean_edges, transparency=None, external_mask=None):
+        images = check_images(image, "image")
+        transparency = as_mask_batch(transparency, images, "transparency")
+        external_mask = as_mask_batch(external_mask, images, "external_mask")
+
+        def one(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            result = library_call(
+                imaging.segment_product, images[i], method,
+                transparency=None if transparency is None else transparency[i],
+                mask=None if external_mask is None else external_mask[i], tolerance=tolerance,
+                shadow_strength=shadow_strength, threshold=threshold, grow=grow, fill=fill_holes,
+                keep_largest=keep_largest, feather=feather, clean_edges=clean_edges)
+            return result.image, result.mask
+
+        results = map_batch(one, images.shape[0])
+        masks = torch.stack([m for _, m in results])
+        require_product(masks, "the segmented mask", "Try another method (grabcut), a lower tolerance, or "
+                                                     "connect a mask from another tool as external_mask.")
+        return (torch.stack([im for im, _ in results]), masks)
+
+
+# ------------------------------------------------------------------------------------------------ 8. place
+class PlaceProduct:
+    """Scale and position the product on a canvas; also returns the inpaint mask for the generator."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "MASK", "MASK")
+    RETURN_NAMES = ("image", "product_mask", "inpaint_mask")
+    FUNCTION = "place"
+    DESCRIPTION = ("Puts the product on a canvas of a marketplace format, its bounding box spanning fill_ratio "
+                   "of the canvas. inpaint_mask (1 = repaint) is the background grown over the product's edge, "
+                   "for InpaintModelConditioning; Composite Product pastes the original back afterwards.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The product image (e.g. Segment Product's image)."}),
+            "mask": ("MASK", {"tooltip": "The product mask, 1 = product (resized when its size differs)."}),
+            "canvas": (CANVAS_CHOICES, {"default": "1:1", "tooltip":
+                       "Aspect ratio preset (width:height; longer side = the larger of width and height, "
+                       "rounded to a multiple of 8), or custom to use width × height as given."}),
+            "width": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8, "tooltip":
+                      "Canvas width for custom; for presets the larger of width/height is the longer side."}),
+            "height": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8, "tooltip":
+                       "Canvas height for custom; for presets the larger of width/height is the longer side."}),
+            "fill_ratio": ("FLOAT", {"default": imaging.DEFAULT_FILL_RATIO, "min": 0.05, "max": 1.0, "step": 0.01,
+                           "tooltip": "Share of the canvas the product's bounding box spans (the paper's "
+                                      "recipe: 0.70–0.78)."}),
+            "anchor": (list(imaging.ANCHORS), {"default": "center", "tooltip":
+                       "Where the product sits; bottom suits products standing on a surface."}),
+            "margin": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 0.45, "step": 0.01, "tooltip":
+                       "Least gap to the canvas edge, as a fraction of the shorter canvas side."}),
+            "fill_color": ("STRING", {"default": "#FFFFFF", "tooltip":
+                           "Canvas colour behind the product, #RRGGBB (the generator repaints it)."}),
+            "inpaint_grow": ("INT", {"default": 20, "min": 0, "max": 128, "tooltip":
+                             "How far the inpaint mask reaches over the product's edge, in pixels at 512 px "
+                             "(scaled with the canvas)."}),
+        }}
+
+    def place(self, image, mask, canvas, width, height, fill_ratio, anchor, margin, fill_color, inpaint_grow):
+        images = check_images(image, "image")
+        masks = as_mask_batch(mask, images, "mask")
+        require_product(masks, "mask", "Connect the product mask (1 = product), e.g. from Segment Product; "
+                                       "LoadImage's MASK is 1 = transparent and empty for photos.")
+        size = (width, height) if canvas == "custom" else library_call(imaging.canvas_size, canvas,
+                                                                       max(width, height))
+        color = library_call(imaging.parse_hex_color, fill_color)
+        grow = imaging.inpaint_grow_pixels(*size, inpaint_grow)
+
+        def one(i: int) -> tuple[torch.Tensor, ...]:
+            p = library_call(imaging.place_product, images[i], masks[i], size, fill_ratio, anchor, margin,
+                             color, grow)
+            return p.image, p.mask, p.inpaint_mask
+
+        results = map_batch(one, images.shape[0])
+        return tuple(torch.stack([r[k] for r in results]) for k in range(3))
+
+
+# ------------------------------------------------------------------------------------------------ 9. composite
+class CompositeProduct:
+    """Paste the original product over the generated image; its core pixels stay bit-identical."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    FUNCTION = "composite"
+    DESCRIPTION = ("Pastes the placed product back over the generated image. Inside the product mask's core the "
+                   "pixels are exactly the input product; the soft edge is blended with the canvas colour "
+                   "removed, and feather softens the seam outwards only.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "generated": ("IMAGE", {"tooltip": "The generated image (VAE Decode). Resized to the placed image's "
+                                               "size when it differs."}),
+            "placed": ("IMAGE", {"tooltip": "Place Product's image: the original product on the canvas."}),
+            "product_mask": ("MASK", {"tooltip": "Place Product's product_mask (1 = product)."}),
+            "feather": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 64.0, "step": 0.5, "tooltip":
+                        "Outward softening of the seam in pixels; never eats into the product."}),
+        }}
+
+    def composite(self, generated, placed, product_mask, feather):
+        generated, placed = check_images(generated, "generated"), check_images(placed, "placed")
+        masks = as_masks(product_mask, tuple(placed.shape[1:3]), "product_mask")
+        batch = broadcast_batch({"generated": generated, "placed": placed, "product_mask": masks})
+        require_product(masks, "product_mask", "Connect Place Product's product_mask (1 = product).")
+
+        def one(i: int) -> torch.Tensor:
+            return library_call(imaging.composite_product, pick(generated, i), pick(placed, i), pick(masks, i),
+                                feather)
+
+        return (torch.stack(map_batch(one, batch)),)
+
+
+# ------------------------------------------------------------------------------------------------ 10. report
+class PreservationReport:
+    """Measure how well the product survived generation: PSNR, ΔE2000 drift, object expansion, pass/fail."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING", "BOOLEAN")
+    RETURN_NAMES = ("report", "passed")
+    FUNCTION = "report"
+    OUTPUT_NODE = True
+    DESCRIPTION = ("JSON report of product preservation, shown on the node: colour drift (ΔE2000 mean/max) "
+                   "inside the product, masked PSNR before paste-back, object expansion, and pass/fail.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "product_image": ("IMAGE", {"tooltip": "The reference: Place Product's image."}),
+            "product_mask": ("MASK", {"tooltip": "Place Product's product_mask (1 = product)."}),
+            "output_image": ("IMAGE", {"tooltip": "The final image (Composite Product) whose product is checked."}),
+            "max_delta_e_mean": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip":
+                                 "Largest mean ΔE2000 inside the product that passes (≈1–2 is barely visible)."}),
+            "min_psnr_db": ("FLOAT", {"default": 20.0, "min": 0.0, "max": 100.0, "step": 0.5, "tooltip":
+                            "Least PSNR inside the product before paste-back that passes (needs generated_image)."}),
+            "max_expansion_ratio": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 10.0, "step": 0.01, "tooltip":
+                                    "Largest object expansion (new product-like area / product area) that "
+                                    "passes (needs output_mask)."}),
+        }, "optional": {
+            "generated_image": ("IMAGE", {"tooltip": "The generated image before paste-back (VAE Decode)."}),
+            "output_mask": ("MASK", {"tooltip": "Segment Product's mask of the output, for object expansion."}),
+        }}
+
+    def report(self, product_image, product_mask, output_image, max_delta_e_mean, min_psnr_db,
+               max_expansion_ratio, generated_image=None, output_mask=None):
+        product, output = check_images(product_image, "product_image"), check_images(output_image, "output_image")
+        generated = None if generated_image is None else check_images(generated_image, "generated_image")
+        hw = tuple(product.shape[1:3])
+        masks = as_masks(product_mask, hw, "product_mask")
+        out_masks = None if output_mask is None else as_masks(output_mask, hw, "output_mask")
+        present = {"product_image": product, "product_mask": masks, "output_image": output,
+                   "generated_image": generated, "output_mask": out_masks}
+        batch = broadcast_batch({k: v for k, v in present.items() if v is not None})
+        require_product(masks, "product_mask", "Connect Place Product's product_mask (1 = product).")
+        thresholds = imaging.Thresholds(min_psnr_db, max_delta_e_mean, max_expansion_ratio)
+        reports = [library_call(imaging.preservation_report, pick(product, i), pick(masks, i),
+                                sized_like(pick(output, i), hw), sized_like(pick(generated, i), hw),
+                                pick(out_masks, i), thresholds) for i in range(batch)]
+        summary = {"pass": all(r["pass"] for r in reports), "images": reports}
+        text = json.dumps(summary, indent=2)
+        return {"ui": {"text": [text]}, "result": (text, summary["pass"])}
+
+
+def sized_like(image: Optional[torch.Tensor], hw: tuple[int, int]) -> Optional[torch.Tensor]:
+    """An ``[H', W', C]`` image resized (bilinear) to ``hw`` when its size differs."""
+    if image is None or tuple(image.shape[:2]) == tuple(hw):
+        return image
+    resized = F.interpolate(image.permute(2, 0, 1)[None], size=tuple(hw), mode="bilinear", align_corners=False)
+    return resized[0].permute(1, 2, 0).clamp(0.0, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------ 11. folder
+class LoadProductsFromFolder:
+    """One product per queued run from a folder, with its category from a sub-folder or a CSV."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "MASK", "STRING", "STRING", "INT")
+    RETURN_NAMES = ("image", "mask", "category", "file_name", "count")
+    FUNCTION = "load"
+    DESCRIPTION = ("Loads product number `index` of a folder (stable order), its mask (alpha, or Segment "
+                   "Product's automatic method) and its category. Set index to increment after each run and "
+                   "queue as many runs as there are products; an index past the last product is an error.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "folder": ("STRING", {"default": "", "tooltip": "Folder of product images; sub-folder names are "
+                                                            "categories (folder/shoes/a.png → shoes)."}),
+            "index": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "control_after_generate": True, "tooltip":
+                      "Which product (0 = first). Set to increment to walk the folder one run at a time."}),
+            "csv_file": ("STRING", {"default": "", "tooltip": "Optional CSV (relative to the folder) with path "
+                                                              "and category columns; empty = use sub-folders."}),
+        }, "optional": {
+            "path_column": ("STRING", {"default": "path", "tooltip": "CSV column with image paths."}),
+            "category_column": ("STRING", {"default": "category", "tooltip": "CSV column with category names."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, folder, index, csv_file, path_column="path", category_column="category"):
+        try:
+            entry = pick_product(folder, index, csv_file, path_column, category_column)[0]
+            return f"{entry.path}|{os.path.getmtime(entry.path)}|{entry.category}"
+        except (NodeInputError, OSError):
+            return float("nan")                                # re-run, so the error is shown
+
+    def load(self, folder, index, csv_file, path_column="path", category_column="category"):
+        entry, count = pick_product(folder, index, csv_file, path_column, category_column)
+        rgb, alpha = library_call(imaging.load_image, entry.path)
+        if alpha is None or imaging.alpha_of(np.dstack([rgb, alpha])) is None:
+            alpha = library_call(imaging.segment_product, rgb).mask
+        return (torch.from_numpy(rgb)[None], torch.from_numpy(np.asarray(alpha, np.float32))[None],
+                entry.category, entry.name, count)
+
+
+def pick_product(folder: str, index: int, csv_file: str, path_column: str,
+                 category_column: str) -> tuple[imaging.ProductEntry, int]:
+    """The ``index``-th product of the folder and the number of products; NodeInputError past the end."""
+    entries = library_call(imaging.list_products, folder, csv_file or None, path_column, category_column)
+    if not 0 <= index < len(entries):
+        raise NodeInputError(f"index {index} is past the last product: {folder} has {len(entries)} products "
+                             f"(index 0–{len(entries) - 1}). Set index back to 0 to start over.")
+    return entries[index], len(entries)
