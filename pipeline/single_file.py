@@ -1,0 +1,243 @@
+"""Single-file Stable Diffusion checkpoints (the original LDM layout ComfyUI users have), loaded offline.
+
+diffusers' ``from_single_file`` looks component configs up on the hub unless it is handed them. This module
+hands it the SD1.5 configs shipped in ``assets/sd15`` (``unet_config.json``, ``unet_inpaint_config.json``,
+``vae_config.json``, ``text_encoder_config.json``, ``scheduler_config.json``), so loading never touches the
+network. A 9-channel ``input_blocks.0.0`` selects the inpainting UNet config.
+
+It also writes the layout (:func:`ldm_state_dict`, :func:`save_single_file`): the diffusers → LDM key mapping
+is the inverse of the one diffusers reads, so a model trained here can be dropped into ComfyUI's
+``models/checkpoints``, and tests can build small checkpoints that go through the very same loader.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+SD15_CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "sd15"
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+UNET_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
+CONFIG_FILES = {"unet": "unet_config.json", "unet_inpaint": "unet_inpaint_config.json",
+                "vae": "vae_config.json", "text_encoder": "text_encoder_config.json",
+                "scheduler": "scheduler_config.json"}
+_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
+           ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
+_VAE_ATTN = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
+
+
+@dataclass
+class SingleFileParts:
+    """What a single-file checkpoint holds, as diffusers / transformers modules.
+
+    Attributes:
+        unet: ``UNet2DConditionModel`` (4 or 9 input channels).
+        vae: ``AutoencoderKL``.
+        text_encoder: ``CLIPTextModel``.
+        scheduler_config: the scheduler config dict shipped with the component configs.
+    """
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    scheduler_config: dict
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a ``.safetensors`` checkpoint (pickle files are refused: they can run code)."""
+    from ..weights.errors import WeightsError
+    from ..weights.safefile import load_all
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such checkpoint file")
+    if p.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{p.name}: only .safetensors checkpoints are loaded (.ckpt/.pt files are pickles "
+                              "that can run code; convert them first)")
+    try:
+        return load_all(p)[0]
+    except WeightsError as e:
+        raise CheckpointError(f"{p.name}: {e}") from None
+
+
+def config_files(config_dir: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The component config files of ``config_dir`` (default: the shipped SD1.5 set), checked to exist."""
+    root = Path(config_dir) if config_dir is not None else SD15_CONFIGS
+    files = {name: root / fname for name, fname in CONFIG_FILES.items()}
+    missing = [f.name for f in files.values() if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{root}: missing component config(s) {', '.join(missing)}")
+    return files
+
+
+def load_single_file(path: str | os.PathLike | dict, config_dir: str | os.PathLike | None = None,
+                     dtype: torch.dtype = torch.float32) -> SingleFileParts:
+    """Load UNet, VAE and text encoder from one LDM-layout checkpoint, offline.
+
+    Args:
+        path: a ``.safetensors`` SD1.5 or SD1.5-inpainting checkpoint, or its state dict.
+        config_dir: folder with the five component configs (default: ``assets/sd15``).
+        dtype: dtype of the loaded weights.
+
+    Returns:
+        The :class:`SingleFileParts`.
+
+    Raises:
+        CheckpointError: not a safetensors file, not an SD1.5-layout checkpoint, or shapes that do not fit.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
+    from transformers import CLIPTextModel
+
+    checkpoint = path if isinstance(path, dict) else read_checkpoint(path)
+    name = "checkpoint" if isinstance(path, dict) else Path(path).name
+    files = config_files(config_dir)
+    unet_cfg = files["unet_inpaint" if _in_channels(checkpoint, name) == 9 else "unet"]
+    kw: dict[str, Any] = dict(local_files_only=True, torch_dtype=dtype)
+    try:
+        unet = UNet2DConditionModel.from_single_file(checkpoint, config=str(unet_cfg), **kw)
+        vae = AutoencoderKL.from_single_file(checkpoint, config=str(files["vae"]), **kw)
+        text_encoder = create_diffusers_clip_model_from_ldm(
+            CLIPTextModel, checkpoint, config=str(files["text_encoder"]), torch_dtype=dtype, local_files_only=True)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{name}: does not fit the SD1.5 component configs in {unet_cfg.parent} "
+                              f"({str(e).splitlines()[0][:300]})") from None
+    scheduler = json.loads(files["scheduler"].read_text(encoding="utf-8"))
+    return SingleFileParts(unet.eval(), vae.eval(), text_encoder.eval(), scheduler)
+
+
+def _in_channels(checkpoint: dict[str, torch.Tensor], name: str) -> int:
+    weight = checkpoint.get(UNET_IN_KEY)
+    if weight is None or weight.ndim != 4:
+        hint = ("it looks like a LoRA or embedding, not a full model" if not any(k.startswith(UNET_PREFIX)
+                for k in checkpoint) else "its first UNet convolution is missing")
+        raise CheckpointError(f"{name}: not a Stable Diffusion 1.5 checkpoint in the original layout ({hint}; "
+                              f"expected tensor {UNET_IN_KEY})")
+    if weight.shape[1] not in (4, 9):
+        raise CheckpointError(f"{name}: UNet takes {weight.shape[1]} input channels; SD1.5 has 4, its inpainting "
+                              "variant 9")
+    return int(weight.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _rename(key: str, pairs: tuple[tuple[str, str], ...]) -> str:
+    parts = key.split(".")
+    for new, old in pairs:
+        n = new.split(".")
+        if parts[:len(n)] == n:
+            return ".".join(old.split(".") + parts[len(n):])
+    return key
+
+
+def _unet_key(key: str, layers_per_block: int, up_has_attention: list[bool]) -> str:
+    top = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+           "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    stem, leaf = key.rsplit(".", 1)
+    if stem in top:
+        return f"{top[stem]}.{leaf}"
+    p = key.split(".")
+    per = layers_per_block + 1
+    if p[0] == "mid_block":
+        index = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[f"{p[1]}.{p[2]}"]
+        rest = ".".join(p[3:])
+        return f"middle_block.{index}.{_rename(rest, _RESNET) if p[1] == 'resnets' else rest}"
+    block, kind, j, rest = int(p[1]), p[2], int(p[3]), ".".join(p[4:])
+    if p[0] == "down_blocks":
+        if kind == "downsamplers":
+            return f"input_blocks.{(block + 1) * per}.0.op.{rest.removeprefix('conv.')}"
+        slot = 0 if kind == "resnets" else 1
+        return f"input_blocks.{1 + block * per + j}.{slot}.{_rename(rest, _RESNET) if slot == 0 else rest}"
+    if kind == "upsamplers":
+        return f"output_blocks.{block * per + layers_per_block}.{2 if up_has_attention[block] else 1}.{rest}"
+    slot = 0 if kind == "resnets" else 1
+    return f"output_blocks.{block * per + j}.{slot}.{_rename(rest, _RESNET) if slot == 0 else rest}"
+
+
+def _vae_key(key: str, blocks: int) -> str:
+    simple = {"conv_norm_out": "norm_out"}
+    p = key.split(".")
+    coder, part = p[0], p[1]
+    if part in ("conv_in", "conv_out") or coder in ("quant_conv", "post_quant_conv"):
+        return key
+    if part in simple:
+        return ".".join([coder, simple[part]] + p[2:])
+    if part == "mid_block":
+        if p[2] == "attentions":
+            return ".".join([coder, "mid.attn_1", _rename(".".join(p[4:]), _VAE_ATTN)])
+        return ".".join([coder, f"mid.block_{int(p[3]) + 1}", _rename(".".join(p[4:]), (("conv_shortcut", "nin_shortcut"),))])
+    level = int(p[2]) if part == "down_blocks" else blocks - 1 - int(p[2])
+    name = "down" if part == "down_blocks" else "up"
+    if p[3] in ("downsamplers", "upsamplers"):
+        return ".".join([coder, f"{name}.{level}", "downsample" if name == "down" else "upsample"] + p[5:])
+    rest = _rename(".".join(p[5:]), (("conv_shortcut", "nin_shortcut"),))
+    return ".".join([coder, f"{name}.{level}.block.{p[4]}", rest])
+
+
+def ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The three components as one state dict in the original (LDM) single-file layout.
+
+    VAE attention projections are written as 1×1 convolutions, as in the released SD1.5 files.
+    """
+    out: dict[str, torch.Tensor] = {}
+    lpb = int(unet.config.layers_per_block)
+    up_attn = ["CrossAttn" in t for t in unet.config.up_block_types]
+    for k, v in unet.state_dict().items():
+        out[UNET_PREFIX + _unet_key(k, lpb, up_attn)] = v
+    blocks = len(vae.config.down_block_types)
+    for k, v in vae.state_dict().items():
+        key = _vae_key(k, blocks)
+        if ".mid.attn_1." in key and key.endswith("weight") and v.ndim == 2:
+            v = v[:, :, None, None]
+        out[VAE_PREFIX + key] = v
+    for k, v in text_encoder.state_dict().items():
+        out[TEXT_PREFIX + k.removeprefix("text_model.")] = v
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def save_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.nn.Module,
+                     text_encoder: torch.nn.Module, dtype: torch.dtype | None = None) -> Path:
+    """Write the components as an LDM-layout ``.safetensors`` checkpoint, atomically.
+
+    Args:
+        path: destination file.
+        unet, vae, text_encoder: the diffusers / transformers modules.
+        dtype: cast floating tensors to this dtype (e.g. ``torch.float16``); default keep.
+
+    Returns:
+        The path written.
+    """
+    from ..weights.safefile import atomic_save
+
+    tensors = ldm_state_dict(unet, vae, text_encoder)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    return atomic_save(tensors, path, {"format": "pt"})
+
+
+def write_config_dir(folder: str | os.PathLike, unet: torch.nn.Module, vae: torch.nn.Module,
+                     text_encoder: torch.nn.Module, scheduler_config: dict | None = None) -> Path:
+    """Write the five component configs of a model (the layout of ``assets/sd15``) to ``folder``.
+
+    Used to load small or custom single-file models offline, the same way the shipped SD1.5 set is used.
+    """
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    unet_cfg = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+    configs = {"unet": dict(unet_cfg, in_channels=4), "unet_inpaint": dict(unet_cfg, in_channels=9),
+               "vae": {k: v for k, v in dict(vae.config).items() if not k.startswith("_")},
+               "text_encoder": text_encoder.config.to_dict(),
+               "scheduler": scheduler_config or json.loads((SD15_CONFIGS / CONFIG_FILES["scheduler"]).read_text())}
+    configs["unet"]["_class_name"] = configs["unet_inpaint"]["_class_name"] = "UNet2DConditionModel"
+    configs["vae"]["_class_name"] = "AutoencoderKL"
+    for name, cfg in configs.items():
+        (root / CONFIG_FILES[name]).write_text(json.dumps(cfg, indent=1, default=list), encoding="utf-8")
+    return root
