@@ -3,7 +3,8 @@
 Builds a bank of ``--categories`` categories (default 5,000; half Chinese, half Latin names, 4 vectors of
 768 floats each), saves it, then measures on this machine:
 
-* ``load_ms``: ``CategoryBank.load`` (header validation + memory map + name index), median of repeats;
+* ``load_ms``: ``CategoryBank.load`` (header validation + memory map + name index), median of repeats
+  (``first_load_ms``: the first load in the process); the file was just written, so it is in the page cache;
 * ``lookup_ms``: ``bank.get(name)`` for an exact name, including reading its vectors, median;
 * ``lookup_casefold_ms``: the same with the name in different letter case (Latin names);
 * ``miss_ms``: an unknown name, including the "did you mean" suggestions.
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         def load_close() -> None:
             CategoryBank.load(path).close()
 
+        first_load_ms = median_ms(load_close, 1)  # first open in this process (file in the page cache)
         load_ms = median_ms(load_close, args.repeats)
         with CategoryBank.load(path) as bank:
             exact = [rng.choice(names) for _ in range(1000)]
@@ -98,14 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "categories": args.categories, "vectors": args.vectors, "dtype": args.dtype,
         "file_mb": round(size_mb, 1), "build_s": round(build_s, 2),
-        "load_ms": round(load_ms, 2), "lookup_ms": round(lookup_ms, 4),
+        "first_load_ms": round(first_load_ms, 2), "load_ms": round(load_ms, 2), "lookup_ms": round(lookup_ms, 4),
         "lookup_casefold_ms": round(casefold_ms, 4), "miss_ms": round(miss_ms, 2),
         "load_target_ms": 200, "lookup_target_ms": 1,
-        "load_ok": load_ms <= 200, "lookup_ok": lookup_ms <= 1 and casefold_ms <= 1,
+        "load_ok": max(load_ms, first_load_ms) <= 200, "lookup_ok": lookup_ms <= 1 and casefold_ms <= 1,
     }
     print(f"{args.categories} categories x {args.vectors} vectors ({args.dtype}), file {size_mb:.1f} MiB, "
           f"built in {build_s:.2f} s")
-    print(f"load   {load_ms:8.2f} ms  (target <= 200 ms, median of {args.repeats})")
+    print(f"load   {load_ms:8.2f} ms  (target <= 200 ms, median of {args.repeats}; first load {first_load_ms:.2f} ms)")
     print(f"lookup {lookup_ms:8.4f} ms  exact, {casefold_ms:.4f} ms case-insensitive (target <= 1 ms, median of 1000)")
     print(f"miss   {miss_ms:8.2f} ms  unknown name incl. 'did you mean' suggestions (median of 50)")
     print(json.dumps(result))

@@ -16,7 +16,7 @@ def test_fuzz_mutated_files_raise_only_weights_error(tmp_path):
     assert result.rejected > CASES // 2  # the mutations really do break files...
     assert result.loaded > 20  # ...and harmless ones (e.g. flipped bits in data) still load and work
     assert set(result.by_mutation) == set(MUTATIONS)
-    assert result.slowest_s < 5.0  # nothing hangs
+    assert result.slowest_s < 10.0  # nothing hangs (typical slowest case: tens of ms)
 
 
 def test_fuzz_is_reproducible(tmp_path):
