@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..attention import Guidance, IdentifierGuidance, IdentifierSpec, ProductMask
-from ..attention.diffusers_processor import CALL_KEY, DiffusersCall, install_processors
+from ..attention.diffusers_processor import DiffusersCall, install_processors
 from ..pipeline.text import DEFAULT_TEMPLATE, identifier_prompt, tokenize_with_identifier
 from . import identifiers, outputs
 from .datasets import BG60kIndex, ImageMaskDataset, open_bg60k
+from .diffusion import DiffusionModule, jitter_masks, loss_weights, morph  # noqa: F401  (re-exported)
 from .models import SDComponents, load_components
 
 MASK_MODES = ("hard", "loss", "both")
@@ -95,58 +94,15 @@ class CGConfig:
             raise ValueError(f"mask_jitter min {self.mask_jitter[0]} exceeds max {self.mask_jitter[1]}")
 
 
-# ---------------------------------------------------------------------------------------------- tensors
-def jitter_masks(mask: torch.Tensor, generator: torch.Generator, jitter: tuple[float, float]) -> torch.Tensor:
-    """Grow (positive radius) or shrink (negative) each [B,1,H,W] binary mask by a random radius."""
-    side = mask.shape[-1]
-    radii = torch.empty(mask.shape[0]).uniform_(jitter[0], jitter[1], generator=generator)
-    out = []
-    for m, r in zip(mask, (radii * side).round().long().tolist()):
-        out.append(_morph(m[None], r))
-    return torch.cat(out)
-
-
-def _morph(m: torch.Tensor, radius: int) -> torch.Tensor:
-    if radius == 0:
-        return m
-    k = 2 * abs(radius) + 1
-    if radius > 0:
-        return F.max_pool2d(m, k, stride=1, padding=abs(radius))
-    return 1 - F.max_pool2d(1 - m, k, stride=1, padding=abs(radius))
-
-
-def loss_weights(mask: torch.Tensor, latent_hw: tuple[int, int], background_weight: float) -> torch.Tensor:
-    """[B,1,h,w] per-latent weights: ``background_weight`` on background, 1 on product (area-averaged)."""
-    product = F.adaptive_avg_pool2d(mask.float(), latent_hw)
-    return background_weight * (1 - product) + product
-
-
-class CGModule(nn.Module):
+class CGModule(DiffusionModule):
     """UNet (+LoRA, guided processors), frozen VAE, text encoder with trainable identifiers; forward = loss."""
 
     def __init__(self, comps: SDComponents, cfg: CGConfig, prompt_ids: torch.Tensor, spec: IdentifierSpec,
                  embedding: identifiers.IdentifierEmbedding) -> None:
-        super().__init__()
-        self.unet, self.vae, self.text_encoder = comps.unet, comps.vae, comps.text_encoder
-        self.embedding = embedding
-        self.noise_scheduler, self.cfg, self.spec = comps.noise_scheduler, cfg, spec
-        self.vae_scale, self.inpaint = comps.vae_scale, comps.inpaint
+        super().__init__(comps)
+        self.text_encoder, self.embedding = comps.text_encoder, embedding
+        self.cfg, self.spec = cfg, spec
         self.register_buffer("prompt_ids", prompt_ids, persistent=False)
-
-    def encode(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """VAE latents (sampled when a generator is given, else the mode), scaled."""
-        with torch.no_grad():
-            dist = self.vae.encode(image.to(self.vae.dtype)).latent_dist
-            z = dist.sample(generator) if generator is not None else dist.mode()
-        return z.float() * self.vae_scale
-
-    def unet_input(self, noisy: torch.Tensor, image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """The UNet input: noisy latents, plus repaint mask and masked-image latents for inpainting UNets."""
-        if not self.inpaint:
-            return noisy
-        repaint = 1 - keep
-        masked = self.encode(image * keep, None)
-        return torch.cat([noisy, F.interpolate(repaint, size=noisy.shape[-2:]), masked], dim=1)
 
     def guidance_call(self, mask: torch.Tensor, latent_hw: tuple[int, int], collect: bool) -> DiffusersCall:
         strength = self.cfg.strength if self.cfg.mask_mode in ("hard", "both") else 0.0
@@ -154,27 +110,14 @@ class CGModule(nn.Module):
         return DiffusersCall(g, latent_hw=latent_hw, cond_or_uncond=(0,), mass_losses=[] if collect else None)
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        image, mask = batch["image"], batch["mask"].float()
-        dev = image.device
-        latents = self.encode(image, generator)
-        noise = torch.randn(latents.shape, generator=generator).to(dev)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                          generator=generator).to(dev)
-        keep = jitter_masks(mask.cpu(), generator, self.cfg.mask_jitter).to(dev)
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        mask = batch["mask"].float()
         context = self.text_encoder(self.prompt_ids[batch["category"]])[0]
         collect = self.cfg.mask_mode in ("loss", "both") and self.cfg.mass_loss_weight > 0
-        call = self.guidance_call(mask, tuple(latents.shape[-2:]), collect)
-        pred = self.unet(self.unet_input(noisy, image, keep).to(self.unet.dtype), t, context.to(self.unet.dtype),
-                         cross_attention_kwargs={CALL_KEY: call}).sample.float()
-        w = loss_weights(mask, tuple(latents.shape[-2:]), self.cfg.background_loss_weight)
-        mse = (((pred - self.target(latents, noise, t)) ** 2) * w).mean() / w.mean()
+        call = self.guidance_call(mask, self.latent_hw(mask), collect)
+        mse = self.denoising_loss(batch["image"], mask, generator, context, call, self.cfg.mask_jitter,
+                                  self.cfg.background_loss_weight)
         mass = torch.stack(call.mass_losses).float().mean() if collect else mse.new_zeros(())
         return {"loss": mse + self.cfg.mass_loss_weight * mass, "mse": mse.detach(), "mass": mass.detach()}
-
-    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        kind = self.noise_scheduler.config.prediction_type
-        return self.noise_scheduler.get_velocity(latents, noise, t) if kind == "v_prediction" else noise
 
 
 # ---------------------------------------------------------------------------------------------- task

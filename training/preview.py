@@ -35,14 +35,14 @@ def cg_preview(module, dataset, out_dir: Path, step: int, count: int = 4, steps:
     """Write the preview PNG of ``step``; returns its path."""
     from diffusers import DDIMScheduler
 
-    from .cg import _morph
+    from .diffusion import morph
 
     items = [dataset[(i, 0)] for i in _pick(dataset, count)]
     dev = module.prompt_ids.device
     image = torch.stack([it["image"] for it in items]).to(dev)
     mask = torch.stack([it["mask"] for it in items]).to(dev)
     cats = torch.tensor([it["category"] for it in items], device=dev)
-    keep = _morph(mask, -round(PREVIEW_EROSION * mask.shape[-1]))
+    keep = morph(mask, -round(PREVIEW_EROSION * mask.shape[-1]))
     latents = _denoise(module, image, mask, keep, cats, DDIMScheduler.from_config(module.noise_scheduler.config),
                        steps, guidance_scale)
     decoded = module.vae.decode(latents.to(module.vae.dtype) / module.vae_scale).sample.float().clamp(-1, 1)

@@ -1,0 +1,89 @@
+"""The denoising objective both trainers share: latents, noise, timesteps, inpainting inputs, weighted loss.
+
+Every random draw takes the step's generator in a fixed order (VAE sample, noise, timesteps, mask jitter), so
+a step is a pure function of the weights, the batch and the generator — what exact resumption relies on.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention.diffusers_processor import CALL_KEY, DiffusersCall
+
+
+def morph(m: torch.Tensor, radius: int) -> torch.Tensor:
+    """Dilate ([B,1,H,W] binary) masks by ``radius`` pixels, or erode them for a negative radius."""
+    if radius == 0:
+        return m
+    k = 2 * abs(radius) + 1
+    if radius > 0:
+        return F.max_pool2d(m, k, stride=1, padding=abs(radius))
+    return 1 - F.max_pool2d(1 - m, k, stride=1, padding=abs(radius))
+
+
+def jitter_masks(mask: torch.Tensor, generator: torch.Generator, jitter: tuple[float, float]) -> torch.Tensor:
+    """Grow (positive radius) or shrink (negative) each [B,1,H,W] mask by a random radius (fraction of the side)."""
+    side = mask.shape[-1]
+    radii = torch.empty(mask.shape[0]).uniform_(jitter[0], jitter[1], generator=generator)
+    return torch.cat([morph(m[None], r) for m, r in zip(mask, (radii * side).round().long().tolist())])
+
+
+def loss_weights(mask: torch.Tensor, latent_hw: tuple[int, int], background_weight: float) -> torch.Tensor:
+    """[B,1,h,w] per-latent weights: ``background_weight`` on background, 1 on product (area-averaged)."""
+    product = F.adaptive_avg_pool2d(mask.float(), latent_hw)
+    return background_weight * (1 - product) + product
+
+
+class DiffusionModule(nn.Module):
+    """Frozen UNet + VAE + noise schedule, and the denoising loss on them.
+
+    Args:
+        comps: the loaded base model (:class:`~.models.SDComponents`).
+    """
+
+    def __init__(self, comps: Any) -> None:
+        super().__init__()
+        self.unet, self.vae, self.noise_scheduler = comps.unet, comps.vae, comps.noise_scheduler
+        self.vae_scale, self.vae_factor, self.inpaint = comps.vae_scale, comps.vae_factor, comps.inpaint
+
+    def latent_hw(self, image: torch.Tensor) -> tuple[int, int]:
+        """Latent (h, w) of a [B,C,H,W] image batch."""
+        return image.shape[-2] // self.vae_factor, image.shape[-1] // self.vae_factor
+
+    def encode(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """VAE latents (sampled when a generator is given, else the mode), scaled."""
+        with torch.no_grad():
+            dist = self.vae.encode(image.to(self.vae.dtype)).latent_dist
+            z = dist.sample(generator) if generator is not None else dist.mode()
+        return z.float() * self.vae_scale
+
+    def unet_input(self, noisy: torch.Tensor, image: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The UNet input: noisy latents, plus repaint mask and masked-image latents for inpainting UNets."""
+        if not self.inpaint:
+            return noisy
+        masked = self.encode(image * keep, None)
+        return torch.cat([noisy, F.interpolate(1 - keep, size=noisy.shape[-2:]), masked], dim=1)
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the UNet should predict (epsilon or v)."""
+        kind = self.noise_scheduler.config.prediction_type
+        return self.noise_scheduler.get_velocity(latents, noise, t) if kind == "v_prediction" else noise
+
+    def denoising_loss(self, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator,
+                       context: torch.Tensor, call: DiffusersCall, jitter: tuple[float, float],
+                       background_weight: float) -> torch.Tensor:
+        """Weighted MSE of one noised batch (see module docstring for the draw order)."""
+        dev = image.device
+        latents = self.encode(image, generator)
+        noise = torch.randn(latents.shape, generator=generator).to(dev)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                          generator=generator).to(dev)
+        keep = jitter_masks(mask.cpu(), generator, jitter).to(dev)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        pred = self.unet(self.unet_input(noisy, image, keep).to(self.unet.dtype), t, context.to(self.unet.dtype),
+                         cross_attention_kwargs={CALL_KEY: call}).sample.float()
+        w = loss_weights(mask, tuple(latents.shape[-2:]), background_weight)
+        return (((pred - self.target(latents, noise, t)) ** 2) * w).mean() / w.mean()
