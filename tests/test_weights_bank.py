@@ -149,6 +149,9 @@ def test_miss_suggests_close_names(bank_path):
             bank.get("zzzzzz")
         assert "did you mean" not in str(err.value)
         assert bank.suggest("coffee") == ["Coffee Mug"]
+        with pytest.raises(NameLookupError, match="strings"):
+            bank.get(3)
+        assert 3 not in bank
 
 
 def test_names_differing_only_in_case(tmp_path):

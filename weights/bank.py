@@ -266,6 +266,8 @@ class CategoryBank:
 
     def suggest(self, name: str, n: int = 3) -> list[str]:
         """Up to ``n`` stored names close to ``name`` (difflib ratio, case-insensitive; then substrings)."""
+        if not isinstance(name, str):
+            return []
         query = _normalize(name).casefold()
         close = difflib.get_close_matches(query, list(self._folded), n=n, cutoff=0.6)
         out = [s for key in close for s in self._folded[key]]
@@ -274,6 +276,8 @@ class CategoryBank:
         return out[:n]
 
     def _find(self, name: str) -> str | None:
+        if not isinstance(name, str):
+            raise NameLookupError(f"category names are strings, got {type(name).__name__}")
         query = _normalize(name)
         if query in self._index:
             return query

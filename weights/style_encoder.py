@@ -420,7 +420,7 @@ def check_target(info: StyleEncoderInfo, target: TargetModel, fname: str = "styl
     if (c.context_dim, c.num_layers) != (target.context_dim, target.num_layers):
         raise FormatMismatchError(f"{fname}: this style encoder / IP-Adapter is made for {info.detected}, "
                                   f"but the target model is {target.describe()}")
-    for i, (got, want) in enumerate(zip(c.hidden_sizes, target.hidden_sizes)):
+    for i, (got, want) in enumerate(zip(c.hidden_sizes, target.hidden_sizes, strict=True)):
         if got != want:
             where = f" ({SD15_LAYERS[i].diffusers_name})" if target.family == "sd15" else ""
             raise FormatMismatchError(f"{fname}: ip_adapter.{2 * i + 1}.to_k_ip.weight is [{got}, {c.context_dim}] "
