@@ -499,7 +499,7 @@ def segment_product(image: Array, method: str = "auto", *, transparency: Optiona
             raise ValueError("the image has no usable transparency (no alpha channel, or it is all opaque)")
     elif method == "mask":
         if mask is None:
-            raise ValueError("method 'mask' needs a mask")
+            raise ValueError("method 'mask' needs an external product mask (1 = product)")
         raw = check_mask(to_numpy(mask), img.shape[:2])
     elif method == "grabcut":
         raw = grabcut(img, None, grabcut_iterations)
