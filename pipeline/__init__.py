@@ -1,1 +1,15 @@
-"""productbg.pipeline"""
+"""productbg.pipeline: the ComfyUI workflow's data flow on diffusers (CLI, batches, evaluation, demo, previews).
+
+Heavy imports (diffusers, transformers) happen when a pipeline is built, not on ``import productbg.pipeline``.
+"""
+from .errors import CheckpointError, PipelineError
+
+__all__ = ["CheckpointError", "PipelineError", "ProductBGPipeline", "GenerateSettings", "Prepared", "Result"]
+
+
+def __getattr__(name: str):
+    if name in ("ProductBGPipeline", "GenerateSettings", "Prepared", "Result"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(name)

@@ -1,0 +1,300 @@
+"""``ProductBGPipeline``: the ComfyUI workflow's data flow on diffusers, with the same defaults.
+
+    product photo ─► segment ─► place (fill 0.74, 512², repaint mask = background dilated ≈20 px)
+    category ─► identifier prompt ─► positive context + identifier token positions
+    reference ─► product removed ─► CLIP vision ─► style tokens
+    UNet with mask-guided attention (identifier + style on the background only)
+        ─► DDIM 40 steps, CFG 7.5, inpainting ─► VAE decode ─► paste product back ─► preservation report
+
+Example::
+
+    pipe = ProductBGPipeline.from_single_file("sd-v1-5-inpainting.safetensors", bank="bank.safetensors")
+    for result in pipe.generate("bottle.png", category="cosmetics", seed=1, n=2):
+        save_png(result.image, f"out_{result.seed}.png")
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .. import imaging
+from ..attention import Guidance, IdentifierGuidance, ProductMask, StyleGuidance
+from ..attention.diffusers_processor import install_processors
+from .components import (ClipVision, Components, check_style_fit, load_base, load_clip_vision, merge_lora,
+                         tiny_components)
+from .errors import PipelineError
+from .prompts import PromptEncoder
+from .sampling import SampleInputs, make_scheduler, sample_inpaint
+
+ImageInput = Any  # a path, an [H, W, 3|4] array / tensor in 0..1, or a Prepared canvas
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """Generation defaults (the paper's inference recipe and the shipped ComfyUI workflow).
+
+    Attributes:
+        size: canvas side in pixels (square canvas).
+        fill_ratio: the product's bounding box spans this fraction of the canvas.
+        inpaint_grow: repaint-mask dilation in pixels; None = 20 px at 512, scaled with the size.
+        segmentation: ``imaging.segment_product`` method (``auto``: alpha, else uniform-background key, else GrabCut).
+        steps: DDIM steps. guidance_scale: classifier-free guidance scale.
+        identifier_strength: mask-guided attention strength (1 = the identifier never attends on the product).
+        style_weight: reference-style weight. style_layers: ``all`` | ``style`` | ``composition``.
+        template: prompt template with ``{id}`` (None = the bank's). extra_text: free words appended.
+        negative_prompt: negative prompt.
+        feather: outward feather of the paste-back, pixels.
+        noise_mask: keep the unmasked latent (ComfyUI's noise mask) after every step.
+    """
+
+    size: int = 512
+    fill_ratio: float = imaging.DEFAULT_FILL_RATIO
+    inpaint_grow: float | None = None
+    segmentation: str = "auto"
+    steps: int = 40
+    guidance_scale: float = 7.5
+    identifier_strength: float = 1.0
+    style_weight: float = 0.8
+    style_layers: str = "all"
+    template: str | None = None
+    extra_text: str = ""
+    negative_prompt: str = ""
+    feather: float = 2.0
+    noise_mask: bool = True
+
+    def __post_init__(self) -> None:
+        if self.size < 16 or self.size % 8:
+            raise PipelineError(f"size must be a multiple of 8 and at least 16, got {self.size}")
+        if self.steps < 1:
+            raise PipelineError(f"steps must be at least 1, got {self.steps}")
+        if not 0.0 <= self.identifier_strength <= 1.0:
+            raise PipelineError(f"identifier strength must be in [0, 1], got {self.identifier_strength}")
+
+
+@dataclass
+class Prepared:
+    """A product placed on its canvas (what sampling and paste-back work on).
+
+    Attributes:
+        placed: ``[S, S, 3]`` float32 canvas with the product. mask: ``[S, S]`` product mask (1 = product).
+        repaint: ``[S, S]`` binary inpaint mask (1 = regenerate). source: where it came from.
+    """
+
+    placed: np.ndarray
+    mask: np.ndarray
+    repaint: np.ndarray
+    source: str = ""
+
+
+@dataclass
+class Result:
+    """One generated image.
+
+    Attributes:
+        image: ``[S, S, 3]`` float32 final image (product pasted back; its core equals ``placed`` bit for bit).
+        raw: the generator's image before paste-back. placed, mask, repaint: from :class:`Prepared`.
+        seed: this image's seed. category: the category used (None = none). prompt: the positive prompt.
+        report: ``imaging.preservation_report`` of the image.
+    """
+
+    image: np.ndarray
+    raw: np.ndarray
+    placed: np.ndarray
+    mask: np.ndarray
+    repaint: np.ndarray
+    seed: int
+    category: str | None
+    prompt: str
+    report: dict = field(default_factory=dict)
+
+
+class ProductBGPipeline:
+    """Product backgrounds from category identifiers and reference style on a Stable Diffusion backbone.
+
+    Args:
+        components: the models (:class:`~productbg.pipeline.components.Components`).
+        settings: generation defaults (overridable per call).
+        device: where to run (default: CUDA when available, else CPU).
+    """
+
+    def __init__(self, components: Components, settings: GenerateSettings = GenerateSettings(),
+                 device: str | torch.device | None = None) -> None:
+        self.components = components
+        self.settings = settings
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        for m in (components.unet, components.vae, components.text_encoder):
+            m.to(self.device).eval().requires_grad_(False)
+        if components.image_encoder is not None:
+            components.image_encoder.model.to(self.device)
+        if components.style_encoder is not None:
+            check_style_fit(components.style_encoder, components.unet, components.image_encoder)
+            components.style_encoder.to(self.device)
+        self.cross_attention_layers = install_processors(components.unet)
+        self.prompts = PromptEncoder(components.tokenizer, components.text_encoder, components.identifiers)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def tiny(cls, inpaint: bool = True, style: bool = True, seed: int = 0, **kwargs: Any) -> "ProductBGPipeline":
+        """The tiny random models (CPU tests, plumbing checks); see :func:`components.tiny_components`."""
+        return cls(tiny_components(inpaint, style, seed), **kwargs)
+
+    @classmethod
+    def from_single_file(cls, checkpoint: str | os.PathLike, *, config_dir: str | os.PathLike | None = None,
+                         **kwargs: Any) -> "ProductBGPipeline":
+        """Load an SD1.5 / SD1.5-inpainting ``.safetensors`` checkpoint offline, plus optional extras.
+
+        Args:
+            checkpoint: the single-file checkpoint (ComfyUI's ``models/checkpoints`` files).
+            config_dir: component configs (default: the SD1.5 set shipped in ``assets/sd15``).
+            **kwargs: ``bank``, ``style_encoder``, ``clip_vision``, ``loras``, ``dtype``, ``settings``, ``device``
+                (see :meth:`from_components`).
+        """
+        dtype = kwargs.pop("dtype", torch.float32)
+        return cls.from_components(load_base(checkpoint, config_dir, dtype), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, **kwargs: Any) -> "ProductBGPipeline":
+        """Load a diffusers Stable Diffusion folder (offline) plus optional extras; see :meth:`from_single_file`."""
+        dtype = kwargs.pop("dtype", torch.float32)
+        if not Path(folder).is_dir():
+            raise PipelineError(f"{folder}: not a folder (for a single .safetensors file use from_single_file)")
+        return cls.from_components(load_base(folder, None, dtype), **kwargs)
+
+    @classmethod
+    def from_components(cls, components: Components, *, bank: str | os.PathLike | None = None,
+                        style_encoder: str | os.PathLike | None = None,
+                        clip_vision: str | os.PathLike | ClipVision | None = None,
+                        loras: Sequence[tuple[str | os.PathLike, float]] = (), **kwargs: Any) -> "ProductBGPipeline":
+        """Add bank / style encoder / CLIP vision / LoRA files to loaded components and build the pipeline."""
+        from ..weights.errors import WeightsError
+        from ..weights.bank import load_bank
+        from ..weights.style_encoder import load_style_encoder
+        from ..weights.targets import TargetModel
+        from .components import cross_attention_widths
+
+        try:
+            if bank is not None:
+                components.identifiers = load_bank(bank)
+            if clip_vision is not None:
+                components.image_encoder = (clip_vision if isinstance(clip_vision, ClipVision)
+                                            else load_clip_vision(clip_vision))
+            if style_encoder is not None:
+                unet = components.unet
+                target = TargetModel("sd15", "this UNet", int(unet.config.cross_attention_dim),
+                                     cross_attention_widths(unet))
+                components.style_encoder = load_style_encoder(style_encoder, target)
+        except WeightsError as e:
+            raise PipelineError(str(e)) from None
+        for path, strength in loras:
+            merge_lora(components, path, strength)
+        return cls(components, **kwargs)
+
+    # ------------------------------------------------------------------ preparing inputs
+    def prepare(self, product: ImageInput, settings: GenerateSettings | None = None) -> Prepared:
+        """Segment a product photo and place it on the canvas (no-op for a :class:`Prepared`)."""
+        if isinstance(product, Prepared):
+            return product
+        s = settings or self.settings
+        rgba, source = _as_rgba(product)
+        try:
+            seg = imaging.segment_product(rgba, s.segmentation)
+            placement = imaging.place_product(seg.image, seg.mask, (s.size, s.size), s.fill_ratio,
+                                              inpaint_grow=s.inpaint_grow)
+        except ValueError as e:
+            raise PipelineError(f"{source or 'product'}: {e}") from None
+        return Prepared(np.asarray(placement.image, np.float32), np.asarray(placement.mask, np.float32),
+                        np.asarray(placement.inpaint_mask, np.float32), source)
+
+    def style_guidance(self, reference: ImageInput, mask: np.ndarray, settings: GenerateSettings) -> StyleGuidance:
+        """Style tokens of a reference image (its own product removed), confined to the product's background."""
+        from ..nodes.common import NodeInputError
+        from ..nodes.style_nodes import LAYER_PRESETS, remove_product, style_tokens
+
+        c = self.components
+        if c.style_encoder is None or c.image_encoder is None:
+            raise PipelineError("a reference image needs a style encoder and its CLIP vision model "
+                                "(--style-encoder and --clip-vision)")
+        rgba, source = _as_rgba(reference)
+        try:
+            seg = imaging.segment_product(rgba, settings.segmentation)
+        except ValueError as e:
+            raise PipelineError(f"reference {source}: {e}") from None
+        image = torch.as_tensor(np.asarray(seg.image, np.float32))[None].to(self.device)
+        ref_mask = torch.as_tensor(np.asarray(seg.mask, np.float32))[None].to(self.device)
+        if settings.style_layers not in LAYER_PRESETS:
+            raise PipelineError(f"style layers must be one of {', '.join(LAYER_PRESETS)}")
+        try:
+            cond, uncond = style_tokens(c.style_encoder, c.image_encoder, remove_product(image, ref_mask))
+        except NodeInputError as e:
+            raise PipelineError(f"reference {source}: {e}") from None
+        return StyleGuidance(cond, uncond, c.style_encoder.layer_kv, settings.style_weight,
+                             LAYER_PRESETS[settings.style_layers], product=ProductMask(torch.as_tensor(mask)))
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, product: ImageInput, category: str | None = None, reference: ImageInput | None = None,
+                 seed: int = 0, n: int = 1, **overrides: Any) -> list[Result]:
+        """Generate ``n`` backgrounds for one product (seeds ``seed`` … ``seed + n − 1``).
+
+        Args:
+            product: a path, an ``[H, W, 3|4]`` image in 0..1 (alpha = product), or a :class:`Prepared`.
+            category: category name (bank lookup, or zero-shot words without a bank); None = none.
+            reference: optional image whose background style to take.
+            seed: seed of the first image.
+            n: number of images.
+            **overrides: fields of :class:`GenerateSettings` for this call.
+
+        Returns:
+            ``n`` :class:`Result` objects.
+        """
+        s = replace(self.settings, **overrides) if overrides else self.settings
+        if n < 1:
+            raise PipelineError(f"n must be at least 1, got {n}")
+        prep = self.prepare(product, s)
+        prompt = self.prompts.encode(category, s.template, s.extra_text)
+        guidance = self._guidance(prompt.spec, prep, reference, s)
+        inputs = SampleInputs(
+            image=torch.as_tensor(prep.placed).permute(2, 0, 1)[None] * 2 - 1,
+            repaint=torch.as_tensor(prep.repaint)[None, None], cond=prompt.cond,
+            uncond=self.prompts.negative(s.negative_prompt), guidance=guidance,
+            generators=[torch.Generator().manual_seed(seed + k) for k in range(n)])
+        c = self.components
+        raw = sample_inpaint(c.unet, c.vae, make_scheduler(c.scheduler_config, s.steps), inputs,
+                             s.guidance_scale, s.noise_mask)
+        return [self._finish(raw[k], prep, seed + k, category, prompt.text, s) for k in range(n)]
+
+    __call__ = generate
+
+    def _guidance(self, spec, prep: Prepared, reference: ImageInput | None, s: GenerateSettings) -> Guidance:
+        guidance = Guidance()
+        mask = torch.as_tensor(prep.mask)
+        if spec is not None and s.identifier_strength > 0:
+            guidance = guidance.with_identifier(IdentifierGuidance(spec, ProductMask(mask), s.identifier_strength))
+        if reference is not None:
+            guidance = guidance.with_style(self.style_guidance(reference, prep.mask, s))
+        return guidance
+
+    def _finish(self, raw: torch.Tensor, prep: Prepared, seed: int, category: str | None, prompt: str,
+                s: GenerateSettings) -> Result:
+        generated = raw.permute(1, 2, 0).cpu().numpy().astype(np.float32)
+        final = np.asarray(imaging.composite_product(generated, prep.placed, prep.mask, s.feather), np.float32)
+        report = imaging.preservation_report(prep.placed, prep.mask, final, generated_image=generated)
+        return Result(final, generated, prep.placed, prep.mask, prep.repaint, seed, category, prompt, report)
+
+
+def _as_rgba(image: ImageInput) -> tuple[np.ndarray, str]:
+    """An ``[H, W, 3|4]`` float32 array (alpha appended when the file has one) and a name for messages."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            rgb, alpha = imaging.load_image(image)
+        except (imaging.ProductFolderError, OSError) as e:
+            raise PipelineError(str(e)) from None
+        return (np.concatenate([rgb, alpha[..., None]], -1) if alpha is not None else rgb), str(image)
+    arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise PipelineError(f"an image must be [H, W, 3|4], got shape {tuple(arr.shape)}")
+    return arr.astype(np.float32), ""
