@@ -51,3 +51,11 @@ def comfy_server(comfyui_dir, comfy_checkpoints, tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def comfy_model_files(comfy, tmp_path_factory):
+    """Tiny bank / style encoder / LoRA / CLIP-vision files registered in the in-process ComfyUI."""
+    import comfy_model_files
+
+    return comfy_model_files.write_model_files(comfy, tmp_path_factory.mktemp("models"))

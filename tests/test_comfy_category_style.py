@@ -10,47 +10,16 @@ import pytest
 import torch
 from PIL import Image
 
+from comfy_model_files import BANK_FILE, STYLE_FILE, VISION_FILE
+
 pytestmark = pytest.mark.comfyui
 
 SIZE = 128
-CATEGORIES = ("运动鞋", "Coffee Mug", "Leather Bag")
 
 
 @pytest.fixture(scope="module")
-def files(comfy, tmp_path_factory):
-    """Registers temp model folders with folder_paths and writes one file of each kind into them."""
-    import comfy_harness
-    from comfy.clip_vision import ClipVisionModel
-    from safetensors.torch import save_file
-
-    from productbg.weights.bank import CategoryLora
-    from productbg.weights.lora import to_kohya
-    from productbg.weights.samples import example_bank, example_style_encoder, sd15_lora_modules
-    from productbg.weights.style_encoder import save_style_encoder
-
-    root = tmp_path_factory.mktemp("models")
-    fp = comfy.folder_paths
-    for folder in ("productbg_banks", "productbg_style_encoders", "clip_vision", "loras"):
-        (root / folder).mkdir()
-        fp.add_model_folder_path(folder, str(root / folder))
-    comfy.pack_module("nodes.folders").register_model_folders()
-
-    bank = example_bank(CATEGORIES, vectors_per_id=2)
-    bank.set_lora("Coffee Mug", CategoryLora("mug_lora.safetensors", 1.0))
-    bank.save(root / "productbg_banks" / "test_bank.safetensors")
-    encoder = example_style_encoder("ip-adapter_sd15", clip_width=768)
-    save_style_encoder(encoder, root / "productbg_style_encoders" / "test_style.safetensors")
-    tensors, meta = to_kohya(sd15_lora_modules(rank=2, text_encoder=True, conv=False))
-    save_file(tensors, str(root / "loras" / "mug_lora.safetensors"), metadata=meta)
-    torch.manual_seed(0)
-    vision = ClipVisionModel(comfy.comfyui_dir + "/comfy/clip_vision_config_vitl.json")
-    with torch.no_grad():
-        for p in vision.model.parameters():  # ComfyUI leaves loose parameters (class embedding) uninitialised
-            p.normal_(0, 0.02)
-    comfy_harness._random_init(vision.model)
-    save_file({k: v.half().contiguous() for k, v in vision.model.state_dict().items()},
-              str(root / "clip_vision" / "random_vitl.safetensors"))
-    return root
+def files(comfy_model_files):
+    return comfy_model_files
 
 
 def _graph(comfy, category="Coffee Mug", style_weight=0.8, lora=True, prefix="pbg_cat"):
@@ -61,7 +30,7 @@ def _graph(comfy, category="Coffee Mug", style_weight=0.8, lora=True, prefix="pb
         "box": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": hi - lo, "height": hi - lo}},
         "mask": {"class_type": "MaskComposite", "inputs": {"destination": ["canvas", 0], "source": ["box", 0],
                                                             "x": lo, "y": lo, "operation": "add"}},
-        "bank": {"class_type": "ProductBGLoadCategoryBank", "inputs": {"bank_name": "test_bank.safetensors"}},
+        "bank": {"class_type": "ProductBGLoadCategoryBank", "inputs": {"bank_name": BANK_FILE}},
         "lora": {"class_type": "ProductBGCategoryLora", "inputs": {
             "model": ["ckpt", 0], "clip": ["ckpt", 1], "bank": ["bank", 0], "category": category,
             "lora_name": "(from bank)", "strength_model": 1.0, "strength_clip": 1.0}},
@@ -72,8 +41,8 @@ def _graph(comfy, category="Coffee Mug", style_weight=0.8, lora=True, prefix="pb
         "attn": {"class_type": "ProductBGMaskGuidedAttention", "inputs": {
             "model": ["lora", 0] if lora else ["ckpt", 0], "identifier": ["pos", 1], "product_mask": ["mask", 0],
             "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}},
-        "vision": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "random_vitl.safetensors"}},
-        "style_enc": {"class_type": "ProductBGLoadStyleEncoder", "inputs": {"encoder_name": "test_style.safetensors"}},
+        "vision": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": VISION_FILE}},
+        "style_enc": {"class_type": "ProductBGLoadStyleEncoder", "inputs": {"encoder_name": STYLE_FILE}},
         "reference": {"class_type": "EmptyImage", "inputs": {"width": 96, "height": 96, "batch_size": 1,
                                                              "color": 0x3366AA}},
         "style": {"class_type": "ProductBGReferenceStyle", "inputs": {
@@ -126,7 +95,7 @@ def test_category_prompt_splices_vectors(comfy, files):
     """The identifier positions hold the bank's vectors: the conditioning changes when the vectors change."""
     nodes = comfy.node_class_mappings
     _, clip, _ = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(comfy.ckpt_sd15)[:3]
-    (bank,) = nodes["ProductBGLoadCategoryBank"]().load("test_bank.safetensors")
+    (bank,) = nodes["ProductBGLoadCategoryBank"]().load(BANK_FILE)
     prompt = nodes["ProductBGCategoryPrompt"]()
     cond_a, spec = prompt.encode(clip, bank, "coffee mug", "", "")
     cond_b, spec_b = prompt.encode(clip, bank, "Leather Bag", "", "")
@@ -145,7 +114,7 @@ def test_category_prompt_splices_vectors(comfy, files):
 def test_category_prompt_errors(comfy, files, inputs, message):
     nodes = comfy.node_class_mappings
     _, clip, _ = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(comfy.ckpt_sd15)[:3]
-    (bank,) = nodes["ProductBGLoadCategoryBank"]().load("test_bank.safetensors")
+    (bank,) = nodes["ProductBGLoadCategoryBank"]().load(BANK_FILE)
     args = {"category": "Coffee Mug", "template": "", "extra_text": "", **inputs}
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         nodes["ProductBGCategoryPrompt"]().encode(clip, bank, **args)

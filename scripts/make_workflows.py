@@ -1,0 +1,205 @@
+"""Write the shipped workflows: API format in workflows/api/, UI format + thumbnail in workflows/ (optional).
+
+    python scripts/make_workflows.py                 # API-format graphs only (pure Python)
+    python scripts/make_workflows.py --ui URL        # also UI format + PNG thumbnail through the real web
+                                                      # frontend of a ComfyUI server running this pack
+The UI step runs scripts/ui_roundtrip.js (headless Chromium + playwright-core; see that file), so the UI files
+are exactly what the frontend itself saves. Defaults follow the paper's recipe: 512², 40 DDIM steps, CFG 7.5,
+fill 0.74, inpaint mask grown 20 px, product pasted back.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "workflows"
+CHECKPOINT = "sd-v1-5-inpainting.safetensors"
+BANK = "category_bank.safetensors"
+STYLE_ENCODER = "ip-adapter_sd15.safetensors"
+CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+PRODUCT = "productbg_example_product.png"
+REFERENCE = "productbg_example_reference.png"
+
+
+class Graph:
+    """A tiny builder for API-format prompts: ``add`` returns the node id; ``out(id, i)`` links an output."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, dict] = {}
+
+    def add(self, class_type: str, title: str | None = None, **inputs) -> str:
+        node_id = str(len(self.nodes) + 1)
+        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
+        if title:
+            self.nodes[node_id]["_meta"] = {"title": title}
+        return node_id
+
+
+def out(node_id: str, index: int = 0) -> list:
+    return [node_id, index]
+
+
+def _product_front(g: Graph, image: list, transparency: list | None = None) -> tuple[str, str]:
+    seg_inputs = dict(image=image, method="auto", tolerance=10.0, shadow_strength=0.75, threshold=0.5, grow=0,
+                      fill_holes=True, keep_largest=False, feather=1.0, clean_edges=True)
+    if transparency is not None:
+        seg_inputs["transparency"] = transparency
+    seg = g.add("ProductBGSegmentProduct", **seg_inputs)
+    place = g.add("ProductBGPlaceProduct", image=out(seg, 0), mask=out(seg, 1), canvas="1:1", width=512, height=512,
+                  fill_ratio=0.74, anchor="center", margin=0.05, fill_color="#FFFFFF", inpaint_grow=20)
+    return seg, place
+
+
+def _back_end(g: Graph, ckpt: str, model: list, positive: list, place: str, prefix: str,
+              negative_text: str = "product, object, text, watermark, blurry, low quality") -> None:
+    neg = g.add("CLIPTextEncode", "Negative prompt", clip=out(ckpt, 1), text=negative_text)
+    inpaint = g.add("InpaintModelConditioning", positive=positive, negative=out(neg), vae=out(ckpt, 2),
+                    pixels=out(place, 0), mask=out(place, 2), noise_mask=True)
+    sample = g.add("KSampler", model=model, positive=out(inpaint, 0), negative=out(inpaint, 1),
+                   latent_image=out(inpaint, 2), seed=42, steps=40, cfg=7.5, sampler_name="ddim",
+                   scheduler="ddim_uniform", denoise=1.0)
+    decode = g.add("VAEDecode", samples=out(sample), vae=out(ckpt, 2))
+    comp = g.add("ProductBGCompositeProduct", generated=out(decode), placed=out(place, 0),
+                 product_mask=out(place, 1), feather=2.0)
+    check = g.add("ProductBGSegmentProduct", "Segment the output (for object expansion)", image=out(comp),
+                  method="auto", tolerance=10.0, shadow_strength=0.75, threshold=0.5, grow=0, fill_holes=True,
+                  keep_largest=False, feather=0.0, clean_edges=False)
+    g.add("ProductBGPreservationReport", product_image=out(place, 0), product_mask=out(place, 1),
+          output_image=out(comp), max_delta_e_mean=2.0, min_psnr_db=20.0, max_expansion_ratio=0.05,
+          generated_image=out(decode), output_mask=out(check, 1))
+    g.add("SaveImage", images=out(comp), filename_prefix=prefix)
+
+
+def category_background(with_style: bool = False, with_lora: bool = False, prefix: str = "productbg") -> dict:
+    g = Graph()
+    load = g.add("LoadImage", "Product photo", image=PRODUCT)
+    seg, place = _product_front(g, out(load, 0), out(load, 1))
+    ckpt = g.add("CheckpointLoaderSimple", "SD1.5 inpainting checkpoint", ckpt_name=CHECKPOINT)
+    bank = g.add("ProductBGLoadCategoryBank", bank_name=BANK)
+    model, clip = out(ckpt, 0), out(ckpt, 1)
+    if with_lora:
+        lora = g.add("ProductBGCategoryLora", model=model, clip=clip, bank=out(bank), category="shoes",
+                     lora_name="(from bank)", strength_model=1.0, strength_clip=1.0)
+        model, clip = out(lora, 0), out(lora, 1)
+    prompt = g.add("ProductBGCategoryPrompt", clip=clip, bank=out(bank), category="shoes", template="",
+                   extra_text="soft studio light, high quality")
+    attn = g.add("ProductBGMaskGuidedAttention", model=model, identifier=out(prompt, 1),
+                 product_mask=out(place, 1), strength=1.0, start_percent=0.0, end_percent=1.0)
+    model = out(attn)
+    if with_style:
+        model = _style(g, model, place)
+    _back_end(g, ckpt, model, out(prompt, 0), place, prefix)
+    return g.nodes
+
+
+def _style(g: Graph, model: list, place: str) -> list:
+    vision = g.add("CLIPVisionLoader", clip_name=CLIP_VISION)
+    encoder = g.add("ProductBGLoadStyleEncoder", encoder_name=STYLE_ENCODER)
+    ref = g.add("LoadImage", "Brand reference image", image=REFERENCE)
+    ref_seg = g.add("ProductBGSegmentProduct", "Reference product (removed before encoding)", image=out(ref, 0),
+                    method="auto", tolerance=10.0, shadow_strength=0.75, threshold=0.5, grow=4, fill_holes=True,
+                    keep_largest=False, feather=1.0, clean_edges=False)
+    style = g.add("ProductBGReferenceStyle", model=model, style_encoder=out(encoder), clip_vision=out(vision),
+                  reference=out(ref, 0), weight=0.8, layer_preset="all", start_percent=0.0, end_percent=1.0,
+                  reference_mask=out(ref_seg, 1), product_mask=out(place, 1))
+    return out(style)
+
+
+def zero_shot_confinement() -> dict:
+    g = Graph()
+    load = g.add("LoadImage", "Product photo", image=PRODUCT)
+    seg, place = _product_front(g, out(load, 0), out(load, 1))
+    ckpt = g.add("CheckpointLoaderSimple", "SD1.5 inpainting checkpoint", ckpt_name=CHECKPOINT)
+    words = g.add("ProductBGBackgroundWords", clip=out(ckpt, 1),
+                  text="a product photo on a white marble table with green leaves, soft light, high quality",
+                  background_words="white marble table with green leaves")
+    attn = g.add("ProductBGMaskGuidedAttention", model=out(ckpt, 0), identifier=out(words, 1),
+                 product_mask=out(place, 1), strength=1.0, start_percent=0.0, end_percent=1.0)
+    model = _style(g, out(attn), place)
+    _back_end(g, ckpt, model, out(words, 0), place, "productbg_zero_shot")
+    return g.nodes
+
+
+def batch_folder() -> dict:
+    g = Graph()
+    folder = g.add("ProductBGLoadProductsFromFolder", folder="products", index=0, csv_file="",
+                   path_column="path", category_column="category")
+    seg, place = _product_front(g, out(folder, 0))
+    g.nodes[seg]["inputs"]["external_mask"] = out(folder, 1)
+    ckpt = g.add("CheckpointLoaderSimple", "SD1.5 inpainting checkpoint", ckpt_name=CHECKPOINT)
+    bank = g.add("ProductBGLoadCategoryBank", bank_name=BANK)
+    prompt = g.add("ProductBGCategoryPrompt", clip=out(ckpt, 1), bank=out(bank), category=out(folder, 2),
+                   template="", extra_text="soft studio light, high quality")
+    attn = g.add("ProductBGMaskGuidedAttention", model=out(ckpt, 0), identifier=out(prompt, 1),
+                 product_mask=out(place, 1), strength=1.0, start_percent=0.0, end_percent=1.0)
+    _back_end(g, ckpt, out(attn), out(prompt, 0), place, "productbg_batch")
+    return g.nodes
+
+
+WORKFLOWS = {
+    "category_background": lambda: category_background(prefix="productbg_category"),
+    "reference_style": lambda: category_background(with_style=True, prefix="productbg_reference_style"),
+    "category_style_lora": lambda: category_background(with_style=True, with_lora=True, prefix="productbg_lora"),
+    "zero_shot_confinement": zero_shot_confinement,
+    "batch_folder": batch_folder,
+}
+
+
+def example_inputs(folder: Path) -> None:
+    """The example product photo (white packshot with a shadow) and a brand reference image, as PNGs."""
+    import numpy as np
+    from PIL import Image
+
+    from productbg.imaging.synthetic import packshot
+    from productbg.training import bgsynth
+
+    shot = packshot(size=512, product_rgb=(0.85, 0.2, 0.15), box=(34.0, 100.0, 44.0, 84.0))
+    rng = np.random.default_rng(7)
+    ref = bgsynth.background("wood", bgsynth.category_palette(5, 7), rng, 512)
+    colour, mask = bgsynth.product(rng, 512)
+    ref = np.where(mask[..., None], colour, ref)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, array in ((PRODUCT, shot.image), (REFERENCE, ref)):
+        Image.fromarray((np.clip(array, 0, 1) * 255).round().astype(np.uint8)).save(folder / name)
+
+
+def thumbnail(png: Path) -> None:
+    """Shrink the frontend's PNG screenshot into a same-name JPEG thumbnail."""
+    from PIL import Image
+
+    with Image.open(png) as im:
+        im = im.convert("RGB")
+        im.thumbnail((1400, 1400))
+        im.save(png.with_suffix(".jpg"), quality=85)
+    png.unlink()
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ui", metavar="URL", help="ComfyUI server (with this pack) for the UI-format round trip")
+    args = ap.parse_args()
+    (OUT / "api").mkdir(parents=True, exist_ok=True)
+    example_inputs(OUT / "inputs")
+    for name, build in WORKFLOWS.items():
+        api_path = OUT / "api" / f"{name}.json"
+        write_json(api_path, build())
+        if args.ui:
+            subprocess.run(["node", str(REPO / "scripts" / "ui_roundtrip.js"), args.ui, str(api_path),
+                            str(OUT / f"{name}.json"), str(OUT / f"{name}.png")], check=True)
+            thumbnail(OUT / f"{name}.png")
+        print("wrote", api_path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

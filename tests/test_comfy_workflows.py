@@ -1,0 +1,119 @@
+"""The shipped workflows in a real ComfyUI: API copies execute end to end; UI files match /object_info."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from comfy_model_files import BANK_FILE, STYLE_FILE, VISION_FILE
+
+pytestmark = pytest.mark.comfyui
+
+WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
+NAMES = ("category_background", "reference_style", "category_style_lora", "zero_shot_confinement", "batch_folder")
+SIZE, STEPS = 96, 2
+FILE_INPUTS = {"ckpt_name", "bank_name", "encoder_name", "clip_name", "image", "lora_name"}
+
+
+def _small(comfy, prompt: dict, products: Path) -> dict:
+    """The shipped graph with the test's model files, a small canvas and few steps (nothing else changed)."""
+    swap = {"ckpt_name": comfy.ckpt_inpaint, "bank_name": BANK_FILE, "encoder_name": STYLE_FILE,
+            "clip_name": VISION_FILE}
+    for node in prompt.values():
+        inputs = node["inputs"]
+        for key in swap.keys() & inputs.keys():
+            inputs[key] = swap[key]
+        if node["class_type"] == "ProductBGPlaceProduct":
+            inputs.update(width=SIZE, height=SIZE)
+        if node["class_type"] == "KSampler":
+            inputs["steps"] = STEPS
+        if node["class_type"] == "ProductBGLoadProductsFromFolder":
+            inputs["folder"] = str(products)
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def inputs(comfy, comfy_model_files, tmp_path_factory):
+    for png in (WORKFLOWS / "inputs").glob("*.png"):
+        shutil.copy(png, Path(comfy.input_dir) / png.name)
+    products = tmp_path_factory.mktemp("products")
+    (products / "shoes").mkdir()
+    shutil.copy(WORKFLOWS / "inputs" / "productbg_example_product.png", products / "shoes" / "a.png")
+    return products
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_workflow_runs_end_to_end(comfy, inputs, name):
+    prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
+    outputs = comfy.run(_small(comfy, prompt, inputs))
+    (image,) = comfy.saved_images(outputs)
+    assert image.stat().st_size > 0
+    reports = [json.loads(o["text"][0]) for o in outputs.values() if "text" in o]
+    assert len(reports) == 1
+    (report,) = reports[0]["images"]
+    metrics, checks = report["metrics"], report["checks"]
+    assert checks["delta_e2000_mean"]["pass"], metrics  # the product is pasted back untouched
+    assert {"psnr_before_paste_back_db", "expansion"} <= metrics.keys()
+
+
+def test_every_workflow_has_a_ui_file_a_thumbnail_and_an_api_copy():
+    for name in NAMES:
+        assert (WORKFLOWS / f"{name}.json").is_file() and (WORKFLOWS / f"{name}.jpg").is_file()
+        assert (WORKFLOWS / "api" / f"{name}.json").is_file()
+
+
+def _widget_inputs(info: dict) -> list[tuple[str, object]]:
+    """(name, type) of the inputs that are widgets, in the order the frontend stores their values."""
+    out = []
+    for section in ("required", "optional"):
+        for name, spec in info["input"].get(section, {}).items():
+            kind = spec[0]
+            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                out.append((name, kind))
+                if name in ("seed", "noise_seed") or (len(spec) > 1 and spec[1].get("control_after_generate")):
+                    out.append(("control_after_generate", ["fixed", "increment", "decrement", "randomize"]))
+    return out
+
+
+def _check_value(node_type: str, name: str, kind, value) -> None:
+    where = f"{node_type}.{name} = {value!r}"
+    if isinstance(kind, list) or kind == "COMBO":
+        assert isinstance(value, str), where
+        if name not in FILE_INPUTS and isinstance(kind, list):
+            assert value in kind, where
+    elif kind == "INT":
+        assert isinstance(value, int) and not isinstance(value, bool), where
+    elif kind == "FLOAT":
+        assert isinstance(value, (int, float)) and not isinstance(value, bool), where
+    elif kind == "BOOLEAN":
+        assert isinstance(value, bool), where
+    else:
+        assert isinstance(value, str), where
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_matches_the_real_object_info(comfy_server, name):
+    """Node types exist, widget values match the schema in count and type, and every link type-checks."""
+    info = comfy_server.object_info()
+    workflow = json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for node in nodes.values():
+        assert node["type"] in info, f"unknown node type {node['type']}"
+        schema = info[node["type"]]
+        widgets = _widget_inputs(schema)  # linked widget inputs keep their (unused) value in the file
+        values = node.get("widgets_values") or []
+        if node["type"] == "LoadImage":  # its upload button stores a pseudo-value "image" last
+            assert values[-1] == "image"
+            values = values[:-1]
+        assert len(values) == len(widgets), (node["type"], values, widgets)
+        for (wname, kind), value in zip(widgets, values):
+            _check_value(node["type"], wname, kind, value)
+    for link_id, src, src_slot, dst, dst_slot, link_type in workflow["links"]:
+        out_type = info[nodes[src]["type"]]["output"][src_slot]
+        dst_input = nodes[dst]["inputs"][dst_slot]
+        schema = info[nodes[dst]["type"]]["input"]
+        spec = {**schema.get("required", {}), **schema.get("optional", {})}[dst_input["name"]]
+        expected = "COMBO" if isinstance(spec[0], list) else spec[0]
+        assert link_type == out_type, (link_id, link_type, out_type)
+        assert out_type == expected or (expected == "COMBO" and out_type == "STRING") or expected == "*", \
+            (link_id, nodes[src]["type"], out_type, nodes[dst]["type"], dst_input["name"], expected)
