@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..attention import IdentifierGuidance, IdentifierSpec, ProductMask
 from ..attention import comfy_patch
-from .common import IDENTIFIER, NodeInputError, clip_token_ids, find_subsequence
+from .common import IDENTIFIER, NodeInputError, check_sd15, clip_token_ids, find_subsequence
 
 CATEGORY = "productbg/attention"
 
@@ -67,6 +67,7 @@ class MaskGuidedAttention:
               end_percent: float):
         if start_percent > end_percent:
             raise NodeInputError(f"start_percent {start_percent} is after end_percent {end_percent}")
+        check_sd15(model)
         product = ProductMask(product_mask)
         if not product.mask.any():
             raise NodeInputError("the product mask is empty (all 0): connect the product's mask (1 = product)")

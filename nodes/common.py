@@ -49,3 +49,12 @@ def check_mask_batch(mask, image, name: str = "mask"):
     if tuple(mask.shape[1:]) != tuple(image.shape[1:3]):
         mask = F.interpolate(mask[:, None].float(), size=tuple(image.shape[1:3]), mode="bilinear")[:, 0]
     return mask.expand(image.shape[0], -1, -1)
+
+
+def check_sd15(model) -> None:
+    """Refuse models productbg's patches do not fit (SDXL, SD2, Flux...) with a message naming what it is."""
+    config = model.model.model_config
+    context = config.unet_config.get("context_dim")
+    if context != 768 or config.unet_config.get("model_channels") != 320:
+        raise NodeInputError(f"this is a {type(config).__name__} model (text context {context}); productbg's "
+                             "attention patches are for SD1.5 / SD1.5-inpainting checkpoints")

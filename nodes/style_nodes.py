@@ -7,7 +7,7 @@ from ..attention import NUM_SD15_LAYERS, ProductMask, StyleGuidance
 from ..attention import comfy_patch
 from ..weights.errors import WeightsError
 from ..weights.style_encoder import StyleEncoder, load_style_encoder
-from .common import STYLE, NodeInputError, check_mask_batch
+from .common import STYLE, NodeInputError, check_mask_batch, check_sd15
 from .folders import full_path, list_files
 
 CATEGORY = "productbg/style"
@@ -95,6 +95,7 @@ class ReferenceStyle:
 
     def apply(self, model, style_encoder: StyleEncoder, clip_vision, reference, weight: float, layer_preset: str,
               start_percent: float, end_percent: float, reference_mask=None, product_mask=None):
+        check_sd15(model)
         if clip_vision is None:
             raise NodeInputError("connect a CLIP_VISION model (Load CLIP Vision)")
         if start_percent > end_percent:
