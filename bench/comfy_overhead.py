@@ -26,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO / "tests"))
 import comfy_harness  # noqa: E402
+from foreign_attn2 import ForeignAttn2  # noqa: E402
 
 
 def main() -> None:
@@ -113,25 +114,6 @@ def _median_ms(fn, n: int = 6) -> float:
     return statistics.median(out)
 
 
-class _ExtraAttention:
-    """IPAdapter_plus-shaped attn2 object (plain attention + .add callbacks), for a like-for-like comparison."""
-
-    def __init__(self, callback, **kwargs):
-        self.callback, self.kwargs = [callback], [kwargs]
-
-    def add(self, callback, **kwargs):
-        self.callback.append(callback)
-        self.kwargs.append(kwargs)
-
-    def __call__(self, q, k, v, extra_options):
-        from comfy.ldm.modules.attention import optimized_attention
-
-        out = optimized_attention(q, k, v, extra_options["n_heads"])
-        for cb, kw in zip(self.callback, self.kwargs):
-            out = out + cb(out, q, k, v, extra_options, **kw)
-        return out
-
-
 def _extra_attention(out, q, k, v, extra_options, encoder=None, tokens=None, layer=0, **_):
     from comfy.ldm.modules.attention import optimized_attention
 
@@ -145,7 +127,7 @@ def _foreign_extra_attention(model, encoder, tokens, keys):
     to = m.model_options.setdefault("transformer_options", {})
     attn2 = to.setdefault("patches_replace", {}).setdefault("attn2", {})
     for i, key in enumerate(keys):
-        attn2[key] = _ExtraAttention(_extra_attention, encoder=encoder, tokens=tokens, layer=i,
+        attn2[key] = ForeignAttn2(_extra_attention, encoder=encoder, tokens=tokens, layer=i,
                                      sigma_start=math.inf, sigma_end=0.0)
     return m
 

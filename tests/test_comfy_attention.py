@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+from foreign_attn2 import ForeignAttn2
+
 pytestmark = pytest.mark.comfyui
 
 SIZE = 128
@@ -120,27 +122,6 @@ def test_identifier_tokens_found_across_chunks(comfy):
     assert cond[0][0].shape[1] == 154
     with pytest.raises(ValueError, match="does not occur"):
         words.encode(clip, "a bottle", "marble table")
-
-
-class ForeignAttn2:
-    """An attn2 object with ComfyUI_IPAdapter_plus' stacking interface (``.add``, sigma-gated callbacks)."""
-
-    def __init__(self, callback, **kwargs):
-        self.callback, self.kwargs = [callback], [kwargs]
-
-    def add(self, callback, **kwargs):
-        self.callback.append(callback)
-        self.kwargs.append(kwargs)
-
-    def __call__(self, q, k, v, extra_options):
-        from comfy.ldm.modules.attention import optimized_attention
-
-        out = optimized_attention(q, k, v, extra_options["n_heads"])
-        sigma = float(extra_options["sigmas"].flatten()[0]) if "sigmas" in extra_options else math.inf
-        for cb, kw in zip(self.callback, self.kwargs):
-            if kw["sigma_end"] <= sigma <= kw["sigma_start"]:
-                out = out + cb(out, q, k, v, extra_options, **kw)
-        return out
 
 
 FOREIGN_CALLS: dict[str, list] = {"a": [], "b": []}  # module-level: ModelPatcher.clone() deep-copies kwargs
