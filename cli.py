@@ -20,7 +20,9 @@ def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:
     from .weights import cli as weights_cli
     from . import demo
     from .training import cli as training_cli
-    return [weights_cli.add_parser, demo.add_parser, training_cli.add_parser]
+    from . import cli_batch, cli_eval, cli_generate
+    return [weights_cli.add_parser, demo.add_parser, training_cli.add_parser,
+            cli_generate.add_parser, cli_batch.add_parser, cli_eval.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,184 @@
+"""Batch generation over a manifest: resumable, atomic, sharded, never stopped by one bad row.
+
+* resumable: an item whose ``result.json`` is complete is skipped (nothing redone); a killed run leaves only
+  hidden temp files, removed when the item is run again;
+* sharded: under ``accelerate launch`` / ``torchrun`` each process takes rows ``i mod WORLD_SIZE == RANK``;
+* the models are loaded only when this shard has work left, so a finished batch re-runs in seconds;
+* a summary (done, skipped, failed with reasons, images/minute) is written as ``summary.json``
+  (``summary.rank<r>-of-<w>.json`` per shard) and returned.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .manifest import Row, Shard
+from .outputs import read_result, remove_stale_temps, write_item, write_json
+
+PipelineFactory = Callable[[], Any]
+
+
+@dataclass
+class BatchSummary:
+    """What a batch run did (JSON-ready through :meth:`to_json`)."""
+
+    shard: Shard
+    done: int = 0
+    skipped: int = 0
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    images: int = 0
+    generate_seconds: float = 0.0
+    load_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def images_per_minute(self) -> float:
+        """Images made per minute of the processing loop (model loading excluded)."""
+        return 60.0 * self.images / self.generate_seconds if self.generate_seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """The summary as a dict."""
+        return {"done": self.done, "skipped": self.skipped, "failed": self.failed, "images": self.images,
+                "images_per_minute": round(self.images_per_minute, 3),
+                "seconds": round(self.total_seconds, 3), "load_seconds": round(self.load_seconds, 3),
+                "rank": self.shard.index, "world_size": self.shard.count}
+
+
+def summary_path(out: Path, shard: Shard) -> Path:
+    """``summary.json`` for a single process, ``summary.rank<r>-of-<w>.json`` per shard otherwise."""
+    return out / ("summary.json" if shard.count == 1 else f"summary.rank{shard.index}-of-{shard.count}.json")
+
+
+class _Progress:
+    """tqdm on stderr when available, else a plain line per item; silent when disabled."""
+
+    def __init__(self, total: int, enabled: bool, label: str) -> None:
+        self.bar = None
+        self.enabled, self.count, self.total, self.label = enabled, 0, total, label
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=label, unit="item", file=sys.stderr, dynamic_ncols=True)
+            except ImportError:
+                pass
+
+    def step(self, status: str) -> None:
+        self.count += 1
+        if self.bar is not None:
+            self.bar.set_postfix_str(status, refresh=False)
+            self.bar.update(1)
+        elif self.enabled:
+            print(f"{self.label}: {self.count}/{self.total} {status}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_batch(rows: Iterable[Row], out: str | Path, make_pipeline: PipelineFactory, shard: Shard = Shard(),
+              progress: bool = True, settings_json: dict[str, Any] | None = None) -> BatchSummary:
+    """Run this shard's rows of a manifest.
+
+    Args:
+        rows: every row of the manifest (``read_manifest``); this shard's part is taken here.
+        out: output folder.
+        make_pipeline: builds the pipeline; called once, only if some row needs generating.
+        shard: which part of the manifest to run.
+        progress: show a progress bar on stderr.
+        settings_json: recorded in each ``result.json`` (model source, settings).
+
+    Returns:
+        The :class:`BatchSummary` (also written to :func:`summary_path`).
+    """
+    start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    mine = shard.take(list(rows))
+    summary = BatchSummary(shard)
+    bar = _Progress(len(mine), progress, "batch" if shard.count == 1 else f"batch {shard.index}/{shard.count}")
+    pipe = None
+    try:
+        for row in mine:
+            if row.error is not None:
+                summary.failed.append(dict(row.describe(), reason=row.error))
+                bar.step("bad row")
+                continue
+            if read_result(out / row.name) is not None:
+                summary.skipped += 1
+                bar.step("skipped")
+                continue
+            if pipe is None:
+                t = time.perf_counter()
+                pipe = make_pipeline()
+                summary.load_seconds = time.perf_counter() - t
+            bar.step(_run_row(pipe, row, out, summary, settings_json or {}))
+    finally:
+        bar.close()
+    summary.total_seconds = time.perf_counter() - start
+    write_json(summary.to_json(), summary_path(out, shard))
+    return summary
+
+
+def _run_row(pipe: Any, row: Row, out: Path, summary: BatchSummary, extra: dict[str, Any]) -> str:
+    """Generate and write one row; a failure is recorded, never raised (except interrupts)."""
+    folder = out / row.name
+    t = time.perf_counter()
+    try:
+        remove_stale_temps(folder)
+        results = pipe.generate(row.product, category=row.category, reference=row.reference, seed=row.seed, n=row.n)
+        meta = dict(extra, name=row.name, line=row.line, product=str(row.product), category=row.category,
+                    reference=str(row.reference) if row.reference else None, seed=row.seed, n=row.n,
+                    shard=f"{summary.shard.index}/{summary.shard.count}")
+        write_item(folder, results, meta)
+    except Exception as e:  # one bad row must never stop the batch (OOM, unreadable image, unknown category)
+        summary.generate_seconds += time.perf_counter() - t
+        summary.failed.append(dict(row.describe(), reason=_reason(e)))
+        _free_memory()
+        return "failed"
+    summary.generate_seconds += time.perf_counter() - t
+    summary.done += 1
+    summary.images += len(results)
+    return "done"
+
+
+def _reason(e: Exception) -> str:
+    from .errors import PipelineError
+
+    if isinstance(e, (PipelineError, ValueError, OSError)):
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    where = traceback.extract_tb(e.__traceback__)[-1]
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (at {Path(where.filename).name}:{where.lineno})"
+
+
+def _free_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def merge_summaries(out: str | Path, count: int) -> dict[str, Any] | None:
+    """Combine the per-shard summaries of ``count`` processes into ``summary.json`` once all exist.
+
+    Returns the combined summary, or None while some shard has not finished.
+    """
+    import json
+
+    out = Path(out)
+    parts = []
+    for index in range(count):
+        try:
+            parts.append(json.loads(summary_path(out, Shard(index, count)).read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return None
+    merged = {"done": sum(p["done"] for p in parts), "skipped": sum(p["skipped"] for p in parts),
+              "failed": [f for p in parts for f in p["failed"]], "images": sum(p["images"] for p in parts),
+              "images_per_minute": round(sum(p["images_per_minute"] for p in parts), 3),  # shards run in parallel
+              "seconds": max(p["seconds"] for p in parts), "world_size": count}
+    write_json(merged, out / "summary.json")
+    return merged

@@ -1,0 +1,296 @@
+"""Evaluate generated product images: preservation, style, category consistency, FID.
+
+Per image (what its files allow):
+
+* ``psnr_before_db`` / ``psnr_after_db``: masked PSNR inside the product of the generator's image (before
+  paste-back) and of the final image, against the placed product;
+* ``delta_e_before`` / ``delta_e_after``: mean CIEDE2000 colour drift inside the product;
+* ``expansion``: object expansion E / product area, with the output's product mask found by GrabCut seeded
+  from the input mask (so growth is detected within a band of 3 % of the canvas around the product);
+* ``style_similarity``: cosine similarity of the backgrounds (products removed) of the image and its reference.
+
+Over the set: ``category_consistency`` (leave-one-out nearest-category-centroid accuracy of background
+embeddings, with mean cosine within / between categories) and FID through a maintained library, only when
+the library and its Inception weights are already on disk (never downloaded); otherwise it is skipped with the
+reason. Embeddings come from a CLIP vision model when given, else a colour histogram (no weights).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from .. import imaging
+from .errors import PipelineError
+from .outputs import RESULT_FILE, read_result
+
+METRICS = ("psnr_before_db", "psnr_after_db", "delta_e_before", "delta_e_after", "expansion", "style_similarity")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One image to evaluate; files that are None limit which metrics apply."""
+
+    name: str
+    image: Path
+    mask: Path | None = None
+    placed: Path | None = None
+    raw: Path | None = None
+    category: str | None = None
+    reference: Path | None = None
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def collect_items(source: str | os.PathLike) -> list[EvalItem]:
+    """Items of a results folder (every complete ``result.json`` below it) or of a results manifest.
+
+    A manifest (``.csv`` with a header / ``.jsonl``) has ``image`` (required), ``mask``, ``placed``, ``raw``,
+    ``category`` and ``reference``; relative paths are relative to the manifest.
+    """
+    p = Path(source)
+    if p.is_dir():
+        items = [i for marker in sorted(p.rglob(RESULT_FILE)) for i in _folder_items(marker.parent, p)]
+        if not items:
+            raise PipelineError(f"{p}: no finished results (folders with {RESULT_FILE}) found")
+        return items
+    if p.is_file():
+        return _manifest_items(p)
+    raise PipelineError(f"{p}: no such results folder or manifest")
+
+
+def _folder_items(folder: Path, root: Path) -> list[EvalItem]:
+    data = read_result(folder)
+    if data is None:
+        return []
+    rel = folder.relative_to(root).as_posix()
+    ref = data.get("reference")
+    return [EvalItem(f"{rel}/{image}", folder / image, folder / data["mask"], folder / data["placed"],
+                     folder / data["raw"][k] if k < len(data.get("raw", [])) else None, data.get("category"),
+                     Path(ref) if ref else None)
+            for k, image in enumerate(data["images"])]
+
+
+def _manifest_items(path: Path) -> list[EvalItem]:
+    rows = _read_rows(path)
+    root, items = path.resolve().parent, []
+    for line, row in rows:
+        if not (row.get("image") or "").strip():
+            raise PipelineError(f"{path.name} line {line}: no 'image'")
+        files = {k: _existing(root, row.get(k), path.name, line) for k in ("image", "mask", "placed", "raw", "reference")}
+        items.append(EvalItem(str(row["image"]), files["image"], files["mask"], files["placed"], files["raw"],
+                              (row.get("category") or "").strip() or None, files["reference"]))
+    if not items:
+        raise PipelineError(f"{path.name}: no rows")
+    return items
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    try:
+        if path.suffix.lower() in (".jsonl", ".ndjson"):
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+            return [(i, json.loads(t)) for i, t in enumerate(lines, 1) if t.strip()]
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            return [(reader.line_num, {(k or "").strip(): v for k, v in r.items()}) for r in reader]
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{path.name}: cannot read ({e})") from None
+
+
+def _existing(root: Path, value: Any, fname: str, line: int) -> Path | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    p = Path(value.strip()).expanduser()
+    p = p if p.is_absolute() else root / p
+    if not p.is_file():
+        raise PipelineError(f"{fname} line {line}: file not found: {p}")
+    return p
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """``[H, W, 3]`` float32 0..1."""
+    return imaging.load_image(path)[0]
+
+
+def load_mask(path: Path) -> np.ndarray:
+    """``[H, W]`` float32 0..1 from a greyscale (or RGB) mask image."""
+    return imaging.load_image(path)[0].mean(axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------- embeddings
+class ColourHistogram:
+    """Weights-free image embedding: a 4×4×4 RGB histogram of the background, square-rooted, L2-normalised."""
+
+    name = "colour-histogram"
+    bins = 4
+
+    def embed(self, image: np.ndarray, product_mask: np.ndarray | None = None) -> np.ndarray:
+        """Embedding of the image's background (pixels with product mask < 0.5)."""
+        weights = np.ones(image.shape[:2], np.float64) if product_mask is None else (product_mask < 0.5).astype(np.float64)
+        q = np.clip((image[..., :3] * self.bins).astype(int), 0, self.bins - 1)
+        index = (q[..., 0] * self.bins + q[..., 1]) * self.bins + q[..., 2]
+        hist = np.bincount(index.ravel(), weights=weights.ravel(), minlength=self.bins ** 3)
+        hist = np.sqrt(hist / max(hist.sum(), 1e-12))
+        return hist / max(np.linalg.norm(hist), 1e-12)
+
+
+class ClipEmbedder:
+    """Background embedding with a CLIP vision model: the product is filled with the background's mean colour."""
+
+    def __init__(self, clip_vision: Any, name: str = "clip-vision") -> None:
+        self.clip, self.name = clip_vision, name
+
+    def embed(self, image: np.ndarray, product_mask: np.ndarray | None = None) -> np.ndarray:
+        """L2-normalised image embeds of the image's background."""
+        from ..nodes.style_nodes import remove_product
+
+        x = torch.as_tensor(image[..., :3], dtype=torch.float32)[None]
+        if product_mask is not None:
+            x = remove_product(x, torch.as_tensor(product_mask >= 0.5, dtype=torch.float32)[None])
+        p = next(self.clip.model.parameters())
+        return self.clip.embed(x.to(p.device))[0].cpu().double().numpy()
+
+
+# ---------------------------------------------------------------------------------------------- per image
+def evaluate_item(item: EvalItem, embedder: Any, reference_cache: dict[Path, np.ndarray]) -> dict[str, Any]:
+    """Metrics of one image (None where its files do not allow one) plus its background embedding."""
+    image = load_rgb(item.image)
+    mask = load_mask(item.mask) if item.mask else None
+    placed = load_rgb(item.placed) if item.placed else None
+    out: dict[str, Any] = {"name": item.name, "category": item.category, **{m: None for m in METRICS}}
+    if mask is not None and (mask >= 0.5).any() and placed is not None:
+        out["psnr_after_db"] = imaging.masked_psnr(placed, image, mask)
+        out["delta_e_after"] = imaging.color_drift(placed, image, mask)["mean"]
+        if item.raw:
+            raw = load_rgb(item.raw)
+            out["psnr_before_db"] = imaging.masked_psnr(placed, raw, mask)
+            out["delta_e_before"] = imaging.color_drift(placed, raw, mask)["mean"]
+    if mask is not None and (mask >= 0.5).any():
+        out["expansion"] = imaging.object_expansion(mask, imaging.grabcut(image, mask))["ratio"]
+    embedding = embedder.embed(image, mask)
+    if item.reference is not None:
+        if item.reference not in reference_cache:
+            reference_cache[item.reference] = _reference_embedding(item.reference, embedder)
+        out["style_similarity"] = float(np.dot(embedding, reference_cache[item.reference]))
+    return {"metrics": out, "embedding": embedding}
+
+
+def _reference_embedding(path: Path, embedder: Any) -> np.ndarray:
+    rgb, alpha = imaging.load_image(path)
+    rgba = np.concatenate([rgb, alpha[..., None]], -1) if alpha is not None else rgb
+    try:
+        seg = imaging.segment_product(rgba)
+        mask = np.asarray(seg.mask) if (np.asarray(seg.mask) >= 0.5).mean() < 0.95 else None
+    except ValueError:
+        mask = None
+    return embedder.embed(rgb, mask)
+
+
+# ---------------------------------------------------------------------------------------------- over the set
+def category_consistency(embeddings: Sequence[np.ndarray], categories: Sequence[str | None]) -> dict[str, Any]:
+    """Leave-one-out nearest-centroid accuracy of background embeddings over categories.
+
+    An image counts when its category has at least one other image; at least two such categories are needed.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, c in enumerate(categories):
+        if c:
+            groups.setdefault(c, []).append(i)
+    groups = {c: idx for c, idx in groups.items() if len(idx) >= 2}
+    if len(groups) < 2:
+        return {"status": "skipped", "reason": "needs at least 2 categories with 2 or more images each"}
+    e = np.stack([embeddings[i] for idx in groups.values() for i in idx])
+    labels = [c for c, idx in groups.items() for _ in idx]
+    sums = {c: e[[j for j, l in enumerate(labels) if l == c]].sum(0) for c in groups}
+    counts = {c: len(idx) for c, idx in groups.items()}
+    correct, within, between = 0, [], []
+    for j, (vec, own) in enumerate(zip(e, labels)):
+        scores = {}
+        for c in groups:
+            centroid = (sums[c] - vec) / (counts[c] - 1) if c == own else sums[c] / counts[c]
+            scores[c] = float(np.dot(vec, centroid) / max(np.linalg.norm(centroid), 1e-12))
+        correct += max(scores, key=scores.get) == own
+        within.append(scores[own])
+        between.extend(s for c, s in scores.items() if c != own)
+    return {"status": "ok", "accuracy": correct / len(labels), "images": len(labels), "categories": len(groups),
+            "mean_cosine_within": float(np.mean(within)), "mean_cosine_between": float(np.mean(between))}
+
+
+def _summary(values: Iterable[float | None]) -> dict[str, Any]:
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return {"n": 0}
+    finite = [x for x in v if math.isfinite(x)]
+    mean = float(np.mean(v)) if len(finite) == len(v) else math.inf
+    return {"n": len(v), "mean": mean, "min": float(min(v)), "max": float(max(v))}
+
+
+def evaluate(items: Sequence[EvalItem], embedder: Any | None = None, fid_real: str | os.PathLike | None = None,
+             progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Evaluate every item and summarise.
+
+    Args:
+        items: from :func:`collect_items`.
+        embedder: :class:`ClipEmbedder` or :class:`ColourHistogram` (default).
+        fid_real: folder of real images for FID (skipped when None or the library/weights are missing).
+        progress: called with the number of items done.
+
+    Returns:
+        ``{"images", "embedder", "summary": {metric: {n, mean, min, max}}, "category_consistency", "fid",
+        "items": [per-image metrics]}``.
+    """
+    from .fid import compute_fid
+
+    embedder = embedder or ColourHistogram()
+    per_item, embeddings, cache = [], [], {}
+    for i, item in enumerate(items):
+        result = evaluate_item(item, embedder, cache)
+        per_item.append(result["metrics"])
+        embeddings.append(result["embedding"])
+        if progress:
+            progress(i + 1)
+    return {"images": len(items), "embedder": embedder.name,
+            "summary": {m: _summary(r[m] for r in per_item) for m in METRICS},
+            "category_consistency": category_consistency(embeddings, [i.category for i in items]),
+            "fid": compute_fid([i.image for i in items], fid_real),
+            "items": per_item}
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """A plain-text table of the summary."""
+    lines = [f"{'metric':<20}{'n':>6}{'mean':>12}{'min':>12}{'max':>12}"]
+    for metric, s in report["summary"].items():
+        cells = [_fmt(s.get(k)) for k in ("mean", "min", "max")] if s["n"] else ["-"] * 3
+        lines.append(f"{metric:<20}{s['n']:>6}" + "".join(f"{c:>12}" for c in cells))
+    cc = report["category_consistency"]
+    lines.append("category_consistency " + (f"accuracy {cc['accuracy']:.3f} over {cc['images']} images, "
+                 f"{cc['categories']} categories (cosine within {cc['mean_cosine_within']:.3f} / between "
+                 f"{cc['mean_cosine_between']:.3f})" if cc["status"] == "ok" else f"skipped: {cc['reason']}"))
+    fid = report["fid"]
+    lines.append("fid                  " + (f"{fid['value']:.3f} ({fid['library']}, {fid['images']} vs "
+                 f"{fid['real_images']} images)" if fid["status"] == "ok" else f"skipped: {fid['reason']}"))
+    lines.append(f"embedder             {report['embedder']}")
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return "inf" if math.isinf(x) else f"{x:.4g}"
+
+
+def jsonable(report: Any) -> Any:
+    """The report with infinities as the string "inf" (strict JSON)."""
+    if isinstance(report, dict):
+        return {k: jsonable(v) for k, v in report.items()}
+    if isinstance(report, list):
+        return [jsonable(v) for v in report]
+    if isinstance(report, float) and math.isinf(report):
+        return "inf" if report > 0 else "-inf"
+    return report
