@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -111,7 +111,8 @@ class CGModule(DiffusionModule):
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         mask = batch["mask"].float()
-        context = self.text_encoder(self.prompt_ids[batch["category"]])[0]
+        cats, inverse = torch.unique(batch["category"], return_inverse=True)  # each prompt encoded once
+        context = self.text_encoder(self.prompt_ids[cats])[0][inverse]
         collect = self.cfg.mask_mode in ("loss", "both") and self.cfg.mass_loss_weight > 0
         call = self.guidance_call(mask, self.latent_hw(mask), collect)
         mse = self.denoising_loss(batch["image"], mask, generator, context, call, self.cfg.mask_jitter,
@@ -125,10 +126,16 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 class CGTask:
-    """The :class:`~.engine.TrainTask` of the Category-Wise Generator."""
+    """The :class:`~.engine.TrainTask` of the Category-Wise Generator.
 
-    def __init__(self, cfg: CGConfig) -> None:
+    Args:
+        cfg: the settings.
+        components: builds the base model (default: :func:`~.models.load_components` of ``cfg.model``).
+    """
+
+    def __init__(self, cfg: CGConfig, components: Callable[[], SDComponents] | None = None) -> None:
         self.cfg = cfg
+        self._components = components or (lambda: load_components(cfg.model, config_dir=cfg.model_configs))
         index = open_bg60k(cfg.data, skip_bad=cfg.skip_bad)
         self.index = _restrict(index, cfg.categories)
         self.categories = list(self.index.categories)
@@ -146,7 +153,7 @@ class CGTask:
         return d
 
     def build(self, device: torch.device) -> CGModule:
-        comps = load_components(self.cfg.model, config_dir=self.cfg.model_configs)
+        comps = self._components()
         comps.freeze()
         dtype = _DTYPES[self.cfg.weights_dtype]
         for m in (comps.unet, comps.vae, comps.text_encoder):

@@ -73,7 +73,7 @@ class DiffusionModule(nn.Module):
         return self.noise_scheduler.get_velocity(latents, noise, t) if kind == "v_prediction" else noise
 
     def denoising_loss(self, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator,
-                       context: torch.Tensor, call: DiffusersCall, jitter: tuple[float, float],
+                       context: torch.Tensor, call: DiffusersCall | None, jitter: tuple[float, float],
                        background_weight: float) -> torch.Tensor:
         """Weighted MSE of one noised batch (see module docstring for the draw order)."""
         dev = image.device
@@ -83,7 +83,8 @@ class DiffusionModule(nn.Module):
                           generator=generator).to(dev)
         keep = jitter_masks(mask.cpu(), generator, jitter).to(dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        kwargs = {CALL_KEY: call} if call is not None else None  # None: a plain diffusers step (benchmarks)
         pred = self.unet(self.unet_input(noisy, image, keep).to(self.unet.dtype), t, context.to(self.unet.dtype),
-                         cross_attention_kwargs={CALL_KEY: call}).sample.float()
+                         cross_attention_kwargs=kwargs).sample.float()
         w = loss_weights(mask, tuple(latents.shape[-2:]), background_weight)
         return (((pred - self.target(latents, noise, t)) ** 2) * w).mean() / w.mean()

@@ -1,0 +1,163 @@
+"""Cost of one Category-Wise training step versus a plain diffusers + peft LoRA step.
+
+Both steps run on the same UNet weights, batch and random draws (VAE encode, noise, timesteps, inpainting
+input, MSE, backward, AdamW): the plain step uses diffusers' ``AttnProcessor2_0``, a frozen text encoder
+(no grad) and the UNet LoRA only; ours adds the identifier vectors (gradient through the text encoder), the
+mask-guided attention bias in every cross-attention layer and the attention-mass loss (``mask_mode=both``).
+Steps alternate so machine drift hits both alike. Prints a table, then as its LAST line one JSON object with the
+median step times and their ratio (target ≤ 1.05).
+
+Models: ``tiny`` (the test UNet), ``small`` (3 levels, width 64-256), ``sd15`` (full-size SD1.5-inpainting UNet and
+CLIP ViT-L, random weights; ~4 GB in fp32). One base model is shared by both steps (the UNet's attention
+processors are swapped per step), so memory is that of one model.
+
+Usage: python bench/train_step.py [--model tiny|small|sd15] [--resolution 64] [--batch 4] [--steps 20] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from productbg.training import bgsynth
+from productbg.training.cg import CGConfig, CGTask
+from productbg.training.diffusion import DiffusionModule
+from productbg.training.models import SDComponents, default_scheduler, load_components
+from productbg.training.state import step_generator
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "sd15"
+
+
+def _sd_components(unet, text_config: dict, name: str) -> SDComponents:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from productbg.pipeline.text import clip_tokenizer
+    from productbg.pipeline.tiny import tiny_vae
+
+    text = CLIPTextModel(CLIPTextConfig(**text_config)).eval()
+    return SDComponents(unet.eval(), tiny_vae(), text, clip_tokenizer(), default_scheduler(), name)
+
+
+def small_components() -> SDComponents:
+    """A 3-level SD-shaped inpainting UNet (width 64–256, 10 cross-attention layers) with a width-128 CLIP."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=9, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 256),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
+        attention_head_dim=8, norm_num_groups=16)
+    return _sd_components(unet, dict(vocab_size=49408, hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                                     num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406,
+                                     eos_token_id=49407, pad_token_id=49407), "small")
+
+
+def sd15_components() -> SDComponents:
+    """Full-size SD1.5-inpainting UNet and CLIP ViT-L text encoder (random weights; tiny VAE: a shared cost)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    config = json.loads((ASSETS / "unet_config.json").read_text())
+    unet = UNet2DConditionModel.from_config({**config, "in_channels": 9})
+    return _sd_components(unet, json.loads((ASSETS / "text_encoder_config.json").read_text()), "sd15")
+
+
+BUILDERS = {"tiny": lambda: load_components("tiny-inpaint"), "small": small_components, "sd15": sd15_components}
+
+
+class PlainLoraStep(DiffusionModule):
+    """The reference: diffusers' default attention, frozen text encoder, UNet LoRA only."""
+
+    def __init__(self, comps: SDComponents, prompt_ids: torch.Tensor, jitter: tuple[float, float]) -> None:
+        super().__init__(comps)
+        self.text_encoder, self.jitter = comps.text_encoder, jitter
+        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
+
+    def forward(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            context = self.text_encoder(self.prompt_ids[batch["category"]])[0]
+        mse = self.denoising_loss(batch["image"], batch["mask"].float(), generator, context, None, self.jitter, 1.0)
+        return {"loss": mse}
+
+
+def build(kind: str, data: Path, resolution: int, device: str):
+    """Our CG module and the plain LoRA module, sharing one base model (UNet + LoRA, VAE, text encoder).
+
+    Returns:
+        (task, ours, plain, processors): ``processors[name]`` is the attention-processor set of each step.
+    """
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    comps = BUILDERS[kind]()
+    cfg = CGConfig(data=data, model=kind, resolution=resolution, vectors_per_id=4, lora_rank=8,
+                   mask_mode="both", mass_loss_weight=0.1)
+    task = CGTask(cfg, lambda: comps)
+    ours = task.build(torch.device(device)).to(device)
+    processors = {"ours": dict(comps.unet.attn_processors),
+                  "plain": {name: AttnProcessor2_0() for name in comps.unet.attn_processors}}
+    word = comps.tokenizer("background", add_special_tokens=False).input_ids[0]
+    ids = ours.prompt_ids.clone()
+    ids[ids >= ours.embedding.first] = word  # same prompt length, ordinary words
+    plain = PlainLoraStep(comps, ids, cfg.mask_jitter).to(device)
+    return task, ours, plain, processors
+
+
+def optimizer(module: torch.nn.Module, identifiers: bool) -> torch.optim.Optimizer:
+    params = [p for n, p in module.named_parameters() if p.requires_grad and (identifiers or "embedding" not in n)]
+    return torch.optim.AdamW(params, lr=1e-4)
+
+
+def timed_step(module, opt, batch, gen) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    module(batch, gen)["loss"].backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny", choices=sorted(BUILDERS))
+    ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        bgsynth.generate(data, bgsynth.SynthSpec(categories=8, per_category=2, held_out=0, size=args.resolution))
+        task, ours, plain, processors = build(args.model, data, args.resolution, args.device)
+        items = [task.dataset()[(i, i)] for i in range(args.batch)]
+        batch = {k: v.to(args.device) if torch.is_tensor(v) else v
+                 for k, v in torch.utils.data.default_collate(items).items()}
+        runs = {"ours": (ours, optimizer(ours, True), []), "plain": (plain, optimizer(plain, False), [])}
+        for i in range(args.warmup + args.steps):
+            for name in (("ours", "plain") if i % 2 else ("plain", "ours")):
+                module, opt, times = runs[name]
+                module.unet.set_attn_processor(dict(processors[name]))
+                dt = timed_step(module, opt, batch, step_generator(0, i, 0, 0))
+                if i >= args.warmup:
+                    times.append(dt)
+    med = {name: statistics.median(r[2]) for name, r in runs.items()}
+    print(f"{'step':8s} {'median ms':>10s} {'min ms':>8s}")
+    for name, r in runs.items():
+        print(f"{name:8s} {med[name] * 1e3:10.2f} {min(r[2]) * 1e3:8.2f}")
+    print(json.dumps({"bench": "train_step", "model": args.model, "device": args.device,
+                      "resolution": args.resolution, "batch": args.batch, "steps": args.steps,
+                      "ours_ms": round(med["ours"] * 1e3, 3), "plain_ms": round(med["plain"] * 1e3, 3),
+                      "ratio": round(med["ours"] / med["plain"], 4)}))
+
+
+if __name__ == "__main__":
+    main()
