@@ -169,3 +169,18 @@ def test_build_from_csv_with_segmenter_and_held_out(tmp_path):
     n60k = len((tmp_path / "out" / "bg60k_info.txt").read_text(encoding="utf-8").splitlines())
     n1k = len((tmp_path / "out" / "bg1k_info.txt").read_text(encoding="utf-8").splitlines())
     assert n60k + n1k == 6 and n1k > 0 and n60k > 0
+
+
+def test_dataset_cli_synth_check_build(tmp_path, capsys):
+    from productbg.cli import main
+
+    assert main(["dataset", "synth", str(tmp_path / "s"), "--categories", "3", "--per-category", "2",
+                 "--held-out", "1", "--size", "16", "--names", "鞋,包,杯"]) == 0
+    assert main(["dataset", "check", str(tmp_path / "s")]) == 0
+    assert "6 entries, 3 categories" in capsys.readouterr().out
+    layout.mask_path(tmp_path / "s", "bg60k", "1.png").unlink()
+    assert main(["dataset", "check", str(tmp_path / "s")]) == 2
+    assert "1 missing mask (e.g. 1.png)" in capsys.readouterr().err
+    src = _user_folder(tmp_path / "src")
+    assert main(["dataset", "build", str(src), str(tmp_path / "b"), "--alpha-only"]) == 0
+    assert "6 written" in capsys.readouterr().out
