@@ -184,3 +184,14 @@ def test_dataset_cli_synth_check_build(tmp_path, capsys):
     src = _user_folder(tmp_path / "src")
     assert main(["dataset", "build", str(src), str(tmp_path / "b"), "--alpha-only"]) == 0
     assert "6 written" in capsys.readouterr().out
+
+
+def test_build_uses_the_pack_segmentation_for_opaque_photos(tmp_path):
+    """Without alpha, the default ('auto') build segments a product on a plain backdrop instead of skipping it."""
+    pytest.importorskip("productbg.imaging.segment")
+    src = _user_folder(tmp_path / "src")
+    report = build_from_folder(src, tmp_path / "out")
+    assert report.mask_sources == {"alpha": 6, "segmentation": 1}
+    index = open_bg60k(tmp_path / "out")
+    masks = [np.asarray(Image.open(r.mask)) for r in index.records]
+    assert len(masks) == 7 and all(m[10, 10] == 255 and m[0, 0] == 0 for m in masks)

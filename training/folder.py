@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -102,16 +101,17 @@ def _csv_sources(path: Path) -> tuple[list[tuple[Path, str]], list[tuple[str, st
 
 # ---------------------------------------------------------------------------------------------- masks
 def default_segmenter() -> Segmenter | None:
-    """The pack's segmentation (``productbg.imaging.segment``), if that module is installed."""
+    """The pack's weight-free segmentation (``productbg.imaging.segment.segment_product``), if installed."""
     try:
-        module = importlib.import_module("productbg.imaging.segment")
+        from ..imaging.segment import segment_product
     except ImportError:
         return None
-    for name in ("product_mask", "segment_product", "segment"):
-        fn = getattr(module, name, None)
-        if callable(fn):
-            return lambda im, fn=fn: np.asarray(fn(im), dtype=np.float32)
-    return None
+
+    def segment(im: Image.Image) -> np.ndarray:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        return np.asarray(segment_product(rgb, "auto", clean_edges=False).mask, dtype=np.float32)
+
+    return segment
 
 
 def alpha_mask(im: Image.Image) -> np.ndarray | None:
