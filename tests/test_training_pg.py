@@ -63,7 +63,9 @@ def test_cli_writes_a_loadable_style_encoder_and_can_start_from_one(data, tmp_pa
     first = tmp_path / "first"
     common = ["--data", str(data), "--model", "tiny-inpaint", "--resolution", "32", "--max-steps", "2",
               "--batch-size", "2", "--lr", "1e-2", "--no-progress"]
-    assert main(["train-pg", "--output", str(first), *common]) == 0
+    assert main(["train-pg", "--output", str(first), "--sample-every", "2", *common]) == 0
+    from PIL import Image
+    assert Image.open(first / "samples" / "step-000002.png").size == (2 * 32, 3 * 32)  # ref / target / generated
     target = target_for(tiny_unet())
     enc = load_style_encoder(first / "style_encoder.safetensors", target)
     assert enc.config.variant == "linear" and enc.config.tokens == 4 and enc.training_info["steps"] == 2

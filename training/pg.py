@@ -150,12 +150,19 @@ class PGModule(DiffusionModule):
         self.vision, self.encoder, self.cfg = vision, encoder, cfg
         self.register_buffer("context", context, persistent=False)
 
-    def style_tokens(self, reference: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def clip_features(self, reference: torch.Tensor) -> torch.Tensor:
+        """Frozen CLIP-vision features of [B,3,H,W] references: image embeds (linear) or penultimate states."""
         with torch.no_grad():
             px = clip_pixels(reference, int(self.vision.config.image_size)).to(self.vision.dtype)
             out = self.vision(pixel_values=px, output_hidden_states=True)
-            feats = (out.image_embeds if self.encoder.config.variant == "linear" else out.hidden_states[-2]).float()
-        keep = torch.rand(feats.shape[0], generator=generator) >= self.cfg.drop_reference
+            return (out.image_embeds if self.encoder.config.variant == "linear" else out.hidden_states[-2]).float()
+
+    def style_tokens(self, reference: torch.Tensor, generator: torch.Generator,
+                     drop: float | None = None) -> torch.Tensor:
+        """Style tokens; each reference is replaced by zeros with probability ``drop`` (default: the config's)."""
+        feats = self.clip_features(reference)
+        p = self.cfg.drop_reference if drop is None else drop
+        keep = torch.rand(feats.shape[0], generator=generator) >= p
         feats = feats * keep.to(feats.device).view(-1, *([1] * (feats.ndim - 1)))
         return self.encoder(feats)
 
@@ -264,7 +271,9 @@ class PGTask:
         return [module.encoder.save(out_dir / STYLE_FILE, training)]
 
     def preview(self, module: PGModule, out_dir: Path, step: int) -> Path | None:
-        return None
+        from .preview import pg_preview
+
+        return pg_preview(module, self._dataset, out_dir, step)
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 """Sample previews during training: a few DDIM steps on fixed training items, product pasted back.
 
-Each preview is one PNG, ``samples/step-000100.png``: the top row holds the training images, the bottom row
-what the current weights generate for the same product and category (classifier-free guidance, identifier
-confined to the background, the inference recipe's eroded keep-mask for inpainting UNets).
+Each preview is one PNG, ``samples/step-000100.png``. ``train-cg``: training images on top, below what the
+current weights generate for the same product and category (identifier confined to the background).
+``train-pg``: references, targets, and what the current style encoder generates for the target's product from
+the reference. Both use classifier-free guidance and the inference recipe's eroded keep-mask.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..attention import Guidance, IdentifierGuidance, ProductMask
+from ..attention import Guidance, IdentifierGuidance, ProductMask, StyleGuidance
 from ..attention.diffusers_processor import CALL_KEY, DiffusersCall
 from .bgsynth import png_bytes
 from .layout import atomic_write_bytes
@@ -32,49 +33,69 @@ def _pick(dataset, count: int) -> list[int]:
 @torch.no_grad()
 def cg_preview(module, dataset, out_dir: Path, step: int, count: int = 4, steps: int = 10,
                guidance_scale: float = 4.0) -> Path:
-    """Write the preview PNG of ``step``; returns its path."""
-    from diffusers import DDIMScheduler
-
-    from .diffusion import morph
-
+    """Write the ``train-cg`` preview PNG of ``step`` (training images / generated); returns its path."""
     items = [dataset[(i, 0)] for i in _pick(dataset, count)]
-    dev = module.prompt_ids.device
-    image = torch.stack([it["image"] for it in items]).to(dev)
-    mask = torch.stack([it["mask"] for it in items]).to(dev)
-    cats = torch.tensor([it["category"] for it in items], device=dev)
-    keep = morph(mask, -round(PREVIEW_EROSION * mask.shape[-1]))
-    latents = _denoise(module, image, mask, keep, cats, DDIMScheduler.from_config(module.noise_scheduler.config),
-                       steps, guidance_scale)
-    decoded = module.vae.decode(latents.to(module.vae.dtype) / module.vae_scale).sample.float().clamp(-1, 1)
-    composite = decoded * (1 - mask) + image * mask
-    path = Path(out_dir) / f"step-{step:06d}.png"
-    atomic_write_bytes(path, png_bytes(_grid(image, composite)))
-    return path
-
-
-def _denoise(module, image, mask, keep, cats, scheduler, steps: int, scale: float) -> torch.Tensor:
-    b = image.shape[0]
-    h, w = image.shape[-2] // 8, image.shape[-1] // 8
-    gen = torch.Generator().manual_seed(0)
-    latents = torch.randn(b, 4, h, w, generator=gen).to(image.device) * scheduler.init_noise_sigma
+    image, mask = _stack(items, "image", module), _stack(items, "mask", module)
+    cats = torch.tensor([it["category"] for it in items], device=image.device)
     cond = module.text_encoder(module.prompt_ids[cats])[0]
     empty = module.prompt_ids.new_full((1, module.prompt_ids.shape[1]), 49407)
     empty[0, 0] = 49406
     uncond = module.text_encoder(empty)[0].expand_as(cond)
-    context = torch.cat([uncond, cond]).to(module.unet.dtype)
     g = IdentifierGuidance(module.spec, ProductMask(mask[:, 0]), 1.0)
-    call = DiffusersCall(Guidance().with_identifier(g), latent_hw=(h, w), cond_or_uncond=(1, 0))
+    composite = _generate(module, image, mask, torch.cat([uncond, cond]), Guidance().with_identifier(g), steps,
+                          guidance_scale)
+    return _save(out_dir, step, [image, composite])
+
+
+@torch.no_grad()
+def pg_preview(module, dataset, out_dir: Path, step: int, count: int = 4, steps: int = 10,
+               guidance_scale: float = 4.0) -> Path:
+    """Write the ``train-pg`` preview PNG of ``step`` (references / targets / generated); returns its path."""
+    items = [dataset[(i, 0)] for i in _pick(dataset.base, count)]
+    image, mask, ref = (_stack(items, k, module) for k in ("image", "mask", "reference"))
+    tokens = module.style_tokens(ref, torch.Generator().manual_seed(0), drop=0.0)
+    empty = module.encoder(torch.zeros_like(module.clip_features(ref)))
+    style = StyleGuidance(tokens, empty, module.encoder.layer_kv, product=ProductMask(mask[:, 0]),
+                          layer_weights=(1.0,) * module.encoder.num_layers)
+    context = module.context.expand(2 * image.shape[0], -1, -1)
+    composite = _generate(module, image, mask, context, Guidance().with_style(style), steps, guidance_scale)
+    return _save(out_dir, step, [ref, image, composite])
+
+
+def _stack(items: list[dict], key: str, module) -> torch.Tensor:
+    return torch.stack([it[key] for it in items]).to(next(module.unet.parameters()).device)
+
+
+def _generate(module, image, mask, context, guidance, steps: int, scale: float) -> torch.Tensor:
+    """DDIM with CFG (rows: uncond, cond), the inference recipe's keep-mask, product pasted back."""
+    from diffusers import DDIMScheduler
+
+    from .diffusion import morph
+
+    scheduler = DDIMScheduler.from_config(module.noise_scheduler.config)
+    keep = morph(mask, -round(PREVIEW_EROSION * mask.shape[-1]))
+    h, w = module.latent_hw(image)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(image.shape[0], 4, h, w, generator=gen).to(image.device) * scheduler.init_noise_sigma
+    call = DiffusersCall(guidance, latent_hw=(h, w), cond_or_uncond=(1, 0))
     scheduler.set_timesteps(steps)
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         inp = module.unet_input(x, torch.cat([image, image]), torch.cat([keep, keep]))
-        eps = module.unet(inp.to(module.unet.dtype), t, context, cross_attention_kwargs={CALL_KEY: call}).sample
+        eps = module.unet(inp.to(module.unet.dtype), t, context.to(module.unet.dtype),
+                          cross_attention_kwargs={CALL_KEY: call}).sample
         u, c = eps.float().chunk(2)
         latents = scheduler.step(u + scale * (c - u), t, latents).prev_sample
-    return latents
+    decoded = module.vae.decode(latents.to(module.vae.dtype) / module.vae_scale).sample.float().clamp(-1, 1)
+    return decoded * (1 - mask) + image * mask
 
 
-def _grid(top: torch.Tensor, bottom: torch.Tensor) -> np.ndarray:
-    rows = [torch.cat(list(x), dim=-1) for x in (top, bottom)]
-    img = torch.cat(rows, dim=-2).permute(1, 2, 0).cpu().numpy()
+def _save(out_dir: Path, step: int, rows: list[torch.Tensor]) -> Path:
+    path = Path(out_dir) / f"step-{step:06d}.png"
+    atomic_write_bytes(path, png_bytes(_grid(rows)))
+    return path
+
+
+def _grid(rows: list[torch.Tensor]) -> np.ndarray:
+    img = torch.cat([torch.cat(list(x), dim=-1) for x in rows], dim=-2).permute(1, 2, 0).cpu().numpy()
     return ((img + 1) * 127.5).clip(0, 255).round().astype(np.uint8)
