@@ -103,12 +103,15 @@ def test_cli_trains_and_writes_bank_lora_log_checkpoint(data, tmp_path):
     assert Image.open(out / "samples" / "step-000003.png").size == (3 * 32, 2 * 32)
 
 
-def test_resume_refuses_changed_settings(data, tmp_path):
+def test_resume_refuses_changed_settings_and_fresh_runs_refuse_old_checkpoints(data, tmp_path, capsys):
     out = tmp_path / "run"
     common = ["train-cg", "--data", str(data), "--output", str(out), "--resolution", "32", "--max-steps", "1",
               "--vectors-per-id", "2", "--lora-rank", "4", "--no-progress"]
     assert main(common) == 0
     assert main(common[:-1] + ["--max-steps", "2", "--lora-rank", "8", "--resume", "latest", "--no-progress"]) == 2
+    assert "settings changed (lora_rank: 4 -> 8)" in capsys.readouterr().err
+    assert main(common) == 2
+    assert "already holds checkpoints: pass --resume latest" in capsys.readouterr().err
 
 
 def test_half_written_checkpoints_are_skipped(tmp_path):

@@ -296,9 +296,14 @@ def fit(task: TrainTask, cfg: EngineConfig) -> FitResult:
     """
     from tqdm.auto import tqdm
 
+    if not cfg.resume and ckpt.find_latest(Path(cfg.output_dir) / "checkpoints").path is not None:
+        raise ValueError(f"{cfg.output_dir} already holds checkpoints: pass --resume latest to continue that run, "
+                         "or choose a new output folder")
     run = _Run(task, cfg)
     run.out.mkdir(parents=True, exist_ok=True)
     start = run.resume() if cfg.resume else 0
+    if start == 0 and run.acc.is_main_process:
+        run.log_path.unlink(missing_ok=True)  # a fresh run (or one killed before its first checkpoint)
     if run.acc.is_main_process:
         (run.out / CONFIG_FILE).write_text(json.dumps({"engine": cfg.to_json(), "task": task.fingerprint()},
                                                       indent=1, ensure_ascii=False, default=str))
