@@ -4,6 +4,8 @@
   hidden temp files, removed when the item is run again;
 * sharded: under ``accelerate launch`` / ``torchrun`` each process takes rows ``i mod WORLD_SIZE == RANK``;
 * the models are loaded only when this shard has work left, so a finished batch re-runs in seconds;
+* items are written on a background thread (PNG encoding overlaps the next item's sampling); an item counts
+  as done when its ``result.json`` is on disk;
 * a summary (done, skipped, failed with reasons, images/minute) is written as ``summary.json``
   (``summary.rank<r>-of-<w>.json`` per shard) and returned.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -31,14 +34,14 @@ class BatchSummary:
     skipped: int = 0
     failed: list[dict[str, Any]] = field(default_factory=list)
     images: int = 0
-    generate_seconds: float = 0.0
+    loop_seconds: float = 0.0
     load_seconds: float = 0.0
     total_seconds: float = 0.0
 
     @property
     def images_per_minute(self) -> float:
-        """Images made per minute of the processing loop (model loading excluded)."""
-        return 60.0 * self.images / self.generate_seconds if self.generate_seconds > 0 else 0.0
+        """Images written per minute of the processing loop (model loading excluded, writing included)."""
+        return 60.0 * self.images / self.loop_seconds if self.loop_seconds > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
         """The summary as a dict."""
@@ -80,8 +83,51 @@ class _Progress:
             self.bar.close()
 
 
+class _Writer:
+    """Writes finished items on a background thread, so PNG encoding overlaps the next item's sampling.
+
+    At most ``depth`` items wait in memory; an item counts as done only once its ``result.json`` is written.
+    With ``background=False`` items are written in the caller's thread.
+    """
+
+    def __init__(self, summary: BatchSummary, background: bool = True, depth: int = 2) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.summary, self.depth = summary, depth
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="productbg-writer") if background else None
+        self.pending: deque = deque()
+
+    def submit(self, row: Row, folder: Path, results: list, meta: dict[str, Any]) -> None:
+        if self.pool is None:
+            self._record(row, results, lambda: write_item(folder, results, meta))
+            return
+        self.pending.append((row, results, self.pool.submit(write_item, folder, results, meta)))
+        while len(self.pending) > self.depth:
+            self._collect()
+
+    def _collect(self) -> None:
+        row, results, future = self.pending.popleft()
+        self._record(row, results, future.result)
+
+    def _record(self, row: Row, results: list, wait: Callable[[], Any]) -> None:
+        try:
+            wait()
+        except Exception as e:  # a full disk or a vanished folder fails this row only
+            self.summary.failed.append(dict(row.describe(), reason=_reason(e)))
+            return
+        self.summary.done += 1
+        self.summary.images += len(results)
+
+    def close(self) -> None:
+        while self.pending:
+            self._collect()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+
 def run_batch(rows: Iterable[Row], out: str | Path, make_pipeline: PipelineFactory, shard: Shard = Shard(),
-              progress: bool = True, settings_json: dict[str, Any] | None = None) -> BatchSummary:
+              progress: bool = True, settings_json: dict[str, Any] | None = None,
+              background_writes: bool = True) -> BatchSummary:
     """Run this shard's rows of a manifest.
 
     Args:
@@ -91,6 +137,7 @@ def run_batch(rows: Iterable[Row], out: str | Path, make_pipeline: PipelineFacto
         shard: which part of the manifest to run.
         progress: show a progress bar on stderr.
         settings_json: recorded in each ``result.json`` (model source, settings).
+        background_writes: write items on a background thread (overlapping the next item's sampling).
 
     Returns:
         The :class:`BatchSummary` (also written to :func:`summary_path`).
@@ -101,7 +148,8 @@ def run_batch(rows: Iterable[Row], out: str | Path, make_pipeline: PipelineFacto
     mine = shard.take(list(rows))
     summary = BatchSummary(shard)
     bar = _Progress(len(mine), progress, "batch" if shard.count == 1 else f"batch {shard.index}/{shard.count}")
-    pipe = None
+    writer = _Writer(summary, background_writes)
+    pipe, loop_start = None, None
     try:
         for row in mine:
             if row.error is not None:
@@ -115,35 +163,34 @@ def run_batch(rows: Iterable[Row], out: str | Path, make_pipeline: PipelineFacto
             if pipe is None:
                 t = time.perf_counter()
                 pipe = make_pipeline()
-                summary.load_seconds = time.perf_counter() - t
-            bar.step(_run_row(pipe, row, out, summary, settings_json or {}))
+                loop_start = time.perf_counter()
+                summary.load_seconds = loop_start - t
+            bar.step(_run_row(pipe, row, out, summary, writer, settings_json or {}))
     finally:
+        writer.close()
         bar.close()
-    summary.total_seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    summary.total_seconds = end - start
+    summary.loop_seconds = end - loop_start if loop_start is not None else 0.0
     write_json(summary.to_json(), summary_path(out, shard))
     return summary
 
 
-def _run_row(pipe: Any, row: Row, out: Path, summary: BatchSummary, extra: dict[str, Any]) -> str:
-    """Generate and write one row; a failure is recorded, never raised (except interrupts)."""
+def _run_row(pipe: Any, row: Row, out: Path, summary: BatchSummary, writer: _Writer, extra: dict[str, Any]) -> str:
+    """Generate one row and hand it to the writer; a failure is recorded, never raised (except interrupts)."""
     folder = out / row.name
-    t = time.perf_counter()
     try:
         remove_stale_temps(folder)
         results = pipe.generate(row.product, category=row.category, reference=row.reference, seed=row.seed, n=row.n)
-        meta = dict(extra, name=row.name, line=row.line, product=str(row.product), category=row.category,
-                    reference=str(row.reference) if row.reference else None, seed=row.seed, n=row.n,
-                    shard=f"{summary.shard.index}/{summary.shard.count}")
-        write_item(folder, results, meta)
     except Exception as e:  # one bad row must never stop the batch (OOM, unreadable image, unknown category)
-        summary.generate_seconds += time.perf_counter() - t
         summary.failed.append(dict(row.describe(), reason=_reason(e)))
         _free_memory()
         return "failed"
-    summary.generate_seconds += time.perf_counter() - t
-    summary.done += 1
-    summary.images += len(results)
-    return "done"
+    meta = dict(extra, name=row.name, line=row.line, product=str(row.product), category=row.category,
+                reference=str(row.reference) if row.reference else None, seed=row.seed, n=row.n,
+                shard=f"{summary.shard.index}/{summary.shard.count}")
+    writer.submit(row, folder, results, meta)
+    return "generated"
 
 
 def _reason(e: Exception) -> str:
