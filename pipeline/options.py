@@ -11,8 +11,10 @@ from typing import Any
 import torch
 
 from .errors import PipelineError
+from .pipeline import GenerateSettings
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULTS = GenerateSettings()
 TINY_NOTE = ("no --checkpoint: using the tiny random built-in models (backgrounds are noise; for trying the "
              "commands and for tests). Pass --checkpoint for real results.")
 
@@ -45,27 +47,31 @@ def add_settings_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, default=40, help="DDIM steps (default 40)")
     g.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
     g.add_argument("--fill", type=float, default=0.74, help="product bounding box / canvas (default 0.74)")
-    g.add_argument("--grow", type=float, default=None, help="repaint-mask growth in px (default 20 at 512)")
+    g.add_argument("--grow", type=float, default=20.0, help="repaint-mask growth in px at 512, scaled with "
+                   "--size (default 20)")
     g.add_argument("--strength", type=float, default=1.0, help="mask-guided attention strength 0..1 (default 1)")
     g.add_argument("--style-weight", type=float, default=0.8, help="reference style weight (default 0.8)")
     g.add_argument("--style-layers", choices=["all", "style", "composition"], default="all")
     g.add_argument("--template", help="prompt template with {id} (default: the bank's)")
-    g.add_argument("--extra", default="", help="free words appended to the prompt")
-    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--extra", default=DEFAULTS.extra_text, help=f"free words appended to the prompt "
+                   f"(default {DEFAULTS.extra_text!r})")
+    g.add_argument("--negative", default=DEFAULTS.negative_prompt, help=f"negative prompt (default "
+                   f"{DEFAULTS.negative_prompt!r})")
     g.add_argument("--feather", type=float, default=2.0, help="outward feather of the paste-back in px (default 2)")
     g.add_argument("--segmentation", default="auto",
                    choices=["auto", "alpha", "background", "background+grabcut", "grabcut"],
                    help="how the product is cut out (auto: alpha, else uniform-background key, else GrabCut)")
+    g.add_argument("--report-expansion", action="store_true", help="also measure object expansion in each "
+                   "preservation report, as the ComfyUI workflows do (a GrabCut per image)")
 
 
 def settings_from_args(args: argparse.Namespace):
     """:class:`GenerateSettings` from parsed options."""
-    from .pipeline import GenerateSettings
-
     return GenerateSettings(size=args.size, steps=args.steps, guidance_scale=args.cfg, fill_ratio=args.fill,
                             inpaint_grow=args.grow, identifier_strength=args.strength, style_weight=args.style_weight,
                             style_layers=args.style_layers, template=args.template, extra_text=args.extra,
-                            negative_prompt=args.negative, feather=args.feather, segmentation=args.segmentation)
+                            negative_prompt=args.negative, feather=args.feather, segmentation=args.segmentation,
+                            report_expansion=args.report_expansion)
 
 
 def parse_lora(text: str) -> tuple[Path, float]:

@@ -32,6 +32,8 @@ from .prompts import PromptEncoder
 from .sampling import SampleInputs, make_scheduler, sample_inpaint
 
 ImageInput = Any  # a path, an [H, W, 3|4] array / tensor in 0..1, or a Prepared canvas
+REFERENCE_GROW = 4
+REPORT_THRESHOLDS = imaging.Thresholds(min_psnr_db=20.0, max_delta_e_mean=2.0, max_expansion_ratio=0.05)
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class GenerateSettings:
     Attributes:
         size: canvas side in pixels (square canvas).
         fill_ratio: the product's bounding box spans this fraction of the canvas.
-        inpaint_grow: repaint-mask dilation in pixels; None = 20 px at 512, scaled with the size.
+        inpaint_grow: repaint-mask dilation in pixels at 512 (scaled with the canvas, as Place Product does).
         segmentation: ``imaging.segment_product`` method (``auto``: alpha, else uniform-background key, else GrabCut).
         steps: DDIM steps. guidance_scale: classifier-free guidance scale.
         identifier_strength: mask-guided attention strength (1 = the identifier never attends on the product).
@@ -50,11 +52,15 @@ class GenerateSettings:
         negative_prompt: negative prompt.
         feather: outward feather of the paste-back, pixels.
         noise_mask: keep the unmasked latent (ComfyUI's noise mask) after every step.
+        report_expansion: also segment each output to measure object expansion, as the shipped workflows do
+            (costs a GrabCut per image; ``productbg eval`` measures it afterwards anyway).
+
+    The defaults are the values of the shipped ComfyUI workflows (``workflows/api``); a test keeps them equal.
     """
 
     size: int = 512
     fill_ratio: float = imaging.DEFAULT_FILL_RATIO
-    inpaint_grow: float | None = None
+    inpaint_grow: float = 20.0
     segmentation: str = "auto"
     steps: int = 40
     guidance_scale: float = 7.5
@@ -62,10 +68,11 @@ class GenerateSettings:
     style_weight: float = 0.8
     style_layers: str = "all"
     template: str | None = None
-    extra_text: str = ""
-    negative_prompt: str = ""
+    extra_text: str = "soft studio light, high quality"
+    negative_prompt: str = "product, object, text, watermark, blurry, low quality"
     feather: float = 2.0
     noise_mask: bool = True
+    report_expansion: bool = False
 
     def __post_init__(self) -> None:
         if self.size < 16 or self.size % 8:
@@ -204,7 +211,7 @@ class ProductBGPipeline:
         try:
             seg = imaging.segment_product(rgba, s.segmentation)
             placement = imaging.place_product(seg.image, seg.mask, (s.size, s.size), s.fill_ratio,
-                                              inpaint_grow=s.inpaint_grow)
+                                              inpaint_grow=imaging.inpaint_grow_pixels(s.size, s.size, s.inpaint_grow))
         except ValueError as e:
             raise PipelineError(f"{source or 'product'}: {e}") from None
         return Prepared(np.asarray(placement.image, np.float32), np.asarray(placement.mask, np.float32),
@@ -220,8 +227,8 @@ class ProductBGPipeline:
             raise PipelineError("a reference image needs a style encoder and its CLIP vision model "
                                 "(--style-encoder and --clip-vision)")
         rgba, source = _as_rgba(reference)
-        try:
-            seg = imaging.segment_product(rgba, settings.segmentation)
+        try:  # as the shipped workflows do: the reference's product mask grown by 4 px, edges left as they are
+            seg = imaging.segment_product(rgba, settings.segmentation, grow=REFERENCE_GROW, clean_edges=False)
         except ValueError as e:
             raise PipelineError(f"reference {source}: {e}") from None
         image = torch.as_tensor(np.asarray(seg.image, np.float32))[None].to(self.device)
@@ -282,7 +289,11 @@ class ProductBGPipeline:
                 s: GenerateSettings) -> Result:
         generated = raw.permute(1, 2, 0).cpu().numpy().astype(np.float32)
         final = np.asarray(imaging.composite_product(generated, prep.placed, prep.mask, s.feather), np.float32)
-        report = imaging.preservation_report(prep.placed, prep.mask, final, generated_image=generated)
+        output_mask = None
+        if s.report_expansion:
+            output_mask = imaging.segment_product(final, "auto", feather=0.0, clean_edges=False).mask
+        report = imaging.preservation_report(prep.placed, prep.mask, final, generated_image=generated,
+                                             output_mask=output_mask, thresholds=REPORT_THRESHOLDS)
         return Result(final, generated, prep.placed, prep.mask, prep.repaint, seed, category, prompt, report)
 
 
