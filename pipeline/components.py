@@ -12,12 +12,13 @@ Nothing here downloads: folders are read with ``local_files_only`` and configs c
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +69,26 @@ class Components:
 def shipped_scheduler_config() -> dict:
     """SD1.5's noise schedule (``assets/sd15/scheduler_config.json``)."""
     return json.loads((SD15_CONFIGS / "scheduler_config.json").read_text(encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No weight-loading progress bars or dtype notices from transformers / diffusers (one-line CLI output)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
 
 
 # ---------------------------------------------------------------------------------------------- identifiers
@@ -143,8 +164,9 @@ def load_clip_vision(path: str | os.PathLike) -> ClipVision:
     p = Path(path)
     if p.is_dir():
         try:
-            return ClipVision(CLIPVisionModelWithProjection.from_pretrained(p, local_files_only=True,
-                                                                            use_safetensors=True))
+            with quiet_loading():
+                return ClipVision(CLIPVisionModelWithProjection.from_pretrained(p, local_files_only=True,
+                                                                                use_safetensors=True))
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{p}: not a CLIP vision folder with config.json and model.safetensors ({e})") from None
     from .single_file import read_checkpoint
@@ -227,9 +249,10 @@ def load_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
                               f"{', '.join(d + '/config.json' for d in missing)})")
     kw: dict[str, Any] = dict(local_files_only=True, torch_dtype=dtype)
     try:
-        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True, dtype=dtype)
+        with quiet_loading():
+            unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw)
+            vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)
+            text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True, dtype=dtype)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{root}: could not load ({str(e).splitlines()[0][:300]})") from None
     sched = root / "scheduler" / "scheduler_config.json"

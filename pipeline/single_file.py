@@ -102,12 +102,16 @@ def load_single_file(path: str | os.PathLike | dict, config_dir: str | os.PathLi
     name = "checkpoint" if isinstance(path, dict) else Path(path).name
     files = config_files(config_dir)
     unet_cfg = files["unet_inpaint" if _in_channels(checkpoint, name) == 9 else "unet"]
+    from .components import quiet_loading
+
     kw: dict[str, Any] = dict(local_files_only=True, torch_dtype=dtype)
     try:
-        unet = UNet2DConditionModel.from_single_file(checkpoint, config=str(unet_cfg), **kw)
-        vae = AutoencoderKL.from_single_file(checkpoint, config=str(files["vae"]), **kw)
-        text_encoder = create_diffusers_clip_model_from_ldm(
-            CLIPTextModel, checkpoint, config=str(files["text_encoder"]), torch_dtype=dtype, local_files_only=True)
+        with quiet_loading():
+            unet = UNet2DConditionModel.from_single_file(checkpoint, config=str(unet_cfg), **kw)
+            vae = AutoencoderKL.from_single_file(checkpoint, config=str(files["vae"]), **kw)
+            text_encoder = create_diffusers_clip_model_from_ldm(
+                CLIPTextModel, checkpoint, config=str(files["text_encoder"]), torch_dtype=dtype,
+                local_files_only=True)
     except (RuntimeError, KeyError, ValueError) as e:
         raise CheckpointError(f"{name}: does not fit the SD1.5 component configs in {unet_cfg.parent} "
                               f"({str(e).splitlines()[0][:300]})") from None
