@@ -218,6 +218,8 @@ def _weights_dtype(mixed_precision: str) -> str:
 
 
 def _print_result(result) -> None:
+    if not result.main_process:
+        return
     start = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
     last = f", last loss {result.losses[-1]:.4f}" if result.losses else ""
     print(f"trained to step {result.step}{start}{last}")

@@ -117,6 +117,7 @@ class FitResult:
     resumed_from: int
     outputs: list[Path] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
+    main_process: bool = True
 
 
 # ---------------------------------------------------------------------------------------------- data order
@@ -307,7 +308,7 @@ def fit(task: TrainTask, cfg: EngineConfig) -> FitResult:
     if run.acc.is_main_process:
         (run.out / CONFIG_FILE).write_text(json.dumps({"engine": cfg.to_json(), "task": task.fingerprint()},
                                                       indent=1, ensure_ascii=False, default=str))
-    result = FitResult(step=start, resumed_from=start)
+    result = FitResult(step=start, resumed_from=start, main_process=run.acc.is_main_process)
     batches = run.batches()
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and run.acc.is_main_process),
                desc="train", dynamic_ncols=True)
