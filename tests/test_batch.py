@@ -73,10 +73,10 @@ def _complete_files(out: Path) -> None:
 def test_resume_after_sigkill(tmp_path, pipe):
     """Kill a running batch with SIGKILL, rerun: finished items are not redone, nothing is lost, no partial or
     temp files remain."""
-    names = _products(tmp_path, 6)
-    manifest = _manifest(tmp_path, [f"{n},shoes,{i}" for i, n in enumerate(names)],)
+    names = _products(tmp_path, 12)                      # enough work left after the first item to kill mid-run
+    manifest = _manifest(tmp_path, [f"{n},shoes,{i}" for i, n in enumerate(names)])
     out = tmp_path / "out"
-    proc = _cli(["batch", str(manifest), "--out", str(out), "--n", "2", *TINY_ARGS], tmp_path)
+    proc = _cli(["batch", str(manifest), "--out", str(out), "--n", "2", *TINY_ARGS, "--steps", "4"], tmp_path)
     deadline = time.time() + 120
     while time.time() < deadline and not any(out.glob("*/result.json")):
         assert proc.poll() is None, proc.communicate()
@@ -84,11 +84,11 @@ def test_resume_after_sigkill(tmp_path, pipe):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
-    assert 1 <= len(finished) < 6
+    assert 1 <= len(finished) < 12
     _complete_files(out)
     rows = read_manifest(manifest, out)
     summary = run_batch(rows, out, lambda: pipe, progress=False)
-    assert summary.skipped == len(finished) and summary.done == 6 - len(finished) and not summary.failed
+    assert summary.skipped == len(finished) and summary.done == 12 - len(finished) and not summary.failed
     assert {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/result.json") if p.parent.name in finished} == finished
     assert all(read_result(out / r.name) is not None for r in rows)
     assert not [p for p in out.rglob(".*") if p.is_file()]

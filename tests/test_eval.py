@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from productbg.pipeline.errors import PipelineError
-from productbg.pipeline.evaluate import (ColourHistogram, EvalItem, category_consistency, collect_items, evaluate)
+from productbg.pipeline.evaluate import ColourHistogram, category_consistency, collect_items, evaluate
 from productbg.pipeline.fid import compute_fid
 from productbg.pipeline.outputs import save_png
 
