@@ -71,9 +71,10 @@ class ProductBGAttnProcessor:
         guided = is_cross and self.layer_index is not None and productbg is not None and productbg.guidance
         if guided and mask is None:
             ctx = self._context(q, productbg)
-            out = guided_cross_attention(q, k, v, attn.heads, productbg.guidance, ctx)
+            bias = identifier_bias_for(q, k, attn.heads, productbg.guidance, ctx)
+            out = guided_cross_attention(q, k, v, attn.heads, productbg.guidance, ctx, bias=bias)
             if productbg.mass_losses is not None:
-                productbg.mass_losses.append(self._mass(q, k, attn.heads, productbg, ctx))
+                productbg.mass_losses.append(self._mass(q, k, attn.heads, productbg, ctx, bias))
         else:
             out = plain_attention(q, k, v, attn.heads, attn_mask=mask)
 
@@ -90,13 +91,13 @@ class ProductBGAttnProcessor:
                             chunks=len(call.cond_or_uncond))
 
     @staticmethod
-    def _mass(q: torch.Tensor, k: torch.Tensor, heads: int, call: DiffusersCall, ctx: LayerContext) -> torch.Tensor:
+    def _mass(q: torch.Tensor, k: torch.Tensor, heads: int, call: DiffusersCall, ctx: LayerContext,
+              bias: torch.Tensor | None) -> torch.Tensor:
         if not call.guidance.identifiers:
             return q.new_zeros(())
         g = call.guidance.identifiers[0]
         cols = identifier_columns(g.spec, k.shape[1], q.device)
         coverage = rows_for_batch(g.product.coverage(ctx.grid, q.device), q.shape[0], ctx.chunks)
-        bias = identifier_bias_for(q, k, heads, call.guidance, ctx)
         return identifier_attention_mass(q, k, heads, cols, ctx.positive_rows.to(q.device), coverage, bias)
 
 

@@ -26,6 +26,7 @@ SD15_LAYER_KEYS: tuple[tuple[str, int], ...] = (
     ("middle", 0),
 )
 NUM_SD15_LAYERS = len(SD15_LAYER_KEYS)
+_COMPUTE = object()  # default of guided_cross_attention's ``bias``: build it there
 
 
 class _SharedOnCopy:
@@ -192,7 +193,8 @@ def identifier_bias_for(q: torch.Tensor, k: torch.Tensor, heads: int, guidance: 
 
 
 def guided_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, guidance: Guidance,
-                           ctx: LayerContext, include_base: bool = True) -> torch.Tensor:
+                           ctx: LayerContext, include_base: bool = True,
+                           bias: torch.Tensor | None | object = _COMPUTE) -> torch.Tensor:
     """Cross-attention output with identifier confinement and style terms.
 
     Args:
@@ -202,11 +204,14 @@ def guided_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
         ctx: the layer's context.
         include_base: False returns only what guidance *adds* to plain attention (for stacking inside a
             foreign patch object that already computed plain attention).
+        bias: the identifier bias when the caller already built it (``identifier_bias_for``); by default it
+            is computed here.
 
     Returns:
         [rows, N, heads·d], before the layer's output projection.
     """
-    bias = identifier_bias_for(q, k, heads, guidance, ctx)
+    if bias is _COMPUTE:
+        bias = identifier_bias_for(q, k, heads, guidance, ctx)
     if bias is not None:
         out = plain_attention(q, k, v, heads, attn_mask=bias)
         if not include_base:

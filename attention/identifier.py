@@ -146,7 +146,11 @@ def identifier_attention_mass(q: torch.Tensor, k: torch.Tensor, heads: int, colu
     """
     if columns.numel() == 0 or not bool(positive_rows.any()):
         return q.new_zeros(())
-    mass = identifier_mass_map(q[positive_rows], k[positive_rows], heads, columns,
-                               None if bias is None else bias[positive_rows])
-    weight = coverage[positive_rows].to(mass.dtype)
+    weight = coverage[positive_rows]
+    inside = (weight > 0).any(0)  # only positions some product covers contribute: skip the rest
+    if not bool(inside.any()):
+        return q.new_zeros(())
+    rows_bias = None if bias is None else bias[positive_rows][:, :, inside]
+    mass = identifier_mass_map(q[positive_rows][:, inside], k[positive_rows], heads, columns, rows_bias)
+    weight = weight[:, inside].to(mass.dtype)
     return (mass * weight).sum() / weight.sum().clamp_min(1e-6)
