@@ -127,8 +127,21 @@ _SEED_FILES = {"bank": "bank.safetensors", "style_linear": "se_linear.safetensor
 
 
 def _bytes_of(write: Callable[[Path], Any], path: Path) -> bytes:
+    """The written file with its header keys sorted: safetensors orders metadata by a per-map random hash, and
+    the same seed must give the same fuzz cases."""
     write(path)
-    return path.read_bytes()
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(raw) > n:
+        raise RuntimeError(f"re-serialised header of {path.name} grew from {n} to {len(raw)} bytes")
+    raw += b" " * (n - len(raw))  # same length (padding is legal), so the data offsets stay valid
+    canonical = data[:8] + raw + data[8 + n:]
+    path.write_bytes(canonical)
+    return canonical
 
 
 # ---------------------------------------------------------------------- mutations
