@@ -59,3 +59,15 @@ def comfy_model_files(comfy, tmp_path_factory):
     import comfy_model_files
 
     return comfy_model_files.write_model_files(comfy, tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one thread; on a busy machine idle OpenMP threads cost seconds per call.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

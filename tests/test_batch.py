@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from productbg.imaging.synthetic import packshot
@@ -23,13 +22,7 @@ TINY_ARGS = ["--size", "32", "--steps", "2", "--no-progress"]
 COLOURS = [(0.9, 0.1, 0.1), (0.1, 0.7, 0.2), (0.2, 0.2, 0.9), (0.8, 0.7, 0.1), (0.6, 0.1, 0.7), (0.1, 0.6, 0.7)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; on a busy machine idle OpenMP threads cost seconds per call."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from productbg.cli import build_parser, main
 from productbg.imaging.synthetic import packshot
@@ -14,13 +13,7 @@ from productbg.pipeline.outputs import save_png
 TINY = ["--size", "32", "--steps", "2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; on a busy machine idle OpenMP threads cost seconds per call."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

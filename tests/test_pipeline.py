@@ -12,13 +12,7 @@ from productbg.pipeline.pipeline import GenerateSettings, Prepared, ProductBGPip
 SMALL = GenerateSettings(size=64, steps=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; on a busy machine idle OpenMP threads cost seconds per call."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

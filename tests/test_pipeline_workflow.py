@@ -19,13 +19,7 @@ GRAPHS = sorted((ROOT / "workflows" / "api").glob("*.json"))
 EXAMPLE = ROOT / "workflows" / "inputs" / "productbg_example_product.png"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one thread; on a busy machine idle OpenMP threads cost seconds per call."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _nodes(graph: dict, class_type: str) -> list[dict]:
