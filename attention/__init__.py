@@ -1,6 +1,7 @@
 """Pure-torch attention math (no ComfyUI, no diffusers import): mask grids, identifier and style attention,
 and the one guided cross-attention call both adapters run."""
-from .guided import (NUM_SD15_LAYERS, SD15_LAYER_KEYS, Guidance, IdentifierGuidance, LayerContext, ProductMask, StyleGuidance,
+from .guided import (NUM_SD15_LAYERS, SD15_LAYER_KEYS, STYLE_LAYER_PRESETS, Guidance, IdentifierGuidance,
+                     LayerContext, ProductMask, StyleGuidance,
                      guided_cross_attention, positive_rows_from)
 from .identifier import (IdentifierSpec, identifier_attention, identifier_attention_mass, identifier_bias,
                          identifier_columns, identifier_mass_map, plain_attention)
@@ -8,7 +9,8 @@ from .masks import background_weights, infer_grid, product_coverage, rows_for_ba
 from .style import style_attention
 
 __all__ = [
-    "NUM_SD15_LAYERS", "SD15_LAYER_KEYS", "Guidance", "IdentifierGuidance", "LayerContext", "ProductMask", "StyleGuidance",
+    "NUM_SD15_LAYERS", "SD15_LAYER_KEYS", "STYLE_LAYER_PRESETS", "Guidance", "IdentifierGuidance", "LayerContext",
+    "ProductMask", "StyleGuidance",
     "guided_cross_attention", "positive_rows_from",
     "IdentifierSpec", "identifier_attention", "identifier_attention_mass", "identifier_bias",
     "identifier_columns", "identifier_mass_map", "plain_attention",

@@ -26,6 +26,13 @@ SD15_LAYER_KEYS: tuple[tuple[str, int], ...] = (
     ("middle", 0),
 )
 NUM_SD15_LAYERS = len(SD15_LAYER_KEYS)
+#: Reference-style layer presets (our reading): input blocks + middle shape the layout, output blocks the
+#: texture and colour.
+STYLE_LAYER_PRESETS: dict[str, tuple[float, ...]] = {
+    "all": (1.0,) * NUM_SD15_LAYERS,
+    "style": tuple(1.0 if key[0] == "output" else 0.0 for key in SD15_LAYER_KEYS),
+    "composition": tuple(0.0 if key[0] == "output" else 1.0 for key in SD15_LAYER_KEYS),
+}
 _COMPUTE = object()  # default of guided_cross_attention's ``bias``: build it there
 
 

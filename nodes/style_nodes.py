@@ -1,22 +1,16 @@
 """Reference-style nodes (the Personality-Wise Generator): load a style encoder, apply a reference image."""
 from __future__ import annotations
 
-import torch
-
-from ..attention import NUM_SD15_LAYERS, ProductMask, StyleGuidance
+from ..attention import STYLE_LAYER_PRESETS, ProductMask, StyleGuidance
 from ..attention import comfy_patch
+from ..imaging.fill import fill_product_hwc
 from ..weights.errors import WeightsError
-from ..weights.style_encoder import StyleEncoder, load_style_encoder
+from ..weights.style_encoder import StyleEncoder, load_style_encoder, reference_tokens
 from .common import STYLE, NodeInputError, check_mask_batch, check_sd15
 from .folders import full_path, list_files
 
 CATEGORY = "productbg/style"
-# Our reading: input blocks + middle shape the layout, output blocks the texture and colour.
-LAYER_PRESETS: dict[str, tuple[float, ...]] = {
-    "all": (1.0,) * NUM_SD15_LAYERS,
-    "style": tuple(1.0 if 6 <= i <= 14 else 0.0 for i in range(NUM_SD15_LAYERS)),
-    "composition": tuple(0.0 if 6 <= i <= 14 else 1.0 for i in range(NUM_SD15_LAYERS)),
-}
+LAYER_PRESETS = STYLE_LAYER_PRESETS
 
 
 class LoadStyleEncoder:
@@ -38,34 +32,6 @@ class LoadStyleEncoder:
             return (load_style_encoder(full_path("productbg_style_encoders", encoder_name, "ipadapter")),)
         except WeightsError as e:
             raise NodeInputError(f"{encoder_name}: {e}") from None
-
-
-def remove_product(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Fill the reference's product (mask 1) with the mean colour of its background, per image."""
-    keep = (1 - mask)[..., None]
-    mean = (image * keep).sum((1, 2), keepdim=True) / keep.sum((1, 2), keepdim=True).clamp_min(1)
-    return image * keep + mean * (1 - keep)
-
-
-def style_tokens(encoder: StyleEncoder, clip_vision, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond, uncond) style tokens of a reference IMAGE; uncond comes from a black image, as IP-Adapter does."""
-    plus = encoder.config.variant == "plus"
-
-    def features(images):
-        out = clip_vision.encode_image(images)
-        return out["penultimate_hidden_states"] if plus else out["image_embeds"]
-
-    cond = features(reference)
-    if not torch.isfinite(cond).all():
-        raise NodeInputError("the CLIP vision model returned NaN/inf features for the reference; check the "
-                             "CLIP vision file (a damaged or mismatched model)")
-    uncond = features(torch.zeros_like(reference[:1])) if plus else torch.zeros_like(cond[:1])
-    if cond.shape[-1] != encoder.config.clip_width:
-        raise NodeInputError(f"this CLIP vision model gives {cond.shape[-1]}-wide features; the style encoder "
-                             f"expects {encoder.config.clip_width} (use the CLIP vision model it was trained with)")
-    with torch.no_grad():
-        p = next(encoder.parameters())
-        return (encoder(cond.to(p)).float(), encoder(uncond.to(p)).expand(cond.shape[0], -1, -1).float())
 
 
 class ReferenceStyle:
@@ -101,8 +67,11 @@ class ReferenceStyle:
         if start_percent > end_percent:
             raise NodeInputError(f"start_percent {start_percent} is after end_percent {end_percent}")
         if reference_mask is not None:
-            reference = remove_product(reference, check_mask_batch(reference_mask, reference, "reference_mask"))
-        cond, uncond = style_tokens(style_encoder, clip_vision, reference)
+            reference = fill_product_hwc(reference, check_mask_batch(reference_mask, reference, "reference_mask"))
+        try:
+            cond, uncond = reference_tokens(style_encoder, clip_vision, reference)
+        except ValueError as e:
+            raise NodeInputError(str(e)) from None
         sampling = model.get_model_object("model_sampling")
         style = StyleGuidance(cond, uncond, style_encoder.layer_kv, weight, LAYER_PRESETS[layer_preset],
                               product=ProductMask(product_mask) if product_mask is not None else None,

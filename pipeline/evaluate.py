@@ -148,11 +148,11 @@ class ClipEmbedder:
 
     def embed(self, image: np.ndarray, product_mask: np.ndarray | None = None) -> np.ndarray:
         """L2-normalised image embeds of the image's background."""
-        from ..nodes.style_nodes import remove_product
+        from ..imaging.fill import fill_product_hwc
 
         x = torch.as_tensor(image[..., :3], dtype=torch.float32)[None]
         if product_mask is not None:
-            x = remove_product(x, torch.as_tensor(product_mask >= 0.5, dtype=torch.float32)[None])
+            x = fill_product_hwc(x, torch.as_tensor(product_mask >= 0.5, dtype=torch.float32)[None])
         p = next(self.clip.model.parameters())
         return self.clip.embed(x.to(p.device))[0].cpu().double().numpy()
 

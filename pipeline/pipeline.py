@@ -219,8 +219,9 @@ class ProductBGPipeline:
 
     def style_guidance(self, reference: ImageInput, mask: np.ndarray, settings: GenerateSettings) -> StyleGuidance:
         """Style tokens of a reference image (its own product removed), confined to the product's background."""
-        from ..nodes.common import NodeInputError
-        from ..nodes.style_nodes import LAYER_PRESETS, remove_product, style_tokens
+        from ..attention import STYLE_LAYER_PRESETS as LAYER_PRESETS
+        from ..imaging.fill import fill_product_hwc
+        from ..weights.style_encoder import reference_tokens
 
         c = self.components
         if c.style_encoder is None or c.image_encoder is None:
@@ -236,8 +237,8 @@ class ProductBGPipeline:
         if settings.style_layers not in LAYER_PRESETS:
             raise PipelineError(f"style layers must be one of {', '.join(LAYER_PRESETS)}")
         try:
-            cond, uncond = style_tokens(c.style_encoder, c.image_encoder, remove_product(image, ref_mask))
-        except NodeInputError as e:
+            cond, uncond = reference_tokens(c.style_encoder, c.image_encoder, fill_product_hwc(image, ref_mask))
+        except ValueError as e:
             raise PipelineError(f"reference {source}: {e}") from None
         return StyleGuidance(cond, uncond, c.style_encoder.layer_kv, settings.style_weight,
                              LAYER_PRESETS[settings.style_layers], product=ProductMask(torch.as_tensor(mask)))

@@ -77,3 +77,22 @@ def test_generated_of_another_size_is_resized():
     out = cp.composite_product(generated, product, mask)
     core = mask >= cp.CORE_THRESHOLD
     assert out.shape == (70, 70, 3) and np.array_equal(out[core], product[core])
+
+
+def test_fill_product_continues_the_background_and_keeps_it():
+    """Product removal (PG references, inference alike): background pixels kept, the hole takes their colours."""
+    import torch
+
+    from productbg.imaging.fill import fill_product, fill_product_hwc
+
+    image = torch.zeros(3, 16, 16)
+    image[0, :, :8] = 1.0          # left half red, right half black
+    image[1, 4:12, 4:12] = 1.0     # a green product in the middle
+    mask = torch.zeros(1, 16, 16)
+    mask[:, 4:12, 4:12] = 1
+    out = fill_product(image, mask)
+    assert torch.equal(out[:, mask[0] == 0], image[:, mask[0] == 0])
+    assert out[1, 4:12, 4:12].abs().max() < 1e-6             # no green left
+    assert out[0, 8, 4] > out[0, 8, 11]                      # left of the hole redder than its right
+    hwc = fill_product_hwc(image.permute(1, 2, 0)[None], mask)
+    assert torch.allclose(hwc[0].permute(2, 0, 1), out)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..attention import Guidance, ProductMask, StyleGuidance
 from ..attention.diffusers_processor import DiffusersCall, install_processors
+from ..imaging.fill import fill_product
 from .datasets import ImageMaskDataset, open_bg60k
 from .diffusion import DiffusionModule
 from .models import SDComponents, load_components
@@ -79,21 +80,8 @@ class PGConfig:
 
 # ---------------------------------------------------------------------------------------------- pairs
 def remove_product(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Fill the product region of ``image`` [3,H,W] (``mask`` [1,H,W], 1 = product) from the background.
-
-    Push-pull fill: background averages over a pyramid of 2× reductions, pulled back up into the hole, so the
-    fill continues the surrounding colours smoothly.
-    """
-    bg = (1 - mask).clamp(0, 1)[None]
-    levels = [(image[None] * bg, bg)]
-    while min(levels[-1][1].shape[-2:]) > 1:
-        v, w = levels[-1]
-        levels.append((F.avg_pool2d(v, 2, ceil_mode=True), F.avg_pool2d(w, 2, ceil_mode=True)))
-    fill = levels[-1][0] / levels[-1][1].clamp_min(1e-6)
-    for v, w in reversed(levels[:-1]):
-        up = F.interpolate(fill, size=v.shape[-2:], mode="bilinear", align_corners=False)
-        fill = v + up * (1 - w)  # v = mean(image·bg): the known part, weighted by its coverage w
-    return (image * (1 - mask) + fill[0] * mask).clamp(-1, 1)
+    """The reference of a self-supervised pair: the product region filled from the background (-1..1 image)."""
+    return fill_product(image, mask).clamp(-1, 1)
 
 
 def random_resized_crop(image: torch.Tensor, rng: np.random.Generator, scale: tuple[float, float],

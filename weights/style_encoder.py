@@ -486,3 +486,34 @@ def save_style_encoder(encoder: StyleEncoder, path: str | os.PathLike,
                        training: Mapping[str, Any] | None = None) -> Path:
     """Write ``encoder`` atomically (IP-Adapter layout + productbg metadata). See :meth:`StyleEncoder.save`."""
     return encoder.save(path, training)
+
+
+def reference_tokens(encoder: StyleEncoder, clip_vision: Any, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond) style tokens of reference IMAGEs [B,H,W,C]; uncond from a black image, as IP-Adapter does.
+
+    Args:
+        encoder: the style encoder.
+        clip_vision: an object with ComfyUI's ``encode_image(images)`` interface returning ``image_embeds`` and
+            ``penultimate_hidden_states`` (ComfyUI's CLIP_VISION, or the pipeline's transformers wrapper).
+        reference: the reference images, 0..1.
+
+    Raises:
+        ValueError: NaN/inf features, or features of another width than the encoder reads.
+    """
+    plus = encoder.config.variant == "plus"
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        out = clip_vision.encode_image(images)
+        return out["penultimate_hidden_states"] if plus else out["image_embeds"]
+
+    cond = features(reference)
+    if not torch.isfinite(cond).all():
+        raise ValueError("the CLIP vision model returned NaN/inf features for the reference; check the CLIP "
+                         "vision file (a damaged or mismatched model)")
+    if cond.shape[-1] != encoder.config.clip_width:
+        raise ValueError(f"this CLIP vision model gives {cond.shape[-1]}-wide features; the style encoder expects "
+                         f"{encoder.config.clip_width} (use the CLIP vision model it was trained with)")
+    uncond = features(torch.zeros_like(reference[:1])) if plus else torch.zeros_like(cond[:1])
+    with torch.no_grad():
+        p = next(encoder.parameters())
+        return (encoder(cond.to(p)).float(), encoder(uncond.to(p)).expand(cond.shape[0], -1, -1).float())
