@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from comfy_graphs import product_box_mask
 from foreign_attn2 import ForeignAttn2
 
 pytestmark = pytest.mark.comfyui
@@ -18,10 +19,7 @@ def _graph(ckpt: str, strength: float = 1.0, prefix: str = "pbg_attn", inpaint: 
     lo, hi = PRODUCT
     g = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "canvas": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": SIZE, "height": SIZE}},
-        "box": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": hi - lo, "height": hi - lo}},
-        "mask": {"class_type": "MaskComposite", "inputs": {"destination": ["canvas", 0], "source": ["box", 0],
-                                                            "x": lo, "y": lo, "operation": "add"}},
+        **product_box_mask(SIZE, lo, hi),
         "pos": {"class_type": "ProductBGBackgroundWords", "inputs": {
             "clip": ["ckpt", 1], "text": "a product photo on a marble table, soft light",
             "background_words": "marble table"}},

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from comfy_graphs import inpaint_and_save, product_box_mask
 from comfy_model_files import BANK_FILE, STYLE_FILE, VISION_FILE
 
 pytestmark = pytest.mark.comfyui
@@ -26,10 +27,7 @@ def _graph(comfy, category="Coffee Mug", style_weight=0.8, lora=True, prefix="pb
     lo, hi = 16, 112
     g = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": comfy.ckpt_inpaint}},
-        "canvas": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": SIZE, "height": SIZE}},
-        "box": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": hi - lo, "height": hi - lo}},
-        "mask": {"class_type": "MaskComposite", "inputs": {"destination": ["canvas", 0], "source": ["box", 0],
-                                                            "x": lo, "y": lo, "operation": "add"}},
+        **product_box_mask(SIZE, lo, hi),
         "bank": {"class_type": "ProductBGLoadCategoryBank", "inputs": {"bank_name": BANK_FILE}},
         "lora": {"class_type": "ProductBGCategoryLora", "inputs": {
             "model": ["ckpt", 0], "clip": ["ckpt", 1], "bank": ["bank", 0], "category": category,
@@ -49,18 +47,7 @@ def _graph(comfy, category="Coffee Mug", style_weight=0.8, lora=True, prefix="pb
             "model": ["attn", 0], "style_encoder": ["style_enc", 0], "clip_vision": ["vision", 0],
             "reference": ["reference", 0], "weight": style_weight, "layer_preset": "all",
             "start_percent": 0.0, "end_percent": 1.0, "product_mask": ["mask", 0]}},
-        "pixels": {"class_type": "EmptyImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1,
-                                                          "color": 0x808080}},
-        "invert": {"class_type": "InvertMask", "inputs": {"mask": ["mask", 0]}},
-        "inpaint": {"class_type": "InpaintModelConditioning", "inputs": {
-            "positive": ["pos", 0], "negative": ["neg", 0], "vae": ["ckpt", 2], "pixels": ["pixels", 0],
-            "mask": ["invert", 0], "noise_mask": True}},
-        "sample": {"class_type": "KSampler", "inputs": {
-            "model": ["style", 0], "positive": ["inpaint", 0], "negative": ["inpaint", 1],
-            "latent_image": ["inpaint", 2], "seed": 3, "steps": 2, "cfg": 7.5, "sampler_name": "euler",
-            "scheduler": "normal", "denoise": 1.0}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}},
+        **inpaint_and_save(SIZE, ["style", 0], seed=3, prefix=prefix),
     }
     return g
 

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from comfy_graphs import inpaint_and_save, product_box_mask
+
 pytestmark = pytest.mark.comfyui
 
 SIZE = 96
@@ -47,28 +49,14 @@ def _graph(comfy, category: str, lora_strength: float, prefix: str) -> dict:
         "lora": {"class_type": "ProductBGCategoryLora", "inputs": {
             "model": ["ckpt", 0], "clip": ["ckpt", 1], "bank": ["bank", 0], "category": category,
             "lora_name": "trained_lora.safetensors", "strength_model": lora_strength, "strength_clip": 0.0}},
-        "canvas": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": SIZE, "height": SIZE}},
-        "box": {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": hi - lo, "height": hi - lo}},
-        "mask": {"class_type": "MaskComposite", "inputs": {"destination": ["canvas", 0], "source": ["box", 0],
-                                                            "x": lo, "y": lo, "operation": "add"}},
+        **product_box_mask(SIZE, lo, hi),
         "pos": {"class_type": "ProductBGCategoryPrompt", "inputs": {
             "clip": ["lora", 1], "bank": ["bank", 0], "category": category, "template": "", "extra_text": ""}},
         "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["ckpt", 1], "text": "blurry"}},
         "attn": {"class_type": "ProductBGMaskGuidedAttention", "inputs": {
             "model": ["lora", 0], "identifier": ["pos", 1], "product_mask": ["mask", 0], "strength": 1.0,
             "start_percent": 0.0, "end_percent": 1.0}},
-        "pixels": {"class_type": "EmptyImage", "inputs": {"width": SIZE, "height": SIZE, "batch_size": 1,
-                                                          "color": 0x808080}},
-        "invert": {"class_type": "InvertMask", "inputs": {"mask": ["mask", 0]}},
-        "inpaint": {"class_type": "InpaintModelConditioning", "inputs": {
-            "positive": ["pos", 0], "negative": ["neg", 0], "vae": ["ckpt", 2], "pixels": ["pixels", 0],
-            "mask": ["invert", 0], "noise_mask": True}},
-        "sample": {"class_type": "KSampler", "inputs": {
-            "model": ["attn", 0], "positive": ["inpaint", 0], "negative": ["inpaint", 1],
-            "latent_image": ["inpaint", 2], "seed": 5, "steps": 2, "cfg": 7.5, "sampler_name": "euler",
-            "scheduler": "normal", "denoise": 1.0}},
-        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}},
+        **inpaint_and_save(SIZE, ["attn", 0], seed=5, prefix=prefix),
     }
 
 
