@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .guided import Guidance, LayerContext, guided_cross_attention, identifier_bias_for, positive_rows_from
-from .identifier import identifier_attention_mass, identifier_columns, plain_attention
+from .identifier import identifier_attention_mass, plain_attention
 from .masks import infer_grid, rows_for_batch
 
 CALL_KEY = "productbg"
@@ -96,7 +96,7 @@ class ProductBGAttnProcessor:
         if not call.guidance.identifiers:
             return q.new_zeros(())
         g = call.guidance.identifiers[0]
-        cols = identifier_columns(g.spec, k.shape[1], q.device)
+        cols = g.columns(k.shape[1], q.device)
         coverage = rows_for_batch(g.product.coverage(ctx.grid, q.device), q.shape[0], ctx.chunks)
         return identifier_attention_mass(q, k, heads, cols, ctx.positive_rows.to(q.device), coverage, bias)
 

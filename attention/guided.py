@@ -86,10 +86,18 @@ class IdentifierGuidance(_SharedOnCopy):
     strength: float = 1.0
     sigma_start: float = math.inf
     sigma_end: float = 0.0
+    _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
+
+    def columns(self, key_len: int, device: torch.device) -> torch.Tensor:
+        """The identifier's key columns for a context of ``key_len`` tokens (cached: no per-step allocation)."""
+        key = (key_len, str(device))
+        if key not in self._cache:
+            self._cache[key] = identifier_columns(self.spec, key_len, device)
+        return self._cache[key]
 
 
 #: ``(layer_index, tokens [B, T, ctx]) -> (k, v)`` each [B, T, heads·d]; e.g. ``StyleEncoder.layer_kv``.
@@ -186,7 +194,7 @@ def identifier_bias_for(q: torch.Tensor, k: torch.Tensor, heads: int, guidance: 
     for g in guidance.identifiers:
         if not ctx.active(g) or g.strength == 0:
             continue
-        cols = identifier_columns(g.spec, key_len, q.device)
+        cols = g.columns(key_len, q.device)
         if not 0 < cols.numel() < key_len:
             continue
         background = rows_for_batch(g.product.background(ctx.grid, q.device), rows, ctx.chunks)
