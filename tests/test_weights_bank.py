@@ -93,6 +93,125 @@ def test_empty_bank_roundtrip(tmp_path):
         assert len(loaded) == 0 and loaded.tensors()["clip_l"].shape == (0, 1, 768)
 
 
+# ---------------------------------------------------------------------- tiny family (any width)
+@pytest.mark.parametrize("width", [32, 64])
+def test_tiny_bank_roundtrip(tmp_path, width):
+    """A "tiny" bank records its width in the metadata; vectors, LoRA, template, lookup all come back."""
+    bank = example_bank(["运动鞋", "Coffee Mug"], vectors_per_id=2, seed=4, width=width)
+    assert bank.family == "tiny" and bank.width == width
+    expected = bank.tensors()["clip_l"].clone()
+    bank.save(tmp_path / "t.safetensors")
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        meta = f.metadata()
+        assert list(f.get_slice("clip_l").get_shape()) == [2, 2, width]
+    assert meta["productbg.family"] == "tiny" and meta["productbg.width"] == str(width)
+    with load_bank(tmp_path / "t.safetensors") as loaded:
+        assert loaded.family == "tiny" and loaded.width == width and loaded.names == ["运动鞋", "Coffee Mug"]
+        assert torch.equal(loaded.vectors("coffee mug"), expected[1])
+        assert loaded.get("运动鞋").lora == CategoryLora("cat0.safetensors", 0.8)
+        assert f"tiny width {width}" in repr(loaded)
+        with pytest.raises(NameLookupError, match="did you mean 'Coffee Mug'"):
+            loaded.get("cofee mug")
+        loaded.add("新品", torch.ones(2, width))
+        loaded.save(tmp_path / "t.safetensors")                      # over its own file
+    with load_bank(tmp_path / "t.safetensors") as again:
+        assert again.width == width and again.names[-1] == "新品"
+
+
+def test_tiny_bank_width_is_fixed_by_constructor_or_first_add(tmp_path):
+    bank = CategoryBank("tiny", vectors_per_id=2)
+    assert bank.width is None
+    with pytest.raises(WeightsError, match="no width yet"):
+        bank.save(tmp_path / "empty.safetensors")
+    assert not (tmp_path / "empty.safetensors").exists()
+    with pytest.raises(WeightsError, match=r"shape \[2, width\]"):
+        bank.add("a", torch.zeros(3, 32))
+    assert bank.width is None                                         # a refused add fixes nothing
+    bank.add("a", torch.zeros(2, 32))
+    assert bank.width == 32
+    with pytest.raises(WeightsError, match=r"shape \[2, 32\] \(this tiny bank's width is 32\)"):
+        bank.add("b", torch.zeros(2, 64))
+    with pytest.raises(WeightsError, match=r"\[2, 32\]"):
+        bank.add("a", torch.zeros(2, 64), replace=True)
+    assert len(bank) == 1
+    given = CategoryBank("tiny", vectors_per_id=1, width=64)
+    with pytest.raises(WeightsError, match="width is 64"):
+        given.add("a", torch.zeros(1, 32))
+    given.save(tmp_path / "e.safetensors")                            # empty, but its width is known
+    with load_bank(tmp_path / "e.safetensors") as loaded:
+        assert len(loaded) == 0 and loaded.width == 64 and loaded.tensors()["clip_l"].shape == (0, 1, 64)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"family": "sd15", "width": 32}, "sd15 banks have width 768, not 32.*'tiny'"),
+    ({"family": "sdxl", "width": 1280}, "sdxl banks have width 768"),
+    ({"family": "tiny", "width": 0}, "1..16384"),
+    ({"family": "tiny", "width": 32.0}, "integer"),
+    ({"family": "tiny", "width": True}, "integer"),
+])
+def test_bad_widths(kwargs, match):
+    with pytest.raises(WeightsError, match=match):
+        CategoryBank(**kwargs)
+
+
+def test_sd15_bank_takes_width_768_and_writes_no_width_key(tmp_path):
+    """sd15 files stay as they were: no productbg.width."""
+    bank = CategoryBank("sd15", width=768)
+    bank.add("a", torch.zeros(1, 768))
+    assert bank.width == 768
+    bank.save(tmp_path / "s.safetensors")
+    with safe_open(str(tmp_path / "s.safetensors"), "pt") as f:
+        assert "productbg.width" not in f.metadata()
+
+
+def test_merge_refuses_other_widths_and_families():
+    a = example_bank(["a"], width=32)
+    with pytest.raises(WeightsError, match="cannot merge a tiny bank of width 64 into a tiny bank of width 32"):
+        a.merge(example_bank(["b"], width=64))
+    with pytest.raises(WeightsError, match="cannot merge a sd15 bank"):
+        a.merge(example_bank(["c"]))
+    assert a.names == ["a"]
+    merged = a.merge(example_bank(["b"], width=32, seed=1))
+    assert merged.names == ["a", "b"] and merged.width == 32
+    adopted = CategoryBank("tiny", vectors_per_id=2).merge(example_bank(["x"], width=64))  # no width yet: adopts
+    assert adopted.width == 64 and adopted.vectors("x").shape == (2, 64)
+
+
+def test_tiny_file_without_width_key_loads(tmp_path):
+    """Banks written before the bank recorded widths (family "tiny", no productbg.width) take it from the tensor."""
+    data = torch.randn(2, 3, 32)
+    meta = bank_meta(["a", "b"], vpi=3, **{"productbg.family": "tiny",
+                                           "productbg.training": json.dumps({"trainer": "train-cg", "steps": 2})})
+    save_file({"clip_l": data}, str(tmp_path / "old.safetensors"), meta)
+    with load_bank(tmp_path / "old.safetensors") as bank:
+        assert bank.family == "tiny" and bank.width == 32 and bank.names == ["a", "b"]
+        assert torch.equal(bank.vectors("b"), data[1]) and bank.training["steps"] == 2
+        bank.save(tmp_path / "new.safetensors")                       # re-saving records the width
+    with safe_open(str(tmp_path / "new.safetensors"), "pt") as f:
+        assert f.metadata()["productbg.width"] == "32"
+
+
+@pytest.mark.parametrize("meta, tensors, match", [
+    ({"productbg.width": "64"}, {"clip_l": torch.zeros(2, 2, 32)}, r"x 64 \(metadata 'productbg.width'\)"),
+    ({"productbg.width": "0"}, None, "1..16384"),
+    ({"productbg.width": "wide"}, None, "small integer"),
+    ({}, {"clip_l": torch.zeros(2, 2)}, r"\[categories, vectors, width\]"),
+    ({}, {"clip_l": torch.zeros(3, 2, 32)}, "2 categories"),
+    ({}, {"clip_l": torch.zeros(2, 2, 0)}, "width 1..16384"),
+])
+def test_malformed_tiny_banks(tmp_path, meta, tensors, match):
+    tensors = tensors if tensors is not None else {"clip_l": torch.zeros(2, 2, 32)}
+    path = write_bank(tmp_path / "b.safetensors", ["a", "b"], tensors, **{"productbg.family": "tiny", **meta})
+    with pytest.raises(MalformedFileError, match=match):
+        load_bank(path)
+
+
+def test_sd15_file_with_other_width_key_is_malformed(tmp_path):
+    path = write_bank(tmp_path / "b.safetensors", ["a", "b"], **{"productbg.width": "32"})
+    with pytest.raises(MalformedFileError, match="sd15 banks have width 768"):
+        load_bank(path)
+
+
 # ---------------------------------------------------------------------- lazy loading
 def test_load_reads_no_tensor_data(bank_path, monkeypatch):
     """Loading reads the header only; a lookup reads exactly one row."""

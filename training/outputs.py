@@ -1,9 +1,8 @@
 """Writing what the trainers produce, through the ``weights`` package's formats.
 
-* Category bank: :class:`productbg.weights.bank.CategoryBank` for real SD1.5 widths (768). The bank format
-  fixes the width per family, so banks of the tiny test models (width 32) are written by
-  :func:`save_bank` in the same layout with ``productbg.family = "tiny"`` and read back by
-  :func:`read_bank_vectors` (a thin adapter until the bank accepts other widths).
+* Category bank: :class:`productbg.weights.bank.CategoryBank`, family "sd15" for SD1.5's text width (768) and
+  family "tiny" (width recorded in the file) for the small test/demo models (width 32 or 64).
+  :func:`set_category_lora` names a single-category run's LoRA in its bank.
 * UNet LoRA: peft's state dict → :class:`productbg.weights.lora.LoraModule` → kohya names
   (:func:`productbg.weights.lora.to_kohya`), the layout ComfyUI's LoraLoader reads.
 * Style encoder: :meth:`productbg.weights.style_encoder.StyleEncoder.save`.
@@ -16,16 +15,16 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..weights.bank import BANK_KIND, ENCODER_WIDTHS, META, SCHEMA_VERSION, CategoryBank, CategoryLora
+from ..weights.bank import ENCODER_WIDTHS, TINY_FAMILY, CategoryBank, CategoryLora
 from ..weights.lora import LoraModule, to_kohya
-from ..weights.safefile import atomic_save, load_all
-
-TINY_FAMILY = "tiny"
+from ..weights.safefile import atomic_save
 
 
 def save_bank(path: Path, names: Sequence[str], vectors: torch.Tensor, template: str,
               training: Mapping[str, Any] | None = None, loras: Mapping[str, CategoryLora] | None = None) -> Path:
-    """Write identifier vectors ``[categories, vectors, width]`` as a category bank.
+    """Write identifier vectors ``[categories, vectors, width]`` as a category bank (atomically).
+
+    Width 768 (SD1.5's text encoder) gives an "sd15" bank, any other width a "tiny" bank of that width.
 
     Args:
         path: destination ``.safetensors``.
@@ -36,26 +35,35 @@ def save_bank(path: Path, names: Sequence[str], vectors: torch.Tensor, template:
         loras: optional per-category LoRAs.
     """
     vectors = vectors.detach().float().cpu()
-    if vectors.shape[-1] == ENCODER_WIDTHS["clip_l"]:
-        bank = CategoryBank(vectors_per_id=vectors.shape[1], template=template, training=training)
-        for name, v in zip(names, vectors):
-            bank.add(name, v, lora=(loras or {}).get(name))
-        return bank.save(path)
-    meta = {"format": "pt", META + "kind": BANK_KIND, META + "schema": str(SCHEMA_VERSION),
-            META + "family": TINY_FAMILY, META + "categories": json.dumps(list(names), ensure_ascii=False),
-            META + "template": template, META + "vectors_per_id": str(vectors.shape[1])}
-    if training:
-        meta[META + "training"] = json.dumps(dict(training), ensure_ascii=False, default=str)
-    return atomic_save({"clip_l": vectors.contiguous()}, path, meta)
+    if vectors.ndim != 3 or vectors.shape[0] != len(names):
+        raise ValueError(f"identifier vectors must be [{len(names)} categories, vectors, width], "
+                         f"got {list(vectors.shape)}")
+    width = int(vectors.shape[-1])
+    family = "sd15" if width == ENCODER_WIDTHS["clip_l"] else TINY_FAMILY
+    bank = CategoryBank(family, vectors_per_id=int(vectors.shape[1]), template=template, training=training,
+                        width=width)
+    for name, v in zip(names, vectors):
+        bank.add(name, v, lora=(loras or {}).get(name))
+    return bank.save(path)
 
 
 def read_bank_vectors(path: Path) -> tuple[list[str], torch.Tensor]:
-    """(names, ``[categories, vectors, width]``) of a bank written by :func:`save_bank` (any width)."""
-    tensors, header = load_all(path)
-    if header.metadata.get(META + "family") != TINY_FAMILY:
-        with CategoryBank.load(path) as bank:
-            return bank.names, bank.tensors()["clip_l"].clone()
-    return json.loads(header.metadata[META + "categories"]), tensors["clip_l"]
+    """(names, ``[categories, vectors, width]``) of a category bank of any family and width."""
+    with CategoryBank.load(path) as bank:
+        return bank.names, bank.tensors()["clip_l"].clone()
+
+
+def set_category_lora(bank_path: Path, category: str, lora_file: Path | str, strength: float = 1.0) -> Path:
+    """Name ``lora_file`` as ``category``'s own LoRA in the bank at ``bank_path`` (rewritten atomically).
+
+    The bank stores the bare file name, which ComfyUI's Category LoRA node looks up in ``models/loras``.
+
+    Returns:
+        The bank's path.
+    """
+    with CategoryBank.load(bank_path) as bank:
+        bank.set_lora(category, CategoryLora(Path(lora_file).name, float(strength)))
+        return bank.save(bank_path)
 
 
 def peft_lora_modules(peft_state: Mapping[str, torch.Tensor], alpha: float, component: str = "unet") -> list[LoraModule]:

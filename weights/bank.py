@@ -4,9 +4,11 @@ Layout (schema 1)::
 
     tensors   clip_l  [categories, vectors, 768]     SD1.5 (family "sd15")
               clip_g  [categories, vectors, 1280]    added for SDXL (family "sdxl": clip_l + clip_g)
+              clip_l  [categories, vectors, width]   small self-trained models (family "tiny", any width)
     metadata  productbg.kind            "category_bank"
               productbg.schema          "1"
-              productbg.family          "sd15"
+              productbg.family          "sd15" | "sdxl" | "tiny"
+              productbg.width           "32"  (family "tiny" only: the text width of its clip_l vectors)
               productbg.categories      JSON list of names (UTF-8), row i of every tensor is category i
               productbg.template        "a product photo on a {id} background"
               productbg.vectors_per_id  "4"
@@ -15,6 +17,12 @@ Layout (schema 1)::
 
 :meth:`CategoryBank.load` validates the header and memory-maps the file; names come from the header and a
 category's vectors are read only when it is looked up.
+
+Widths: "sd15" and "sdxl" fix them (768 for ``clip_l``, 1280 for ``clip_g``) and write no ``productbg.width``,
+so their files are unchanged. A "tiny" bank's width is whatever its text encoder has: given to the
+constructor (``width=``), or fixed by the first category added; it is written to ``productbg.width`` and every
+later ``add``, ``merge`` and load is checked against it. "tiny" files without ``productbg.width`` (written by
+earlier productbg versions) take the width from their tensor.
 """
 from __future__ import annotations
 
@@ -36,7 +44,12 @@ BANK_KIND = "category_bank"
 SCHEMA_VERSION = 1
 DEFAULT_TEMPLATE = "a product photo on a {id} background"
 ENCODER_WIDTHS: dict[str, int] = {"clip_l": 768, "clip_g": 1280}
-FAMILY_ENCODERS: dict[str, tuple[str, ...]] = {"sd15": ("clip_l",), "sdxl": ("clip_l", "clip_g")}
+TINY_FAMILY = "tiny"
+FAMILY_ENCODERS: dict[str, tuple[str, ...]] = {"sd15": ("clip_l",), "sdxl": ("clip_l", "clip_g"),
+                                               TINY_FAMILY: ("clip_l",)}
+#: Families whose text width is not fixed: it is recorded in the file (``productbg.width``).
+FREE_WIDTH_FAMILIES = frozenset({TINY_FAMILY})
+MAX_WIDTH = 16384
 MAX_VECTORS = 75  # a CLIP prompt chunk holds 77 tokens, two of them start/end
 MAX_NAME_CHARS = 256
 META = "productbg."
@@ -97,27 +110,34 @@ class _Meta:
     template: str = DEFAULT_TEMPLATE
     training: dict[str, Any] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
+    width: int | None = None  # clip_l width of a free-width family; None until known
 
 
 class CategoryBank:
     """Identifier vectors for many categories, with name lookup and atomic saving.
 
     Args:
-        family: base model family, ``"sd15"`` (or ``"sdxl"``, which adds ``clip_g``).
+        family: base model family, ``"sd15"`` (or ``"sdxl"``, which adds ``clip_g``), or ``"tiny"`` for small
+            self-trained models whose text width is not SD's.
         vectors_per_id: vectors per identifier (1..75).
         template: prompt template containing ``{id}`` once.
         training: provenance (dataset, steps, date, ...), stored as JSON.
         dtype: dtype the vectors are stored in.
+        width: text width of the ``clip_l`` vectors. For ``"tiny"``: optional, else the first category added
+            fixes it. For ``"sd15"``/``"sdxl"`` it is 768 and may be omitted.
     """
 
     def __init__(self, family: str = "sd15", vectors_per_id: int = 1, template: str = DEFAULT_TEMPLATE,
-                 training: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> None:
+                 training: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32,
+                 width: int | None = None) -> None:
         _check_family(family)
         _check_vectors_per_id(vectors_per_id)
         _check_template(template)
+        _check_width(family, width)
         if dtype not in FLOAT_DTYPES.values():
             raise WeightsError(f"bank dtype must be a float dtype, got {dtype}")
-        self._meta = _Meta(family, vectors_per_id, template, dict(training or {}), dtype)
+        self._meta = _Meta(family, vectors_per_id, template, dict(training or {}), dtype,
+                           width if family in FREE_WIDTH_FAMILIES else None)
         self._names: list[str] = []
         self._rows: list[_Row] = []
         self._loras: dict[str, CategoryLora] = {}
@@ -142,7 +162,7 @@ class CategoryBank:
         """
         header = read_header(path)
         meta, names, loras = _parse_bank_header(header)
-        bank = cls(meta.family, meta.vectors_per_id, meta.template, meta.training, meta.dtype)
+        bank = cls(meta.family, meta.vectors_per_id, meta.template, meta.training, meta.dtype, meta.width)
         bank._loras = loras
         bank._attach(SafeReader(header.path, header), names)
         return bank
@@ -168,8 +188,18 @@ class CategoryBank:
     # ------------------------------------------------------------------ properties
     @property
     def family(self) -> str:
-        """Base model family (``"sd15"``)."""
+        """Base model family (``"sd15"``, ``"sdxl"`` or ``"tiny"``)."""
         return self._meta.family
+
+    @property
+    def width(self) -> int | None:
+        """Text width of the ``clip_l`` vectors (768 for sd15/sdxl); ``None`` for a tiny bank not yet given one."""
+        return self._width("clip_l")
+
+    def _width(self, encoder: str) -> int | None:
+        if self._meta.family in FREE_WIDTH_FAMILIES:
+            return self._meta.width
+        return ENCODER_WIDTHS[encoder]
 
     @property
     def encoders(self) -> tuple[str, ...]:
@@ -225,7 +255,8 @@ class CategoryBank:
 
     def __repr__(self) -> str:
         where = f" from {self.path.name}" if self.path else ""
-        return f"CategoryBank({len(self)} categories, {self.family}, {self.vectors_per_id} vectors{where})"
+        family = f"{self.family} width {self.width}" if self.family in FREE_WIDTH_FAMILIES else self.family
+        return f"CategoryBank({len(self)} categories, {family}, {self.vectors_per_id} vectors{where})"
 
     # ------------------------------------------------------------------ lookup
     def resolve(self, name: str) -> str:
@@ -306,7 +337,8 @@ class CategoryBank:
 
         Args:
             name: category name (any script; stored NFC-normalized).
-            vectors: ``[vectors_per_id, 768]`` for an sd15 bank, or a mapping encoder -> tensor.
+            vectors: ``[vectors_per_id, width]`` (768 for sd15; a tiny bank's width, or any width for the
+                first category of a tiny bank without one), or a mapping encoder -> tensor.
             lora: optional per-category LoRA.
             replace: overwrite an existing category of the same name instead of raising.
         """
@@ -314,9 +346,11 @@ class CategoryBank:
         tensors = self._check_vectors(name, vectors)
         if lora is not None:
             _check_lora(name, lora)
+        if name in self._index and not replace:
+            raise WeightsError(f"category '{name}' already exists (pass replace=True to overwrite)")
+        if self.family in FREE_WIDTH_FAMILIES and self._meta.width is None:
+            self._meta.width = int(tensors["clip_l"].shape[-1])  # the first vectors fix a tiny bank's width
         if name in self._index:
-            if not replace:
-                raise WeightsError(f"category '{name}' already exists (pass replace=True to overwrite)")
             self._rows[self._index[name]] = _Row(tensors=tensors)
         else:
             self._names.append(name)
@@ -358,7 +392,7 @@ class CategoryBank:
         """Add every category of ``other`` to this bank (its vectors are read now).
 
         Args:
-            other: a bank of the same family and vectors per identifier.
+            other: a bank of the same family, width and vectors per identifier.
             on_conflict: ``"error"`` (default), ``"keep"`` (ours wins) or ``"replace"`` (theirs wins)
                 when both banks have a category of the same name.
 
@@ -384,6 +418,11 @@ class CategoryBank:
                 f"cannot merge a {other.family} bank with {other.vectors_per_id} vectors per identifier into a "
                 f"{self.family} bank with {self.vectors_per_id}"
             )
+        if self.width is not None and other.width is not None and other.width != self.width:
+            raise WeightsError(
+                f"cannot merge a {other.family} bank of width {other.width} into a {self.family} bank of width "
+                f"{self.width}: identifier vectors only fit the text encoder they were trained for"
+            )
         clash = [n for n in other._names if n in self._index]
         if clash and on_conflict == "error":
             raise WeightsError(f"both banks have {len(clash)} categories of the same name (e.g. '{clash[0]}'); "
@@ -400,10 +439,19 @@ class CategoryBank:
         out = {}
         for enc in self.encoders:
             t = vectors[enc]
-            want = (self.vectors_per_id, ENCODER_WIDTHS[enc])
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != want:
-                raise WeightsError(f"category '{name}': {enc} vectors must be a float tensor of shape {list(want)}, "
-                                   f"got {getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
+            width = self._width(enc)
+            got = f"got {getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}"
+            if width is None:  # a tiny bank's first vectors: any width in range
+                if (not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.ndim != 2
+                        or t.shape[0] != self.vectors_per_id or not 1 <= t.shape[1] <= MAX_WIDTH):
+                    raise WeightsError(f"category '{name}': {enc} vectors must be a float tensor of shape "
+                                       f"[{self.vectors_per_id}, width] (width 1..{MAX_WIDTH}), {got}")
+            else:
+                want = (self.vectors_per_id, width)
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != want:
+                    fixed = f" (this {self.family} bank's width is {width})" if self.family in FREE_WIDTH_FAMILIES else ""
+                    raise WeightsError(f"category '{name}': {enc} vectors must be a float tensor of shape "
+                                       f"{list(want)}{fixed}, {got}")
             out[enc] = check_finite(t.detach().to("cpu", self.dtype).clone(), f"{enc} of '{name}'")
         return out
 
@@ -414,8 +462,13 @@ class CategoryBank:
         out = {}
         for enc in self.encoders:
             rows = [self._row_tensor(r, enc, cache) for r in self._rows]
-            empty = torch.zeros(0, self.vectors_per_id, ENCODER_WIDTHS[enc], dtype=self.dtype)
-            out[enc] = torch.stack(rows).to(self.dtype) if rows else empty
+            if rows:
+                out[enc] = torch.stack(rows).to(self.dtype)
+                continue
+            width = self._width(enc)
+            if width is None:
+                raise WeightsError(f"this empty {self.family} bank has no width yet: add a category or pass width=")
+            out[enc] = torch.zeros(0, self.vectors_per_id, width, dtype=self.dtype)
         return out
 
     @staticmethod
@@ -439,6 +492,8 @@ class CategoryBank:
             META + "template": self.template,
             META + "vectors_per_id": str(self.vectors_per_id),
         }
+        if self.family in FREE_WIDTH_FAMILIES and self.width is not None:
+            meta[META + "width"] = str(self.width)
         if self._loras:
             meta[META + "loras"] = json.dumps(
                 {n: {"file": lo.file, "strength": lo.strength} for n, lo in self._loras.items()}, ensure_ascii=False)
@@ -501,6 +556,17 @@ def _check_family(family: str) -> None:
         raise WeightsError(f"unknown base family {family!r}; known: {', '.join(FAMILY_ENCODERS)}")
 
 
+def _check_width(family: str, width: Any) -> None:
+    if width is None:
+        return
+    if type(width) is not int or not 1 <= width <= MAX_WIDTH:
+        raise WeightsError(f"bank width must be an integer 1..{MAX_WIDTH}, got {width!r}")
+    fixed = ENCODER_WIDTHS["clip_l"]
+    if family not in FREE_WIDTH_FAMILIES and width != fixed:
+        raise WeightsError(f"{family} banks have width {fixed}, not {width}; vectors of a small self-trained "
+                           f"model go in a '{TINY_FAMILY}' bank")
+
+
 def _check_vectors_per_id(n: Any) -> None:
     if type(n) is not int or not 1 <= n <= MAX_VECTORS:
         raise WeightsError(f"vectors per identifier must be an integer 1..{MAX_VECTORS}, got {n!r}")
@@ -542,6 +608,8 @@ def _parse_bank_header(header: Header) -> tuple[_Meta, list[str], dict[str, Cate
         _check_family(family)
         vpi = _int_field(meta, "vectors_per_id", fname)
         _check_vectors_per_id(vpi)
+        width = _int_field(meta, "width", fname) if META + "width" in meta else None
+        _check_width(family, width)
         template = meta.get(META + "template", DEFAULT_TEMPLATE)
         _check_template(template)
         names = _parse_names(_json_field(meta, "categories", header), fname)
@@ -549,12 +617,12 @@ def _parse_bank_header(header: Header) -> tuple[_Meta, list[str], dict[str, Cate
         training = _json_field(meta, "training", header, default={})
         if not isinstance(training, dict):
             raise MalformedFileError(f"{fname}: bank metadata 'training' must be a JSON object")
-        dtype = _check_bank_tensors(header, family, len(names), vpi)
+        dtype, width = _check_bank_tensors(header, family, len(names), vpi, width)
     except (MalformedFileError, FormatMismatchError):
         raise
     except WeightsError as e:
         raise MalformedFileError(f"{fname}: {e}") from None
-    return _Meta(family, vpi, template, training, dtype), names, loras
+    return _Meta(family, vpi, template, training, dtype, width if family in FREE_WIDTH_FAMILIES else None), names, loras
 
 
 def _check_schema(value: str | None, fname: str) -> None:
@@ -600,22 +668,34 @@ def _parse_loras(raw: Any, names: list[str], fname: str) -> dict[str, CategoryLo
     return out
 
 
-def _check_bank_tensors(header: Header, family: str, count: int, vpi: int) -> torch.dtype:
+def _check_bank_tensors(header: Header, family: str, count: int, vpi: int,
+                        width: int | None) -> tuple[torch.dtype, int | None]:
+    """The tensors' dtype, and a free-width family's width (from metadata, or the tensor when it has none)."""
     fname = header.path.name
     wanted = FAMILY_ENCODERS[family]
     if set(header.tensors) != set(wanted):
         raise MalformedFileError(f"{fname}: a {family} bank holds tensors {list(wanted)}, this file has "
                                  f"{sorted(header.tensors)}")
     dtypes = set()
+    from_meta = width is not None
     for enc in wanted:
         info = header.tensors[enc]
         if info.dtype not in FLOAT_DTYPES:
             raise MalformedFileError(f"{fname}: '{enc}' has dtype {info.dtype}; expected F16, BF16, F32 or F64")
-        expect = (count, vpi, ENCODER_WIDTHS[enc])
+        if family in FREE_WIDTH_FAMILIES:
+            if width is None:  # written before banks recorded their width: the tensor says it
+                if len(info.shape) != 3 or not 1 <= info.shape[2] <= MAX_WIDTH:
+                    raise MalformedFileError(f"{fname}: '{enc}' has shape {list(info.shape)}; a {family} bank "
+                                             f"holds [categories, vectors, width] with width 1..{MAX_WIDTH}")
+                width = int(info.shape[2])
+            enc_width, source = width, f" (metadata '{META}width')" if from_meta else ""
+        else:
+            enc_width, source = ENCODER_WIDTHS[enc], ""
+        expect = (count, vpi, enc_width)
         if info.shape != expect:
             raise MalformedFileError(f"{fname}: '{enc}' has shape {list(info.shape)} but the metadata says "
-                                     f"{count} categories x {vpi} vectors x {ENCODER_WIDTHS[enc]} = {list(expect)}")
+                                     f"{count} categories x {vpi} vectors x {enc_width}{source} = {list(expect)}")
         dtypes.add(FLOAT_DTYPES[info.dtype])
     if len(dtypes) > 1:
         raise MalformedFileError(f"{fname}: bank tensors have different dtypes")
-    return dtypes.pop()
+    return dtypes.pop(), width

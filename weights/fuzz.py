@@ -1,6 +1,6 @@
 """Mutation fuzzing of every weight-file loader.
 
-Valid seed files (bank, linear and plus style encoders, kohya and peft LoRAs) are mutated — truncated,
+Valid seed files (an SD1.5 and a "tiny" width-32 bank, linear and plus style encoders, kohya and peft LoRAs) are mutated — truncated,
 bit-flipped, their header length or JSON rewritten, NaN written into their data — and each result is fed to
 its loader *and used* (every bank row read, the encoder run, the LoRA converted). The only acceptable
 outcomes are a working object or a :class:`WeightsError`. Used by ``tests/test_weights_fuzz.py`` (a quick
@@ -90,6 +90,8 @@ def make_seeds(workdir: Path) -> list[Seed]:
     seeds = []
     bank = example_bank(vectors_per_id=1, dtype=torch.float16)
     seeds.append(Seed("bank", _bytes_of(lambda p: bank.save(p), workdir / "bank.safetensors"), _use_bank))
+    tiny = example_bank(vectors_per_id=2, width=32)
+    seeds.append(Seed("bank_tiny", _bytes_of(lambda p: tiny.save(p), workdir / "bank_tiny.safetensors"), _use_bank))
     for variant in ("linear", "plus"):
         encoder, target = tiny_style_encoder(variant)
         enc_path = workdir / f"se_{variant}.safetensors"
@@ -121,7 +123,7 @@ def _small_lora_modules() -> list[LoraModule]:
     return out
 
 
-_SEED_FILES = {"bank": "bank.safetensors", "style_linear": "se_linear.safetensors",
+_SEED_FILES = {"bank": "bank.safetensors", "bank_tiny": "bank_tiny.safetensors", "style_linear": "se_linear.safetensors",
                "style_plus": "se_plus.safetensors", "lora_kohya": "lora_kohya.safetensors",
                "lora_peft": "lora_peft.safetensors"}
 
@@ -265,7 +267,7 @@ def j_rename_tensor(doc: dict, rng: random.Random) -> None:
 
 def j_metadata(doc: dict, rng: random.Random) -> None:
     meta = doc.setdefault("__metadata__", {})
-    key = rng.choice(list(meta) + ["productbg.kind", "productbg.categories", "productbg.schema"])
+    key = rng.choice(list(meta) + ["productbg.kind", "productbg.categories", "productbg.schema", "productbg.width"])
     value = meta.get(key, "")
     choices = ["", "null", "[]", "{}", "[\"\"]", "2", "999999999999", "-1", "NaN", "[" * 5000 + "]" * 5000,
                value + "x", value[:-1], value.upper(), "style_encoder", "category_bank", "\"\\ud800\""]

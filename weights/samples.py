@@ -32,14 +32,18 @@ RELEASES = {
 
 
 def example_bank(names: Iterable[str] = EXAMPLE_NAMES, vectors_per_id: int = 2, seed: int = 0,
-                 dtype: torch.dtype = torch.float32) -> CategoryBank:
-    """An in-memory SD1.5 bank with random vectors; the first category has a LoRA."""
+                 dtype: torch.dtype = torch.float32, width: int = 768) -> CategoryBank:
+    """An in-memory bank with random vectors; the first category has a LoRA.
+
+    Width 768 gives an SD1.5 bank (family "sd15"); any other width a "tiny" bank of that width.
+    """
     gen = torch.Generator().manual_seed(seed)
-    bank = CategoryBank(vectors_per_id=vectors_per_id, dtype=dtype,
+    family = "sd15" if width == 768 else "tiny"
+    bank = CategoryBank(family, vectors_per_id=vectors_per_id, dtype=dtype, width=width,
                         training={"dataset": "example", "steps": 0, "date": "2025-01-01"})
     for i, name in enumerate(names):
         lora = CategoryLora(f"cat{i}.safetensors", 0.8) if i == 0 else None
-        bank.add(name, torch.randn(vectors_per_id, 768, generator=gen) * 0.02, lora=lora)
+        bank.add(name, torch.randn(vectors_per_id, width, generator=gen) * 0.02, lora=lora)
     return bank
 
 
