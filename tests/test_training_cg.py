@@ -11,6 +11,7 @@ from productbg.training import bgsynth, checkpoint as ckpt
 from productbg.training.cg import CGConfig, CGTask, jitter_masks, loss_weights
 from productbg.training.outputs import read_bank_vectors
 from productbg.training.state import step_generator
+from productbg.weights.bank import CategoryLora, load_bank
 from productbg.weights.lora import read_lora
 
 NAMES = ("运动鞋", "手提包", "咖啡杯")
@@ -93,6 +94,9 @@ def test_cli_trains_and_writes_bank_lora_log_checkpoint(data, tmp_path):
                  "--grad-accum", "2", "--no-progress"]) == 0
     names, vectors = read_bank_vectors(out / "category_bank.safetensors")
     assert names == sorted(NAMES) and vectors.shape == (3, 2, 32)
+    with load_bank(out / "category_bank.safetensors") as bank:   # the tiny model's width, recorded in the file
+        assert bank.family == "tiny" and bank.width == 32
+        assert bank.loras == {}                                    # a shared LoRA is nobody's own
     lora = read_lora(out / "unet_lora.safetensors")
     assert lora.layout == "kohya" and len(lora.modules) == 56 and lora.ranks() == [4]
     assert any(m.up.abs().sum() > 0 for m in lora.modules)            # B starts at zero: it trained
@@ -131,8 +135,9 @@ def test_half_written_checkpoints_are_skipped(tmp_path):
     assert "step-000010.tmp" in text and "step-000008" in text and "step-000006" in text
 
 
-def test_designer_single_category_lora(tmp_path):
-    """--category NAME --images DIR builds a one-category dataset from alpha masks and trains on it."""
+def test_designer_single_category_lora(tmp_path, capsys):
+    """--category NAME --images DIR builds a one-category dataset from alpha masks and trains on it; the bank
+    names the written LoRA as NAME's own, for the Category LoRA node's "(from bank)"."""
     images = tmp_path / "imgs"
     images.mkdir()
     for i in range(2):
@@ -145,7 +150,11 @@ def test_designer_single_category_lora(tmp_path):
                  "--no-progress"]) == 0
     names, vectors = read_bank_vectors(out / "category_bank.safetensors")
     assert names == ["台灯"] and vectors.shape == (1, 1, 32)
-    assert (out / "unet_lora.safetensors").is_file()
+    assert read_lora(out / "unet_lora.safetensors").layout == "kohya"
+    with load_bank(out / "category_bank.safetensors") as bank:
+        assert bank.get("台灯").lora == CategoryLora("unet_lora.safetensors", 1.0)
+        assert bank.training["trainer"] == "train-cg" and bank.width == 32
+    assert "names unet_lora.safetensors as the LoRA of '台灯'" in capsys.readouterr().out
 
 
 def test_single_file_checkpoint_trains(data, tmp_path):

@@ -4,7 +4,8 @@
     productbg dataset build SRC OUT [--held-out 0.05 --max-side 1024 --alpha-only]
     productbg dataset check ROOT [--split bg60k --decode]
     productbg train-cg --data DIR --model MODEL --output OUT [options]
-    productbg train-cg --category NAME --images DIR --model MODEL --output OUT     (one designer LoRA)
+    productbg train-cg --category NAME --images DIR --model MODEL --output OUT     (one designer LoRA, named
+                                                                                     in the bank as NAME's)
     productbg train-pg --data DIR --model MODEL --output OUT [options]
 """
 from __future__ import annotations
@@ -154,7 +155,8 @@ def _cg_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mask-jitter", type=float, nargs=2, default=(-0.04, 0.02), metavar=("MIN", "MAX"),
                    help="random product-mask dilation radius range, fraction of the side (negative erodes)")
     g.add_argument("--no-flip", action="store_true")
-    g.add_argument("--category", help="train one category only (with --images: a designer LoRA)")
+    g.add_argument("--category", help="train one category only (with --images: a designer LoRA); the bank "
+                                      "names the run's LoRA as this category's own")
     g.add_argument("--images", type=Path, help="folder of product images (alpha = mask) for --category")
 
 
@@ -209,8 +211,24 @@ def cmd_train_cg(args: argparse.Namespace) -> int:
         result = fit(CGTask(cfg), _engine_config(args))
     except (DatasetError, ModelLoadError, ValueError, FileNotFoundError) as e:
         raise _error(str(e)) from None
+    if args.category and result.main_process:
+        _name_category_lora(result.outputs, args.category)
     _print_result(result)
     return 0
+
+
+def _name_category_lora(written: list[Path], category: str) -> None:
+    """A single-category run's LoRA is that category's own: name it in the bank (Category LoRA "(from bank)")."""
+    from .cg import BANK_FILE, LORA_FILE
+    from .outputs import set_category_lora
+
+    bank = next((p for p in written if p.name == BANK_FILE), None)
+    lora = next((p for p in written if p.name == LORA_FILE), None)
+    if bank is None or lora is None:  # e.g. a full-UNet run writes no LoRA
+        return
+    set_category_lora(bank, category, lora)
+    print(f"the bank names {lora.name} as the LoRA of '{category}': copy it into ComfyUI/models/loras "
+          "under that name")
 
 
 def _weights_dtype(mixed_precision: str) -> str:
