@@ -15,6 +15,8 @@ product mask grown or shrunk by a random radius (``mask_jitter``, fractions of t
 erodes, as the inference recipe's dilated repaint mask does).
 
 Outputs: ``category_bank.safetensors`` (every category's vectors) and ``unet_lora.safetensors`` (kohya layout).
+With ``unet="full"`` every UNet weight trains instead of a LoRA (full fine-tuning on large GPUs, or training a
+small model from scratch as the demo model does) and the UNet is written as a diffusers ``unet/`` folder.
 """
 from __future__ import annotations
 
@@ -33,9 +35,11 @@ from .diffusion import DiffusionModule, jitter_masks, loss_weights, morph  # noq
 from .models import SDComponents, load_components
 
 MASK_MODES = ("hard", "loss", "both")
+UNET_MODES = ("lora", "full")
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 BANK_FILE = "category_bank.safetensors"
 LORA_FILE = "unet_lora.safetensors"
+UNET_DIR = "unet"
 
 
 @dataclass
@@ -49,12 +53,15 @@ class CGConfig:
         vectors_per_id: identifier vectors per category.
         template: prompt template with ``{id}``.
         init: ``"name"`` (category-name embedding) or ``"background"``.
+        unet: ``"lora"`` (one shared LoRA, the paper's setting) or ``"full"`` (every UNet weight).
         lora_rank, lora_alpha: the shared UNet LoRA (alpha defaults to the rank).
         identifier_lr: learning rate of the identifier vectors (the LoRA uses the engine's ``lr``).
         mask_mode: ``hard`` | ``loss`` | ``both``.
         strength: confinement strength for ``hard`` / ``both``.
         mass_loss_weight: weight of the attention-mass loss for ``loss`` / ``both``.
         background_loss_weight: denoising-loss weight of background latents (product latents weigh 1).
+        caption_dropout: probability of training a sample with the empty prompt (what classifier-free guidance
+            contrasts with; needed when the UNet trains from scratch, optional for a LoRA).
         mask_jitter: (min, max) radius of the random product-mask dilation, as fractions of the image side.
         flip: random horizontal flips.
         skip_bad: train on the good entries of a dataset with problems.
@@ -70,6 +77,7 @@ class CGConfig:
     vectors_per_id: int = 4
     template: str = DEFAULT_TEMPLATE
     init: str = "name"
+    unet: str = "lora"
     lora_rank: int = 8
     lora_alpha: float | None = None
     identifier_lr: float = 5e-3
@@ -77,6 +85,7 @@ class CGConfig:
     strength: float = 1.0
     mass_loss_weight: float = 0.1
     background_loss_weight: float = 1.0
+    caption_dropout: float = 0.0
     mask_jitter: tuple[float, float] = (-0.04, 0.02)
     flip: bool = True
     skip_bad: bool = False
@@ -88,8 +97,12 @@ class CGConfig:
     def __post_init__(self) -> None:
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+        if self.unet not in UNET_MODES:
+            raise ValueError(f"unet must be one of {UNET_MODES}, got {self.unet!r}")
         if self.init not in ("name", "background"):
             raise ValueError(f"init must be 'name' or 'background', got {self.init!r}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.mask_jitter[0] > self.mask_jitter[1]:
             raise ValueError(f"mask_jitter min {self.mask_jitter[0]} exceeds max {self.mask_jitter[1]}")
 
@@ -110,11 +123,16 @@ class CGModule(DiffusionModule):
         return DiffusersCall(g, latent_hw=latent_hw, cond_or_uncond=(0,), mass_losses=[] if collect else None)
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        mask = batch["mask"].float()
-        cats, inverse = torch.unique(batch["category"], return_inverse=True)  # each prompt encoded once
+        mask, rows = batch["mask"].float(), batch["category"]
+        guided = mask
+        if self.cfg.caption_dropout > 0:  # the empty prompt (last row of prompt_ids); no identifier to confine
+            dropped = (torch.rand(rows.shape[0], generator=generator) < self.cfg.caption_dropout).to(rows.device)
+            rows = torch.where(dropped, self.prompt_ids.shape[0] - 1, rows)
+            guided = mask * (~dropped).view(-1, 1, 1, 1)
+        cats, inverse = torch.unique(rows, return_inverse=True)  # each prompt encoded once
         context = self.text_encoder(self.prompt_ids[cats])[0][inverse]
         collect = self.cfg.mask_mode in ("loss", "both") and self.cfg.mass_loss_weight > 0
-        call = self.guidance_call(mask, self.latent_hw(mask), collect)
+        call = self.guidance_call(guided, self.latent_hw(mask), collect)
         mse = self.denoising_loss(batch["image"], mask, generator, context, call, self.cfg.mask_jitter,
                                   self.cfg.background_loss_weight)
         mass = torch.stack(call.mass_losses).float().mean() if collect else mse.new_zeros(())
@@ -164,7 +182,10 @@ class CGTask:
         vocab, embedding = identifiers.attach(comps.tokenizer, comps.text_encoder, init)
         prompt_ids, spec = _prompts(comps.tokenizer, vocab, self.cfg.template, len(self.categories))
         install_processors(comps.unet)
-        _add_lora(comps.unet, self.cfg.lora_rank, self.lora_alpha)
+        if self.cfg.unet == "full":
+            comps.unet.float().requires_grad_(True)
+        else:
+            _add_lora(comps.unet, self.cfg.lora_rank, self.lora_alpha)
         if self.cfg.gradient_checkpointing:
             comps.unet.enable_gradient_checkpointing()
         return CGModule(comps, self.cfg, prompt_ids, spec, embedding)
@@ -176,13 +197,15 @@ class CGTask:
 
     def trainable_state(self, module: CGModule) -> dict[str, torch.Tensor]:
         state = {"identifiers": module.embedding.vectors}
-        state.update({f"lora.{n}": p for n, p in module.unet.named_parameters() if p.requires_grad})
+        prefix = "unet" if self.cfg.unet == "full" else "lora"
+        state.update({f"{prefix}.{n}": p for n, p in module.unet.named_parameters() if p.requires_grad})
         return state
 
     def load_trainable_state(self, module: CGModule, tensors: dict[str, torch.Tensor]) -> None:
         own = self.trainable_state(module)
         if set(own) != set(tensors):
-            raise ValueError("checkpoint tensors do not match this model (different LoRA rank or categories?)")
+            raise ValueError("checkpoint tensors do not match this model (different --unet mode, LoRA rank or "
+                             "categories?)")
         with torch.no_grad():
             for k, p in own.items():
                 p.copy_(tensors[k])
@@ -191,9 +214,11 @@ class CGTask:
         from peft.utils import get_peft_model_state_dict
 
         training = {"trainer": "train-cg", "steps": step, "dataset": str(self.cfg.data), "model": self.cfg.model,
-                    "mask_mode": self.cfg.mask_mode, "categories": len(self.categories)}
+                    "mask_mode": self.cfg.mask_mode, "categories": len(self.categories), "unet": self.cfg.unet}
         bank = outputs.save_bank(out_dir / BANK_FILE, self.categories,
                                  module.embedding.identifier_vectors(), self.cfg.template, training)
+        if self.cfg.unet == "full":
+            return [bank, _save_unet(module.unet, out_dir / UNET_DIR)]
         modules = outputs.peft_lora_modules(get_peft_model_state_dict(module.unet), self.lora_alpha)
         lora = outputs.save_kohya_lora(out_dir / LORA_FILE, modules, training)
         return [bank, lora]
@@ -215,7 +240,8 @@ def _restrict(index: BG60kIndex, categories: tuple[str, ...] | None) -> BG60kInd
 
 
 def _prompts(tokenizer, vocab, template: str, count: int) -> tuple[torch.Tensor, IdentifierSpec]:
-    """Token ids [categories, 77] of every category's prompt and the (shared) identifier positions."""
+    """Token ids [categories + 1, 77]: every category's prompt, then the empty prompt; the (shared) identifier
+    positions."""
     ids, specs = [], set()
     for c in range(count):
         tokens, spec = tokenize_with_identifier(tokenizer, identifier_prompt(template, vocab.words(c)),
@@ -224,7 +250,22 @@ def _prompts(tokenizer, vocab, template: str, count: int) -> tuple[torch.Tensor,
         specs.add(spec)
     if len(specs) != 1:
         raise ValueError("identifier positions differ between categories; use one template for all")
-    return torch.stack(ids), specs.pop()
+    empty = tokenizer("", padding="max_length", max_length=ids[0].shape[-1], return_tensors="pt").input_ids[0]
+    return torch.stack(ids + [empty]), specs.pop()
+
+
+def _save_unet(unet, dest: Path) -> Path:
+    """The trained UNet as a diffusers folder, without the guided processors (plain ``AttnProcessor2_0``)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from .model_folder import save_pretrained_atomic
+
+    guided = unet.attn_processors
+    unet.set_attn_processor(AttnProcessor2_0())
+    try:
+        return save_pretrained_atomic(unet, dest)
+    finally:
+        unet.set_attn_processor(guided)
 
 
 def _add_lora(unet, rank: int, alpha: float) -> None:

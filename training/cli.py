@@ -144,6 +144,8 @@ def _cg_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vectors-per-id", type=int, default=4)
     g.add_argument("--template", default="a product photo on a {id} background")
     g.add_argument("--init", default="name", choices=["name", "background"])
+    g.add_argument("--unet", default="lora", choices=["lora", "full"],
+                   help="lora: one shared UNet LoRA (the paper); full: train every UNet weight (writes unet/)")
     g.add_argument("--lora-rank", type=int, default=8)
     g.add_argument("--lora-alpha", type=float)
     g.add_argument("--identifier-lr", type=float, default=5e-3)
@@ -152,6 +154,9 @@ def _cg_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mass-loss-weight", type=float, default=0.1, help="attention-mass loss weight (loss/both)")
     g.add_argument("--background-loss-weight", type=float, default=1.0,
                    help="denoising-loss weight of background latents (product latents weigh 1)")
+    g.add_argument("--caption-dropout", type=float, default=0.0,
+                   help="probability of a sample with the empty prompt (for classifier-free guidance when the "
+                        "UNet trains from scratch)")
     g.add_argument("--mask-jitter", type=float, nargs=2, default=(-0.04, 0.02), metavar=("MIN", "MAX"),
                    help="random product-mask dilation radius range, fraction of the side (negative erodes)")
     g.add_argument("--no-flip", action="store_true")
@@ -201,10 +206,12 @@ def cmd_train_cg(args: argparse.Namespace) -> int:
         raise _error("pass --data DIR (a BG60k-layout folder) or --category NAME --images DIR")
     try:
         cfg = CGConfig(data=data, model=args.model, resolution=args.resolution, vectors_per_id=args.vectors_per_id,
-                       template=args.template, init=args.init, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                       template=args.template, init=args.init, unet=args.unet, lora_rank=args.lora_rank,
+                       lora_alpha=args.lora_alpha,
                        identifier_lr=args.identifier_lr, mask_mode=args.mask_mode, strength=args.strength,
                        mass_loss_weight=args.mass_loss_weight, background_loss_weight=args.background_loss_weight,
-                       mask_jitter=tuple(args.mask_jitter), flip=not args.no_flip, skip_bad=args.skip_bad,
+                       caption_dropout=args.caption_dropout, mask_jitter=tuple(args.mask_jitter),
+                       flip=not args.no_flip, skip_bad=args.skip_bad,
                        gradient_checkpointing=args.gradient_checkpointing,
                        weights_dtype=_weights_dtype(args.mixed_precision),
                        categories=(args.category,) if args.category else None, model_configs=args.model_configs)
@@ -250,6 +257,8 @@ def _pg_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("personality-wise")
     g.add_argument("--variant", default="linear", choices=["linear", "plus"])
     g.add_argument("--tokens", type=int, default=4, help="style tokens")
+    g.add_argument("--resampler", type=int, nargs=4, metavar=("WIDTH", "DEPTH", "HEADS", "HEAD_WIDTH"),
+                   help="plus only: the Resampler's shape (default: IP-Adapter Plus's 768 4 12 64)")
     g.add_argument("--init-from", type=Path, help="start from an IP-Adapter / style encoder .safetensors")
     g.add_argument("--vision-model", default="tiny", help="CLIP vision: a transformers folder, or tiny")
     g.add_argument("--prompt", default="a product photo", help="text prompt used for every sample")
@@ -269,6 +278,7 @@ def cmd_train_pg(args: argparse.Namespace) -> int:
     try:
         cfg = PGConfig(data=args.data, model=args.model, vision_model=args.vision_model,
                        resolution=args.resolution, variant=args.variant, tokens=args.tokens,
+                       resampler=tuple(args.resampler) if args.resampler else None,
                        init_from=args.init_from, prompt=args.prompt, crop_scale=tuple(args.crop_scale),
                        drop_reference=args.drop_reference, skip_bad=args.skip_bad,
                        gradient_checkpointing=args.gradient_checkpointing,

@@ -43,6 +43,8 @@ class PGConfig:
         resolution: training image side.
         variant: ``"linear"`` (image embeds) or ``"plus"`` (Resampler over penultimate hidden states).
         tokens: style tokens.
+        resampler: ``plus`` only — the Resampler's ``(width, depth, heads, head width)``; ``None`` keeps
+            IP-Adapter Plus's release shape (768, 4, 12, 64); small models want a small one.
         init_from: IP-Adapter / style-encoder file to start from.
         prompt: the text prompt of every sample.
         crop_scale: area range of the reference's random resized crop.
@@ -59,6 +61,7 @@ class PGConfig:
     resolution: int = 512
     variant: str = "linear"
     tokens: int = 4
+    resampler: tuple[int, int, int, int] | None = None
     init_from: Path | None = None
     prompt: str = "a product photo"
     crop_scale: tuple[float, float] = (0.5, 1.0)
@@ -215,7 +218,7 @@ class PGTask:
     def fingerprint(self) -> dict[str, Any]:
         d = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.cfg).items() if k != "data"}
         d.update(crop_scale=list(self.cfg.crop_scale), mask_jitter=list(self.cfg.mask_jitter),
-                 dataset_size=len(self._dataset))
+                 resampler=list(self.cfg.resampler) if self.cfg.resampler else None, dataset_size=len(self._dataset))
         return d
 
     def build(self, device: torch.device) -> PGModule:
@@ -236,8 +239,11 @@ class PGTask:
             encoder = load_style_encoder(self.cfg.init_from, target, dtype=torch.float32)
         else:
             width = vision.config.projection_dim if self.cfg.variant == "linear" else vision.config.hidden_size
+            shape = {}
+            if self.cfg.resampler is not None:
+                shape = dict(zip(("resampler_dim", "depth", "heads", "dim_head"), self.cfg.resampler))
             encoder = StyleEncoder(StyleEncoderConfig.for_target(target, variant=self.cfg.variant, tokens=self.cfg.tokens,
-                                                                 clip_width=int(width)))
+                                                                 clip_width=int(width), **shape))
         encoder.train().requires_grad_(True)
         return PGModule(comps, vision, encoder, _prompt_context(comps, self.cfg.prompt), self.cfg)
 

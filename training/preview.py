@@ -38,13 +38,11 @@ def cg_preview(module, dataset, out_dir: Path, step: int, count: int = 4, steps:
     image, mask = _stack(items, "image", module), _stack(items, "mask", module)
     cats = torch.tensor([it["category"] for it in items], device=image.device)
     cond = module.text_encoder(module.prompt_ids[cats])[0]
-    empty = module.prompt_ids.new_full((1, module.prompt_ids.shape[1]), 49407)
-    empty[0, 0] = 49406
-    uncond = module.text_encoder(empty)[0].expand_as(cond)
+    uncond = module.text_encoder(module.prompt_ids[-1:])[0].expand_as(cond)  # the last row is the empty prompt
     g = IdentifierGuidance(module.spec, ProductMask(mask[:, 0]), 1.0)
     composite = _generate(module, image, mask, torch.cat([uncond, cond]), Guidance().with_identifier(g), steps,
                           guidance_scale)
-    return _save(out_dir, step, [image, composite])
+    return save_rows(out_dir, step, [image, composite])
 
 
 @torch.no_grad()
@@ -59,7 +57,7 @@ def pg_preview(module, dataset, out_dir: Path, step: int, count: int = 4, steps:
                           layer_weights=(1.0,) * module.encoder.num_layers)
     context = module.context.expand(2 * image.shape[0], -1, -1)
     composite = _generate(module, image, mask, context, Guidance().with_style(style), steps, guidance_scale)
-    return _save(out_dir, step, [ref, image, composite])
+    return save_rows(out_dir, step, [ref, image, composite])
 
 
 def _stack(items: list[dict], key: str, module) -> torch.Tensor:
@@ -90,7 +88,8 @@ def _generate(module, image, mask, context, guidance, steps: int, scale: float) 
     return decoded * (1 - mask) + image * mask
 
 
-def _save(out_dir: Path, step: int, rows: list[torch.Tensor]) -> Path:
+def save_rows(out_dir: Path, step: int, rows: list[torch.Tensor]) -> Path:
+    """One PNG of image rows ([B,3,H,W] in -1..1 each), ``out_dir/step-NNNNNN.png``."""
     path = Path(out_dir) / f"step-{step:06d}.png"
     atomic_write_bytes(path, png_bytes(_grid(rows)))
     return path

@@ -1,0 +1,37 @@
+"""Writing diffusers model folders atomically (full-UNet training and the demo model's stages).
+
+A folder is written next to its destination under a temporary name and renamed into place; an existing
+destination is moved aside first and removed only after the new folder is in place, so a reader sees either
+the old folder or the complete new one, never a half-written mix.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def replace_dir(tmp: Path, dest: Path) -> Path:
+    """Move the finished folder ``tmp`` to ``dest`` (replacing it); returns ``dest``."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{tmp.name}")
+        dest.rename(old)
+    tmp.rename(dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def save_pretrained_atomic(model: Any, dest: Path, **kwargs: Any) -> Path:
+    """``model.save_pretrained`` (safetensors) into ``dest`` atomically; returns ``dest``."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+        return replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
