@@ -1,94 +1,170 @@
-"""``productbg demo``: the identifier patch on the tiny built-in pipeline, saved with its attention maps.
+"""``productbg demo``: a contact sheet of products × categories, plus a reference-style row, on one model.
 
-The tiny pipeline has random weights (no Stable Diffusion weights can be bundled), so the generated background
-is noise; what the demo shows is the mechanism: a category identifier in the prompt, the mask-guided attention
-keeping it off the product in every cross-attention layer, and the product pasted back unchanged.
+By default it runs the embedded demo model (``assets/demo_model``), which our own trainers built from nothing
+on the procedural BG-synth dataset (64×64, 16 background families) — see ``scripts/train_demo_model.py``.
+Every cell goes through the real pipeline: segment → place → identifier prompt with mask-guided attention
+(or reference style tokens) → inpaint → product pasted back. With ``--checkpoint`` (an SD1.5-inpainting
+``.safetensors`` or diffusers folder) plus ``--bank``, ``--style-encoder`` and ``--clip-vision`` the same sheet
+is rendered with real weights at 512².
 """
 from __future__ import annotations
 
 import argparse
 import os
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
-import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 CELL = 128
+LABEL_H = 22
+INSET = 44
+#: Visibly different BG-synth families for the category columns, and other ones for the reference row.
+DEMO_CATEGORIES = ("mugs", "lamps", "headphones", "toys", "speakers", "kettles")
+DEMO_REFERENCES = ("handbags", "watches", "plants", "bottles", "backpacks", "perfume")
+PRODUCT_SEEDS = (3, 11, 5, 8)
 
 
-def _product(size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A bottle-like product (image [3,H,W] in 0..1, mask [H,W]) centred on a grey canvas."""
-    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    body = ((xx / 0.32) ** 2 + ((yy - 0.2) / 0.55) ** 2) <= 1
-    neck = (xx.abs() <= 0.1) & (yy >= -0.75) & (yy <= -0.2)
-    mask = (body | neck).float()
-    image = torch.full((3, size, size), 0.5)
-    colour = torch.tensor([0.85, 0.25, 0.2])[:, None, None]
-    return image * (1 - mask) + colour * (0.6 + 0.4 * (1 - yy.abs())) * mask, mask
+@dataclass
+class DemoInputs:
+    """What goes on the sheet: products (rows), categories (columns), references (the style row)."""
+
+    products: list[tuple[str, np.ndarray]]
+    categories: list[str]
+    references: list[tuple[str, np.ndarray]] = field(default_factory=list)
 
 
-def run_demo(steps: int = 8, size: int = 64, seed: int = 0) -> dict:
-    """Sample on the tiny pipeline with a 2-vector identifier confined to the background.
+def synthetic_product(seed: int, size: int = 256) -> np.ndarray:
+    """A BG-synth product as ``[size, size, 4]`` RGBA in 0..1 (alpha = product), on a light grey canvas."""
+    from .training.bgsynth import product
 
-    Returns:
-        dict with ``product``, ``mask``, ``generated`` (before paste-back), ``composite`` and ``maps``
-        (layer index → [h, w] identifier attention mass at the last step).
-    """
-    from diffusers import DDIMScheduler
-
-    from .attention import Guidance, IdentifierGuidance, ProductMask, probe
-    from .attention.diffusers_processor import DiffusersCall, install_processors
-    from .pipeline.text import (DEFAULT_TEMPLATE, clip_tokenizer, identifier_prompt, install_identifiers,
-                                tokenize_with_identifier)
-    from .pipeline.tiny import tiny_text_encoder, tiny_unet, tiny_vae
-
-    torch.manual_seed(seed)
-    tok, text_encoder, unet, vae = clip_tokenizer(), tiny_text_encoder(), tiny_unet(), tiny_vae()
-    vocab = install_identifiers(tok, text_encoder, torch.randn(1, 2, text_encoder.config.hidden_size))
-    prompt = identifier_prompt(DEFAULT_TEMPLATE, vocab.words(0))
-    ids, spec = tokenize_with_identifier(tok, prompt, vocab.token_ids[0])
-    empty = tok("", padding="max_length", max_length=77, return_tensors="pt").input_ids
-    product, mask = _product(size)
-    latent_hw = (size // 8, size // 8)
-    guidance = Guidance().with_identifier(IdentifierGuidance(spec, ProductMask(mask), strength=1.0))
-    call = DiffusersCall(guidance, latent_hw=latent_hw, cond_or_uncond=(1, 0))
-    install_processors(unet)
-    scheduler = DDIMScheduler()
-    scheduler.set_timesteps(steps)
-    with torch.no_grad():
-        context = torch.cat([text_encoder(empty).last_hidden_state, text_encoder(ids).last_hidden_state])
-        latents = torch.randn(1, 4, *latent_hw)
-        for i, t in enumerate(scheduler.timesteps):
-            last = i == len(scheduler.timesteps) - 1
-            with probe.record(keep_maps=last) as rec:
-                noise = unet(torch.cat([latents] * 2), t, context, cross_attention_kwargs={"productbg": call}).sample
-            uncond, cond = noise.chunk(2)
-            latents = scheduler.step(uncond + 7.5 * (cond - uncond), t, latents).prev_sample
-        generated = (vae.decode(latents).sample[0].clamp(-1, 1) + 1) / 2
-    composite = generated * (1 - mask) + product * mask
-    maps = {}
-    for r in rec.identifier:
-        h = w = int(r.grid_tokens ** 0.5)
-        maps.setdefault(r.layer_index, r.mass_map[0].view(h, w))
-    return {"product": product, "mask": mask, "generated": generated, "composite": composite, "maps": maps}
+    colour, mask = product(np.random.default_rng([seed, 0xDE30]), size)
+    rgb = np.where(mask[..., None], colour, np.float32(0.92))
+    return np.concatenate([rgb, mask[..., None].astype(np.float32)], -1).astype(np.float32)
 
 
-def _tile(t: torch.Tensor) -> Image.Image:
-    if t.ndim == 2:
-        t = t / t.max().clamp_min(1e-8)
-        t = torch.stack([t, t * 0.6, 1 - t])  # mass → warm, none → blue
-    arr = (t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-    return Image.fromarray(arr).resize((CELL, CELL), Image.NEAREST)
+def synthetic_reference(category: str, number: int = 0, size: int = 64) -> np.ndarray:
+    """A held-out-style BG-synth image of ``category`` as RGBA (alpha = its product, which the pipeline removes)."""
+    from .training.bgsynth import DEFAULT_NAMES, SynthSpec, render
+
+    spec = SynthSpec(size=size, seed=1)  # seed 1: never an image the demo model was trained on (seed 0)
+    image, mask = render(spec, "bg1k", number, DEFAULT_NAMES.index(category))
+    return np.concatenate([image / 255.0, mask[..., None] / 255.0], -1).astype(np.float32)
 
 
-def contact_sheet(result: dict) -> Image.Image:
-    tiles = [_tile(result["product"]), _tile(result["mask"].expand(3, -1, -1)), _tile(result["generated"]),
-             _tile(result["composite"])] + [_tile(m) for _, m in sorted(result["maps"].items())]
-    sheet = Image.new("RGB", (CELL * len(tiles), CELL), "white")
-    for i, tile in enumerate(tiles):
-        sheet.paste(tile, (i * CELL, 0))
+def load_rgba(path: str | os.PathLike) -> np.ndarray:
+    """An image file as ``[H, W, 3|4]`` float32 (alpha kept when present)."""
+    from . import imaging
+
+    rgb, alpha = imaging.load_image(path)
+    return np.concatenate([rgb, alpha[..., None]], -1) if alpha is not None else rgb
+
+
+def default_inputs(categories: Sequence[str] | None = None, references: Sequence[str] | None = None) -> DemoInputs:
+    """Four synthetic products, the demo categories and six BG-synth references of other categories."""
+    return DemoInputs([(f"product {i + 1}", synthetic_product(s)) for i, s in enumerate(PRODUCT_SEEDS)],
+                      list(categories or DEMO_CATEGORIES),
+                      [(name, synthetic_reference(name)) for name in (references or DEMO_REFERENCES)])
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+@dataclass
+class Sheet:
+    """The rendered sheet and what happened."""
+
+    image: Image.Image
+    cells: int
+    seconds: float
+    product_preserved: bool
+
+
+def render(pipe, inputs: DemoInputs, seed: int = 0, style_template: str | None = None) -> Sheet:
+    """Generate every cell with ``pipe`` and lay them out (rows: products, then the reference-style row)."""
+    start = time.perf_counter()
+    rows: list[tuple[Image.Image, list[Image.Image]]] = []
+    preserved = True
+    for name, product in inputs.products:
+        cells = []
+        for c in inputs.categories:
+            result = pipe.generate(product, category=c, seed=seed)[0]
+            preserved &= bool(np.array_equal(result.image[result.mask >= 1], result.placed[result.mask >= 1]))
+            cells.append(_cell(result.image))
+        rows.append((_cell(_on_checker(product)), cells))
+    if inputs.references:
+        product = inputs.products[0][1]
+        extra = {"template": style_template} if style_template else {}
+        cells = [_with_inset(_cell(pipe.generate(product, reference=ref, seed=seed, **extra)[0].image), ref)
+                 for _, ref in inputs.references]
+        rows.append((_label_cell("reference\nstyle"), cells))
+    header = [n for n in inputs.categories]
+    ref_header = [f"ref: {n}" for n, _ in inputs.references]
+    sheet = _layout(rows, header, ref_header)
+    return Sheet(sheet, sum(len(c) for _, c in rows), time.perf_counter() - start, preserved)
+
+
+def _to_image(arr: np.ndarray) -> Image.Image:
+    return Image.fromarray((np.clip(arr[..., :3], 0, 1) * 255 + 0.5).astype(np.uint8))
+
+
+def _cell(arr: np.ndarray) -> Image.Image:
+    return _to_image(arr).resize((CELL, CELL), Image.BICUBIC)
+
+
+def _on_checker(rgba: np.ndarray) -> np.ndarray:
+    if rgba.shape[-1] == 3:
+        return rgba
+    h, w = rgba.shape[:2]
+    yy, xx = np.mgrid[:h, :w]
+    checker = np.where(((yy // max(h // 8, 1)) + (xx // max(w // 8, 1))) % 2 == 0, 0.85, 0.7)[..., None]
+    a = rgba[..., 3:]
+    return rgba[..., :3] * a + checker * (1 - a)
+
+
+def _with_inset(cell: Image.Image, reference: np.ndarray) -> Image.Image:
+    inset = _to_image(reference).resize((INSET, INSET), Image.BICUBIC)
+    out = cell.copy()
+    ImageDraw.Draw(out).rectangle([0, 0, INSET + 1, INSET + 1], fill="white")
+    out.paste(inset, (1, 1))
+    return out
+
+
+def _label_cell(text: str) -> Image.Image:
+    img = Image.new("RGB", (CELL, CELL), "white")
+    ImageDraw.Draw(img).multiline_text((8, CELL // 2 - 18), text, fill="black", font=_font(15))
+    return img
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _layout(rows: list[tuple[Image.Image, list[Image.Image]]], header: list[str], ref_header: list[str]) -> Image.Image:
+    cols = max(len(cells) for _, cells in rows) + 1
+    n_ref = 1 if ref_header else 0
+    height = LABEL_H + len(rows) * CELL + n_ref * LABEL_H
+    sheet = Image.new("RGB", (cols * CELL, height), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = _font(13)
+    draw.text((6, 4), "product", fill="black", font=font)
+    for j, name in enumerate(header):
+        draw.text(((j + 1) * CELL + 6, 4), name, fill="black", font=font)
+    y = LABEL_H
+    for i, (label, cells) in enumerate(rows):
+        if n_ref and i == len(rows) - 1:
+            for j, name in enumerate(ref_header):
+                draw.text(((j + 1) * CELL + 6, y + 4), name, fill="black", font=font)
+            y += LABEL_H
+        sheet.paste(label, (0, y))
+        for j, cell in enumerate(cells):
+            sheet.paste(cell, ((j + 1) * CELL, y))
+        y += CELL
     return sheet
 
 
@@ -104,29 +180,82 @@ def save_atomic(image: Image.Image, path: Path) -> None:
         raise
 
 
+# ---------------------------------------------------------------------------------------------- command
+def _pipeline(args: argparse.Namespace):
+    """(pipeline, template of the reference-style row): the embedded demo model, or --checkpoint's weights."""
+    from .cli import CliError
+    from .pipeline import GenerateSettings
+    from .pipeline.embedded import DEMO_MODEL, STYLE_ONLY_TEMPLATE, load_demo_pipeline
+    from .pipeline.options import build_pipeline
+
+    if args.checkpoint:
+        if not args.bank:
+            raise CliError("--checkpoint needs --bank (the categories' identifiers); add --style-encoder and "
+                           "--clip-vision for the reference-style row")
+        return build_pipeline(args, settings=GenerateSettings()), None
+    if args.bank or args.style_encoder or args.clip_vision or args.lora:
+        raise CliError("--bank / --style-encoder / --clip-vision / --lora go with --checkpoint (the embedded demo "
+                       "model brings its own)")
+    folder = Path(args.model) if args.model else DEMO_MODEL
+    return load_demo_pipeline(folder, device=args.device or "cpu"), STYLE_ONLY_TEMPLATE
+
+
+def _inputs(args: argparse.Namespace, pipe) -> DemoInputs:
+    products = ([(Path(p).stem, load_rgba(p)) for p in args.products] if args.products else None)
+    categories = args.categories.split(",") if args.categories else None
+    if categories is None and args.checkpoint:
+        categories = list(pipe.components.identifiers.names)[:6]
+    references = ([(Path(p).stem, load_rgba(p)) for p in args.references] if args.references else None)
+    inputs = default_inputs(categories)
+    if products:
+        inputs.products = products
+    if references is not None:
+        inputs.references = references
+    if pipe.components.style_encoder is None:
+        inputs.references = []
+    return inputs
+
+
 def _cmd(args: argparse.Namespace) -> int:
-    result = run_demo(steps=args.steps, seed=args.seed)
+    import torch
+
+    from .cli import CliError
+    from .pipeline.errors import PipelineError
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        pipe, style_template = _pipeline(args)
+        sheet = render(pipe, _inputs(args, pipe), seed=args.seed, style_template=style_template)
+    except PipelineError as e:
+        raise CliError(str(e)) from None
     out = Path(args.out)
-    save_atomic(contact_sheet(result), out)
-    product_mass = max(float(m[result_mask(result, m.shape)].max()) if result_mask(result, m.shape).any() else 0.0
-                       for m in result["maps"].values())
-    print(f"wrote {out}: product | mask | generated | pasted back | identifier attention in "
-          f"{len(result['maps'])} layers (max identifier mass on product cells: {product_mass:.1e})")
-    return 0
-
-
-def result_mask(result: dict, shape: torch.Size) -> torch.Tensor:
-    """The product cells of a layer grid (coverage ≥ 0.5), for reporting."""
-    from .attention import product_coverage
-
-    return (product_coverage(result["mask"], tuple(shape)) >= 0.5).view(shape)
+    save_atomic(sheet.image, out)
+    print(f"wrote {out}: {sheet.cells} images in {sheet.seconds:.1f} s "
+          f"(products pasted back unchanged: {'yes' if sheet.product_preserved else 'NO'})")
+    return 0 if sheet.product_preserved else 1
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="render the identifier patch on the tiny built-in pipeline",
+    from .pipeline.options import add_model_options
+
+    p = sub.add_parser("demo", help="render a contact sheet (products × categories + reference style) on the "
+                                    "embedded demo model or real weights",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example: productbg demo --out out/demo.png")
+                       epilog="examples:\n"
+                              "  productbg demo                                   # embedded model, out/demo.png\n"
+                              "  productbg demo --products a.png b.png --categories mugs,lamps\n"
+                              "  productbg demo --checkpoint sd-v1-5-inpainting.safetensors --bank bank.safetensors \\\n"
+                              "      --style-encoder style.safetensors --clip-vision clip_vision_h.safetensors\n\n"
+                              "exit status: 0 written, 1 a product was not pasted back unchanged, 2 bad input")
     p.add_argument("--out", default="out/demo.png", help="PNG to write (default: out/demo.png)")
-    p.add_argument("--steps", type=int, default=8, help="DDIM steps (default: 8)")
+    p.add_argument("--model", help="a demo-model folder (default: the embedded assets/demo_model)")
+    p.add_argument("--products", nargs="+", metavar="IMAGE", help="product photos (default: 4 synthetic products)")
+    p.add_argument("--categories", help="comma-separated categories (default: 6 BG-synth categories, or the "
+                                        "bank's first 6 with --checkpoint)")
+    p.add_argument("--references", nargs="*", metavar="IMAGE",
+                   help="reference images for the style row (default: 6 BG-synth references; none: no row)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    add_model_options(p)
     p.set_defaults(func=_cmd)

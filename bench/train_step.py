@@ -3,7 +3,8 @@
 Both steps run on the same UNet weights, batch and random draws (VAE encode, noise, timesteps, inpainting
 input, MSE, backward, AdamW): the plain step uses diffusers' ``AttnProcessor2_0``, a frozen text encoder
 (no grad) and the UNet LoRA only; ours adds the identifier vectors (gradient through the text encoder), the
-mask-guided attention bias in every cross-attention layer and the attention-mass loss (``mask_mode=both``).
+mask-guided attention bias in every cross-attention layer and, with ``--mask-mode both|loss``, the attention-mass
+loss (default ``hard``, the trainer's default).
 Steps alternate so machine drift hits both alike. Prints a table, then as its LAST line one JSON object with the
 median step times and their ratio (target ≤ 1.05).
 
@@ -11,7 +12,8 @@ Models: ``tiny`` (the test UNet), ``small`` (3 levels, width 64-256), ``sd15`` (
 CLIP ViT-L, random weights; ~4 GB in fp32). One base model is shared by both steps (the UNet's attention
 processors are swapped per step), so memory is that of one model.
 
-Usage: python bench/train_step.py [--model tiny|small|sd15] [--resolution 64] [--batch 4] [--steps 20] [--device cpu]
+Usage: python bench/train_step.py [--model tiny|small|sd15] [--resolution 64] [--batch 4] [--steps 20]
+                                  [--mask-mode hard|loss|both] [--device cpu]
 """
 from __future__ import annotations
 
@@ -86,7 +88,7 @@ class PlainLoraStep(DiffusionModule):
         return {"loss": mse}
 
 
-def build(kind: str, data: Path, resolution: int, device: str):
+def build(kind: str, data: Path, resolution: int, device: str, mask_mode: str = "hard"):
     """Our CG module and the plain LoRA module, sharing one base model (UNet + LoRA, VAE, text encoder).
 
     Returns:
@@ -96,7 +98,7 @@ def build(kind: str, data: Path, resolution: int, device: str):
 
     comps = BUILDERS[kind]()
     cfg = CGConfig(data=data, model=kind, resolution=resolution, vectors_per_id=4, lora_rank=8,
-                   mask_mode="both", mass_loss_weight=0.1)
+                   mask_mode=mask_mode, mass_loss_weight=0.1)
     task = CGTask(cfg, lambda: comps)
     ours = task.build(torch.device(device)).to(device)
     processors = {"ours": dict(comps.unet.attn_processors),
@@ -132,12 +134,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--mask-mode", default="hard", choices=["hard", "loss", "both"],
+                    help="train-cg's --mask-mode (default hard, the trainer's default; both adds the mass loss)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         bgsynth.generate(data, bgsynth.SynthSpec(categories=8, per_category=2, held_out=0, size=args.resolution))
-        task, ours, plain, processors = build(args.model, data, args.resolution, args.device)
+        task, ours, plain, processors = build(args.model, data, args.resolution, args.device, args.mask_mode)
         items = [task.dataset()[(i, i)] for i in range(args.batch)]
         batch = {k: v.to(args.device) if torch.is_tensor(v) else v
                  for k, v in torch.utils.data.default_collate(items).items()}
@@ -153,7 +157,7 @@ def main() -> None:
     print(f"{'step':8s} {'median ms':>10s} {'min ms':>8s}")
     for name, r in runs.items():
         print(f"{name:8s} {med[name] * 1e3:10.2f} {min(r[2]) * 1e3:8.2f}")
-    print(json.dumps({"bench": "train_step", "model": args.model, "device": args.device,
+    print(json.dumps({"bench": "train_step", "model": args.model, "device": args.device, "mask_mode": args.mask_mode,
                       "resolution": args.resolution, "batch": args.batch, "steps": args.steps,
                       "ours_ms": round(med["ours"] * 1e3, 3), "plain_ms": round(med["plain"] * 1e3, 3),
                       "ratio": round(med["ours"] / med["plain"], 4),

@@ -16,7 +16,8 @@ from .pipeline import GenerateSettings
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULTS = GenerateSettings()
 TINY_NOTE = ("no --checkpoint: using the tiny random built-in models (backgrounds are noise; for trying the "
-             "commands and for tests). Pass --checkpoint for real results.")
+             "commands and for tests). Pass --checkpoint for real results; `productbg demo` shows the embedded "
+             "trained toy model.")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -97,11 +98,12 @@ def uses_tiny(args: argparse.Namespace) -> bool:
     return bool(args.tiny or not args.checkpoint)
 
 
-def build_pipeline(args: argparse.Namespace, quiet: bool = False):
-    """The pipeline the options describe (tiny models without --checkpoint)."""
+def build_pipeline(args: argparse.Namespace, quiet: bool = False, settings=None):
+    """The pipeline the options describe (tiny models without --checkpoint); ``settings`` overrides the
+    settings options (commands without them)."""
     from .pipeline import ProductBGPipeline
 
-    settings, device = settings_from_args(args), device_from_args(args)
+    settings, device = settings or settings_from_args(args), device_from_args(args)
     if uses_tiny(args):
         extras = [o for o in ("bank", "style_encoder", "clip_vision") if getattr(args, o)] + (["lora"] if args.lora else [])
         if extras:
