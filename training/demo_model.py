@@ -125,6 +125,8 @@ def pack(model: Path, bank: Path, style: Path, dest: Path, recipe: dict[str, Any
     AutoencoderKL.from_pretrained(model / "vae", **kw).half().save_pretrained(tmp / "vae")
     CLIPTextModel.from_pretrained(model / "text_encoder", **kw).half().save_pretrained(tmp / "text_encoder")
     load_vision("tiny").half().save_pretrained(tmp / "image_encoder")
+    for part in PACKED_PARTS:
+        _drop_local_path(tmp / part / "config.json")
     shutil.copytree(model / "scheduler", tmp / "scheduler")
     shutil.copy(bank, tmp / bank.name)
     shutil.copy(style, tmp / style.name)
@@ -132,6 +134,13 @@ def pack(model: Path, bank: Path, style: Path, dest: Path, recipe: dict[str, Any
     recipe = dict(recipe, files=sizes, total_bytes=sum(sizes.values()))
     (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")  # in tmp
     return replace_dir(tmp, dest)
+
+
+def _drop_local_path(config: Path) -> None:
+    """Remove ``_name_or_path`` (where the weights were loaded from on the training machine) from a config."""
+    data = json.loads(config.read_text(encoding="utf-8"))
+    if data.pop("_name_or_path", None) is not None:
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------- stages
