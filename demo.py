@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,11 +56,14 @@ def synthetic_reference(category: str, number: int = 0, size: int = 64) -> np.nd
 
 
 def load_rgba(path: str | os.PathLike) -> np.ndarray:
-    """An image file as ``[H, W, 3|4]`` float32 (alpha kept when present)."""
-    from . import imaging
+    """An image file as ``[H, W, 3|4]`` float32 (alpha kept), read as the pipeline reads it.
 
-    rgb, alpha = imaging.load_image(path)
-    return np.concatenate([rgb, alpha[..., None]], -1) if alpha is not None else rgb
+    Raises:
+        PipelineError: missing or unreadable file.
+    """
+    from .pipeline.pipeline import read_image
+
+    return read_image(path)[0]
 
 
 def default_inputs(categories: Sequence[str] | None = None, references: Sequence[str] | None = None) -> DemoInputs:
@@ -100,9 +102,8 @@ def render(pipe, inputs: DemoInputs, seed: int = 0, style_template: str | None =
         cells = [_with_inset(_cell(pipe.generate(product, reference=ref, seed=seed, **extra)[0].image), ref)
                  for _, ref in inputs.references]
         rows.append((_label_cell("reference\nstyle"), cells))
-    header = [n for n in inputs.categories]
     ref_header = [f"ref: {n}" for n, _ in inputs.references]
-    sheet = _layout(rows, header, ref_header)
+    sheet = _layout(rows, list(inputs.categories), ref_header)
     return Sheet(sheet, sum(len(c) for _, c in rows), time.perf_counter() - start, preserved)
 
 
@@ -168,18 +169,6 @@ def _layout(rows: list[tuple[Image.Image, list[Image.Image]]], header: list[str]
     return sheet
 
 
-def save_atomic(image: Image.Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------- command
 def _pipeline(args: argparse.Namespace):
     """(pipeline, template of the reference-style row): the embedded demo model, or --checkpoint's weights."""
@@ -221,6 +210,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
     from .cli import CliError
     from .pipeline.errors import PipelineError
+    from .pipeline.outputs import save_png
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,8 +219,7 @@ def _cmd(args: argparse.Namespace) -> int:
         sheet = render(pipe, _inputs(args, pipe), seed=args.seed, style_template=style_template)
     except PipelineError as e:
         raise CliError(str(e)) from None
-    out = Path(args.out)
-    save_atomic(sheet.image, out)
+    out = save_png(np.asarray(sheet.image), args.out)
     print(f"wrote {out}: {sheet.cells} images in {sheet.seconds:.1f} s "
           f"(products pasted back unchanged: {'yes' if sheet.product_preserved else 'NO'})")
     return 0 if sheet.product_preserved else 1

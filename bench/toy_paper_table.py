@@ -39,17 +39,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def _load_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    from PIL import Image
-
-    from productbg.training.datasets import open_bg60k
+def _load_split(root: Path, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Images ``[N,3,H,W]`` in 0..1, masks ``[N,H,W]`` and category names of a BG60k-layout split."""
+    from productbg.training.datasets import load_pair, open_bg60k
 
     index = open_bg60k(root, split)
-    images, masks = [], []
-    for r in index.records:
-        images.append(torch.from_numpy(np.array(Image.open(r.image).convert("RGB"), np.float32) / 255))
-        masks.append(torch.from_numpy(np.array(Image.open(r.mask).convert("L"), np.float32) / 255))
-    return torch.stack(images).permute(0, 3, 1, 2), torch.stack(masks), [r.category for r in index.records]
+    pairs = [load_pair(r, size) for r in index.records]
+    images = torch.from_numpy(np.stack([p[0] for p in pairs])).permute(0, 3, 1, 2).float() / 255
+    return images, torch.from_numpy(np.stack([p[1] for p in pairs])), [r.category for r in index.records]
 
 
 def _items(labels: list[str], per_category: int) -> list[int]:
@@ -107,8 +104,8 @@ def run(model: Path, per_category: int, steps: int, cfg: float | None = None, lo
     with tempfile.TemporaryDirectory() as tmp:
         spec = SynthSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in recipe["synth"].items()})
         generate(Path(tmp), spec)
-        train_x, train_m, train_y = _load_split(Path(tmp), "bg60k")
-        test_x, test_m, test_y = _load_split(Path(tmp), "bg1k")
+        train_x, train_m, train_y = _load_split(Path(tmp), "bg60k", spec.size)
+        test_x, test_m, test_y = _load_split(Path(tmp), "bg1k", spec.size)
     classifier = train_classifier(_background(train_x, train_m), train_y)
     ceiling = classifier.accuracy(_background(test_x, test_m), test_y)
     pipe = load_demo_pipeline(model)

@@ -207,7 +207,7 @@ class ProductBGPipeline:
         if isinstance(product, Prepared):
             return product
         s = settings or self.settings
-        rgba, source = _as_rgba(product)
+        rgba, source = read_image(product)
         try:
             seg = imaging.segment_product(rgba, s.segmentation)
             placement = imaging.place_product(seg.image, seg.mask, (s.size, s.size), s.fill_ratio,
@@ -227,7 +227,7 @@ class ProductBGPipeline:
         if c.style_encoder is None or c.image_encoder is None:
             raise PipelineError("a reference image needs a style encoder and its CLIP vision model "
                                 "(--style-encoder and --clip-vision)")
-        rgba, source = _as_rgba(reference)
+        rgba, source = read_image(reference)
         try:  # as the shipped workflows do: the reference's product mask grown by 4 px, edges left as they are
             seg = imaging.segment_product(rgba, settings.segmentation, grow=REFERENCE_GROW, clean_edges=False)
         except ValueError as e:
@@ -298,7 +298,7 @@ class ProductBGPipeline:
         return Result(final, generated, prep.placed, prep.mask, prep.repaint, seed, category, prompt, report)
 
 
-def _as_rgba(image: ImageInput) -> tuple[np.ndarray, str]:
+def read_image(image: ImageInput) -> tuple[np.ndarray, str]:
     """An ``[H, W, 3|4]`` float32 array (alpha appended when the file has one) and a name for messages."""
     if isinstance(image, (str, os.PathLike)):
         try:

@@ -54,6 +54,8 @@ def test_demo_refuses_mixed_model_options(tmp_path, capsys):
     assert "go with --checkpoint" in capsys.readouterr().err
     assert main(["demo", "--model", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert "no demo model here" in capsys.readouterr().err
+    assert main(["demo", "--products", str(tmp_path / "missing.png"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "missing.png" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
 
 

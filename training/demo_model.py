@@ -23,7 +23,7 @@ import json
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,7 +72,6 @@ class Recipe:
     pg_resampler: tuple[int, int, int, int] = (64, 2, 4, 16)
     batch_size: int = 16
     scale: float = 1.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def steps(self, n: int) -> int:
         return max(1, round(n * self.scale))
