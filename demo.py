@@ -175,9 +175,9 @@ def _pipeline(args: argparse.Namespace):
     from .cli import CliError
     from .pipeline import GenerateSettings
     from .pipeline.embedded import DEMO_MODEL, STYLE_ONLY_TEMPLATE, load_demo_pipeline
-    from .pipeline.options import build_pipeline
+    from .pipeline.options import build_pipeline, uses_demo
 
-    if args.checkpoint:
+    if args.checkpoint and not uses_demo(args):
         if not args.bank:
             raise CliError("--checkpoint needs --bank (the categories' identifiers); add --style-encoder and "
                            "--clip-vision for the reference-style row")
@@ -190,9 +190,11 @@ def _pipeline(args: argparse.Namespace):
 
 
 def _inputs(args: argparse.Namespace, pipe) -> DemoInputs:
+    from .pipeline.options import uses_demo
+
     products = ([(Path(p).stem, load_rgba(p)) for p in args.products] if args.products else None)
     categories = args.categories.split(",") if args.categories else None
-    if categories is None and args.checkpoint:
+    if categories is None and args.checkpoint and not uses_demo(args):
         categories = list(pipe.components.identifiers.names)[:6]
     references = ([(Path(p).stem, load_rgba(p)) for p in args.references] if args.references else None)
     inputs = default_inputs(categories)

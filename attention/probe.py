@@ -20,6 +20,7 @@ class IdentifierRecord:
     grid_tokens: int
     product_cells: int
     max_mass_on_product: float
+    mean_mass_on_product: float
     mean_mass_on_background: float
     mass_map: torch.Tensor  # [positive rows, N], head-averaged
 
@@ -63,6 +64,7 @@ def record_identifier(layer_index: int, q: torch.Tensor, k: torch.Tensor, heads:
         grid_tokens=q.shape[1],
         product_cells=int(product.sum()),
         max_mass_on_product=float(mass[product].max()) if product.any() else 0.0,
+        mean_mass_on_product=float(mass[product].mean()) if product.any() else 0.0,
         mean_mass_on_background=float(mass[background].mean()) if background.any() else 0.0,
         mass_map=mass.cpu() if _active[-1].keep_maps else torch.empty(0),
     )

@@ -14,6 +14,10 @@ every test item: a product with its exact mask, and a category. Three measuremen
 2. **Product leakage before paste-back** — the same generations with mask-guided attention on (strength 1)
    and off (strength 0): mean absolute difference, over the product's pixels, between the raw generated image
    (before the product is pasted back) and the product, 0..1 scale. Target: ≥ 3× lower with guidance.
+   Beside it, the mechanism itself: the identifier's attention mass at product cells, averaged over every
+   cross-attention layer and sampling step (:mod:`productbg.attention.probe`), on the first item of each
+   category. "Off" is measured at strength 1e-6 (a bias of −1e-6: the same attention as no guidance, but the
+   probe still sees the identifier's columns).
 3. **Reference-style similarity** — each item's product with a reference image from the category 8 places
    away (a different style family), Personality-Wise (reference style tokens, no identifier) vs category-only
    (the item's identifier): cosine similarity between classifier features of output and reference, and how
@@ -93,6 +97,23 @@ def _leakage(raw: np.ndarray, placed: np.ndarray, mask: np.ndarray) -> float:
     return float(np.abs(raw - placed).mean(-1)[inside].mean()) if inside.any() else 0.0
 
 
+def _wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion ``p`` measured on ``n`` items."""
+    scale = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / scale
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / scale
+    return float(centre - half), float(centre + half)
+
+
+def _attention_on_product(pipe, prep, category: str, seed: int, strength: float) -> float:
+    """The identifier's mean attention mass at product cells over every layer and step of one generation."""
+    from productbg.attention import probe
+
+    with probe.record() as rec:
+        pipe.generate(prep, category=category, seed=seed, identifier_strength=strength)
+    return float(np.mean([r.mean_mass_on_product for r in rec.identifier if r.product_cells]))
+
+
 def run(model: Path, per_category: int, steps: int, cfg: float | None = None, log=print) -> dict:
     from productbg import imaging
     from productbg.pipeline.embedded import STYLE_ONLY_TEMPLATE, demo_recipe, load_demo_pipeline
@@ -114,7 +135,8 @@ def run(model: Path, per_category: int, steps: int, cfg: float | None = None, lo
     classes = classifier.classes
     items = _items(test_y, per_category)
     out: dict[str, list] = {k: [] for k in ("guided", "plain", "pg", "leak_on", "leak_off", "refs", "ref_labels",
-                                            "masks")}
+                                            "masks", "attention_on", "attention_off")}
+    probed: set[str] = set()
     for n, i in enumerate(items):
         prep, cat = _prepared(test_x[i], test_m[i], grow), test_y[i]
         out["masks"].append(torch.as_tensor(prep.mask))
@@ -124,6 +146,10 @@ def run(model: Path, per_category: int, steps: int, cfg: float | None = None, lo
         out["plain"].append(_chw(off.image))
         out["leak_on"].append(_leakage(on.raw, prep.placed, prep.mask))
         out["leak_off"].append(_leakage(off.raw, prep.placed, prep.mask))
+        if cat not in probed:
+            probed.add(cat)
+            out["attention_on"].append(_attention_on_product(pipe, prep, cat, n, 1.0))
+            out["attention_off"].append(_attention_on_product(pipe, prep, cat, n, 1e-6))
         r = next(j for j in items if test_y[j] == classes[(classes.index(cat) + 8) % len(classes)])
         out["pg"].append(_chw(pipe.generate(prep, reference=_rgba(test_x[r], test_m[r]), seed=n,
                                             template=STYLE_ONLY_TEMPLATE)[0].image))
@@ -142,11 +168,14 @@ def run(model: Path, per_category: int, steps: int, cfg: float | None = None, lo
     return {
         "items": len(items), "categories": len(classes), "steps": steps,
         "guidance_scale": pipe.settings.guidance_scale, "model": model.name,
-        "category_accuracy": classifier.accuracy(guided, labels),
+        "category_accuracy": (accuracy := classifier.accuracy(guided, labels)),
+        "category_accuracy_95ci": _wilson(accuracy, len(labels)),
         "category_accuracy_without_guidance": classifier.accuracy(plain, labels),
         "classifier_accuracy_real_held_out": ceiling,
         "leakage_with_guidance": mean_on, "leakage_without_guidance": mean_off,
         "leakage_ratio": mean_off / max(mean_on, 1e-8),
+        "identifier_attention_on_product_with_guidance": float(np.mean(out["attention_on"])),
+        "identifier_attention_on_product_without_guidance": float(np.mean(out["attention_off"])),
         "style_similarity_pg": sim(pg), "style_similarity_category_only": sim(guided),
         "reference_category_rate_pg": classifier.accuracy(pg, out["ref_labels"]),
         "reference_category_rate_category_only": classifier.accuracy(guided, out["ref_labels"]),
@@ -158,11 +187,17 @@ def run(model: Path, per_category: int, steps: int, cfg: float | None = None, lo
 def table(r: dict) -> str:
     rows = [
         ("Category-style accuracy (one model, identifier prompts)", f"{r['category_accuracy']:.1%}", "≥ 95%"),
+        ("  95% confidence interval ({} items)".format(r["items"]),
+         "{:.0%}–{:.0%}".format(*r["category_accuracy_95ci"]), ""),
         ("  same, mask-guided attention off", f"{r['category_accuracy_without_guidance']:.1%}", ""),
         ("  classifier on real held-out images (ceiling)", f"{r['classifier_accuracy_real_held_out']:.1%}", ""),
         ("Product leakage before paste-back, guidance on", f"{r['leakage_with_guidance']:.4f}", ""),
         ("Product leakage before paste-back, guidance off", f"{r['leakage_without_guidance']:.4f}", ""),
         ("  leakage ratio off / on", f"{r['leakage_ratio']:.1f}×", "≥ 3×"),
+        ("Identifier attention on product cells, guidance on",
+         f"{r['identifier_attention_on_product_with_guidance']:.4f}", ""),
+        ("Identifier attention on product cells, guidance off",
+         f"{r['identifier_attention_on_product_without_guidance']:.4f}", ""),
         ("Reference-style similarity, Personality-Wise", f"{r['style_similarity_pg']:.3f}", ""),
         ("Reference-style similarity, category-only", f"{r['style_similarity_category_only']:.3f}", ""),
         ("Output judged as the reference's category, PG", f"{r['reference_category_rate_pg']:.1%}", ""),

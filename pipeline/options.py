@@ -4,28 +4,33 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import PipelineError
+from .embedded import DEMO_MODEL, DEMO_SETTINGS, load_demo_pipeline
 from .pipeline import GenerateSettings
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULTS = GenerateSettings()
+#: ``--checkpoint demo``: the embedded demo model (64², BG-synth's 16 categories), with its own settings.
+DEMO_CHECKPOINT = "demo"
 TINY_NOTE = ("no --checkpoint: using the tiny random built-in models (backgrounds are noise; for trying the "
-             "commands and for tests). Pass --checkpoint for real results; `productbg demo` shows the embedded "
-             "trained toy model.")
+             "commands and for tests). Pass --checkpoint for real results, or --checkpoint demo for the embedded "
+             "toy model trained on BG-synth.")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Model files: base checkpoint, bank, style encoder, CLIP vision, LoRAs, device."""
     g = p.add_argument_group("models (nothing is ever downloaded)")
     g.add_argument("--checkpoint", metavar="PATH",
-                   help="SD1.5 or SD1.5-inpainting .safetensors (ComfyUI's models/checkpoints files) or a diffusers "
-                        "folder; without it the tiny random models are used")
+                   help="SD1.5 or SD1.5-inpainting .safetensors (ComfyUI's models/checkpoints files), a diffusers "
+                        "folder, or 'demo' for the embedded toy model (BG-synth categories, 64², its own bank and "
+                        "style encoder; write ./demo for a folder of that name); without it the tiny random models "
+                        "are used")
     g.add_argument("--configs", metavar="DIR",
                    help="component configs for --checkpoint (default: the SD1.5 set shipped in assets/sd15)")
     g.add_argument("--bank", metavar="PATH", help="category bank .safetensors (identifier per category); without "
@@ -41,38 +46,53 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype (auto: fp16 on CUDA)")
 
 
+#: Settings options → :class:`GenerateSettings` fields. Every option defaults to ``None`` = "the model's default":
+#: the paper's recipe (:data:`DEFAULTS`), or the demo model's own (:data:`DEMO_SETTINGS`) with ``--checkpoint demo``.
+SETTING_OPTIONS = {"size": "size", "steps": "steps", "cfg": "guidance_scale", "fill": "fill_ratio",
+                   "grow": "inpaint_grow", "strength": "identifier_strength", "style_weight": "style_weight",
+                   "style_layers": "style_layers", "template": "template", "extra": "extra_text",
+                   "negative": "negative_prompt", "feather": "feather", "segmentation": "segmentation",
+                   "report_expansion": "report_expansion"}
+
+
+def _default(option: str) -> str:
+    """``default X`` (and the demo model's value where it differs) for an option's help."""
+    field = SETTING_OPTIONS[option]
+    base, demo = getattr(DEFAULTS, field), getattr(DEMO_SETTINGS, field)
+    return f"default {base!r}" + (f"; {demo!r} with --checkpoint demo" if demo != base else "")
+
+
 def add_settings_options(p: argparse.ArgumentParser) -> None:
-    """Generation settings (defaults: the paper's recipe / the shipped workflow)."""
+    """Generation settings (defaults: the paper's recipe / the shipped workflow; the demo model's own with
+    ``--checkpoint demo``)."""
     g = p.add_argument_group("generation settings")
-    g.add_argument("--size", type=int, default=512, help="square canvas side, multiple of 8 (default 512)")
-    g.add_argument("--steps", type=int, default=40, help="DDIM steps (default 40)")
-    g.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    g.add_argument("--fill", type=float, default=0.74, help="product bounding box / canvas (default 0.74)")
-    g.add_argument("--grow", type=float, default=20.0, help="repaint-mask growth in px at 512, scaled with "
-                   "--size (default 20)")
-    g.add_argument("--strength", type=float, default=1.0, help="mask-guided attention strength 0..1 (default 1)")
-    g.add_argument("--style-weight", type=float, default=0.8, help="reference style weight (default 0.8)")
-    g.add_argument("--style-layers", choices=["all", "style", "composition"], default="all")
+    g.add_argument("--size", type=int, help=f"square canvas side, multiple of 8 ({_default('size')})")
+    g.add_argument("--steps", type=int, help=f"DDIM steps ({_default('steps')})")
+    g.add_argument("--cfg", type=float, help=f"classifier-free guidance scale ({_default('cfg')})")
+    g.add_argument("--fill", type=float, help=f"product bounding box / canvas ({_default('fill')})")
+    g.add_argument("--grow", type=float, help=f"repaint-mask growth in px at 512, scaled with --size "
+                   f"({_default('grow')})")
+    g.add_argument("--strength", type=float, help=f"mask-guided attention strength 0..1 ({_default('strength')})")
+    g.add_argument("--style-weight", type=float, help=f"reference style weight ({_default('style_weight')})")
+    g.add_argument("--style-layers", choices=["all", "style", "composition"],
+                   help=f"layers that take the reference style ({_default('style_layers')})")
     g.add_argument("--template", help="prompt template with {id} (default: the bank's)")
-    g.add_argument("--extra", default=DEFAULTS.extra_text, help=f"free words appended to the prompt "
-                   f"(default {DEFAULTS.extra_text!r})")
-    g.add_argument("--negative", default=DEFAULTS.negative_prompt, help=f"negative prompt (default "
-                   f"{DEFAULTS.negative_prompt!r})")
-    g.add_argument("--feather", type=float, default=2.0, help="outward feather of the paste-back in px (default 2)")
-    g.add_argument("--segmentation", default="auto",
-                   choices=["auto", "alpha", "background", "background+grabcut", "grabcut"],
+    g.add_argument("--extra", help=f"free words appended to the prompt ({_default('extra')})")
+    g.add_argument("--negative", help=f"negative prompt ({_default('negative')})")
+    g.add_argument("--feather", type=float, help=f"outward feather of the paste-back in px ({_default('feather')})")
+    g.add_argument("--segmentation", choices=["auto", "alpha", "background", "background+grabcut", "grabcut"],
                    help="how the product is cut out (auto: alpha, else uniform-background key, else GrabCut)")
-    g.add_argument("--report-expansion", action="store_true", help="also measure object expansion in each "
-                   "preservation report, as the ComfyUI workflows do (a GrabCut per image)")
+    g.add_argument("--report-expansion", action="store_true", default=None,
+                   help="also measure object expansion in each preservation report, as the ComfyUI workflows do "
+                        "(a GrabCut per image)")
 
 
-def settings_from_args(args: argparse.Namespace):
-    """:class:`GenerateSettings` from parsed options."""
-    return GenerateSettings(size=args.size, steps=args.steps, guidance_scale=args.cfg, fill_ratio=args.fill,
-                            inpaint_grow=args.grow, identifier_strength=args.strength, style_weight=args.style_weight,
-                            style_layers=args.style_layers, template=args.template, extra_text=args.extra,
-                            negative_prompt=args.negative, feather=args.feather, segmentation=args.segmentation,
-                            report_expansion=args.report_expansion)
+def settings_from_args(args: argparse.Namespace) -> GenerateSettings:
+    """:class:`GenerateSettings` from parsed options: the given ones over the model's defaults."""
+    base = DEMO_SETTINGS if uses_demo(args) else DEFAULTS
+    given = {field: getattr(args, option) for option, field in SETTING_OPTIONS.items()
+             if getattr(args, option, None) is not None}
+    return replace(base, **given)
 
 
 def parse_lora(text: str) -> tuple[Path, float]:
@@ -98,6 +118,17 @@ def uses_tiny(args: argparse.Namespace) -> bool:
     return bool(args.tiny or not args.checkpoint)
 
 
+def uses_demo(args: argparse.Namespace) -> bool:
+    """Whether ``--checkpoint demo`` asks for the embedded demo model."""
+    return not uses_tiny(args) and args.checkpoint == DEMO_CHECKPOINT
+
+
+def _extra_files(args: argparse.Namespace) -> list[str]:
+    """The model-file options given besides --checkpoint, as option names."""
+    given = [o for o in ("bank", "style_encoder", "clip_vision", "configs") if getattr(args, o, None)]
+    return [f"--{o.replace('_', '-')}" for o in given] + (["--lora"] if args.lora else [])
+
+
 def build_pipeline(args: argparse.Namespace, quiet: bool = False, settings=None):
     """The pipeline the options describe (tiny models without --checkpoint); ``settings`` overrides the
     settings options (commands without them)."""
@@ -105,13 +136,18 @@ def build_pipeline(args: argparse.Namespace, quiet: bool = False, settings=None)
 
     settings, device = settings or settings_from_args(args), device_from_args(args)
     if uses_tiny(args):
-        extras = [o for o in ("bank", "style_encoder", "clip_vision") if getattr(args, o)] + (["lora"] if args.lora else [])
+        extras = [o for o in _extra_files(args) if o != "--configs"]
         if extras:
-            raise PipelineError(f"--{extras[0].replace('_', '-')} needs --checkpoint (the tiny random models fit "
-                                "no real weight files)")
+            raise PipelineError(f"{extras[0]} needs --checkpoint (the tiny random models fit no real weight files)")
         if not quiet:
             print(f"note: {TINY_NOTE}", file=sys.stderr)
         return ProductBGPipeline.tiny(settings=settings, device=device)
+    if uses_demo(args):
+        if _extra_files(args):
+            raise PipelineError(f"{_extra_files(args)[0]} does not go with --checkpoint demo: the embedded model brings "
+                                "its own bank, style encoder and CLIP vision model, and its 64-wide text encoder "
+                                "fits no SD1.5 file")
+        return load_demo_pipeline(DEMO_MODEL, settings=settings, device=device)
     dtype = DTYPES.get(args.dtype) or (torch.float16 if device.startswith("cuda") else torch.float32)
     source = Path(args.checkpoint)
     kwargs: dict[str, Any] = dict(bank=args.bank, style_encoder=args.style_encoder, clip_vision=args.clip_vision,
@@ -125,6 +161,7 @@ def build_pipeline(args: argparse.Namespace, quiet: bool = False, settings=None)
 def describe_run(args: argparse.Namespace) -> dict[str, Any]:
     """Model files and settings, recorded in every ``result.json``."""
     settings = asdict(settings_from_args(args))
-    return {"model": "tiny" if uses_tiny(args) else str(args.checkpoint), "bank": args.bank,
+    model = "tiny" if uses_tiny(args) else "demo (embedded)" if uses_demo(args) else str(args.checkpoint)
+    return {"model": model, "bank": args.bank,
             "style_encoder": args.style_encoder, "clip_vision": args.clip_vision, "loras": list(args.lora),
             "settings": settings}

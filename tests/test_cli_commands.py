@@ -55,6 +55,8 @@ def test_generate_folder_and_png_outputs(tmp_path, product, capsys):
     (["generate", "--product", "{product}", "--n", "0"], "--n must be at least 1"),
     (["generate", "--product", "{product}", "--bank", "b.safetensors"], "--bank needs --checkpoint"),
     (["generate", "--product", "{product}", "--checkpoint", "nope.safetensors"], "no such checkpoint"),
+    (["generate", "--product", "{product}", "--checkpoint", "demo", "--bank", "b.safetensors"],
+     "--bank does not go with --checkpoint demo"),
     (["batch", "missing.csv", "--out", "o"], "manifest not found"),
     (["batch", "{manifest}", "--out", "o", "--shard", "2/2"], "--shard"),
     (["eval", "{tmp}"], "no finished results"),
@@ -82,3 +84,26 @@ def test_batch_exit_1_on_failed_rows_and_eval_reads_output(tmp_path, product, ca
     last = json.loads(printed[-1])
     assert last["images"] == 1 and last["summary"]["delta_e_after"]["n"] == 1
     assert len(json.loads((tmp_path / "eval.json").read_text())["items"]) == 1
+
+
+def test_generate_and_batch_on_the_embedded_demo_model(tmp_path, product, capsys):
+    """``--checkpoint demo`` runs the embedded model with its own settings (64², 20 steps, CFG 5, bare prompt),
+    options given on the command line still win, and batch takes the same option."""
+    from productbg.pipeline.embedded import DEMO_SETTINGS
+
+    assert main(["generate", "--product", product, "--category", "mugs", "--checkpoint", "demo", "--steps", "3",
+                 "--out", str(tmp_path / "mug.png")]) == 0
+    meta = json.loads((tmp_path / "mug.json").read_text())
+    assert meta["model"] == "demo (embedded)" and meta["settings"]["steps"] == 3
+    assert {k: meta["settings"][k] for k in ("size", "guidance_scale", "extra_text", "negative_prompt")} == {
+        "size": DEMO_SETTINGS.size, "guidance_scale": DEMO_SETTINGS.guidance_scale, "extra_text": "",
+        "negative_prompt": ""}
+    assert "a product photo on a" in meta["prompt"] and "soft studio" not in meta["prompt"]
+    from PIL import Image
+    assert Image.open(tmp_path / "mug.png").size == (DEMO_SETTINGS.size, DEMO_SETTINGS.size)
+    (tmp_path / "m.csv").write_text("product,category,seed\nproduct.png,lamps,1\nproduct.png,nope,2\n")
+    assert main(["batch", str(tmp_path / "m.csv"), "--out", str(tmp_path / "out"), "--no-progress",
+                 "--checkpoint", "demo", "--steps", "2"]) == 1
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["done"] == 1 and "no category 'nope'" in summary["failed"][0]["reason"]
+    assert json.loads((tmp_path / "out" / "product-lamps-s1" / "result.json").read_text())["model"] == "demo (embedded)"
