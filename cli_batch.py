@@ -17,6 +17,7 @@ from .cli import CliError
 
 EPILOG = """examples:
   productbg batch products.csv --out out/batch
+  productbg batch products.csv --out out/batch --checkpoint demo   (the embedded toy model; BG-synth categories)
   productbg batch products.jsonl --out out/batch --checkpoint sd-v1-5-inpainting.safetensors --bank bank.safetensors
   accelerate launch --num_processes 4 -m productbg batch products.csv --out out/batch --checkpoint sd15-inpaint.safetensors
 

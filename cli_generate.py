@@ -14,6 +14,7 @@ from .cli import CliError
 
 EPILOG = """examples:
   productbg generate --product bottle.png --category cosmetics --out out/bottle.png
+  productbg generate --product mug.png --category lamps --checkpoint demo --n 4 --out out/mug.png   (embedded toy model)
   productbg generate --product shoe.jpg --category sneakers --n 4 --seed 7 --out out/shoe/ \\
       --checkpoint models/checkpoints/sd-v1-5-inpainting.safetensors --bank models/productbg/banks/bg60k.safetensors
   productbg generate --product mug.png --reference brand_look.jpg --out out/mug.png --checkpoint sd15-inpaint.safetensors \\
