@@ -73,4 +73,9 @@ def test_toy_paper_table_runs_on_the_demo_model(capsys):
     for key in ("category_accuracy", "reference_category_rate_pg", "reference_category_rate_category_only"):
         assert 0.0 <= record[key] <= 1.0
     assert record["leakage_with_guidance"] >= 0 and record["leakage_without_guidance"] >= 0
+    # the mechanism: with guidance the identifier never attends to product cells; without it, it does
+    assert record["identifier_attention_on_product_with_guidance"] == 0.0
+    assert record["identifier_attention_on_product_without_guidance"] > 0.01
+    low, high = record["category_accuracy_95ci"]
+    assert low <= record["category_accuracy"] <= high
     assert any("Category-style accuracy" in line for line in out)
