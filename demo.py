@@ -10,7 +10,6 @@ is rendered with real weights at 512².
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,17 +52,6 @@ def synthetic_reference(category: str, number: int = 0, size: int = 64) -> np.nd
     spec = SynthSpec(size=size, seed=1)  # seed 1: never an image the demo model was trained on (seed 0)
     image, mask = render(spec, "bg1k", number, DEFAULT_NAMES.index(category))
     return np.concatenate([image / 255.0, mask[..., None] / 255.0], -1).astype(np.float32)
-
-
-def load_rgba(path: str | os.PathLike) -> np.ndarray:
-    """An image file as ``[H, W, 3|4]`` float32 (alpha kept), read as the pipeline reads it.
-
-    Raises:
-        PipelineError: missing or unreadable file.
-    """
-    from .pipeline.pipeline import read_image
-
-    return read_image(path)[0]
 
 
 def default_inputs(categories: Sequence[str] | None = None, references: Sequence[str] | None = None) -> DemoInputs:
@@ -175,28 +163,35 @@ def _pipeline(args: argparse.Namespace):
     from .cli import CliError
     from .pipeline import GenerateSettings
     from .pipeline.embedded import DEMO_MODEL, STYLE_ONLY_TEMPLATE, load_demo_pipeline
-    from .pipeline.options import build_pipeline, uses_demo
+    from .pipeline.options import build_pipeline, extra_model_files, uses_demo
 
     if args.checkpoint and not uses_demo(args):
         if not args.bank:
             raise CliError("--checkpoint needs --bank (the categories' identifiers); add --style-encoder and "
                            "--clip-vision for the reference-style row")
         return build_pipeline(args, settings=GenerateSettings()), None
-    if args.bank or args.style_encoder or args.clip_vision or args.lora:
-        raise CliError("--bank / --style-encoder / --clip-vision / --lora go with --checkpoint (the embedded demo "
-                       "model brings its own)")
+    extras = extra_model_files(args)
+    if extras:
+        raise CliError(f"{extras[0]}: model files go with --checkpoint PATH (the embedded demo model brings its own)")
     folder = Path(args.model) if args.model else DEMO_MODEL
     return load_demo_pipeline(folder, device=args.device or "cpu"), STYLE_ONLY_TEMPLATE
+
+
+def _read(paths: Sequence[str] | None) -> list[tuple[str, np.ndarray]] | None:
+    """Named RGBA arrays of image files, read as the pipeline reads them (PipelineError when unreadable)."""
+    from .pipeline.pipeline import read_image
+
+    return [(Path(p).stem, read_image(p)[0]) for p in paths] if paths else None
 
 
 def _inputs(args: argparse.Namespace, pipe) -> DemoInputs:
     from .pipeline.options import uses_demo
 
-    products = ([(Path(p).stem, load_rgba(p)) for p in args.products] if args.products else None)
+    products = _read(args.products)
     categories = args.categories.split(",") if args.categories else None
     if categories is None and args.checkpoint and not uses_demo(args):
         categories = list(pipe.components.identifiers.names)[:6]
-    references = ([(Path(p).stem, load_rgba(p)) for p in args.references] if args.references else None)
+    references = _read(args.references)
     inputs = default_inputs(categories)
     if products:
         inputs.products = products

@@ -123,7 +123,7 @@ def uses_demo(args: argparse.Namespace) -> bool:
     return not uses_tiny(args) and args.checkpoint == DEMO_CHECKPOINT
 
 
-def _extra_files(args: argparse.Namespace) -> list[str]:
+def extra_model_files(args: argparse.Namespace) -> list[str]:
     """The model-file options given besides --checkpoint, as option names."""
     given = [o for o in ("bank", "style_encoder", "clip_vision", "configs") if getattr(args, o, None)]
     return [f"--{o.replace('_', '-')}" for o in given] + (["--lora"] if args.lora else [])
@@ -136,17 +136,18 @@ def build_pipeline(args: argparse.Namespace, quiet: bool = False, settings=None)
 
     settings, device = settings or settings_from_args(args), device_from_args(args)
     if uses_tiny(args):
-        extras = [o for o in _extra_files(args) if o != "--configs"]
+        extras = [o for o in extra_model_files(args) if o != "--configs"]
         if extras:
             raise PipelineError(f"{extras[0]} needs --checkpoint (the tiny random models fit no real weight files)")
         if not quiet:
             print(f"note: {TINY_NOTE}", file=sys.stderr)
         return ProductBGPipeline.tiny(settings=settings, device=device)
     if uses_demo(args):
-        if _extra_files(args):
-            raise PipelineError(f"{_extra_files(args)[0]} does not go with --checkpoint demo: the embedded model brings "
-                                "its own bank, style encoder and CLIP vision model, and its 64-wide text encoder "
-                                "fits no SD1.5 file")
+        extras = extra_model_files(args)
+        if extras:
+            raise PipelineError(f"{extras[0]} does not go with --checkpoint demo: the embedded model brings its own "
+                                "bank, style encoder and CLIP vision model, and its 64-wide text encoder fits no "
+                                "SD1.5 file")
         return load_demo_pipeline(DEMO_MODEL, settings=settings, device=device)
     dtype = DTYPES.get(args.dtype) or (torch.float16 if device.startswith("cuda") else torch.float32)
     source = Path(args.checkpoint)

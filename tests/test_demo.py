@@ -1,6 +1,7 @@
 """``productbg demo`` on the embedded demo model, and the recipe that builds that model."""
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from productbg.pipeline.embedded import DEMO_MODEL, demo_recipe, load_demo_pipel
 from productbg.training.demo_model import Recipe, train
 
 MAX_BYTES = 25 * 1024 * 1024
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -89,3 +91,27 @@ def test_recipe_runs_end_to_end_at_tiny_scale_and_resumes(tmp_path):
     assert sorted((tmp_path / "work").glob("*/checkpoints/*")) == checkpoints  # nothing retrained
     assert again["recipe"] == record["recipe"]
     assert all(again["seconds"][k] >= record["seconds"][k] for k in record["seconds"])  # seconds add up
+
+
+def test_train_script_cg_steps_changes_only_the_cg_stage(tmp_path, monkeypatch):
+    """``scripts/train_demo_model.py --cg-steps N`` trains the shipped recipe with N CG steps (the variant the
+    README's toy-table notes compare against)."""
+    import importlib.util
+
+    import productbg.training.demo_model as demo_model
+
+    seen = {}
+
+    def record_recipe(work, out, recipe, progress=True, log=print):
+        seen["recipe"] = recipe
+        return {"seconds": {}, "total_bytes": 0}
+
+    monkeypatch.setattr(demo_model, "train", record_recipe)
+    spec = importlib.util.spec_from_file_location("train_demo_model", ROOT / "scripts" / "train_demo_model.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["--work", str(tmp_path / "w"), "--out", str(tmp_path / "m"), "--threads", "1", "--no-progress"]
+    assert script.main(argv + ["--cg-steps", "4200"]) == 0
+    assert seen["recipe"] == replace(Recipe(), cg_steps=4200)
+    assert script.main(argv) == 0
+    assert seen["recipe"] == Recipe()

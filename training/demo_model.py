@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from typing import Any, Callable
 import torch
 
 from .layout import atomic_write_text
-from .model_folder import replace_dir
+from .model_folder import staged_dir
 
 RESOLUTION = 64
 CATEGORIES = 16
@@ -92,22 +91,22 @@ def init_base(vae_dir: Path, dest: Path, seed: int = 0) -> Path:
     from .models import ASSETS
 
     torch.manual_seed(seed)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    UNet2DConditionModel(**UNET_CONFIG).save_pretrained(tmp / "unet", safe_serialization=True)
-    text_encoder(seed).save_pretrained(tmp / "text_encoder", safe_serialization=True)
-    shutil.copytree(vae_dir, tmp / "vae")
-    (tmp / "scheduler").mkdir()
-    shutil.copy(ASSETS / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
-    return replace_dir(tmp, dest)
+    with staged_dir(dest) as tmp:
+        UNet2DConditionModel(**UNET_CONFIG).save_pretrained(tmp / "unet", safe_serialization=True)
+        text_encoder(seed).save_pretrained(tmp / "text_encoder", safe_serialization=True)
+        shutil.copytree(vae_dir, tmp / "vae")
+        (tmp / "scheduler").mkdir()
+        shutil.copy(ASSETS / "scheduler_config.json", tmp / "scheduler" / "scheduler_config.json")
+    return dest
 
 
 def assemble(base: Path, unet_dir: Path, dest: Path) -> Path:
     """``base`` with its ``unet/`` replaced by a trained one (what the ``pg`` stage and :func:`pack` read)."""
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    for part in ("vae", "text_encoder", "scheduler"):
-        shutil.copytree(base / part, tmp / part)
-    shutil.copytree(unet_dir, tmp / "unet")
-    return replace_dir(tmp, dest)
+    with staged_dir(dest) as tmp:
+        for part in ("vae", "text_encoder", "scheduler"):
+            shutil.copytree(base / part, tmp / part)
+        shutil.copytree(unet_dir, tmp / "unet")
+    return dest
 
 
 def pack(model: Path, bank: Path, style: Path, dest: Path, recipe: dict[str, Any]) -> Path:
@@ -117,22 +116,21 @@ def pack(model: Path, bank: Path, style: Path, dest: Path, recipe: dict[str, Any
 
     from .pg import load_vision
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     kw = dict(local_files_only=True)
-    UNet2DConditionModel.from_pretrained(model / "unet", **kw).half().save_pretrained(tmp / "unet")
-    AutoencoderKL.from_pretrained(model / "vae", **kw).half().save_pretrained(tmp / "vae")
-    CLIPTextModel.from_pretrained(model / "text_encoder", **kw).half().save_pretrained(tmp / "text_encoder")
-    load_vision("tiny").half().save_pretrained(tmp / "image_encoder")
-    for part in PACKED_PARTS:
-        _drop_local_path(tmp / part / "config.json")
-    shutil.copytree(model / "scheduler", tmp / "scheduler")
-    shutil.copy(bank, tmp / bank.name)
-    shutil.copy(style, tmp / style.name)
-    sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    recipe = dict(recipe, files=sizes, total_bytes=sum(sizes.values()))
-    (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")  # in tmp
-    return replace_dir(tmp, dest)
+    with staged_dir(dest) as tmp:
+        UNet2DConditionModel.from_pretrained(model / "unet", **kw).half().save_pretrained(tmp / "unet")
+        AutoencoderKL.from_pretrained(model / "vae", **kw).half().save_pretrained(tmp / "vae")
+        CLIPTextModel.from_pretrained(model / "text_encoder", **kw).half().save_pretrained(tmp / "text_encoder")
+        load_vision("tiny").half().save_pretrained(tmp / "image_encoder")
+        for part in PACKED_PARTS:
+            _drop_local_path(tmp / part / "config.json")
+        shutil.copytree(model / "scheduler", tmp / "scheduler")
+        shutil.copy(bank, tmp / bank.name)
+        shutil.copy(style, tmp / style.name)
+        sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        recipe = dict(recipe, files=sizes, total_bytes=sum(sizes.values()))
+        (tmp / "recipe.json").write_text(json.dumps(recipe, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return dest
 
 
 def _drop_local_path(config: Path) -> None:

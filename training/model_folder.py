@@ -6,10 +6,11 @@ the old folder or the complete new one, never a half-written mix.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def replace_dir(tmp: Path, dest: Path) -> Path:
@@ -24,14 +25,23 @@ def replace_dir(tmp: Path, dest: Path) -> Path:
     return dest
 
 
-def save_pretrained_atomic(model: Any, dest: Path, **kwargs: Any) -> Path:
-    """``model.save_pretrained`` (safetensors) into ``dest`` atomically; returns ``dest``."""
+@contextlib.contextmanager
+def staged_dir(dest: Path) -> Iterator[Path]:
+    """A temporary folder beside ``dest`` to fill; it replaces ``dest`` when the block ends, and is removed
+    instead if the block raises."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
     try:
-        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
-        return replace_dir(tmp, dest)
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, dest)
+
+
+def save_pretrained_atomic(model: Any, dest: Path, **kwargs: Any) -> Path:
+    """``model.save_pretrained`` (safetensors) into ``dest`` atomically; returns ``dest``."""
+    with staged_dir(dest) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, **kwargs)
+    return Path(dest)
