@@ -1,5 +1,6 @@
 """Training a model from nothing: the autoencoder task, full-UNet Category-Wise training, caption dropout."""
 import json
+import os
 
 import pytest
 import torch
@@ -92,6 +93,12 @@ def test_caption_dropout_uses_the_empty_prompt_and_confines_nothing_for_those_ro
         CGConfig(data=data, unet="half")
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def test_save_pretrained_atomic_replaces_a_folder_whole(tmp_path):
     class Model:
         def __init__(self, text):
@@ -110,6 +117,7 @@ def test_save_pretrained_atomic_replaces_a_folder_whole(tmp_path):
     save_pretrained_atomic(Model("two"), dest)
     assert json.loads((dest / "config.json").read_text()) == {"v": "two"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unet"]
+    assert dest.stat().st_mode & 0o777 == 0o777 & ~_umask()  # not mkdtemp's 0700
     other = tmp_path / "other"
     other.mkdir()
     assert replace_dir(other, tmp_path / "fresh") == tmp_path / "fresh"

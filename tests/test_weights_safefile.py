@@ -204,3 +204,23 @@ def test_atomic_save_failure_keeps_old_file(tmp_path):
 def test_atomic_save_refuses_pickle_destination(tmp_path):
     with pytest.raises(WeightsError, match=".safetensors only"):
         atomic_save({"a": torch.ones(1)}, tmp_path / "w.pt")
+
+
+def test_atomic_writers_give_files_the_usual_permissions(tmp_path):
+    """Weight files, output PNGs and dataset files are readable like any file this process writes (umask), not
+    mkstemp's 0600 — a ComfyUI server running as another user must be able to load a trained bank."""
+    import numpy as np
+
+    from productbg.pipeline.outputs import save_png
+    from productbg.training.layout import atomic_write_bytes
+
+    umask = os.umask(0o022)
+    try:
+        written = [atomic_save({"x": torch.zeros(2)}, tmp_path / "w.safetensors"),
+                   save_png(np.zeros((4, 4, 3), np.float32), tmp_path / "o.png")]
+        atomic_write_bytes(tmp_path / "d.txt", b"x")
+        written.append(tmp_path / "d.txt")
+    finally:
+        os.umask(umask)
+    assert [oct(p.stat().st_mode & 0o777) for p in written] == [oct(0o644)] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.txt", "o.png", "w.safetensors"]

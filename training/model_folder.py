@@ -7,10 +7,13 @@ the old folder or the complete new one, never a half-written mix.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+from ..fileio import default_file_mode
 
 
 def replace_dir(tmp: Path, dest: Path) -> Path:
@@ -32,6 +35,7 @@ def staged_dir(dest: Path) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    os.chmod(tmp, default_file_mode(directory=True))  # mkdtemp makes it 0700
     try:
         yield tmp
     except BaseException:

@@ -13,12 +13,13 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
+
+from ..fileio import default_file_mode, temp_beside
 
 from .errors import MalformedFileError, UnsafeFormatError, WeightsError
 
@@ -362,12 +363,11 @@ def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
     dest = Path(path)
     if dest.suffix.lower() != ".safetensors":
         raise WeightsError(f"{dest.name}: weight files are written as .safetensors only")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
+    tmp = temp_beside(dest)
     try:
         clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
         save_file(clean, tmp, metadata=dict(metadata or {}))
+        os.chmod(tmp, default_file_mode())  # safetensors recreates the file as 0600
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
