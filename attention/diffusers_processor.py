@@ -7,13 +7,14 @@ the processor only uses the ``Attention`` module it is handed.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
-from .guided import Guidance, LayerContext, guided_cross_attention, identifier_bias_for, positive_rows_from
+from .guided import CallPlan, Guidance, LayerContext, extend_context, guided_cross_attention, plan_call
 from .identifier import identifier_attention_mass, plain_attention
-from .masks import infer_grid, rows_for_batch
+from .masks import infer_grid
 
 CALL_KEY = "productbg"
 
@@ -35,6 +36,17 @@ class DiffusersCall:
     latent_hw: tuple[int, int]
     cond_or_uncond: tuple[int, ...] = (1, 0)
     mass_losses: list | None = field(default=None)
+    _last: tuple | None = field(default=None, repr=False)
+
+    def plan(self, context: torch.Tensor) -> tuple[CallPlan, torch.Tensor]:
+        """The call plan and the (extended) context, once per UNet forward: every layer gets the same tensor."""
+        last = self._last
+        if last is not None and last[0]() is context:
+            return last[1], last[2]
+        plan = plan_call(self.guidance, context, tuple(self.cond_or_uncond))
+        extended = extend_context(plan, context)
+        self._last = (weakref.ref(context), plan, extended)
+        return plan, extended
 
 
 class ProductBGAttnProcessor:
@@ -57,25 +69,28 @@ class ProductBGAttnProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         is_cross = encoder_hidden_states is not None
+        guided = is_cross and self.layer_index is not None and productbg is not None and productbg.guidance
+        if guided and attention_mask is None:
+            plan, encoder_hidden_states = productbg.plan(encoder_hidden_states)
+        else:
+            plan = None
         context = hidden_states if not is_cross else (
             attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states)
         q, k, v = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
         if getattr(attn, "norm_q", None) is not None or getattr(attn, "norm_k", None) is not None:
             raise NotImplementedError("productbg's processor does not support q/k-normalised attention")
 
-        mask = None
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, k.shape[1], q.shape[0])
-            mask = mask.view(q.shape[0], attn.heads, -1, mask.shape[-1])
-
-        guided = is_cross and self.layer_index is not None and productbg is not None and productbg.guidance
-        if guided and mask is None:
-            ctx = self._context(q, productbg)
-            bias = identifier_bias_for(q, k, attn.heads, productbg.guidance, ctx)
-            out = guided_cross_attention(q, k, v, attn.heads, productbg.guidance, ctx, bias=bias)
+        if plan is not None:
+            ctx = LayerContext(layer_index=self.layer_index, grid=infer_grid(q.shape[1], latent_hw=productbg.latent_hw),
+                               plan=plan)
+            out = guided_cross_attention(q, k, v, attn.heads, ctx)
             if productbg.mass_losses is not None:
-                productbg.mass_losses.append(self._mass(q, k, attn.heads, productbg, ctx, bias))
+                productbg.mass_losses.append(self._mass(q, plan.text(k), attn.heads, ctx))
         else:
+            mask = None
+            if attention_mask is not None:
+                mask = attn.prepare_attention_mask(attention_mask, k.shape[1], q.shape[0])
+                mask = mask.view(q.shape[0], attn.heads, -1, mask.shape[-1])
             out = plain_attention(q, k, v, attn.heads, attn_mask=mask)
 
         out = attn.to_out[1](attn.to_out[0](out.to(q.dtype)))
@@ -85,20 +100,16 @@ class ProductBGAttnProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _context(self, q: torch.Tensor, call: DiffusersCall) -> LayerContext:
-        return LayerContext(layer_index=self.layer_index, grid=infer_grid(q.shape[1], latent_hw=call.latent_hw),
-                            positive_rows=positive_rows_from(call.cond_or_uncond, q.shape[0], q.device),
-                            chunks=len(call.cond_or_uncond))
-
     @staticmethod
-    def _mass(q: torch.Tensor, k: torch.Tensor, heads: int, call: DiffusersCall, ctx: LayerContext,
-              bias: torch.Tensor | None) -> torch.Tensor:
-        if not call.guidance.identifiers:
+    def _mass(q: torch.Tensor, k: torch.Tensor, heads: int, ctx: LayerContext) -> torch.Tensor:
+        plan = ctx.plan
+        if not plan.owners:
             return q.new_zeros(())
-        g = call.guidance.identifiers[0]
-        cols = g.columns(k.shape[1], q.device)
-        coverage = rows_for_batch(g.product.coverage(ctx.grid, q.device), q.shape[0], ctx.chunks)
-        return identifier_attention_mass(q, k, heads, cols, ctx.positive_rows.to(q.device), coverage, bias)
+        o = plan.owners[0]
+        cols = o.guidance.columns(k.shape[1], q.device)
+        coverage = plan.coverage(o.guidance, ctx.grid, q.shape[0], q.device)
+        _, bias = plan.weights(ctx.grid, q.shape[0], q.device, q.dtype)
+        return identifier_attention_mass(q, k, heads, cols, o.rows.to(q.device) > 0, coverage, bias)
 
 
 def install_processors(unet: torch.nn.Module) -> list[str]:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from . import probe
-from .identifier import IdentifierSpec, identifier_bias, identifier_columns, plain_attention
+from .identifier import IdentifierSpec, context_attention, identifier_columns, plain_attention
 from .masks import DEFAULT_THRESHOLD, background_weights, product_coverage, rows_for_batch
 from .style import style_attention
 
@@ -33,7 +33,6 @@ STYLE_LAYER_PRESETS: dict[str, tuple[float, ...]] = {
     "style": tuple(1.0 if key[0] == "output" else 0.0 for key in SD15_LAYER_KEYS),
     "composition": tuple(0.0 if key[0] == "output" else 1.0 for key in SD15_LAYER_KEYS),
 }
-_COMPUTE = object()  # default of guided_cross_attention's ``bias``: build it there
 
 
 class _SharedOnCopy:
@@ -77,26 +76,59 @@ class ProductMask(_SharedOnCopy):
         return self._cache[key]
 
 
+CONFINEMENTS = ("context", "columns")
+
+
 @dataclass(eq=False)
 class IdentifierGuidance(_SharedOnCopy):
-    """Confine an identifier (or any prompt words) to the background of the product."""
+    """Confine an identifier (or any prompt words) to the background of the product.
+
+    ``confinement="context"`` (default) needs ``spec.plain_context`` (the prompt encoded without the
+    identifier); ``"columns"`` biases the identifier's key columns only (the leaky first reading, an ablation).
+    """
 
     spec: IdentifierSpec
     product: ProductMask
     strength: float = 1.0
     sigma_start: float = math.inf
     sigma_end: float = 0.0
+    confinement: str = "context"
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
+        if self.confinement not in CONFINEMENTS:
+            raise ValueError(f"confinement must be one of {CONFINEMENTS}, got {self.confinement!r}")
+        if self.confinement == "context" and self.spec.plain_context is None:
+            raise ValueError("context confinement needs the identifier-free prompt (IdentifierSpec.plain_context, "
+                             "set by Category Prompt / Background Words); or use confinement='columns'")
+
+    @property
+    def gated(self) -> bool:
+        """Whether a sigma range limits it (else it acts at every step and no per-step gate is computed)."""
+        return self.sigma_start != math.inf or self.sigma_end > 0
 
     def columns(self, key_len: int, device: torch.device) -> torch.Tensor:
         """The identifier's key columns for a context of ``key_len`` tokens (cached: no per-step allocation)."""
-        key = (key_len, str(device))
+        key = ("columns", key_len, str(device))
         if key not in self._cache:
             self._cache[key] = identifier_columns(self.spec, key_len, device)
+        return self._cache[key]
+
+    def plain(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``spec.plain_context`` on ``device`` in ``dtype`` (cached)."""
+        return self._on(("plain", str(device), dtype), self.spec.plain_context, device, dtype)
+
+    def prompt(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        """``spec.prompt_context`` on ``device`` in ``dtype`` (cached), to recognise this prompt's rows."""
+        if self.spec.prompt_context is None:
+            return None
+        return self._on(("prompt", str(device), dtype), self.spec.prompt_context, device, dtype)
+
+    def _on(self, key: tuple, t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if key not in self._cache:
+            self._cache[key] = t.detach().to(device=device, dtype=dtype)
         return self._cache[key]
 
 
@@ -158,22 +190,182 @@ class Guidance(_SharedOnCopy):
     def with_style(self, g: StyleGuidance) -> "Guidance":
         return replace(self, styles=self.styles + (g,))
 
+    @property
+    def needs_plain_context(self) -> bool:
+        """Whether some identifier confines by context (the call's context must then be extended)."""
+        return any(g.confinement == "context" and g.strength > 0 for g in self.identifiers)
+
     def __bool__(self) -> bool:
         return bool(self.identifiers or self.styles)
 
 
+@dataclass(eq=False)
+class Owner:
+    """The attention rows of one model call that carry an identifier's prompt.
+
+    Attributes:
+        guidance: the identifier.
+        rows: [rows] float, 1 on rows that carry its prompt.
+        tokens: [rows, L] bool, the context tokens that belong to its prompt (a row may hold it repeated, or
+            concatenated with another prompt: only matching 77·k periods count).
+    """
+
+    guidance: IdentifierGuidance
+    rows: torch.Tensor
+    tokens: torch.Tensor
+
+
+@dataclass(eq=False)
+class CallPlan:
+    """What one model call needs in every cross-attention layer, computed once per call (not per layer).
+
+    Attributes:
+        guidance: the run's guidance.
+        chunks: number of cond/uncond chunks in the batch.
+        positive_rows: [rows] bool, rows of positive (cond) chunks (style uses the reference there).
+        owners: rows carrying each identifier's prompt.
+        text_len: L, tokens of the text context; when ``extended``, keys/values hold L more tokens after it:
+            the identifier-free context of each row.
+        gates: per guidance object (by id), a [rows] float gate from the current sigma, for gated ones only.
+    """
+
+    guidance: Guidance
+    chunks: int
+    positive_rows: torch.Tensor
+    owners: tuple[Owner, ...]
+    text_len: int
+    extended: bool
+    gates: dict = field(default_factory=dict)
+    _grids: dict = field(default_factory=dict, repr=False)
+
+    def text(self, t: torch.Tensor) -> torch.Tensor:
+        """The text-context half of projected keys / values (all of it when not extended)."""
+        return t[:, :self.text_len] if self.extended else t
+
+    def plain(self, t: torch.Tensor) -> torch.Tensor:
+        """The identifier-free half of projected keys / values."""
+        return t[:, self.text_len:]
+
+    def gate(self, g: object) -> torch.Tensor | None:
+        return self.gates.get(id(g))
+
+    def weights(self, grid: tuple[int, int], rows: int, device: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(blend [rows, N, 1] towards the identifier-free context or None, columns bias [rows, 1, N, L] or None)
+        on ``grid``, built once per call and grid."""
+        key = (grid, str(device), dtype)
+        if key not in self._grids:
+            self._grids[key] = self._build(grid, rows, device, dtype)
+        return self._grids[key]
+
+    def _build(self, grid, rows, device, dtype):
+        blend = bias = None
+        for o in self.owners:
+            g = o.guidance
+            if g.strength == 0:
+                continue
+            a = self._share(o, grid, rows, device)
+            if g.confinement == "context":
+                blend = a if blend is None else torch.maximum(blend, a)
+                continue
+            cols = g.columns(self.text_len, device)
+            if not 0 < cols.numel() < self.text_len:
+                continue
+            on_cols = torch.zeros(self.text_len, dtype=torch.bool, device=device)
+            on_cols[cols] = True
+            on_cols = o.tokens.to(device) & on_cols  # [rows, L]
+            b = torch.where(on_cols[:, None, :], torch.log1p(-a)[:, :, None], a.new_zeros(()))
+            bias = b if bias is None else bias + b
+        if blend is not None:
+            blend = blend[:, :, None].to(dtype)
+        if bias is not None:
+            bias = bias[:, None].to(dtype)
+        return blend, bias
+
+    def _share(self, o: Owner, grid, rows, device) -> torch.Tensor:
+        """[rows, N] float32: ``strength · (1 − m)`` on the identifier's rows (× its sigma gate), else 0."""
+        g = o.guidance
+        background = rows_for_batch(g.product.background(grid, device), rows, self.chunks)
+        row_weight = o.rows.to(device) * g.strength
+        gate = self.gate(g)
+        if gate is not None:
+            row_weight = row_weight * gate.to(device)
+        return (1.0 - background) * row_weight[:, None]
+
+    def coverage(self, g: IdentifierGuidance, grid, rows, device) -> torch.Tensor:
+        return rows_for_batch(g.product.coverage(grid, device), rows, self.chunks)
+
+
+def plan_call(guidance: Guidance, context: torch.Tensor, cond_or_uncond: tuple[int, ...],
+              sigmas: torch.Tensor | None = None, recognise_prompts: bool = False) -> CallPlan:
+    """Work out, once per model call, which rows carry which identifier and the sigma gates.
+
+    Args:
+        guidance: the run's guidance.
+        context: [rows, L, width] the text context of the call (before any extension).
+        cond_or_uncond: chunk layout, 0 = positive.
+        sigmas: [rows] (or [1]) current sigma per row; None = every guidance acts.
+        recognise_prompts: True (ComfyUI): an identifier's rows are those whose context equals its prompt
+            (``spec.prompt_context``) in some 77·k period, so regional / combined / concatenated prompts are
+            never confined by mistake. False (diffusers, training): every positive row carries the identifier.
+    """
+    rows, length = context.shape[0], context.shape[1]
+    device = context.device
+    positive = positive_rows_from(cond_or_uncond, rows, device)
+    owners = []
+    for g in guidance.identifiers:
+        prompt = g.prompt(device, context.dtype) if recognise_prompts else None
+        tokens = _prompt_tokens(context, g, prompt, positive)
+        owners.append(Owner(g, tokens.any(1).to(torch.float32), tokens))
+    gates = {}
+    if sigmas is not None:
+        sig = sigmas.detach().flatten().to(device)
+        sig = sig if sig.numel() == rows else sig[:1].expand(rows)
+        for obj in (*guidance.identifiers, *guidance.styles):
+            if obj.sigma_start != math.inf or obj.sigma_end > 0:
+                gates[id(obj)] = ((sig >= obj.sigma_end) & (sig <= obj.sigma_start)).to(torch.float32)
+    extended = guidance.needs_plain_context
+    return CallPlan(guidance, len(cond_or_uncond), positive, tuple(owners), length, extended, gates)
+
+
+def _prompt_tokens(context: torch.Tensor, g: IdentifierGuidance, prompt: torch.Tensor | None,
+                   positive: torch.Tensor) -> torch.Tensor:
+    """[rows, L] bool: tokens of ``context`` that belong to ``g``'s prompt."""
+    rows, length = context.shape[:2]
+    period = g.spec.context_length
+    if length % period:
+        return torch.zeros(rows, length, dtype=torch.bool, device=context.device)
+    if prompt is None:
+        return positive[:, None].expand(rows, length)
+    chunks = context.view(rows, length // period, period, -1)
+    same = (chunks == prompt[0]).flatten(2).all(-1)  # [rows, periods]
+    return same.repeat_interleave(period, dim=1)
+
+
+def extend_context(plan: CallPlan, context: torch.Tensor) -> torch.Tensor:
+    """[rows, 2L, width]: the context followed by each row's identifier-free context (the row's own context
+    where no identifier's prompt sits), so one K/V projection serves both halves. Unchanged if not needed."""
+    if not plan.extended:
+        return context
+    rows, length = context.shape[:2]
+    plain = context
+    for o in plan.owners:
+        g = o.guidance
+        if g.confinement != "context":
+            continue
+        free = g.plain(context.device, context.dtype)
+        free = rows_for_batch(free, rows, plan.chunks).repeat(1, length // g.spec.context_length, 1)
+        plain = torch.where(o.tokens[:, :, None], free, plain)
+    return torch.cat([context, plain], dim=1)
+
+
 @dataclass(frozen=True)
 class LayerContext:
-    """Where a cross-attention call happens, as the adapter sees it."""
+    """Where a cross-attention call happens, as the adapter sees it: the layer, its grid and the call's plan."""
 
     layer_index: int
     grid: tuple[int, int]
-    positive_rows: torch.Tensor
-    chunks: int
-    sigma: float | None = None
-
-    def active(self, g: IdentifierGuidance | StyleGuidance) -> bool:
-        return self.sigma is None or g.sigma_end <= self.sigma <= g.sigma_start
+    plan: CallPlan
 
 
 def positive_rows_from(cond_or_uncond: list[int] | tuple[int, ...], rows: int,
@@ -186,62 +378,70 @@ def positive_rows_from(cond_or_uncond: list[int] | tuple[int, ...], rows: int,
     return flags.repeat_interleave(rows // chunks)
 
 
-def identifier_bias_for(q: torch.Tensor, k: torch.Tensor, heads: int, guidance: Guidance,
-                     ctx: LayerContext) -> torch.Tensor | None:
-    """Sum of the active identifiers' additive biases [rows, 1, N, key_len], or None when none applies."""
-    bias = None
-    rows, key_len = q.shape[0], k.shape[1]
-    for g in guidance.identifiers:
-        if not ctx.active(g) or g.strength == 0:
-            continue
-        cols = g.columns(key_len, q.device)
-        if not 0 < cols.numel() < key_len:
-            continue
-        background = rows_for_batch(g.product.background(ctx.grid, q.device), rows, ctx.chunks)
-        b = identifier_bias(background, cols, ctx.positive_rows.to(q.device), key_len, g.strength, q.dtype)
-        bias = b if bias is None else bias + b
-        if probe.active():
-            coverage = rows_for_batch(g.product.coverage(ctx.grid, q.device), rows, ctx.chunks)
-            probe.record_identifier(ctx.layer_index, q, k, heads, b, cols, ctx.positive_rows, coverage,
-                                    g.product.threshold)
-    return bias
-
-
-def guided_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, guidance: Guidance,
-                           ctx: LayerContext, include_base: bool = True,
-                           bias: torch.Tensor | None | object = _COMPUTE) -> torch.Tensor:
+def guided_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, ctx: LayerContext,
+                           include_base: bool = True) -> torch.Tensor:
     """Cross-attention output with identifier confinement and style terms.
 
     Args:
-        q: [rows, N, heads·d]; k, v: [rows, key_len, heads·d] (already projected by the layer).
+        q: [rows, N, heads·d]; k, v: [rows, key_len, heads·d] (already projected by the layer; with the
+            identifier-free context appended when ``ctx.plan.extended``).
         heads: attention heads of the layer.
-        guidance: the run's per-run data.
         ctx: the layer's context.
-        include_base: False returns only what guidance *adds* to plain attention (for stacking inside a
-            foreign patch object that already computed plain attention).
-        bias: the identifier bias when the caller already built it (``identifier_bias_for``); by default it
-            is computed here.
+        include_base: False returns only what guidance *adds* to plain attention over the given ``k`` / ``v``
+            (for stacking inside a foreign patch object that already computed that).
 
     Returns:
         [rows, N, heads·d], before the layer's output projection.
     """
-    if bias is _COMPUTE:
-        bias = identifier_bias_for(q, k, heads, guidance, ctx)
-    if bias is not None:
-        out = plain_attention(q, k, v, heads, attn_mask=bias)
-        if not include_base:
-            out = out - plain_attention(q, k, v, heads)
-    elif include_base:
-        out = plain_attention(q, k, v, heads)
+    plan = ctx.plan
+    k_text, v_text = plan.text(k), plan.text(v)
+    blend, bias = plan.weights(ctx.grid, q.shape[0], q.device, q.dtype)
+    if probe.active():
+        _record(q, k_text, heads, ctx, blend, bias)
+    if blend is not None:
+        out = context_attention(q, k_text, v_text, plan.plain(k), plan.plain(v), heads, blend, bias)
+    elif bias is not None or include_base or plan.extended:
+        out = plain_attention(q, k_text, v_text, heads, attn_mask=bias)
     else:
         out = torch.zeros_like(q)
-    for s in guidance.styles:
+    if not include_base and (blend is not None or bias is not None or plan.extended):
+        out = out - plain_attention(q, k, v, heads)  # what the foreign object computed on the same k / v
+    if probe.active():
+        probe.record_output(ctx.layer_index, out, _product_cells(ctx, q))
+    for s in plan.guidance.styles:
         weight = s.weight * s.layer_weights[ctx.layer_index]
-        if not ctx.active(s) or weight == 0:
+        if weight == 0:
             continue
-        k_style, v_style = s.kv(ctx.layer_index, ctx.positive_rows, ctx.chunks, q.dtype, q.device)
+        k_style, v_style = s.kv(ctx.layer_index, plan.positive_rows, plan.chunks, q.dtype, q.device)
         background = None
         if s.product is not None:
-            background = rows_for_batch(s.product.background(ctx.grid, q.device), q.shape[0], ctx.chunks)
+            background = rows_for_batch(s.product.background(ctx.grid, q.device), q.shape[0], plan.chunks)
+        gate = plan.gate(s)
+        if gate is not None:
+            background = gate.to(q.device)[:, None] if background is None else background * gate.to(q.device)[:, None]
         out = out + style_attention(q, k_style, v_style, heads, weight, background)
     return out
+
+
+def _product_cells(ctx: LayerContext, q: torch.Tensor) -> torch.Tensor | None:
+    """[rows, N] bool: product cells of the first identifier's rows (for the probe)."""
+    plan = ctx.plan
+    if not plan.owners:
+        return None
+    o = plan.owners[0]
+    cov = plan.coverage(o.guidance, ctx.grid, q.shape[0], q.device)
+    return (cov >= o.guidance.product.threshold) & (o.rows.to(q.device)[:, None] > 0)
+
+
+def _record(q, k_text, heads, ctx: LayerContext, blend, bias) -> None:
+    """Probe: the identifier's attention mass per position, as the layer really weighs it."""
+    plan = ctx.plan
+    for o in plan.owners:
+        g = o.guidance
+        cols = g.columns(plan.text_len, q.device)
+        if cols.numel() == 0:
+            continue
+        coverage = plan.coverage(g, ctx.grid, q.shape[0], q.device)
+        scale = None if g.confinement != "context" or blend is None else 1.0 - blend[:, :, 0]
+        probe.record_identifier(ctx.layer_index, q, k_text, heads, bias if g.confinement == "columns" else None,
+                                cols, o.rows.to(q.device) > 0, coverage, g.product.threshold, scale)

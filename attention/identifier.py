@@ -1,15 +1,21 @@
 """Identifier attention: the mask-guided cross-attention layer of the Category-Wise Generator.
 
-The category identifier is a handful of token columns of the text context. At product positions its
-pre-softmax logits get an additive bias ``log(1 − strength · (1 − m))``, where m is the background weight of the
-position (see ``masks``): the identifier's unnormalised attention weight is multiplied by ``1 − strength·(1 − m)``.
-So strength 0 is plain attention, strength 1 removes the identifier from product cells entirely (m = 0 → −inf)
-and scales it by m on partial edge cells. Only positive (cond) rows are biased; negative rows are untouched.
-Other key columns (BOS, EOS, free words) are never biased, so no row is ever fully masked.
+Two confinements, both weighted per query position by ``a = strength · (1 − m)``, where m is the position's
+background weight (see ``masks``: 0 on product cells, 1 on pure background, in between on edge cells):
+
+* ``context`` (default): the query attends to the full prompt with weight ``1 − a`` and to the *identifier-free
+  prompt* (the same prompt encoded without the identifier) with weight ``a`` — :func:`context_blend`. CLIP's
+  text encoder is causal, so every token after the identifier (rest of the template, EOS, padding) carries it;
+  only a separately encoded prompt is free of it. At strength 1 a product cell's output is exactly independent
+  of the identifier, and so is its gradient.
+* ``columns`` (the first reading, kept as an ablation): the identifier's own key columns get the additive bias
+  ``log(1 − a)`` (:func:`identifier_bias`). It leaks through the later tokens of the causal encoder.
+
+Rows that do not carry the identifier (negative prompts, other prompts) are untouched in both.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +37,12 @@ class IdentifierSpec:
 
     token_indices: tuple[int, ...]
     context_length: int = CLIP_CONTEXT
+    #: [Bp, context_length, width]: the prompt encoded *without* the identifier (what product cells attend to
+    #: under ``context`` confinement), padded to the prompt's length by repeating its 77-token chunks.
+    plain_context: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    #: [1, context_length, width]: the prompt as encoded (with the identifier); ComfyUI's adapter recognises
+    #: the attention rows of this prompt by it. None: every positive row carries the identifier.
+    prompt_context: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.context_length <= 0:
@@ -38,6 +50,10 @@ class IdentifierSpec:
         bad = [i for i in self.token_indices if not 0 <= i < self.context_length]
         if bad:
             raise ValueError(f"identifier token indices {bad} lie outside the prompt's {self.context_length} tokens")
+        for name in ("plain_context", "prompt_context"):
+            t = getattr(self, name)
+            if t is not None and (t.ndim != 3 or t.shape[1] != self.context_length):
+                raise ValueError(f"{name} must be [B, {self.context_length}, width], got {tuple(t.shape)}")
 
 
 def identifier_columns(spec: IdentifierSpec, key_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -89,9 +105,47 @@ def identifier_bias(background: torch.Tensor, columns: torch.Tensor, positive_ro
     return bias[:, None]
 
 
-def _masking_applies(columns: torch.Tensor, key_len: int, positive_rows: torch.Tensor, strength: float) -> bool:
+def _masking_applies(columns: torch.Tensor, key_len: int, strength: float) -> bool:
     # With every key column an identifier column there is nothing else to attend to: leave such rows alone.
-    return strength > 0 and 0 < columns.numel() < key_len and bool(positive_rows.any())
+    return strength > 0 and 0 < columns.numel() < key_len
+
+
+def pad_to_length(context: torch.Tensor, length: int, chunk: int = CLIP_CONTEXT) -> torch.Tensor:
+    """Repeat a [B, T, C] context's ``chunk``-token chunks cyclically up to ``length`` tokens (T ≤ length).
+
+    Attention over a context repeated whole is attention over the context itself; a partial repeat (3 chunks
+    from 2) weighs the repeated chunk a little more — the same thing ComfyUI does to batch prompts of
+    different lengths.
+    """
+    t = context.shape[1]
+    if t == length:
+        return context
+    if t > length or t % chunk or length % chunk:
+        raise ValueError(f"cannot pad a {t}-token context to {length} tokens in {chunk}-token chunks")
+    order = [(i % (t // chunk)) for i in range(length // chunk)]
+    return torch.cat([context[:, c * chunk:(c + 1) * chunk] for c in order], dim=1)
+
+
+def context_blend(full: torch.Tensor, plain: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``(1 − w)·full + w·plain`` with exact endpoints: w = 0 gives ``full``, w = 1 gives ``plain`` bit for bit
+    (and a zero gradient to ``full``). ``weight`` broadcasts against [rows, N, C], e.g. [rows, N, 1]."""
+    return torch.lerp(full, plain.to(full.dtype), weight.to(full.dtype))
+
+
+def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_plain: torch.Tensor,
+                      v_plain: torch.Tensor, heads: int, weight: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-attention under ``context`` confinement.
+
+    Args:
+        q: [rows, N, heads·d]; k, v: the full prompt's keys / values [rows, L, heads·d].
+        k_plain, v_plain: the identifier-free prompt's keys / values [rows, L', heads·d].
+        weight: [rows, N, 1] share of the identifier-free prompt per query (``strength · (1 − m)`` on rows that
+            carry the identifier, 0 elsewhere).
+        bias: an optional additive bias for the full prompt's attention (``columns`` identifiers).
+    """
+    full = plain_attention(q, k, v, heads, attn_mask=bias)
+    return context_blend(full, plain_attention(q, k_plain, v_plain, heads), weight)
 
 
 def identifier_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, columns: torch.Tensor,
@@ -112,7 +166,7 @@ def identifier_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, head
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
     key_len = k.shape[1]
-    if not _masking_applies(columns, key_len, positive_rows, strength):
+    if not _masking_applies(columns, key_len, strength):
         return plain_attention(q, k, v, heads)
     bias = identifier_bias(background, columns, positive_rows, key_len, strength, q.dtype)
     return plain_attention(q, k, v, heads, attn_mask=bias)
@@ -144,13 +198,11 @@ def identifier_attention_mass(q: torch.Tensor, k: torch.Tensor, heads: int, colu
     Returns:
         scalar: Σ coverage·mass / Σ coverage over positive rows (0 when there is no product or no identifier).
     """
-    if columns.numel() == 0 or not bool(positive_rows.any()):
+    if columns.numel() == 0:
         return q.new_zeros(())
-    weight = coverage[positive_rows]
-    inside = (weight > 0).any(0)  # only positions some product covers contribute: skip the rest
-    if not bool(inside.any()):
-        return q.new_zeros(())
-    rows_bias = None if bias is None else bias[positive_rows][:, :, inside]
-    mass = identifier_mass_map(q[positive_rows][:, inside], k[positive_rows], heads, columns, rows_bias)
-    weight = weight[:, inside].to(mass.dtype)
+    # Every position of every row, weighted (no host sync, no data-dependent indexing): rows that do not carry
+    # the identifier and positions no product covers get weight 0.
+    weight = coverage * positive_rows.to(coverage.device, coverage.dtype)[:, None]
+    mass = identifier_mass_map(q, k, heads, columns, bias)
+    weight = weight.to(mass.dtype)
     return (mass * weight).sum() / weight.sum().clamp_min(1e-6)

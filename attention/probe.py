@@ -1,7 +1,10 @@
 """Measure identifier attention while a real sampler runs (tests, debugging, the demo's attention maps).
 
 Off by default and free when off. ``with record() as rec:`` collects, for every identifier-guided
-cross-attention call, the identifier's attention mass at product cells and elsewhere.
+cross-attention call, the identifier's attention mass at product cells and elsewhere (as the layer weighs it:
+under ``context`` confinement the full prompt's share ``1 − a`` scales it). With ``keep_outputs=True`` it also
+keeps every guided layer's output (with its autograd graph) and product cells: the *dependence* measures of
+``bench/toy_paper_table.py`` perturb or differentiate those, which the column mass cannot see.
 """
 from __future__ import annotations
 
@@ -26,9 +29,18 @@ class IdentifierRecord:
 
 
 @dataclass
+class OutputRecord:
+    layer_index: int
+    output: torch.Tensor  # [rows, N, C] the layer's cross-attention output (before to_out), not detached
+    product: torch.Tensor | None  # [rows, N] bool, product cells of the identifier's rows
+
+
+@dataclass
 class Recorder:
     identifier: list[IdentifierRecord] = field(default_factory=list)
+    outputs: list[OutputRecord] = field(default_factory=list)
     keep_maps: bool = False
+    keep_outputs: bool = False
 
     def layers(self) -> set[int]:
         return {r.layer_index for r in self.identifier}
@@ -42,8 +54,8 @@ def active() -> bool:
 
 
 @contextlib.contextmanager
-def record(keep_maps: bool = False) -> Iterator[Recorder]:
-    rec = Recorder(keep_maps=keep_maps)
+def record(keep_maps: bool = False, keep_outputs: bool = False) -> Iterator[Recorder]:
+    rec = Recorder(keep_maps=keep_maps, keep_outputs=keep_outputs)
     _active.append(rec)
     try:
         yield rec
@@ -52,11 +64,13 @@ def record(keep_maps: bool = False) -> Iterator[Recorder]:
 
 
 @torch.no_grad()
-def record_identifier(layer_index: int, q: torch.Tensor, k: torch.Tensor, heads: int, bias: torch.Tensor,
+def record_identifier(layer_index: int, q: torch.Tensor, k: torch.Tensor, heads: int, bias: torch.Tensor | None,
                       columns: torch.Tensor, positive_rows: torch.Tensor, coverage: torch.Tensor,
-                      threshold: float) -> None:
+                      threshold: float, scale: torch.Tensor | None = None) -> None:
     pos = positive_rows.to(q.device)
-    mass = identifier_mass_map(q[pos], k[pos], heads, columns, bias[pos])
+    mass = identifier_mass_map(q[pos], k[pos], heads, columns, None if bias is None else bias[pos])
+    if scale is not None:
+        mass = mass * scale[pos].float()
     product = coverage[pos] >= threshold
     background = coverage[pos] < threshold
     entry = IdentifierRecord(
@@ -70,3 +84,9 @@ def record_identifier(layer_index: int, q: torch.Tensor, k: torch.Tensor, heads:
     )
     for rec in _active:
         rec.identifier.append(entry)
+
+
+def record_output(layer_index: int, output: torch.Tensor, product: torch.Tensor | None) -> None:
+    for rec in _active:
+        if rec.keep_outputs:
+            rec.outputs.append(OutputRecord(layer_index, output, product))

@@ -1,9 +1,11 @@
 """Nodes that confine prompt tokens to the background (the Category-Wise Generator's attention)."""
 from __future__ import annotations
 
-from ..attention import IdentifierGuidance, IdentifierSpec, ProductMask
+import math
+
+from ..attention import CONFINEMENTS, IdentifierGuidance, IdentifierSpec, ProductMask
 from ..attention import comfy_patch
-from .common import IDENTIFIER, NodeInputError, check_sd15, clip_token_ids, find_subsequence
+from .common import IDENTIFIER, NodeInputError, check_sd15, clip_token_ids, find_subsequence, plain_context
 
 CATEGORY = "productbg/attention"
 
@@ -37,8 +39,11 @@ class BackgroundWords:
         if not positions:
             raise NodeInputError(f"{background_words!r} does not occur in the prompt; copy the words exactly "
                                  "as they appear in the text")
-        spec = IdentifierSpec(tuple(positions), context_length=77 * len(chunks))
-        return (clip.encode_from_tokens_scheduled(tokens), spec)
+        conditioning = clip.encode_from_tokens_scheduled(tokens)
+        spec = IdentifierSpec(tuple(positions), context_length=77 * len(chunks),
+                              plain_context=plain_context(clip, tokens, positions),
+                              prompt_context=conditioning[0][0].detach())
+        return (conditioning, spec)
 
 
 class MaskGuidedAttention:
@@ -61,21 +66,33 @@ class MaskGuidedAttention:
                                         "tooltip": "Sampling progress where confinement starts."}),
             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                       "tooltip": "Sampling progress where confinement ends."}),
+        }, "optional": {
+            "confinement": (list(CONFINEMENTS), {
+                "default": "context",
+                "tooltip": "context: product areas attend to the prompt encoded without the identifier, so the "
+                           "product is exactly independent of it. columns: only the identifier's own tokens are "
+                           "masked (leaks through the later tokens of CLIP's causal text encoder; for ablations)."}),
         }}
 
     def patch(self, model, identifier: IdentifierSpec, product_mask, strength: float, start_percent: float,
-              end_percent: float):
+              end_percent: float, confinement: str = "context"):
         if start_percent > end_percent:
             raise NodeInputError(f"start_percent {start_percent} is after end_percent {end_percent}")
         check_sd15(model)
         product = ProductMask(product_mask)
         if not product.mask.any():
             raise NodeInputError("the product mask is empty (all 0): connect the product's mask (1 = product)")
+        if confinement not in CONFINEMENTS:
+            raise NodeInputError(f"confinement must be one of {', '.join(CONFINEMENTS)}, got {confinement!r}")
+        if confinement == "context" and identifier.plain_context is None:
+            raise NodeInputError("this identifier carries no identifier-free prompt: make it with Category Prompt "
+                                 "or Background Words, or set confinement to 'columns'")
         sampling = model.get_model_object("model_sampling")
+        # The full range is left ungated (no per-step sigma test in the attention).
+        sigma_start = math.inf if start_percent <= 0 else float(sampling.percent_to_sigma(start_percent))
+        sigma_end = 0.0 if end_percent >= 1 else float(sampling.percent_to_sigma(end_percent))
         guidance = comfy_patch.current_guidance(model.model_options).with_identifier(IdentifierGuidance(
-            identifier, product, strength,
-            sigma_start=float(sampling.percent_to_sigma(start_percent)),
-            sigma_end=float(sampling.percent_to_sigma(end_percent))))
+            identifier, product, strength, sigma_start=sigma_start, sigma_end=sigma_end, confinement=confinement))
         m = model.clone()
         comfy_patch.install(m.model_options, guidance)
         return (m,)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..attention import IdentifierSpec
 from ..weights.bank import CategoryBank, load_bank
 from ..weights.errors import WeightsError
-from .common import BANK, IDENTIFIER, NodeInputError, clip_token_ids
+from .common import BANK, IDENTIFIER, NodeInputError, clip_token_ids, plain_context
 from .folders import full_path, list_files
 
 CATEGORY = "productbg/category"
@@ -84,6 +84,9 @@ class CategoryPrompt:
         slots = _slot_positions(clip_token_ids(tokens), slot_id)
         if len(slots) != vectors.shape[0]:
             raise NodeInputError(f"do not use the word {SLOT_WORD!r} in the template or extra text")
+        plain = plain_context(clip, tokens, [c * len(tokens["l"][0]) + i for c, i in slots])
         positions = _splice(tokens, slots, vectors)
-        spec = IdentifierSpec(tuple(positions), context_length=77 * len(tokens["l"]))
-        return (clip.encode_from_tokens_scheduled(tokens), spec)
+        conditioning = clip.encode_from_tokens_scheduled(tokens)
+        spec = IdentifierSpec(tuple(positions), context_length=77 * len(tokens["l"]), plain_context=plain,
+                              prompt_context=conditioning[0][0].detach())
+        return (conditioning, spec)

@@ -37,6 +37,29 @@ def find_subsequence(chunks: list[list[int]], target: list[int]) -> list[int]:
     return []
 
 
+def without_positions(tokens: dict, positions: list[int]) -> dict:
+    """ComfyUI token lists with the tokens at flat ``positions`` removed from the SD1.5 chunks (``l``).
+
+    Each chunk keeps its length: later tokens move up and the chunk's last entry (padding, or EOS in a full
+    chunk) fills the end. Tokens are per-word in CLIP's BPE, so this is the prompt without those words.
+    """
+    out = {key: [list(chunk) for chunk in chunks] for key, chunks in tokens.items()}
+    chunk_len = len(out["l"][0])
+    by_chunk: dict[int, set[int]] = {}
+    for p in positions:
+        by_chunk.setdefault(p // chunk_len, set()).add(p % chunk_len)
+    for c, drop in by_chunk.items():
+        chunk = out["l"][c]
+        kept = [t for i, t in enumerate(chunk) if i not in drop]
+        out["l"][c] = kept + [chunk[-1]] * (chunk_len - len(kept))
+    return out
+
+
+def plain_context(clip, tokens: dict, positions: list[int]):
+    """[1, L, 768] context of the prompt without the tokens at ``positions`` (what product cells attend to)."""
+    return clip.encode_from_tokens(without_positions(tokens, positions)).detach()
+
+
 def check_mask_batch(mask, image, name: str = "mask"):
     """A MASK [B,H,W] resized to an IMAGE [B,H,W,C] (bilinear), with batch 1 broadcast; clear errors."""
     import torch.nn.functional as F

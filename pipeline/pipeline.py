@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .. import imaging
-from ..attention import Guidance, IdentifierGuidance, ProductMask, StyleGuidance
+from ..attention import CONFINEMENTS, Guidance, IdentifierGuidance, ProductMask, StyleGuidance
 from ..attention.diffusers_processor import install_processors
 from .components import (ClipVision, Components, check_style_fit, load_base, load_clip_vision, merge_lora,
                          tiny_components)
@@ -47,6 +47,8 @@ class GenerateSettings:
         segmentation: ``imaging.segment_product`` method (``auto``: alpha, else uniform-background key, else GrabCut).
         steps: DDIM steps. guidance_scale: classifier-free guidance scale.
         identifier_strength: mask-guided attention strength (1 = the identifier never attends on the product).
+        confinement: ``context`` (product cells attend to the prompt without the identifier: exactly
+            independent of it) or ``columns`` (only the identifier's tokens are masked; an ablation).
         style_weight: reference-style weight. style_layers: ``all`` | ``style`` | ``composition``.
         template: prompt template with ``{id}`` (None = the bank's). extra_text: free words appended.
         negative_prompt: negative prompt.
@@ -65,6 +67,7 @@ class GenerateSettings:
     steps: int = 40
     guidance_scale: float = 7.5
     identifier_strength: float = 1.0
+    confinement: str = "context"
     style_weight: float = 0.8
     style_layers: str = "all"
     template: str | None = None
@@ -81,6 +84,8 @@ class GenerateSettings:
             raise PipelineError(f"steps must be at least 1, got {self.steps}")
         if not 0.0 <= self.identifier_strength <= 1.0:
             raise PipelineError(f"identifier strength must be in [0, 1], got {self.identifier_strength}")
+        if self.confinement not in CONFINEMENTS:
+            raise PipelineError(f"confinement must be one of {', '.join(CONFINEMENTS)}, got {self.confinement!r}")
 
 
 @dataclass
@@ -281,7 +286,8 @@ class ProductBGPipeline:
         guidance = Guidance()
         mask = torch.as_tensor(prep.mask)
         if spec is not None and s.identifier_strength > 0:
-            guidance = guidance.with_identifier(IdentifierGuidance(spec, ProductMask(mask), s.identifier_strength))
+            guidance = guidance.with_identifier(IdentifierGuidance(spec, ProductMask(mask), s.identifier_strength,
+                                                                   confinement=s.confinement))
         if reference is not None:
             guidance = guidance.with_style(self.style_guidance(reference, prep.mask, s))
         return guidance

@@ -9,13 +9,15 @@ list). Without identifiers the category's name is used as plain words and those 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+
 from ..attention import IdentifierSpec
 from .errors import PipelineError
-from .text import DEFAULT_TEMPLATE, identifier_prompt, install_identifiers, tokenize_with_identifier, word_positions
+from .text import (DEFAULT_TEMPLATE, identifier_prompt, install_identifiers, tokenize_with_identifier,
+                   without_positions, word_positions)
 
 CACHE_SIZE = 64
 
@@ -27,7 +29,8 @@ class EncodedPrompt:
     Attributes:
         text: the prompt as written (placeholders shown as ``<pbg_0_i>``).
         cond: ``[1, 77, width]`` positive context.
-        spec: where the identifier (or the category words) sits; None when nothing is confined.
+        spec: where the identifier (or the category words) sits, with the identifier-free context
+            (``plain_context``); None when nothing is confined.
     """
 
     text: str
@@ -101,7 +104,7 @@ class PromptEncoder:
         words = " ".join(self.tokenizer.convert_ids_to_tokens(slots.tolist()))
         text = identifier_prompt(template, words, extra)
         ids, spec = tokenize_with_identifier(self.tokenizer, text, slots)
-        return EncodedPrompt(text, self._run(ids), spec)
+        return EncodedPrompt(text, self._run(ids), self._with_plain(spec, ids))
 
     def _words(self, category: str, template: str, extra: str) -> EncodedPrompt:
         text = identifier_prompt(template, category.strip(), extra)
@@ -109,7 +112,11 @@ class PromptEncoder:
             spec = word_positions(self.tokenizer, text, category.strip())
         except ValueError as e:
             raise PipelineError(f"category '{category}': {e}") from None
-        return EncodedPrompt(text, self._run(self._ids(text)), spec)
+        ids = self._ids(text)
+        return EncodedPrompt(text, self._run(ids), self._with_plain(spec, ids))
+
+    def _with_plain(self, spec: IdentifierSpec, ids: torch.Tensor) -> IdentifierSpec:
+        return replace(spec, plain_context=self._run(without_positions(ids, spec.token_indices)))
 
     def _plain(self, text: str, extra: str) -> EncodedPrompt:
         text = f"{text}, {extra}" if extra.strip() else text

@@ -103,3 +103,13 @@ def word_positions(tokenizer, prompt: str, words: str) -> IdentifierSpec:
         if ids[start:start + len(target)] == target:
             return IdentifierSpec(tuple(range(start, start + len(target))), CLIP_CONTEXT)
     raise ValueError(f"{words!r} does not occur in the prompt {prompt!r}")
+
+
+def without_positions(ids: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
+    """Token ids [B, T] with the tokens at ``positions`` removed; later tokens move up and the last id
+    (padding, or EOS in a full prompt) fills the end: the prompt without those words, for the identifier-free
+    context of ``context`` confinement."""
+    drop = set(positions)
+    keep = torch.tensor([i for i in range(ids.shape[1]) if i not in drop], dtype=torch.long)
+    kept = ids[:, keep]
+    return torch.cat([kept, ids[:, -1:].expand(-1, ids.shape[1] - kept.shape[1])], dim=1)

@@ -34,7 +34,7 @@ def test_processor_without_guidance_equals_default():
         layers = install_processors(unet)
         out = unet(latents, 10, context).sample
         zero = unet(latents, 10, context, cross_attention_kwargs={"productbg": DiffusersCall(
-            Guidance().with_identifier(IdentifierGuidance(IdentifierSpec((3,)), ProductMask(_mask()), 0.0)),
+            Guidance().with_identifier(IdentifierGuidance(IdentifierSpec((3,)), ProductMask(_mask()), 0.0, confinement="columns")),
             latent_hw=(8, 8))}).sample
     assert len(layers) == 7 and layers[0].startswith("down_blocks.0")
     assert (out - ref).abs().max() <= 1e-5
@@ -47,7 +47,8 @@ def test_identifier_mass_zero_on_product_in_every_layer(hw):
     unet = tiny_unet()
     install_processors(unet)
     latents, context = _inputs(hw=hw)
-    g = IdentifierGuidance(IdentifierSpec((4, 5)), ProductMask(_mask((hw[0] * 8, hw[1] * 8))), 1.0)
+    g = IdentifierGuidance(IdentifierSpec((4, 5)), ProductMask(_mask((hw[0] * 8, hw[1] * 8))), 1.0,
+                           confinement="columns")
     call = DiffusersCall(Guidance().with_identifier(g), latent_hw=hw, cond_or_uncond=(1, 0))
     with torch.no_grad(), probe.record() as rec:
         out = unet(latents, 10, context, cross_attention_kwargs={"productbg": call}).sample
@@ -62,7 +63,7 @@ def test_mass_losses_collected_with_gradient():
     install_processors(unet)
     latents, context = _inputs(batch=1)
     context.requires_grad_(True)
-    g = IdentifierGuidance(IdentifierSpec((4, 5)), ProductMask(_mask()), 0.0)
+    g = IdentifierGuidance(IdentifierSpec((4, 5)), ProductMask(_mask()), 0.0, confinement="columns")
     call = DiffusersCall(Guidance().with_identifier(g), latent_hw=(8, 8), cond_or_uncond=(0,), mass_losses=[])
     unet(latents, 10, context, cross_attention_kwargs={"productbg": call})
     assert len(call.mass_losses) == 7

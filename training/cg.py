@@ -4,7 +4,10 @@ Every training image of category c is captioned with the template (default ``"a 
 background"``) whose ``{id}`` is c's placeholder tokens. The mask-guided attention of
 :mod:`productbg.attention` is active in every cross-attention layer, exactly as at inference:
 
-* ``mask_mode="hard"``: the identifier's key columns get the confinement bias at product positions;
+* ``mask_mode="hard"``: confinement at product positions — by default (``confinement="context"``) product
+  positions attend to the prompt encoded without the identifier, so product pixels give the identifier vectors
+  exactly zero gradient through cross-attention; ``"columns"`` biases only the identifier's key columns (the
+  first reading, which leaks through CLIP's causal encoder; kept for the ablation);
 * ``"loss"``: no bias; the identifier's attention mass inside the product is penalised instead
   (``mass_loss_weight``);
 * ``"both"``: bias and loss.
@@ -20,15 +23,15 @@ small model from scratch as the demo model does) and the UNet is written as a di
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from ..attention import Guidance, IdentifierGuidance, IdentifierSpec, ProductMask
+from ..attention import CONFINEMENTS, Guidance, IdentifierGuidance, IdentifierSpec, ProductMask
 from ..attention.diffusers_processor import DiffusersCall, install_processors
-from ..pipeline.text import DEFAULT_TEMPLATE, identifier_prompt, tokenize_with_identifier
+from ..pipeline.text import DEFAULT_TEMPLATE, identifier_prompt, tokenize_with_identifier, without_positions
 from . import identifiers, outputs
 from .datasets import BG60kIndex, ImageMaskDataset, open_bg60k
 from .diffusion import DiffusionModule, jitter_masks, loss_weights, morph  # noqa: F401  (re-exported)
@@ -57,6 +60,7 @@ class CGConfig:
         lora_rank, lora_alpha: the shared UNet LoRA (alpha defaults to the rank).
         identifier_lr: learning rate of the identifier vectors (the LoRA uses the engine's ``lr``).
         mask_mode: ``hard`` | ``loss`` | ``both``.
+        confinement: ``context`` | ``columns`` (how ``hard`` / ``both`` confine; see the module docstring).
         strength: confinement strength for ``hard`` / ``both``.
         mass_loss_weight: weight of the attention-mass loss for ``loss`` / ``both``.
         background_loss_weight: denoising-loss weight of background latents (product latents weigh 1).
@@ -82,6 +86,7 @@ class CGConfig:
     lora_alpha: float | None = None
     identifier_lr: float = 5e-3
     mask_mode: str = "hard"
+    confinement: str = "context"
     strength: float = 1.0
     mass_loss_weight: float = 0.1
     background_loss_weight: float = 1.0
@@ -97,6 +102,8 @@ class CGConfig:
     def __post_init__(self) -> None:
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {self.mask_mode!r}")
+        if self.confinement not in CONFINEMENTS:
+            raise ValueError(f"confinement must be one of {CONFINEMENTS}, got {self.confinement!r}")
         if self.unet not in UNET_MODES:
             raise ValueError(f"unet must be one of {UNET_MODES}, got {self.unet!r}")
         if self.init not in ("name", "background"):
@@ -116,10 +123,20 @@ class CGModule(DiffusionModule):
         self.text_encoder, self.embedding = comps.text_encoder, embedding
         self.cfg, self.spec = cfg, spec
         self.register_buffer("prompt_ids", prompt_ids, persistent=False)
+        # The template without the identifier (the same for every category): what product cells attend to.
+        self.register_buffer("plain_ids", without_positions(prompt_ids[:1], spec.token_indices), persistent=False)
+
+    def identifier_guidance(self, mask: torch.Tensor, strength: float) -> IdentifierGuidance:
+        """The identifier's guidance for a batch of product masks [B, 1, H, W]."""
+        spec = self.spec
+        if self.cfg.confinement == "context":
+            with torch.no_grad():
+                spec = replace(spec, plain_context=self.text_encoder(self.plain_ids)[0])
+        return IdentifierGuidance(spec, ProductMask(mask[:, 0]), strength, confinement=self.cfg.confinement)
 
     def guidance_call(self, mask: torch.Tensor, latent_hw: tuple[int, int], collect: bool) -> DiffusersCall:
         strength = self.cfg.strength if self.cfg.mask_mode in ("hard", "both") else 0.0
-        g = Guidance().with_identifier(IdentifierGuidance(self.spec, ProductMask(mask[:, 0]), strength))
+        g = Guidance().with_identifier(self.identifier_guidance(mask, strength))
         return DiffusersCall(g, latent_hw=latent_hw, cond_or_uncond=(0,), mass_losses=[] if collect else None)
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -214,7 +231,7 @@ class CGTask:
         from peft.utils import get_peft_model_state_dict
 
         training = {"trainer": "train-cg", "steps": step, "dataset": str(self.cfg.data), "model": self.cfg.model,
-                    "mask_mode": self.cfg.mask_mode, "categories": len(self.categories), "unet": self.cfg.unet}
+                    "mask_mode": self.cfg.mask_mode, "confinement": self.cfg.confinement, "categories": len(self.categories), "unet": self.cfg.unet}
         bank = outputs.save_bank(out_dir / BANK_FILE, self.categories,
                                  module.embedding.identifier_vectors(), self.cfg.template, training)
         if self.cfg.unet == "full":

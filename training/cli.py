@@ -150,6 +150,9 @@ def _cg_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-alpha", type=float)
     g.add_argument("--identifier-lr", type=float, default=5e-3)
     g.add_argument("--mask-mode", default="hard", choices=["hard", "loss", "both"])
+    g.add_argument("--confinement", default="context", choices=["context", "columns"],
+                   help="context: product positions attend to the prompt without the identifier (exactly no "
+                        "identifier gradient from them); columns: mask only the identifier's tokens (ablation)")
     g.add_argument("--strength", type=float, default=1.0, help="identifier confinement strength (hard/both)")
     g.add_argument("--mass-loss-weight", type=float, default=0.1, help="attention-mass loss weight (loss/both)")
     g.add_argument("--background-loss-weight", type=float, default=1.0,
@@ -208,7 +211,8 @@ def cmd_train_cg(args: argparse.Namespace) -> int:
         cfg = CGConfig(data=data, model=args.model, resolution=args.resolution, vectors_per_id=args.vectors_per_id,
                        template=args.template, init=args.init, unet=args.unet, lora_rank=args.lora_rank,
                        lora_alpha=args.lora_alpha,
-                       identifier_lr=args.identifier_lr, mask_mode=args.mask_mode, strength=args.strength,
+                       identifier_lr=args.identifier_lr, mask_mode=args.mask_mode,
+                       confinement=args.confinement, strength=args.strength,
                        mass_loss_weight=args.mass_loss_weight, background_loss_weight=args.background_loss_weight,
                        caption_dropout=args.caption_dropout, mask_jitter=tuple(args.mask_jitter),
                        flip=not args.no_flip, skip_bad=args.skip_bad,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..attention import Guidance, IdentifierGuidance, ProductMask, StyleGuidance
+from ..attention import Guidance, ProductMask, StyleGuidance
 from ..attention.diffusers_processor import CALL_KEY, DiffusersCall
 from .bgsynth import png_bytes
 from .layout import atomic_write_bytes
@@ -39,7 +39,7 @@ def cg_preview(module, dataset, out_dir: Path, step: int, count: int = 4, steps:
     cats = torch.tensor([it["category"] for it in items], device=image.device)
     cond = module.text_encoder(module.prompt_ids[cats])[0]
     uncond = module.text_encoder(module.prompt_ids[-1:])[0].expand_as(cond)  # the last row is the empty prompt
-    g = IdentifierGuidance(module.spec, ProductMask(mask[:, 0]), 1.0)
+    g = module.identifier_guidance(mask, 1.0)
     composite = _generate(module, image, mask, torch.cat([uncond, cond]), Guidance().with_identifier(g), steps,
                           guidance_scale)
     return save_rows(out_dir, step, [image, composite])
