@@ -108,8 +108,9 @@ class ProductBGAttnProcessor:
         o = plan.owners[0]
         cols = o.guidance.columns(k.shape[1], q.device)
         coverage = plan.coverage(o.guidance, ctx.grid, q.shape[0], q.device)
-        _, bias = plan.weights(ctx.grid, q.shape[0], q.device, q.dtype)
-        return identifier_attention_mass(q, k, heads, cols, o.rows.to(q.device) > 0, coverage, bias)
+        blend, bias = plan.weights(ctx.grid, q.shape[0], q.device, q.dtype)
+        share = None if blend is None else 1.0 - blend[:, :, 0]
+        return identifier_attention_mass(q, k, heads, cols, o.rows.to(q.device) > 0, coverage, bias, share)
 
 
 def install_processors(unet: torch.nn.Module) -> list[str]:

@@ -398,16 +398,20 @@ def guided_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     blend, bias = plan.weights(ctx.grid, q.shape[0], q.device, q.dtype)
     if probe.active():
         _record(q, k_text, heads, ctx, blend, bias)
-    if blend is not None:
-        out = context_attention(q, k_text, v_text, plan.plain(k), plan.plain(v), heads, blend, bias)
-    elif bias is not None or include_base or plan.extended:
-        out = plain_attention(q, k_text, v_text, heads, attn_mask=bias)
+
+    def text_attention(query: torch.Tensor) -> torch.Tensor:
+        if blend is not None:
+            return context_attention(query, k_text, v_text, plan.plain(k), plan.plain(v), heads, blend, bias)
+        return plain_attention(query, k_text, v_text, heads, attn_mask=bias)
+
+    if blend is not None or bias is not None or include_base or plan.extended:
+        out = text_attention(q)
     else:
         out = torch.zeros_like(q)
     if not include_base and (blend is not None or bias is not None or plan.extended):
         out = out - plain_attention(q, k, v, heads)  # what the foreign object computed on the same k / v
-    if probe.active():
-        probe.record_output(ctx.layer_index, out, _product_cells(ctx, q))
+    if probe.wants_outputs():
+        probe.record_output(ctx.layer_index, text_attention, q, _product_cells(ctx, q))
     for s in plan.guidance.styles:
         weight = s.weight * s.layer_weights[ctx.layer_index]
         if weight == 0:

@@ -188,12 +188,14 @@ def identifier_mass_map(q: torch.Tensor, k: torch.Tensor, heads: int, columns: t
 
 def identifier_attention_mass(q: torch.Tensor, k: torch.Tensor, heads: int, columns: torch.Tensor,
                               positive_rows: torch.Tensor, coverage: torch.Tensor,
-                              bias: torch.Tensor | None = None) -> torch.Tensor:
+                              bias: torch.Tensor | None = None, share: torch.Tensor | None = None) -> torch.Tensor:
     """The identifier's attention mass inside the product, for the attention-mass loss of one layer.
 
     Args:
         coverage: [rows, N] product coverage of each query position (weights the average).
-        bias: the identifier bias in force, if any (``mask_mode="both"``).
+        bias: the identifier bias in force, if any (``mask_mode="both"``, ``columns`` confinement).
+        share: [rows, N] the full prompt's share of each position under ``context`` confinement (1 − blend),
+            if in force: the mass is scaled by it, as the layer weighs it.
 
     Returns:
         scalar: Σ coverage·mass / Σ coverage over positive rows (0 when there is no product or no identifier).
@@ -204,5 +206,7 @@ def identifier_attention_mass(q: torch.Tensor, k: torch.Tensor, heads: int, colu
     # the identifier and positions no product covers get weight 0.
     weight = coverage * positive_rows.to(coverage.device, coverage.dtype)[:, None]
     mass = identifier_mass_map(q, k, heads, columns, bias)
+    if share is not None:
+        mass = mass * share.to(mass.dtype)
     weight = weight.to(mass.dtype)
     return (mass * weight).sum() / weight.sum().clamp_min(1e-6)

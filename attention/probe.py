@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -31,7 +31,8 @@ class IdentifierRecord:
 @dataclass
 class OutputRecord:
     layer_index: int
-    output: torch.Tensor  # [rows, N, C] the layer's cross-attention output (before to_out), not detached
+    query: torch.Tensor  # [rows, N, C] the (detached) queries the output was computed from
+    output: torch.Tensor  # [rows, N, C] text cross-attention output for ``query``, with its graph to the context
     product: torch.Tensor | None  # [rows, N] bool, product cells of the identifier's rows
 
 
@@ -41,6 +42,9 @@ class Recorder:
     outputs: list[OutputRecord] = field(default_factory=list)
     keep_maps: bool = False
     keep_outputs: bool = False
+    #: queries of an earlier recording: the outputs are then computed from those (in call order), so two runs
+    #: with different identifiers compare the key/value path alone, at the same queries.
+    replay: list[torch.Tensor] | None = None
 
     def layers(self) -> set[int]:
         return {r.layer_index for r in self.identifier}
@@ -53,9 +57,14 @@ def active() -> bool:
     return bool(_active)
 
 
+def wants_outputs() -> bool:
+    return any(rec.keep_outputs for rec in _active)
+
+
 @contextlib.contextmanager
-def record(keep_maps: bool = False, keep_outputs: bool = False) -> Iterator[Recorder]:
-    rec = Recorder(keep_maps=keep_maps, keep_outputs=keep_outputs)
+def record(keep_maps: bool = False, keep_outputs: bool = False,
+           replay: list[torch.Tensor] | None = None) -> Iterator[Recorder]:
+    rec = Recorder(keep_maps=keep_maps, keep_outputs=keep_outputs or replay is not None, replay=replay)
     _active.append(rec)
     try:
         yield rec
@@ -86,7 +95,16 @@ def record_identifier(layer_index: int, q: torch.Tensor, k: torch.Tensor, heads:
         rec.identifier.append(entry)
 
 
-def record_output(layer_index: int, output: torch.Tensor, product: torch.Tensor | None) -> None:
+def record_output(layer_index: int, attend: Callable[[torch.Tensor], torch.Tensor], query: torch.Tensor,
+                  product: torch.Tensor | None) -> None:
+    """Keep ``attend(q)`` — the layer's text cross-attention as a function of its queries — for recorders that
+    ask for outputs; q is detached (or replayed), so the output depends on the context only through K / V."""
     for rec in _active:
-        if rec.keep_outputs:
-            rec.outputs.append(OutputRecord(layer_index, output, product))
+        if not rec.keep_outputs:
+            continue
+        q = query.detach()
+        if rec.replay is not None:
+            q = rec.replay[len(rec.outputs)]
+        with torch.enable_grad():
+            out = attend(q)
+        rec.outputs.append(OutputRecord(layer_index, q, out, product))
