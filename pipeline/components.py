@@ -12,18 +12,18 @@ Nothing here downloads: folders are read with ``local_files_only`` and configs c
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from .errors import CheckpointError, PipelineError
+from .quiet import quiet_loading
 from .single_file import SD15_CONFIGS
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -69,26 +69,6 @@ class Components:
 def shipped_scheduler_config() -> dict:
     """SD1.5's noise schedule (``assets/sd15/scheduler_config.json``)."""
     return json.loads((SD15_CONFIGS / "scheduler_config.json").read_text(encoding="utf-8"))
-
-
-@contextlib.contextmanager
-def quiet_loading() -> Iterator[None]:
-    """No weight-loading progress bars or dtype notices from transformers / diffusers (one-line CLI output)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    bars = transformers_logging.is_progress_bar_enabled()
-    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
-    transformers_logging.disable_progress_bar()
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        if bars:
-            transformers_logging.enable_progress_bar()
-        diffusers_logging.set_verbosity(levels[0])
-        transformers_logging.set_verbosity(levels[1])
 
 
 # ---------------------------------------------------------------------------------------------- identifiers

@@ -29,6 +29,7 @@ import torch
 
 from .. import imaging
 from .errors import PipelineError
+from .image_files import load_mask, load_rgb
 from .outputs import RESULT_FILE, read_result
 
 METRICS = ("psnr_before_db", "psnr_after_db", "delta_e_before", "delta_e_after", "expansion", "style_similarity")
@@ -111,16 +112,6 @@ def _existing(root: Path, value: Any, fname: str, line: int) -> Path | None:
     if not p.is_file():
         raise PipelineError(f"{fname} line {line}: file not found: {p}")
     return p
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    """``[H, W, 3]`` float32 0..1."""
-    return imaging.load_image(path)[0]
-
-
-def load_mask(path: Path) -> np.ndarray:
-    """``[H, W]`` float32 0..1 from a greyscale (or RGB) mask image."""
-    return imaging.load_image(path)[0].mean(axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------- embeddings

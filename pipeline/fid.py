@@ -77,7 +77,7 @@ def backend() -> tuple[Features, Callable, str] | str:
 
 
 def _images(paths: Sequence[Path], batch: int = 16) -> Any:
-    from .evaluate import load_rgb
+    from .image_files import load_rgb
 
     for i in range(0, len(paths), batch):
         yield torch.stack([torch.as_tensor(load_rgb(p)).permute(2, 0, 1) for p in paths[i:i + batch]])

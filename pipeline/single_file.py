@@ -102,7 +102,7 @@ def load_single_file(path: str | os.PathLike | dict, config_dir: str | os.PathLi
     name = "checkpoint" if isinstance(path, dict) else Path(path).name
     files = config_files(config_dir)
     unet_cfg = files["unet_inpaint" if _in_channels(checkpoint, name) == 9 else "unet"]
-    from .components import quiet_loading
+    from .quiet import quiet_loading
 
     kw: dict[str, Any] = dict(local_files_only=True, torch_dtype=dtype)
     try:

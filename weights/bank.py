@@ -1,71 +1,42 @@
-"""The category bank: one ``.safetensors`` file with every category's identifier vectors.
+"""The category bank: every category's identifier vectors in one ``.safetensors`` file, looked up by name.
 
-Layout (schema 1)::
+:class:`CategoryBank` is the object: :meth:`CategoryBank.load` validates the header and memory-maps the file;
+names come from the header and a category's vectors are read only when it is looked up. It is edited in
+memory (``add``, ``rename``, ``remove``, ``set_lora``, ``merge``) and saved atomically.
 
-    tensors   clip_l  [categories, vectors, 768]     SD1.5 (family "sd15")
-              clip_g  [categories, vectors, 1280]    added for SDXL (family "sdxl": clip_l + clip_g)
-              clip_l  [categories, vectors, width]   small self-trained models (family "tiny", any width)
-    metadata  productbg.kind            "category_bank"
-              productbg.schema          "1"
-              productbg.family          "sd15" | "sdxl" | "tiny"
-              productbg.width           "32"  (family "tiny" only: the text width of its clip_l vectors)
-              productbg.categories      JSON list of names (UTF-8), row i of every tensor is category i
-              productbg.template        "a product photo on a {id} background"
-              productbg.vectors_per_id  "4"
-              productbg.loras           JSON {name: {"file": "x.safetensors", "strength": 0.8}} (optional)
-              productbg.training        JSON {"dataset": ..., "steps": ..., "date": ...} (optional)
+Its parts live beside it, one idea each, and are re-exported here:
 
-:meth:`CategoryBank.load` validates the header and memory-maps the file; names come from the header and a
-category's vectors are read only when it is looked up.
+* :mod:`.bank_format`: the file layout (schema 1), header reading and writing, and the rules of every field
+  (family, width, vectors per identifier, template);
+* :mod:`.bank_names`: valid category names, exact / case-insensitive lookup and "did you mean" suggestions;
+* :mod:`.category_lora`: :class:`CategoryLora`, a category's reference to a LoRA file in ``models/loras``.
 
-Widths: "sd15" and "sdxl" fix them (768 for ``clip_l``, 1280 for ``clip_g``) and write no ``productbg.width``,
-so their files are unchanged. A "tiny" bank's width is whatever its text encoder has: given to the
-constructor (``width=``), or fixed by the first category added; it is written to ``productbg.width`` and every
-later ``add``, ``merge`` and load is checked against it. "tiny" files without ``productbg.width`` (written by
-earlier productbg versions) take the width from their tensor.
+Widths: "sd15" and "sdxl" fix them (768 for ``clip_l``, 1280 for ``clip_g``). A "tiny" bank's width is
+whatever its text encoder has: given to the constructor (``width=``), or fixed by the first category added;
+every later ``add``, ``merge`` and load is checked against it.
 """
 from __future__ import annotations
 
-import difflib
-import json
-import math
 import os
-import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 
-from .errors import FormatMismatchError, MalformedFileError, NameLookupError, WeightsError
-from .safefile import FLOAT_DTYPES, Header, SafeReader, atomic_save, check_finite, parse_json_value, read_header
+from .bank_format import (BANK_KIND, DEFAULT_TEMPLATE, ENCODER_WIDTHS, FAMILY_ENCODERS, FREE_WIDTH_FAMILIES, MAX_VECTORS,
+                          MAX_WIDTH, META, SCHEMA_VERSION, TINY_FAMILY, BankMeta, bank_metadata, check_family,
+                          check_template, check_vectors_per_id, check_width, is_bank, parse_bank_header)
+from .bank_names import MAX_NAME_CHARS, check_name, close_names, find_name, index_names
+from .category_lora import CategoryLora, check_lora
+from .errors import NameLookupError, WeightsError
+from .safefile import FLOAT_DTYPES, SafeReader, atomic_save, check_finite, read_header
 
-BANK_KIND = "category_bank"
-SCHEMA_VERSION = 1
-DEFAULT_TEMPLATE = "a product photo on a {id} background"
-ENCODER_WIDTHS: dict[str, int] = {"clip_l": 768, "clip_g": 1280}
-TINY_FAMILY = "tiny"
-FAMILY_ENCODERS: dict[str, tuple[str, ...]] = {"sd15": ("clip_l",), "sdxl": ("clip_l", "clip_g"),
-                                               TINY_FAMILY: ("clip_l",)}
-#: Families whose text width is not fixed: it is recorded in the file (``productbg.width``).
-FREE_WIDTH_FAMILIES = frozenset({TINY_FAMILY})
-MAX_WIDTH = 16384
-MAX_VECTORS = 75  # a CLIP prompt chunk holds 77 tokens, two of them start/end
-MAX_NAME_CHARS = 256
-META = "productbg."
-
-
-@dataclass(frozen=True)
-class CategoryLora:
-    """An optional per-category LoRA, looked up by file name in ComfyUI's ``models/loras``.
-
-    Attributes:
-        file: bare file name, e.g. ``"shoes.safetensors"``.
-        strength: model strength to apply it with.
-    """
-
-    file: str
-    strength: float = 1.0
+__all__ = [
+    "Category", "CategoryBank", "CategoryLora", "load_bank", "is_bank",
+    "BANK_KIND", "SCHEMA_VERSION", "DEFAULT_TEMPLATE", "ENCODER_WIDTHS", "TINY_FAMILY", "FAMILY_ENCODERS",
+    "FREE_WIDTH_FAMILIES", "MAX_WIDTH", "MAX_VECTORS", "MAX_NAME_CHARS", "META",
+]
 
 
 @dataclass(frozen=True)
@@ -103,16 +74,6 @@ class _Row:
         return self.reader.rows(encoder, self.index, self.index + 1)[0]
 
 
-@dataclass
-class _Meta:
-    family: str = "sd15"
-    vectors_per_id: int = 1
-    template: str = DEFAULT_TEMPLATE
-    training: dict[str, Any] = field(default_factory=dict)
-    dtype: torch.dtype = torch.float32
-    width: int | None = None  # clip_l width of a free-width family; None until known
-
-
 class CategoryBank:
     """Identifier vectors for many categories, with name lookup and atomic saving.
 
@@ -130,13 +91,13 @@ class CategoryBank:
     def __init__(self, family: str = "sd15", vectors_per_id: int = 1, template: str = DEFAULT_TEMPLATE,
                  training: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32,
                  width: int | None = None) -> None:
-        _check_family(family)
-        _check_vectors_per_id(vectors_per_id)
-        _check_template(template)
-        _check_width(family, width)
+        check_family(family)
+        check_vectors_per_id(vectors_per_id)
+        check_template(template)
+        check_width(family, width)
         if dtype not in FLOAT_DTYPES.values():
             raise WeightsError(f"bank dtype must be a float dtype, got {dtype}")
-        self._meta = _Meta(family, vectors_per_id, template, dict(training or {}), dtype,
+        self._meta = BankMeta(family, vectors_per_id, template, dict(training or {}), dtype,
                            width if family in FREE_WIDTH_FAMILIES else None)
         self._names: list[str] = []
         self._rows: list[_Row] = []
@@ -161,7 +122,7 @@ class CategoryBank:
             WeightsError: if the file is not a valid category bank.
         """
         header = read_header(path)
-        meta, names, loras = _parse_bank_header(header)
+        meta, names, loras = parse_bank_header(header)
         bank = cls(meta.family, meta.vectors_per_id, meta.template, meta.training, meta.dtype, meta.width)
         bank._loras = loras
         bank._attach(SafeReader(header.path, header), names)
@@ -218,7 +179,7 @@ class CategoryBank:
 
     @template.setter
     def template(self, value: str) -> None:
-        _check_template(value)
+        check_template(value)
         self._meta.template = value
 
     @property
@@ -297,26 +258,10 @@ class CategoryBank:
 
     def suggest(self, name: str, n: int = 3) -> list[str]:
         """Up to ``n`` stored names close to ``name`` (difflib ratio, case-insensitive; then substrings)."""
-        if not isinstance(name, str):
-            return []
-        query = _normalize(name).casefold()
-        close = difflib.get_close_matches(query, list(self._folded), n=n, cutoff=0.6)
-        out = [s for key in close for s in self._folded[key]]
-        if len(out) < n and query:
-            out += [s for s in self._names if query in s.casefold() and s not in out]
-        return out[:n]
+        return close_names(name, self._names, self._folded, n)
 
     def _find(self, name: str) -> str | None:
-        if not isinstance(name, str):
-            raise NameLookupError(f"category names are strings, got {type(name).__name__}")
-        query = _normalize(name)
-        if query in self._index:
-            return query
-        matches = self._folded.get(query.casefold(), [])
-        if len(matches) > 1:
-            raise NameLookupError(f"'{name}' matches several categories that differ only in case: "
-                                  f"{', '.join(repr(m) for m in matches)}; use the exact name")
-        return matches[0] if matches else None
+        return find_name(name, self._index, self._folded)
 
     def _miss_message(self, name: str) -> str:
         where = f" in {self.path.name}" if self.path else ""
@@ -325,10 +270,7 @@ class CategoryBank:
         return msg + (f"; did you mean {', '.join(repr(h) for h in hints)}?" if hints else "")
 
     def _reindex(self) -> None:
-        self._index = {n: i for i, n in enumerate(self._names)}
-        self._folded = {}
-        for n in self._names:
-            self._folded.setdefault(n.casefold(), []).append(n)
+        self._index, self._folded = index_names(self._names)
 
     # ------------------------------------------------------------------ editing
     def add(self, name: str, vectors: torch.Tensor | Mapping[str, torch.Tensor], *,
@@ -342,10 +284,10 @@ class CategoryBank:
             lora: optional per-category LoRA.
             replace: overwrite an existing category of the same name instead of raising.
         """
-        name = _check_name(name)
+        name = check_name(name)
         tensors = self._check_vectors(name, vectors)
         if lora is not None:
-            _check_lora(name, lora)
+            check_lora(name, lora)
         if name in self._index and not replace:
             raise WeightsError(f"category '{name}' already exists (pass replace=True to overwrite)")
         if self.family in FREE_WIDTH_FAMILIES and self._meta.width is None:
@@ -364,7 +306,7 @@ class CategoryBank:
     def rename(self, old: str, new: str) -> None:
         """Rename a category (``old`` may differ in case); the new name must be free."""
         stored = self.resolve(old)
-        new = _check_name(new)
+        new = check_name(new)
         if new in self._index and new != stored:
             raise WeightsError(f"cannot rename '{stored}' to '{new}': that category already exists")
         self._names[self._index[stored]] = new
@@ -386,7 +328,7 @@ class CategoryBank:
         if lora is None:
             self._loras.pop(stored, None)
         else:
-            self._loras[stored] = _check_lora(stored, lora)
+            self._loras[stored] = check_lora(stored, lora)
 
     def merge(self, other: "CategoryBank", on_conflict: str = "error") -> "CategoryBank":
         """Add every category of ``other`` to this bank (its vectors are read now).
@@ -483,23 +425,7 @@ class CategoryBank:
 
     def metadata(self) -> dict[str, str]:
         """The header metadata this bank saves with."""
-        meta = {
-            "format": "pt",
-            META + "kind": BANK_KIND,
-            META + "schema": str(SCHEMA_VERSION),
-            META + "family": self.family,
-            META + "categories": json.dumps(self._names, ensure_ascii=False),
-            META + "template": self.template,
-            META + "vectors_per_id": str(self.vectors_per_id),
-        }
-        if self.family in FREE_WIDTH_FAMILIES and self.width is not None:
-            meta[META + "width"] = str(self.width)
-        if self._loras:
-            meta[META + "loras"] = json.dumps(
-                {n: {"file": lo.file, "strength": lo.strength} for n, lo in self._loras.items()}, ensure_ascii=False)
-        if self.training:
-            meta[META + "training"] = json.dumps(self.training, ensure_ascii=False, default=str)
-        return meta
+        return bank_metadata(self._meta, self._names, self._loras)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the bank atomically (temp file in the same folder, then ``os.replace``).
@@ -521,181 +447,7 @@ class CategoryBank:
         return dest
 
 
-# ---------------------------------------------------------------------- validation helpers
+
 def load_bank(path: str | os.PathLike) -> CategoryBank:
     """Open a category bank lazily. Same as :meth:`CategoryBank.load`."""
     return CategoryBank.load(path)
-
-
-def is_bank(header: Header) -> bool:
-    """Whether a safetensors header says it is a category bank."""
-    return header.metadata.get(META + "kind") == BANK_KIND
-
-
-def _normalize(name: str) -> str:
-    return unicodedata.normalize("NFC", name.strip()) if isinstance(name, str) else name
-
-
-def _check_name(name: Any) -> str:
-    if not isinstance(name, str):
-        raise WeightsError(f"category names must be strings, got {type(name).__name__}")
-    norm = unicodedata.normalize("NFC", name)
-    if not norm.strip():
-        raise WeightsError("category names must not be empty")
-    if norm != norm.strip():
-        raise WeightsError(f"category name {name!r} has leading or trailing spaces")
-    if len(norm) > MAX_NAME_CHARS:
-        raise WeightsError(f"category name is {len(norm)} characters; the limit is {MAX_NAME_CHARS}")
-    if any(unicodedata.category(c) in ("Cc", "Cs") for c in norm):
-        raise WeightsError(f"category name {name!r} contains control characters")
-    return norm
-
-
-def _check_family(family: str) -> None:
-    if family not in FAMILY_ENCODERS:
-        raise WeightsError(f"unknown base family {family!r}; known: {', '.join(FAMILY_ENCODERS)}")
-
-
-def _check_width(family: str, width: Any) -> None:
-    if width is None:
-        return
-    if type(width) is not int or not 1 <= width <= MAX_WIDTH:
-        raise WeightsError(f"bank width must be an integer 1..{MAX_WIDTH}, got {width!r}")
-    fixed = ENCODER_WIDTHS["clip_l"]
-    if family not in FREE_WIDTH_FAMILIES and width != fixed:
-        raise WeightsError(f"{family} banks have width {fixed}, not {width}; vectors of a small self-trained "
-                           f"model go in a '{TINY_FAMILY}' bank")
-
-
-def _check_vectors_per_id(n: Any) -> None:
-    if type(n) is not int or not 1 <= n <= MAX_VECTORS:
-        raise WeightsError(f"vectors per identifier must be an integer 1..{MAX_VECTORS}, got {n!r}")
-
-
-def _check_template(template: Any) -> None:
-    if not isinstance(template, str) or template.count("{id}") != 1:
-        raise WeightsError(f"prompt template must contain '{{id}}' exactly once, got {template!r}")
-
-
-def _check_lora(name: str, lora: Any) -> CategoryLora:
-    if not isinstance(lora, CategoryLora):
-        raise WeightsError(f"category '{name}': lora must be a CategoryLora")
-    file, strength = lora.file, lora.strength
-    if (not isinstance(file, str) or not file.lower().endswith(".safetensors") or "/" in file or "\\" in file
-            or file.startswith(".")):
-        raise WeightsError(f"category '{name}': LoRA must be a bare .safetensors file name, got {file!r}")
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-        raise WeightsError(f"category '{name}': LoRA strength must be a finite number, got {strength!r}")
-    return lora
-
-
-def _json_field(meta: Mapping[str, str], key: str, header: Header, default: Any = None) -> Any:
-    if META + key not in meta:
-        if default is not None:
-            return default
-        raise MalformedFileError(f"{header.path.name}: bank metadata lacks '{META + key}'")
-    return parse_json_value(meta[META + key], META + key, header.path)
-
-
-def _parse_bank_header(header: Header) -> tuple[_Meta, list[str], dict[str, CategoryLora]]:
-    meta, fname = header.metadata, header.path.name
-    if not is_bank(header):
-        raise FormatMismatchError(f"{fname}: not a category bank (metadata '{META}kind' is "
-                                  f"{meta.get(META + 'kind')!r}); run 'productbg weights inspect' to see what it is")
-    try:
-        _check_schema(meta.get(META + "schema"), fname)
-        family = meta.get(META + "family", "")
-        _check_family(family)
-        vpi = _int_field(meta, "vectors_per_id", fname)
-        _check_vectors_per_id(vpi)
-        width = _int_field(meta, "width", fname) if META + "width" in meta else None
-        _check_width(family, width)
-        template = meta.get(META + "template", DEFAULT_TEMPLATE)
-        _check_template(template)
-        names = _parse_names(_json_field(meta, "categories", header), fname)
-        loras = _parse_loras(_json_field(meta, "loras", header, default={}), names, fname)
-        training = _json_field(meta, "training", header, default={})
-        if not isinstance(training, dict):
-            raise MalformedFileError(f"{fname}: bank metadata 'training' must be a JSON object")
-        dtype, width = _check_bank_tensors(header, family, len(names), vpi, width)
-    except (MalformedFileError, FormatMismatchError):
-        raise
-    except WeightsError as e:
-        raise MalformedFileError(f"{fname}: {e}") from None
-    return _Meta(family, vpi, template, training, dtype, width if family in FREE_WIDTH_FAMILIES else None), names, loras
-
-
-def _check_schema(value: str | None, fname: str) -> None:
-    if value is None or not value.isdigit():
-        raise MalformedFileError(f"{fname}: bank schema version missing or not a number ({value!r})")
-    if int(value) > SCHEMA_VERSION:
-        raise FormatMismatchError(f"{fname}: bank schema {value} was written by a newer productbg; this version "
-                                  f"reads schema {SCHEMA_VERSION} — upgrade productbg")
-    if int(value) < 1:
-        raise MalformedFileError(f"{fname}: bank schema {value} is invalid")
-
-
-def _int_field(meta: Mapping[str, str], key: str, fname: str) -> int:
-    value = meta.get(META + key, "")
-    if not value.isascii() or not value.isdigit() or len(value) > 6:
-        raise MalformedFileError(f"{fname}: bank metadata '{META + key}' must be a small integer, got {value!r}")
-    return int(value)
-
-
-def _parse_names(names: Any, fname: str) -> list[str]:
-    if not isinstance(names, list):
-        raise MalformedFileError(f"{fname}: bank metadata 'categories' must be a JSON list of names")
-    out = [_check_name(n) for n in names]
-    if len(set(out)) != len(out):
-        seen: set[str] = set()
-        dup = next(n for n in out if n in seen or seen.add(n))  # type: ignore[func-returns-value]
-        raise MalformedFileError(f"{fname}: category '{dup}' appears twice")
-    return out
-
-
-def _parse_loras(raw: Any, names: list[str], fname: str) -> dict[str, CategoryLora]:
-    if not isinstance(raw, dict):
-        raise MalformedFileError(f"{fname}: bank metadata 'loras' must be a JSON object")
-    known = set(names)
-    out = {}
-    for name, entry in raw.items():
-        name = unicodedata.normalize("NFC", name)
-        if name not in known:
-            raise MalformedFileError(f"{fname}: LoRA given for unknown category '{name}'")
-        if not isinstance(entry, dict) or set(entry) - {"file", "strength"} or "file" not in entry:
-            raise MalformedFileError(f"{fname}: LoRA entry of '{name}' must be {{\"file\": ..., \"strength\": ...}}")
-        out[name] = _check_lora(name, CategoryLora(entry["file"], entry.get("strength", 1.0)))
-    return out
-
-
-def _check_bank_tensors(header: Header, family: str, count: int, vpi: int,
-                        width: int | None) -> tuple[torch.dtype, int | None]:
-    """The tensors' dtype, and a free-width family's width (from metadata, or the tensor when it has none)."""
-    fname = header.path.name
-    wanted = FAMILY_ENCODERS[family]
-    if set(header.tensors) != set(wanted):
-        raise MalformedFileError(f"{fname}: a {family} bank holds tensors {list(wanted)}, this file has "
-                                 f"{sorted(header.tensors)}")
-    dtypes = set()
-    from_meta = width is not None
-    for enc in wanted:
-        info = header.tensors[enc]
-        if info.dtype not in FLOAT_DTYPES:
-            raise MalformedFileError(f"{fname}: '{enc}' has dtype {info.dtype}; expected F16, BF16, F32 or F64")
-        if family in FREE_WIDTH_FAMILIES:
-            if width is None:  # written before banks recorded their width: the tensor says it
-                if len(info.shape) != 3 or not 1 <= info.shape[2] <= MAX_WIDTH:
-                    raise MalformedFileError(f"{fname}: '{enc}' has shape {list(info.shape)}; a {family} bank "
-                                             f"holds [categories, vectors, width] with width 1..{MAX_WIDTH}")
-                width = int(info.shape[2])
-            enc_width, source = width, f" (metadata '{META}width')" if from_meta else ""
-        else:
-            enc_width, source = ENCODER_WIDTHS[enc], ""
-        expect = (count, vpi, enc_width)
-        if info.shape != expect:
-            raise MalformedFileError(f"{fname}: '{enc}' has shape {list(info.shape)} but the metadata says "
-                                     f"{count} categories x {vpi} vectors x {enc_width}{source} = {list(expect)}")
-        dtypes.add(FLOAT_DTYPES[info.dtype])
-    if len(dtypes) > 1:
-        raise MalformedFileError(f"{fname}: bank tensors have different dtypes")
-    return dtypes.pop(), width

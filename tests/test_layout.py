@@ -1,0 +1,98 @@
+"""The package's layout rules (docs/architecture.md), read from the source text — nothing is imported."""
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("attention", "weights", "nodes", "imaging", "pipeline", "training")
+# The command-line files import each other through CliError; they move into a cli/ package with the error
+# type in a leaf module (issue 16, item 1). Delete this entry when they have moved.
+KNOWN_CIRCLES = [{"cli", "cli_batch", "cli_eval", "cli_generate", "demo", "training.cli", "weights.cli"}]
+
+
+def _modules() -> dict[str, Path]:
+    """Dotted module name (without "productbg.") -> file, for every file of the package."""
+    files = [p for p in REPO.glob("*.py")] + [p for pkg in PACKAGES for p in (REPO / pkg).rglob("*.py")]
+    out = {}
+    for p in files:
+        parts = list(p.relative_to(REPO).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = p
+    return out
+
+
+def _imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """Modules of the package that ``name`` imports anywhere in its file (lazy imports included)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            targets = [a.name.removeprefix("productbg.") for a in node.names if a.name.startswith("productbg.")]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".") if package else []
+                base = base[:len(base) - (node.level - 1)] if node.level > 1 else base
+                mod = ".".join(base + ([node.module] if node.module else []))
+            elif (node.module or "").startswith("productbg"):
+                mod = node.module.removeprefix("productbg").lstrip(".")
+            else:
+                continue
+            targets = [f"{mod}.{a.name}".lstrip(".") if f"{mod}.{a.name}".lstrip(".") in known else mod
+                       for a in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t in known and t != name)
+    return found
+
+
+def _circles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(comp)
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles():
+    """No two files of the package import each other, directly or around a loop (lazy imports count too)."""
+    known = _modules()
+    graph = {name: _imports(name, path, known) for name, path in known.items()}
+    assert graph["pipeline.fid"] == {"pipeline.image_files"}       # the reader sees relative imports
+    new = [sorted(c) for c in _circles(graph) if c not in KNOWN_CIRCLES]
+    assert not new, f"import circles: {new}"
+
+
+def test_lower_floors_import_neither_comfyui_nor_diffusers():
+    """attention/, weights/ and imaging/ import no ComfyUI, diffusers or transformers module, not even lazily."""
+    banned = ("comfy", "comfy_extras", "folder_paths", "nodes", "execution", "server", "diffusers", "transformers")
+    bad = []
+    for pkg in ("attention", "weights", "imaging"):
+        for path in (REPO / pkg).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                         [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                bad += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in banned]
+    assert not bad, bad
