@@ -17,7 +17,14 @@ every test item: a product with its exact mask, and a category. Three measuremen
    Beside it, the mechanism itself: the identifier's attention mass at product cells, averaged over every
    cross-attention layer and sampling step (:mod:`productbg.attention.probe`), on the first item of each
    category. "Off" is measured at strength 1e-6 (a bias of −1e-6: the same attention as no guidance, but the
-   probe still sees the identifier's columns).
+   probe still sees the identifier's columns). That column mass is 0 by construction and blind to the leak
+   through the causal text encoder, so beside it the **dependence** of product cells on the identifier, for
+   ``context`` confinement (the default), ``columns`` (the first reading) and off:
+   - *perturbation*: every layer's product-cell cross-attention output (queries held at those of the first
+     run, so only the key/value path counts) when the identifier is swapped for another category's:
+     ‖Δout‖ / ‖out‖ over all layers and steps of one generation;
+   - *gradient*: the norm of d(Σ product-cell outputs)/d(identifier vectors) in one UNet forward.
+   With ``context`` both are 0 up to float rounding; the other two show what a leak looks like.
 3. **Reference-style similarity** — each item's product with a reference image from the category 8 places
    away (a different style family), Personality-Wise (reference style tokens, no identifier) vs category-only
    (the item's identifier): cosine similarity between classifier features of output and reference, and how
@@ -114,6 +121,58 @@ def _attention_on_product(pipe, prep, category: str, seed: int, strength: float)
     return float(np.mean([r.mean_mass_on_product for r in rec.identifier if r.product_cells]))
 
 
+DEPENDENCE_MODES = {"context": ("context", 1.0), "columns": ("columns", 1.0), "off": ("columns", 1e-6)}
+
+
+def _perturbation(pipe, prep, category: str, other: str, seed: int, mode: str) -> float:
+    """‖Δ product-cell output‖ / ‖product-cell output‖ when ``category``'s identifier becomes ``other``'s."""
+    from productbg.attention import probe
+
+    confinement, strength = DEPENDENCE_MODES[mode]
+    kw = dict(seed=seed, identifier_strength=strength, confinement=confinement)
+    with probe.record(keep_outputs=True) as first:
+        pipe.generate(prep, category=category, **kw)
+    with probe.record(replay=[o.query for o in first.outputs]) as second:
+        pipe.generate(prep, category=other, **kw)
+    delta = sum(float((a.output - b.output)[a.product].norm() ** 2) for a, b in zip(first.outputs, second.outputs))
+    norm = sum(float(a.output[a.product].norm() ** 2) for a in first.outputs)
+    return (delta / max(norm, 1e-20)) ** 0.5
+
+
+def _gradient(pipe, prep, category: str, mode: str) -> float:
+    """‖d(Σ product-cell cross-attention outputs) / d(identifier vectors)‖ in one UNet forward."""
+    from productbg.attention import Guidance, IdentifierGuidance, ProductMask, probe
+    from productbg.attention.diffusers_processor import CALL_KEY, DiffusersCall
+
+    confinement, strength = DEPENDENCE_MODES[mode]
+    c, prompts = pipe.components, pipe.prompts
+    encoded = prompts.encode(category, pipe.settings.template, pipe.settings.extra_text)
+    slots = prompts._slots
+    vectors = c.text_encoder.get_input_embeddings().weight[slots].detach().clone().requires_grad_(True)
+    ids = prompts._ids(encoded.text)
+    where = torch.isin(ids[0], slots)
+
+    def splice(module, inputs, output):
+        output = output.clone()
+        output[0, where] = vectors.to(output.dtype)
+        return output
+
+    hook = c.text_encoder.get_input_embeddings().register_forward_hook(splice)
+    try:
+        context = c.text_encoder(ids).last_hidden_state.float()
+    finally:
+        hook.remove()
+    g = IdentifierGuidance(encoded.spec, ProductMask(torch.as_tensor(prep.mask)), strength, confinement=confinement)
+    h, w = prep.mask.shape[0] // 8, prep.mask.shape[1] // 8
+    latents = torch.randn(1, c.unet.config.in_channels, h, w, generator=torch.Generator().manual_seed(0))
+    call = DiffusersCall(Guidance().with_identifier(g), latent_hw=(h, w), cond_or_uncond=(0,))
+    with probe.record(keep_outputs=True) as rec:
+        c.unet(latents, 500, context, cross_attention_kwargs={CALL_KEY: call})
+    total = sum(o.output[o.product].sum() for o in rec.outputs)
+    (grad,) = torch.autograd.grad(total, vectors)
+    return float(grad.norm())
+
+
 def run(model: Path, per_category: int, steps: int, cfg: float | None = None, log=print) -> dict:
     from productbg import imaging
     from productbg.pipeline.embedded import STYLE_ONLY_TEMPLATE, demo_recipe, load_demo_pipeline
@@ -135,7 +194,9 @@ def run(model: Path, per_category: int, steps: int, cfg: float | None = None, lo
     classes = classifier.classes
     items = _items(test_y, per_category)
     out: dict[str, list] = {k: [] for k in ("guided", "plain", "pg", "leak_on", "leak_off", "refs", "ref_labels",
-                                            "masks", "attention_on", "attention_off")}
+                                            "masks", "attention_on", "attention_off",
+                                            *(f"perturbation_{m}" for m in DEPENDENCE_MODES),
+                                            *(f"gradient_{m}" for m in DEPENDENCE_MODES))}
     probed: set[str] = set()
     for n, i in enumerate(items):
         prep, cat = _prepared(test_x[i], test_m[i], grow), test_y[i]
@@ -150,6 +211,10 @@ def run(model: Path, per_category: int, steps: int, cfg: float | None = None, lo
             probed.add(cat)
             out["attention_on"].append(_attention_on_product(pipe, prep, cat, n, 1.0))
             out["attention_off"].append(_attention_on_product(pipe, prep, cat, n, 1e-6))
+            other = classes[(classes.index(cat) + 1) % len(classes)]
+            for mode in DEPENDENCE_MODES:
+                out[f"perturbation_{mode}"].append(_perturbation(pipe, prep, cat, other, n, mode))
+                out[f"gradient_{mode}"].append(_gradient(pipe, prep, cat, mode))
         r = next(j for j in items if test_y[j] == classes[(classes.index(cat) + 8) % len(classes)])
         out["pg"].append(_chw(pipe.generate(prep, reference=_rgba(test_x[r], test_m[r]), seed=n,
                                             template=STYLE_ONLY_TEMPLATE)[0].image))
@@ -176,6 +241,8 @@ def run(model: Path, per_category: int, steps: int, cfg: float | None = None, lo
         "leakage_ratio": mean_off / max(mean_on, 1e-8),
         "identifier_attention_on_product_with_guidance": float(np.mean(out["attention_on"])),
         "identifier_attention_on_product_without_guidance": float(np.mean(out["attention_off"])),
+        **{f"dependence_{kind}_{m}": float(np.mean(out[f"{kind}_{m}"]))
+           for kind in ("perturbation", "gradient") for m in DEPENDENCE_MODES},
         "style_similarity_pg": sim(pg), "style_similarity_category_only": sim(guided),
         "reference_category_rate_pg": classifier.accuracy(pg, out["ref_labels"]),
         "reference_category_rate_category_only": classifier.accuracy(guided, out["ref_labels"]),
@@ -198,6 +265,9 @@ def table(r: dict) -> str:
          f"{r['identifier_attention_on_product_with_guidance']:.4f}", ""),
         ("Identifier attention on product cells, guidance off",
          f"{r['identifier_attention_on_product_without_guidance']:.4f}", ""),
+        *((f"Product-cell dependence on the identifier, {kind}, {m}", f"{r[f'dependence_{kind}_{m}']:.2e}",
+           "0" if m == "context" else "")
+          for kind in ("perturbation", "gradient") for m in DEPENDENCE_MODES),
         ("Reference-style similarity, Personality-Wise", f"{r['style_similarity_pg']:.3f}", ""),
         ("Reference-style similarity, category-only", f"{r['style_similarity_category_only']:.3f}", ""),
         ("Output judged as the reference's category, PG", f"{r['reference_category_rate_pg']:.1%}", ""),
@@ -225,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     result = run(args.model, args.per_category, args.steps, args.cfg, log=lambda m: print(m, file=sys.stderr))
     ok = (result["category_accuracy"] >= 0.95 and result["leakage_ratio"] >= 3
-          and result["style_similarity_pg"] > result["style_similarity_category_only"])
+          and result["style_similarity_pg"] > result["style_similarity_category_only"]
+          and result["dependence_perturbation_context"] == 0 and result["dependence_gradient_context"] == 0)
     print(table(result))
     print(json.dumps({**result, "pass": ok}))
     return 0

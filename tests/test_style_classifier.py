@@ -76,6 +76,10 @@ def test_toy_paper_table_runs_on_the_demo_model(capsys):
     # the mechanism: with guidance the identifier never attends to product cells; without it, it does
     assert record["identifier_attention_on_product_with_guidance"] == 0.0
     assert record["identifier_attention_on_product_without_guidance"] > 0.01
+    # the dependence measures: exactly 0 with context confinement, and they move when the mechanism leaks
+    assert record["dependence_perturbation_context"] == 0.0 and record["dependence_gradient_context"] == 0.0
+    for mode in ("columns", "off"):
+        assert record[f"dependence_perturbation_{mode}"] > 1e-3 and record[f"dependence_gradient_{mode}"] > 0
     low, high = record["category_accuracy_95ci"]
     assert low <= record["category_accuracy"] <= high
     assert any("Category-style accuracy" in line for line in out)
