@@ -7,6 +7,7 @@ and device once and cached on the guidance objects, so a sampling step does no r
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -114,6 +115,17 @@ class IdentifierGuidance(_SharedOnCopy):
         key = ("columns", key_len, str(device))
         if key not in self._cache:
             self._cache[key] = identifier_columns(self.spec, key_len, device)
+        return self._cache[key]
+
+    def column_mask(self, key_len: int, device: torch.device) -> torch.Tensor | None:
+        """[key_len] bool, True on the identifier's columns (cached); None when it would mask every or no key."""
+        key = ("column_mask", key_len, str(device))
+        if key not in self._cache:
+            cols = self.columns(key_len, device)
+            mask = None
+            if 0 < cols.numel() < key_len:
+                mask = torch.zeros(key_len, dtype=torch.bool, device=device).index_fill_(0, cols, True)
+            self._cache[key] = mask
         return self._cache[key]
 
     def plain(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -268,11 +280,9 @@ class CallPlan:
             if g.confinement == "context":
                 blend = a if blend is None else torch.maximum(blend, a)
                 continue
-            cols = g.columns(self.text_len, device)
-            if not 0 < cols.numel() < self.text_len:
+            on_cols = g.column_mask(self.text_len, device)
+            if on_cols is None:
                 continue
-            on_cols = torch.zeros(self.text_len, dtype=torch.bool, device=device)
-            on_cols[cols] = True
             on_cols = o.tokens.to(device) & on_cols  # [rows, L]
             b = torch.where(on_cols[:, None, :], torch.log1p(-a)[:, :, None], a.new_zeros(()))
             bias = b if bias is None else bias + b
@@ -370,12 +380,18 @@ class LayerContext:
 
 def positive_rows_from(cond_or_uncond: list[int] | tuple[int, ...], rows: int,
                        device: torch.device | str = "cpu") -> torch.Tensor:
-    """[rows] bool from ComfyUI's ``cond_or_uncond`` chunk list (0 = positive), any order."""
+    """[rows] bool from ComfyUI's ``cond_or_uncond`` chunk list (0 = positive), any order (cached per layout and
+    device: built from Python data once, not per model call)."""
     chunks = len(cond_or_uncond)
     if chunks == 0 or rows % chunks:
         raise ValueError(f"{rows} attention rows cannot be split into chunks {list(cond_or_uncond)}")
+    return _positive_rows(tuple(int(c) for c in cond_or_uncond), rows, str(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _positive_rows(cond_or_uncond: tuple[int, ...], rows: int, device: str) -> torch.Tensor:
     flags = torch.tensor([c == 0 for c in cond_or_uncond], device=device)
-    return flags.repeat_interleave(rows // chunks)
+    return flags.repeat_interleave(rows // len(cond_or_uncond))
 
 
 def guided_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, ctx: LayerContext,

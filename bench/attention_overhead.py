@@ -2,7 +2,9 @@
 
 Latent 64×64 (512 px), batch 2 (CFG: uncond + cond), one UNet forward per measurement. Variants, interleaved
 so drift hits all of them alike: unpatched (diffusers' AttnProcessor2_0), identifier (mask-guided attention
-of a 2-token identifier, strength 1), identifier + style (plus 16 reference-style tokens in all 16 layers).
+of a 2-token identifier, strength 1, ``context`` confinement: a second, identifier-free context attended by
+product cells), identifier_columns (the column-only ablation), identifier + style (plus 16 reference-style
+tokens in all 16 layers).
 Prints a table, then as its LAST line one JSON object of median time ratios and peak-memory ratios.
 
 Usage: python bench/attention_overhead.py [--repeats 5] [--device cpu]
@@ -43,7 +45,9 @@ def build_calls(device: str):
     mask = torch.zeros(1, 512, 512)
     mask[:, 128:400, 160:352] = 1
     product = ProductMask(mask)
-    identifier = IdentifierGuidance(IdentifierSpec((6, 7)), product, 1.0)
+    spec = IdentifierSpec((6, 7), plain_context=torch.randn(1, 77, 768, device=device))
+    identifier = IdentifierGuidance(spec, product, 1.0)
+    columns = IdentifierGuidance(spec, product, 1.0, confinement="columns")
     kv = [(torch.nn.Linear(768, c, bias=False).to(device), torch.nn.Linear(768, c, bias=False).to(device))
           for c in SD15_HIDDEN]
     tokens = torch.randn(1, 16, 768, device=device)
@@ -52,6 +56,7 @@ def build_calls(device: str):
     g_id = Guidance().with_identifier(identifier)
     return {
         "identifier": DiffusersCall(g_id, latent_hw=(64, 64)),
+        "identifier_columns": DiffusersCall(Guidance().with_identifier(columns), latent_hw=(64, 64)),
         "identifier_style": DiffusersCall(g_id.with_style(style), latent_hw=(64, 64)),
     }
 
@@ -109,6 +114,7 @@ def main() -> None:
     latents = torch.randn(2, 4, 64, 64, device=args.device)
     context = torch.randn(2, 77, 768, device=args.device)
     variants = {"unpatched": (default, None), "identifier": (ours, calls["identifier"]),
+                "identifier_columns": (ours, calls["identifier_columns"]),
                 "identifier_style": (ours, calls["identifier_style"])}
 
     def run(name):
@@ -134,9 +140,9 @@ def main() -> None:
     for name in variants:
         print(f"{name:<18}{med[name]:>10.3f}{med[name] / med['unpatched']:>8.3f}"
               f"{memory[name] / memory['unpatched']:>16.3f}")
-    result = {name: round(med[name] / med["unpatched"], 4) for name in ("identifier", "identifier_style")}
-    result.update({f"{name}_peak_memory": round(memory[name] / memory["unpatched"], 4)
-                   for name in ("identifier", "identifier_style")})
+    measured = ("identifier", "identifier_columns", "identifier_style")
+    result = {name: round(med[name] / med["unpatched"], 4) for name in measured}
+    result.update({f"{name}_peak_memory": round(memory[name] / memory["unpatched"], 4) for name in measured})
     result["device"] = args.device
     print(json.dumps(result))
 

@@ -62,6 +62,7 @@ def main() -> None:
     mask[:, lo:hi, lo:hi] = 1
 
     identifier_model = pack["ProductBGMaskGuidedAttention"]().patch(model, identifier, mask, 1.0, 0.0, 1.0)[0]
+    columns_model = pack["ProductBGMaskGuidedAttention"]().patch(model, identifier, mask, 1.0, 0.0, 1.0, "columns")[0]
     encoder = samples.example_style_encoder("ip-adapter_sd15")
     tokens = encoder(torch.randn(1, 1024)).detach()
     guided = comfy.pack_module("attention.guided")
@@ -73,7 +74,8 @@ def main() -> None:
     foreign_model = _foreign_extra_attention(model, encoder, tokens, guided.SD15_LAYER_KEYS)
 
     latent = nodes.EmptyLatentImage().generate(args.size, args.size, 1)[0]
-    variants = {"unpatched": model, "identifier": identifier_model, "identifier_style": style_model,
+    variants = {"unpatched": model, "identifier": identifier_model, "identifier_columns": columns_model,
+                "identifier_style": style_model,
                 "ipadapter_style_extra": foreign_model}
 
     def step_time(m) -> float:
@@ -99,7 +101,8 @@ def main() -> None:
     for name in variants:
         print(f"{name:<24}{med[name]:>10.3f}{med[name] / med['unpatched']:>8.3f}")
     print(f"category switch: Category Prompt {switch_prompt:.1f} ms, Category LoRA {switch_lora:.1f} ms")
-    result = {k: round(med[k] / med["unpatched"], 4) for k in ("identifier", "identifier_style", "ipadapter_style_extra")}
+    result = {k: round(med[k] / med["unpatched"], 4) for k in ("identifier", "identifier_columns", "identifier_style",
+                                                              "ipadapter_style_extra")}
     result.update(switch_category_prompt_ms=round(switch_prompt, 1), switch_category_lora_ms=round(switch_lora, 1))
     print(json.dumps(result))
 
