@@ -213,15 +213,32 @@ def check_model_args(args: argparse.Namespace) -> None:
         return
     src = Path(args.checkpoint)
     if not src.is_dir():
-        checks.input_file(src, "--checkpoint")
+        _model_file(src, "--checkpoint", "Stable Diffusion checkpoint")
     if args.configs:
         checks.input_dir(args.configs, "--configs")
-    for option in ("bank", "style_encoder", "clip_vision"):
+    for option, what in (("bank", "category bank"), ("style_encoder", "style encoder"),
+                         ("clip_vision", "CLIP vision model")):
         value = getattr(args, option, None)
         if value and not (option == "clip_vision" and Path(value).is_dir()):
-            checks.input_file(value, f"--{option.replace('_', '-')}")
+            _model_file(Path(value), f"--{option.replace('_', '-')}", what)
     for text in args.lora:
-        checks.input_file(parse_lora(text)[0], "--lora")
+        _model_file(parse_lora(text)[0], "--lora", "LoRA")
+
+
+def _model_file(path: Path, flag: str, what: str) -> None:
+    """An existing weight file whose safetensors header is sound and holds tensors."""
+    from ..weights.errors import WeightsError
+    from ..weights.safefile import read_header
+
+    checks.input_file(path, flag)
+    if path.suffix.lower() != ".safetensors":
+        return
+    try:
+        header = read_header(path)
+    except WeightsError as e:
+        raise checks.CheckError(f"{flag}: {e}") from None
+    if not header.tensors:
+        raise checks.CheckError(f"{flag} {path}: the file holds no tensors at all, so it is no {what}")
 
 
 def check_generation(args: argparse.Namespace, n: int, what: str = "--n") -> None:
