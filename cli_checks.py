@@ -35,6 +35,10 @@ def _number(text: str, kind: type) -> float | int:
     return value
 
 
+def _fmt(x: float) -> str:
+    return f"{int(x):,}".replace(",", "_") if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
 def number(low: float | None = None, high: float | None = None, *, kind: type = float,
            low_open: bool = False, multiple: int | None = None, hint: str = "") -> Callable[[str], float | int]:
     """An argparse ``type``: a finite number in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
@@ -42,8 +46,8 @@ def number(low: float | None = None, high: float | None = None, *, kind: type = 
         value = _number(text, kind)
         too_low = low is not None and (value <= low if low_open else value < low)
         if too_low or (high is not None and value > high):
-            lo = "" if low is None else f"{'above' if low_open else 'at least'} {low:g}"
-            hi = "" if high is None else f"at most {high:g}"
+            lo = "" if low is None else f"{'above' if low_open else 'at least'} {_fmt(low)}"
+            hi = "" if high is None else f"at most {_fmt(high)}"
             raise argparse.ArgumentTypeError(f"must be {' and '.join(p for p in (lo, hi) if p)}{hint}, got {text}")
         if multiple and value % multiple:
             raise argparse.ArgumentTypeError(f"must be a multiple of {multiple}, got {text}")

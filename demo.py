@@ -205,8 +205,15 @@ def _inputs(args: argparse.Namespace, pipe) -> DemoInputs:
 def _check_args(args: argparse.Namespace) -> None:
     """Options, input images and --out, before any model loads."""
     from . import cli_checks as checks
-    from .pipeline.options import check_model_args
+    from .cli import CliError
+    from .pipeline.options import check_model_args, extra_model_files, uses_demo
 
+    if args.checkpoint and not uses_demo(args) and not args.bank:
+        raise CliError("--checkpoint needs --bank (the categories' identifiers); add --style-encoder and "
+                       "--clip-vision for the reference-style row")
+    if not (args.checkpoint and not uses_demo(args)) and extra_model_files(args):
+        raise CliError(f"{extra_model_files(args)[0]}: model files go with --checkpoint PATH (the embedded demo "
+                       "model brings its own)")
     check_model_args(args)
     if args.device:
         checks.check_device(args.device)
