@@ -130,11 +130,15 @@ def input_image(path: str | os.PathLike, flag: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- outputs
+def _short_names(p: Path, flag: str) -> None:
+    for part in p.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise CheckError(f"{flag}: the name {part[:40]}... is longer than {NAME_MAX} bytes (the file system's "
+                             "limit); choose a shorter one")
+
+
 def _nearest_existing(p: Path, flag: str) -> Path:
     """The deepest existing ancestor of ``p`` (a folder); CheckError when one on the way is a file."""
-    for part in [p.name, *(a.name for a in p.parents)]:
-        if len(os.fsencode(part)) > NAME_MAX:
-            raise CheckError(f"{flag} {p}: the name {part[:40]!r}... is longer than {NAME_MAX} bytes")
     ancestor = p.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
@@ -147,18 +151,25 @@ def _nearest_existing(p: Path, flag: str) -> Path:
 
 
 def _probe(folder: Path, target: Path, flag: str) -> None:
-    """CheckError unless a file can be created in ``folder`` (the probe is removed at once)."""
+    """CheckError unless a file can be created in ``folder`` (the probe is removed at once, and the folder's
+    times restored, so a failed command leaves its output location exactly as it was)."""
+    times = folder.stat()
     try:
         fd, name = tempfile.mkstemp(dir=folder, prefix=".productbg-probe-")
     except OSError as e:
         raise CheckError(f"{flag} {target}: cannot write in {folder} ({e.strerror or e})") from None
     os.close(fd)
     os.unlink(name)
+    try:
+        os.utime(folder, ns=(times.st_atime_ns, times.st_mtime_ns))
+    except OSError:
+        pass
 
 
 def output_file(path: str | os.PathLike, flag: str, force: bool = True) -> Path:
     """A file path that can be written (its folder may be missing); CheckError naming the option otherwise."""
     p = Path(path)
+    _short_names(p, flag)
     if p.is_dir():
         raise CheckError(f"{flag} {p}: is an existing folder; give a file name")
     if p.exists() and not force:
@@ -174,6 +185,7 @@ def output_file(path: str | os.PathLike, flag: str, force: bool = True) -> Path:
 def output_dir(path: str | os.PathLike, flag: str) -> Path:
     """A folder that exists or can be created, and can be written in; CheckError naming the option otherwise."""
     p = Path(path)
+    _short_names(p, flag)
     if p.exists() and not p.is_dir():
         raise CheckError(f"{flag} {p}: is a file, not a folder")
     _probe(p if p.is_dir() else _nearest_existing(p, flag), p, flag)

@@ -232,7 +232,8 @@ def _model_file(path: Path, flag: str, what: str) -> None:
 
     checks.input_file(path, flag)
     if path.suffix.lower() != ".safetensors":
-        return
+        raise checks.CheckError(f"{flag} {path}: only .safetensors files are loaded (.ckpt/.pt/.bin files are "
+                                "pickles that can run code; convert them first)")
     try:
         header = read_header(path)
     except WeightsError as e:

@@ -65,7 +65,7 @@ FLOATS = ["--cfg", "--fill", "--grow", "--strength", "--style-weight", "--feathe
 NONFINITE = ["nan", "inf", "-inf", "NaN", "1e999"]
 IMAGES = [("{w}/missing.png", "no such file"), ("{w}/folder.png", "is a folder"), ("{w}/text.png", "not an image"),
           ("{w}/empty.png", "cannot read image"), ("{w}/trunc.png", "cannot read image"),
-          ("{w}/big.png", "--max-megapixels"), ("{w}/bomb.png", "decompression bomb")]
+          ("{w}/big.png", "--max-megapixels"), ("{w}/bomb.png", "(225.0 MP), above the 50 MP input limit")]
 
 CASES: dict[str, list[tuple[list[str], str]]] = {"generate": [], "batch": [], "eval": [], "demo": [],
                                                    "weights": [], "dataset": [], "train-cg": [], "train-pg": []}
