@@ -9,10 +9,10 @@ torchrun) every process takes the rows i with i mod WORLD_SIZE == RANK.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from . import cli_checks as checks
 from .cli import CliError
 
 EPILOG = """examples:
@@ -39,8 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifest", help="CSV (.csv/.tsv, header row) or JSONL (.jsonl) manifest")
     p.add_argument("--out", required=True, help="output folder; nothing is written outside it")
-    p.add_argument("--seed", type=int, default=0, help="seed for rows without one (default 0)")
-    p.add_argument("--n", type=int, default=1, help="images per row without an 'n' column (default 1)")
+    p.add_argument("--seed", type=checks.seed, default=0, help="seed for rows without one (default 0)")
+    p.add_argument("--n", type=checks.integer(1, 64), default=1,
+                   help="images per row without an 'n' column (default 1; at most 64 at 512², fewer above)")
     p.add_argument("--shard", metavar="I/N", help="run only part I of N (0-based; default: RANK/WORLD_SIZE from "
                    "the environment, else 0/1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -65,24 +66,24 @@ def _shard(text: str | None):
 def run(args: argparse.Namespace) -> int:
     """Run the batch; print the summary JSON as the last line."""
     from .pipeline.batch import merge_summaries, run_batch
-    from .pipeline.errors import PipelineError
     from .pipeline.manifest import read_manifest
-    from .pipeline.options import build_pipeline, describe_run
+    from .pipeline.options import (build_pipeline, check_generation, check_model_args, describe_run, max_images,
+                                   settings_from_args)
+    from .pipeline.outputs import dumps
 
-    if args.n < 1:
-        raise CliError(f"--n must be at least 1, got {args.n}")
     shard = _shard(args.shard)
-    try:
-        rows = read_manifest(args.manifest, args.out, args.seed, args.n)
-        if not args.tiny and not args.checkpoint:
-            print("note: no --checkpoint: tiny random models (noise backgrounds)", file=sys.stderr)
-        build_pipeline_quiet = lambda: build_pipeline(args, quiet=True)  # noqa: E731
-        summary = run_batch(rows, Path(args.out), build_pipeline_quiet, shard, progress=not args.no_progress,
-                            settings_json=describe_run(args))
-    except PipelineError as e:
-        raise CliError(str(e)) from None
+    check_model_args(args)
+    check_generation(args, args.n)
+    checks.input_file(args.manifest, "manifest")
+    checks.output_dir(args.out, "--out")
+    rows = read_manifest(args.manifest, args.out, args.seed, args.n,
+                         max_n=max_images(settings_from_args(args).size))
+    if not args.tiny and not args.checkpoint:
+        print("note: no --checkpoint: tiny random models (noise backgrounds)", file=sys.stderr)
+    summary = run_batch(rows, Path(args.out), lambda: build_pipeline(args, quiet=True), shard,
+                        progress=not args.no_progress, settings_json=describe_run(args))
     data = summary.to_json()
     if shard.count > 1:
         merge_summaries(args.out, shard.count)
-    print(json.dumps(data))
+    print(dumps(data))
     return 1 if data["failed"] else 0

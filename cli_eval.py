@@ -7,11 +7,10 @@ Prints a table and, as the last line, the summary JSON; --json writes the full r
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from .cli import CliError
+from . import cli_checks as checks
 
 EPILOG = """examples:
   productbg eval out/batch
@@ -23,7 +22,9 @@ delta_e_before / delta_e_after (mean CIEDE2000 inside the product), expansion (o
 style_similarity (cosine of background embeddings, image vs reference), category_consistency (leave-one-out
 nearest-centroid accuracy), fid (only with --fid-real and a FID library whose weights are already on disk).
 Embeddings: CLIP vision with --clip-vision (or the tiny random one with --tiny), else a colour histogram.
-exit status: 0 evaluated, 2 usage or input error."""
+A result whose files cannot be read (truncated image, mask of another size) is listed under "failed" and the
+others are still evaluated.
+exit status: 0 evaluated, 1 some results failed (see "failed"), 2 usage or input error."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fid-real", metavar="DIR", help="folder of real images to compute FID against")
     p.add_argument("--json", metavar="PATH", help="write the full report (with per-image metrics) here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .pipeline.options import add_pixel_limit_option
+
+    add_pixel_limit_option(p)
     p.set_defaults(func=run)
 
 
@@ -54,22 +58,37 @@ def _embedder(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the table and the summary JSON line."""
-    from .pipeline.errors import PipelineError
     from .pipeline.evaluate import collect_items, evaluate, format_table, jsonable
-    from .pipeline.outputs import write_json
+    from .pipeline.outputs import dumps, write_json
 
-    try:
-        items = collect_items(args.results)
-        bar = _bar(len(items), not args.no_progress)
-        report = jsonable(evaluate(items, _embedder(args), args.fid_real, progress=bar))
-    except PipelineError as e:
-        raise CliError(str(e)) from None
+    check_args(args)
+    items = collect_items(args.results)
+    embedder = _embedder(args)
+    report = jsonable(evaluate(items, embedder, args.fid_real, progress=_bar(len(items), not args.no_progress)))
     print(format_table(_restore_inf(report)))
     if args.json:
         write_json(report, args.json)
     summary = {k: v for k, v in report.items() if k != "items"}
-    print(json.dumps(summary))
-    return 0
+    print(dumps(summary))
+    return 1 if report["failed"] else 0
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Inputs and the --json location, before any model loads."""
+    from .pipeline.options import apply_pixel_limit
+
+    apply_pixel_limit(args)
+    path = Path(args.results)
+    if not path.exists():
+        raise checks.CheckError(f"{path}: no such results folder or manifest")
+    if path.is_file() and path.suffix.lower() not in (".csv", ".tsv", ".jsonl", ".ndjson"):
+        raise checks.CheckError(f"{path}: give a results folder or a .csv/.jsonl manifest of results")
+    if args.fid_real:
+        checks.input_dir(args.fid_real, "--fid-real")
+    if args.clip_vision and not Path(args.clip_vision).is_dir():
+        checks.input_file(args.clip_vision, "--clip-vision")
+    if args.json:
+        checks.output_file(args.json, "--json")
 
 
 def _restore_inf(report: dict) -> dict:

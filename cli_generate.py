@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .cli import CliError
+from . import cli_checks as checks
 
 EPILOG = """examples:
   productbg generate --product bottle.png --category cosmetics --out out/bottle.png
@@ -36,13 +36,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--category", help="category name (in the bank, or plain words without --bank)")
     p.add_argument("--reference", metavar="IMAGE", help="image whose background style to take (needs "
                    "--style-encoder and --clip-vision)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
-    p.add_argument("--n", type=int, default=1, help="number of images, seeds seed..seed+n-1 (default 1)")
+    p.add_argument("--seed", type=checks.seed, default=0, help="seed of the first image (default 0)")
+    p.add_argument("--n", type=checks.integer(1, 64), default=1,
+                   help="number of images, seeds seed..seed+n-1 (default 1; at most 64 at 512², fewer above)")
     p.add_argument("--out", default="out/generate", help="output .png or folder (default out/generate)")
     p.add_argument("--strict", action="store_true", help="exit 1 when a preservation check fails")
     add_model_options(p)
     add_settings_options(p)
     p.set_defaults(func=run)
+
+
+def _png_paths(out: Path, n: int) -> list[Path]:
+    return [out if n == 1 else out.with_name(f"{out.stem}_{k}.png") for k in range(n)]
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Everything that can be checked before a model loads: options, input images, output locations."""
+    from .pipeline.options import check_generation, check_model_args
+
+    check_model_args(args)
+    check_generation(args, args.n)
+    if args.seed + args.n - 1 > checks.MAX_SEED:
+        raise checks.CheckError(f"--seed {args.seed}: with --n {args.n} the last seed passes {checks.MAX_SEED}")
+    checks.input_image(args.product, "--product")
+    if args.reference:
+        checks.input_image(args.reference, "--reference")
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        for path in [*_png_paths(out, args.n), out.with_suffix(".json")]:
+            checks.output_file(path, "--out")
+    else:
+        checks.output_dir(out, "--out")
 
 
 def _write(results: list, out: Path, meta: dict) -> list[Path]:
@@ -51,7 +75,7 @@ def _write(results: list, out: Path, meta: dict) -> list[Path]:
     if out.suffix.lower() != ".png":
         data = write_item(out, results, meta)
         return [out / name for name in data["images"]]
-    paths = [out if len(results) == 1 else out.with_name(f"{out.stem}_{k}.png") for k in range(len(results))]
+    paths = _png_paths(out, len(results))
     for path, r in zip(paths, results):
         save_png(r.image, path)
     write_json(dict(meta, images=[p.name for p in paths], seeds=[r.seed for r in results],
@@ -61,23 +85,17 @@ def _write(results: list, out: Path, meta: dict) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Generate, write, print one JSON line per image (path, seed, preservation pass)."""
-    from .pipeline.errors import PipelineError
     from .pipeline.options import build_pipeline, describe_run
+    from .pipeline.outputs import dumps
 
-    if args.n < 1:
-        raise CliError(f"--n must be at least 1, got {args.n}")
-    if not Path(args.product).is_file():
-        raise CliError(f"product image not found: {args.product}")
-    try:
-        pipe = build_pipeline(args)
-        results = pipe.generate(args.product, category=args.category, reference=args.reference, seed=args.seed,
-                                n=args.n)
-    except PipelineError as e:
-        raise CliError(str(e)) from None
+    check_args(args)
+    pipe = build_pipeline(args)
+    results = pipe.generate(args.product, category=args.category, reference=args.reference, seed=args.seed,
+                            n=args.n)
     meta = dict(describe_run(args), product=args.product, category=args.category, reference=args.reference,
                 seed=args.seed, n=args.n)
     paths = _write(results, Path(args.out), meta)
     for path, r in zip(paths, results):
-        print(json.dumps({"image": str(path), "seed": r.seed, "preservation_pass": r.report["pass"],
-                          "delta_e2000_mean": r.report["metrics"]["delta_e2000"]["mean"]}))
+        print(dumps({"image": str(path), "seed": r.seed, "preservation_pass": r.report["pass"],
+                     "delta_e2000_mean": r.report["metrics"]["delta_e2000"]["mean"]}))
     return 1 if args.strict and not all(r.report["pass"] for r in results) else 0

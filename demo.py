@@ -188,7 +188,7 @@ def _inputs(args: argparse.Namespace, pipe) -> DemoInputs:
     from .pipeline.options import uses_demo
 
     products = _read(args.products)
-    categories = args.categories.split(",") if args.categories else None
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     if categories is None and args.checkpoint and not uses_demo(args):
         categories = list(pipe.components.identifiers.names)[:6]
     references = _read(args.references)
@@ -202,20 +202,44 @@ def _inputs(args: argparse.Namespace, pipe) -> DemoInputs:
     return inputs
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Options, input images and --out, before any model loads."""
+    from . import cli_checks as checks
+    from .cli import CliError
+    from .pipeline.options import check_model_args, extra_model_files, uses_demo
+
+    if args.checkpoint and not uses_demo(args) and not args.bank:
+        raise CliError("--checkpoint needs --bank (the categories' identifiers); add --style-encoder and "
+                       "--clip-vision for the reference-style row")
+    if not (args.checkpoint and not uses_demo(args)) and extra_model_files(args):
+        raise CliError(f"{extra_model_files(args)[0]}: model files go with --checkpoint PATH (the embedded demo "
+                       "model brings its own)")
+    check_model_args(args)
+    if args.device:
+        checks.check_device(args.device)
+    if args.model:
+        checks.input_dir(args.model, "--model")
+    for path in args.products or []:
+        checks.input_image(path, "--products")
+    for path in args.references or []:
+        checks.input_image(path, "--references")
+    if args.categories is not None and not [c for c in args.categories.split(",") if c.strip()]:
+        raise checks.CheckError("--categories: give at least one category name (comma-separated)")
+    if Path(args.out).suffix.lower() != ".png":
+        raise checks.CheckError(f"--out {args.out}: the sheet is a PNG; give a file name ending in .png")
+    checks.output_file(args.out, "--out")
+
+
 def _cmd(args: argparse.Namespace) -> int:
     import torch
 
-    from .cli import CliError
-    from .pipeline.errors import PipelineError
     from .pipeline.outputs import save_png
 
+    _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        pipe, style_template = _pipeline(args)
-        sheet = render(pipe, _inputs(args, pipe), seed=args.seed, style_template=style_template)
-    except PipelineError as e:
-        raise CliError(str(e)) from None
+    pipe, style_template = _pipeline(args)
+    sheet = render(pipe, _inputs(args, pipe), seed=args.seed, style_template=style_template)
     out = save_png(np.asarray(sheet.image), args.out)
     print(f"wrote {out}: {sheet.cells} images in {sheet.seconds:.1f} s "
           f"(products pasted back unchanged: {'yes' if sheet.product_preserved else 'NO'})")
@@ -241,7 +265,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                         "bank's first 6 with --checkpoint)")
     p.add_argument("--references", nargs="*", metavar="IMAGE",
                    help="reference images for the style row (default: 6 BG-synth references; none: no row)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    from . import cli_checks as checks
+
+    p.add_argument("--seed", type=checks.seed, default=0)
+    p.add_argument("--threads", type=checks.integer(1, 1024), help="torch CPU threads")
     add_model_options(p)
     p.set_defaults(func=_cmd)

@@ -12,7 +12,8 @@ arrays and return the kind they were given. See each module for the details:
 """
 from .color import srgb_to_lab
 from .composite import CORE_THRESHOLD, composite_product, outward_feather, product_core
-from .folder import IMAGE_EXTENSIONS, ProductEntry, ProductFolderError, list_products, load_image
+from .folder import (IMAGE_EXTENSIONS, ProductEntry, ProductFolderError, check_image_file, list_products, load_image,
+                     resolve_folder)
 from .metrics import Thresholds, ciede2000, color_drift, masked_psnr, object_expansion, preservation_report
 from .place import (ANCHORS, DEFAULT_FILL_RATIO, PRESETS, Placement, canvas_size, inpaint_grow_pixels,
                     inpaint_mask, parse_hex_color, place_product)
@@ -23,7 +24,8 @@ from .segment import (METHODS, BackgroundEstimate, Segmentation, alpha_of, clean
 
 __all__ = [
     "srgb_to_lab", "CORE_THRESHOLD", "composite_product", "outward_feather", "product_core",
-    "IMAGE_EXTENSIONS", "ProductEntry", "ProductFolderError", "list_products", "load_image",
+    "IMAGE_EXTENSIONS", "ProductEntry", "ProductFolderError", "check_image_file", "list_products", "load_image",
+    "resolve_folder",
     "Thresholds", "ciede2000", "color_drift", "masked_psnr", "object_expansion", "preservation_report",
     "ANCHORS", "DEFAULT_FILL_RATIO", "PRESETS", "Placement", "canvas_size", "inpaint_grow_pixels", "inpaint_mask",
     "parse_hex_color", "place_product",

@@ -13,6 +13,8 @@ index into it — is the same on every machine. Hidden files and folders (``.nam
 from __future__ import annotations
 
 import csv
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -21,6 +23,10 @@ import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+#: Input images above this many megapixels are refused before decoding (a 6000×6000 photo is 36 MP; a
+#: decompression bomb declares far more). Raise it with PRODUCTBG_MAX_MEGAPIXELS or the CLI's --max-megapixels.
+DEFAULT_MAX_MEGAPIXELS = 50.0
+MAX_MEGAPIXELS_ENV = "PRODUCTBG_MAX_MEGAPIXELS"
 
 
 class ProductFolderError(ValueError):
@@ -49,7 +55,8 @@ def _sort_key(relative: Path) -> tuple[str, str]:
 
 def list_products(folder: Union[str, Path], csv_file: Optional[Union[str, Path]] = None,
                   path_column: str = "path", category_column: str = "category",
-                  extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[ProductEntry]:
+                  extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+                  base: Optional[Union[str, Path]] = None) -> list[ProductEntry]:
     """List the product images of a folder with their categories.
 
     Args:
@@ -59,6 +66,8 @@ def list_products(folder: Union[str, Path], csv_file: Optional[Union[str, Path]]
         path_column: CSV column holding image paths.
         category_column: CSV column holding category names.
         extensions: Image file extensions to list (sub-folder layout), lower case.
+        base: Folder that a relative ``folder`` is relative to (default: the working directory; ComfyUI's
+            nodes pass its input directory).
 
     Returns:
         The products in a stable order.
@@ -68,10 +77,12 @@ def list_products(folder: Union[str, Path], csv_file: Optional[Union[str, Path]]
     """
     if not str(folder).strip():
         raise ProductFolderError("no product folder given: enter the path of a folder of product images")
-    root = Path(folder).expanduser()
+    root = resolve_folder(folder, base)
+    if root.is_file():
+        raise ProductFolderError(f"{root} is a file, not a folder: give the folder that holds the product images")
     if not root.is_dir():
         raise ProductFolderError(f"product folder not found: {root} (give an existing folder; relative paths "
-                                 f"are relative to {Path.cwd()})")
+                                 f"are relative to {Path(base) if base is not None else Path.cwd()})")
     root = root.resolve()
     if csv_file is not None and str(csv_file).strip():
         entries = _from_csv(root, Path(csv_file).expanduser(), path_column, category_column)
@@ -80,6 +91,12 @@ def list_products(folder: Union[str, Path], csv_file: Optional[Union[str, Path]]
     if not entries:
         raise ProductFolderError(f"no product images in {root} (looked for {', '.join(extensions)})")
     return entries
+
+
+def resolve_folder(folder: Union[str, Path], base: Optional[Union[str, Path]] = None) -> Path:
+    """``folder`` with ``~`` expanded; a relative one joined to ``base`` when given."""
+    root = Path(str(folder).strip()).expanduser()
+    return root if root.is_absolute() or base is None else Path(base) / root
 
 
 def _from_subfolders(root: Path, extensions: tuple[str, ...]) -> list[ProductEntry]:
@@ -118,18 +135,82 @@ def _from_csv(root: Path, csv_path: Path, path_column: str, category_column: str
     return entries
 
 
+def max_megapixels() -> float:
+    """The input pixel limit in megapixels: ``PRODUCTBG_MAX_MEGAPIXELS`` when set (and valid), else the default."""
+    try:
+        value = float(os.environ.get(MAX_MEGAPIXELS_ENV, DEFAULT_MAX_MEGAPIXELS))
+    except ValueError:
+        return DEFAULT_MAX_MEGAPIXELS
+    return value if value > 0 and value == value and value != float("inf") else DEFAULT_MAX_MEGAPIXELS
+
+
+def _check_pixels(path: Union[str, Path], size: tuple[int, int]) -> None:
+    limit = max_megapixels()
+    mp = size[0] * size[1] / 1e6
+    if mp > limit:
+        need = int(mp) + 1
+        raise ProductFolderError(f"{path} is {size[0]}×{size[1]} ({mp:.1f} MP), above the {limit:g} MP input "
+                                 f"limit (a very large photo, or a decompression bomb); not decoding it: downscale "
+                                 f"it, or raise the limit (--max-megapixels {need} or {MAX_MEGAPIXELS_ENV}={need})")
+
+
+def _open(path: Union[str, Path]) -> Image.Image:
+    """``Image.open`` (which reads only the header) with the pixel limit checked before anything is decoded;
+    PIL's own bomb check is replaced by this limit, so a bomb and an oversized photo get the same message."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        im = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    try:
+        _check_pixels(path, im.size)
+    except ProductFolderError:
+        im.close()
+        raise
+    return im
+
+
+def check_image_file(path: Union[str, Path]) -> tuple[int, int]:
+    """Open and fully decode an image file (finds truncated files) within the pixel limit; its (width, height).
+
+    Raises:
+        ProductFolderError: unreadable, truncated, not an image, or above the pixel limit.
+    """
+    try:
+        with _open(path) as im:
+            im.load()
+            return im.size
+    except ProductFolderError:
+        raise
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, struct.error ... for broken files
+        raise ProductFolderError(f"cannot read image {path}: {_why(e)}") from None
+
+
+def _why(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text.replace("cannot identify image file", "not an image file")
+
+
 def load_image(path: Union[str, Path]) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Read an image as ``[H, W, 3]`` float32 sRGB 0..1 plus its alpha ``[H, W]`` (None when it has none).
 
-    EXIF orientation is applied; palette transparency and 16-bit greyscale are handled.
+    EXIF orientation is applied; palette transparency and 16-bit greyscale are handled. Images above the pixel
+    limit (:func:`max_megapixels`) are refused before they are decoded.
     """
+    if Path(path).is_dir():
+        raise ProductFolderError(f"cannot read image {path}: it is a folder")
     try:
-        with Image.open(path) as im:
+        with _open(path) as im:
             im = ImageOps.exif_transpose(im)
             has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
             if im.mode == "I;16" or im.mode == "I":
                 im = Image.fromarray((np.asarray(im, np.float32) / 257.0).clip(0, 255).astype(np.uint8))
             rgba = np.asarray(im.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
-    except (OSError, ValueError) as e:
-        raise ProductFolderError(f"cannot read image {path}: {e}") from e
+    except ProductFolderError:
+        raise
+    except MemoryError:
+        raise ProductFolderError(f"cannot read image {path}: out of memory decoding it") from None
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, struct.error ... for broken files
+        raise ProductFolderError(f"cannot read image {path}: {_why(e)}") from None
     return (rgba[..., :3].copy(), rgba[..., 3].copy()) if has_alpha else (rgba, None)

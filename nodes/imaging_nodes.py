@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import imaging
+from ..pipeline.outputs import json_safe
 from .common import NodeInputError
 
 CATEGORY = "productbg/image"
@@ -300,6 +302,19 @@ class PreservationReport:
 
     def report(self, product_image, product_mask, output_image, max_delta_e_mean, min_psnr_db,
                max_expansion_ratio, generated_image=None, output_mask=None):
+        thresholds = imaging.Thresholds(min_psnr_db, max_delta_e_mean, max_expansion_ratio)
+        try:
+            reports = self._measure(product_image, product_mask, output_image, generated_image, output_mask,
+                                    thresholds)
+        except NodeInputError as e:  # never lose the user's image over a measurement: say why, pass it on
+            reports = [not_measured(str(e))]
+        summary = {"pass": all(r["pass"] for r in reports), "images": reports}
+        text = json.dumps(json_safe(summary), indent=2, allow_nan=False)
+        return {"ui": {"text": [text]}, "result": (text, summary["pass"])}
+
+    @staticmethod
+    def _measure(product_image, product_mask, output_image, generated_image, output_mask,
+                 thresholds: imaging.Thresholds) -> list[dict]:
         product, output = check_images(product_image, "product_image"), check_images(output_image, "output_image")
         generated = None if generated_image is None else check_images(generated_image, "generated_image")
         hw = tuple(product.shape[1:3])
@@ -309,13 +324,32 @@ class PreservationReport:
                    "generated_image": generated, "output_mask": out_masks}
         batch = broadcast_batch({k: v for k, v in present.items() if v is not None})
         require_product(masks, "product_mask", "Connect Place Product's product_mask (1 = product).")
-        thresholds = imaging.Thresholds(min_psnr_db, max_delta_e_mean, max_expansion_ratio)
-        reports = [library_call(imaging.preservation_report, pick(product, i), pick(masks, i),
-                                sized_like(pick(output, i), hw), sized_like(pick(generated, i), hw),
-                                pick(out_masks, i), thresholds) for i in range(batch)]
-        summary = {"pass": all(r["pass"] for r in reports), "images": reports}
-        text = json.dumps(summary, indent=2)
-        return {"ui": {"text": [text]}, "result": (text, summary["pass"])}
+        return [measure_one(pick(product, i), pick(masks, i), sized_like(pick(output, i), hw),
+                            sized_like(pick(generated, i), hw), pick(out_masks, i), thresholds)
+                for i in range(batch)]
+
+
+def not_measured(reason: str) -> dict:
+    """A report entry for an image that could not be measured (it fails, and says why)."""
+    return {"pass": False, "measured": False, "reason": reason, "metrics": {}, "checks": {}}
+
+
+def measure_one(product, mask, output, generated, output_mask, thresholds: imaging.Thresholds) -> dict:
+    """One image's report. Without ``output_mask`` the output's product is found by GrabCut seeded with the
+    product mask (the generated scene is never segmented from scratch); what cannot be measured is named."""
+    notes = []
+    if output_mask is None:
+        try:
+            output_mask = torch.as_tensor(np.asarray(imaging.grabcut(output, mask), np.float32))
+        except Exception as e:  # ValueError, or OpenCV's cv2.error on a degenerate image: a note, not a failure
+            notes.append(f"expansion not measured: {' '.join(str(e).split())[:200] or type(e).__name__}")
+    try:
+        report = imaging.preservation_report(product, mask, output, generated, output_mask, thresholds)
+    except ValueError as e:
+        return not_measured(str(e))
+    if notes:
+        report["notes"] = notes
+    return report
 
 
 def sized_like(image: Optional[torch.Tensor], hw: tuple[int, int]) -> Optional[torch.Tensor]:
@@ -342,7 +376,8 @@ class LoadProductsFromFolder:
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "folder": ("STRING", {"default": "", "tooltip": "Folder of product images; sub-folder names are "
-                                                            "categories (folder/shoes/a.png → shoes)."}),
+                                                            "categories (folder/shoes/a.png → shoes). A relative "
+                                                            "folder is inside ComfyUI's input directory."}),
             "index": ("INT", {"default": 0, "min": 0, "max": 1_000_000, "control_after_generate": True, "tooltip":
                       "Which product (0 = first). Set to increment to walk the folder one run at a time."}),
             "csv_file": ("STRING", {"default": "", "tooltip": "Optional CSV (relative to the folder) with path "
@@ -354,7 +389,7 @@ class LoadProductsFromFolder:
 
     @classmethod
     def IS_CHANGED(cls, folder, index, csv_file, path_column="path", category_column="category"):
-        try:
+        try:  # cheap: the listing comes from the cache (a few stats), then one stat of the picked file
             entry = pick_product(folder, index, csv_file, path_column, category_column)[0]
             return f"{entry.path}|{os.path.getmtime(entry.path)}|{entry.category}"
         except (NodeInputError, OSError):
@@ -372,8 +407,55 @@ class LoadProductsFromFolder:
 def pick_product(folder: str, index: int, csv_file: str, path_column: str,
                  category_column: str) -> tuple[imaging.ProductEntry, int]:
     """The ``index``-th product of the folder and the number of products; NodeInputError past the end."""
-    entries = library_call(imaging.list_products, folder, csv_file or None, path_column, category_column)
+    entries = cached_listing(folder, csv_file, path_column, category_column)
     if not 0 <= index < len(entries):
         raise NodeInputError(f"index {index} is past the last product: {folder} has {len(entries)} products "
                              f"(index 0–{len(entries) - 1}). Set index back to 0 to start over.")
     return entries[index], len(entries)
+
+
+def input_directory() -> Optional[str]:
+    """ComfyUI's input directory (``--input-directory``), or None outside ComfyUI."""
+    try:
+        import folder_paths
+    except ImportError:
+        return None
+    return folder_paths.get_input_directory()
+
+
+#: (folder, csv, columns) → (signature, entries). One walk per change of the folder, not two per queued run.
+_LISTINGS: dict[tuple, tuple[tuple, list]] = {}
+
+
+def _signature(root: Path, csv_file: str) -> tuple:
+    """mtimes of the folder, its direct sub-folders (the categories) and the CSV: they change when images are
+    added, removed or renamed there."""
+    def mtime(p: Path) -> int:
+        try:
+            return p.stat().st_mtime_ns
+        except OSError:
+            return -1
+
+    subs = tuple(sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(root)
+                        if e.is_dir(follow_symlinks=True))) if root.is_dir() else ()
+    table = Path(csv_file).expanduser() if csv_file else None
+    if table is not None and not table.is_absolute():
+        table = root / table
+    return mtime(root), subs, mtime(table) if table is not None else None
+
+
+def cached_listing(folder: str, csv_file: str, path_column: str, category_column: str) -> list:
+    """The folder's product list (relative folders are inside ComfyUI's input directory), cached until the
+    folder, a category sub-folder or the CSV changes."""
+    root = imaging.resolve_folder(folder, input_directory()) if str(folder).strip() else Path("")
+    key = (str(root), csv_file or "", path_column, category_column)
+    signature = _signature(root, csv_file) if str(folder).strip() else ()
+    hit = _LISTINGS.get(key)
+    if hit is not None and hit[0] == signature:
+        return hit[1]
+    entries = library_call(imaging.list_products, folder, csv_file or None, path_column, category_column,
+                           base=input_directory())
+    if len(_LISTINGS) > 16:
+        _LISTINGS.clear()
+    _LISTINGS[key] = (signature, entries)
+    return entries

@@ -145,6 +145,7 @@ def run_batch(rows: Iterable[Row], out: str | Path, make_pipeline: PipelineFacto
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_stale_summary(out, shard)
     mine = shard.take(list(rows))
     summary = BatchSummary(shard)
     bar = _Progress(len(mine), progress, "batch" if shard.count == 1 else f"batch {shard.index}/{shard.count}")
@@ -174,6 +175,14 @@ def run_batch(rows: Iterable[Row], out: str | Path, make_pipeline: PipelineFacto
     summary.loop_seconds = end - loop_start if loop_start is not None else 0.0
     write_json(summary.to_json(), summary_path(out, shard))
     return summary
+
+
+def _remove_stale_summary(out: Path, shard: Shard) -> None:
+    """Delete the summary temp files a killed run of this shard left (other shards' files are theirs)."""
+    from ..fileio import TMP_SUFFIX
+
+    for p in out.glob(f".{summary_path(out, shard).name}.*{TMP_SUFFIX}"):
+        p.unlink(missing_ok=True)
 
 
 def _run_row(pipe: Any, row: Row, out: Path, summary: BatchSummary, writer: _Writer, extra: dict[str, Any]) -> str:

@@ -152,14 +152,14 @@ class ClipEmbedder:
 def evaluate_item(item: EvalItem, embedder: Any, reference_cache: dict[Path, np.ndarray]) -> dict[str, Any]:
     """Metrics of one image (None where its files do not allow one) plus its background embedding."""
     image = load_rgb(item.image)
-    mask = load_mask(item.mask) if item.mask else None
-    placed = load_rgb(item.placed) if item.placed else None
+    mask = _sized(load_mask(item.mask), image, item.mask) if item.mask else None
+    placed = _sized(load_rgb(item.placed), image, item.placed) if item.placed else None
     out: dict[str, Any] = {"name": item.name, "category": item.category, **{m: None for m in METRICS}}
     if mask is not None and (mask >= 0.5).any() and placed is not None:
         out["psnr_after_db"] = imaging.masked_psnr(placed, image, mask)
         out["delta_e_after"] = imaging.color_drift(placed, image, mask)["mean"]
         if item.raw:
-            raw = load_rgb(item.raw)
+            raw = _sized(load_rgb(item.raw), image, item.raw)
             out["psnr_before_db"] = imaging.masked_psnr(placed, raw, mask)
             out["delta_e_before"] = imaging.color_drift(placed, raw, mask)["mean"]
     if mask is not None and (mask >= 0.5).any():
@@ -170,6 +170,14 @@ def evaluate_item(item: EvalItem, embedder: Any, reference_cache: dict[Path, np.
             reference_cache[item.reference] = _reference_embedding(item.reference, embedder)
         out["style_similarity"] = float(np.dot(embedding, reference_cache[item.reference]))
     return {"metrics": out, "embedding": embedding}
+
+
+def _sized(array: np.ndarray, image: np.ndarray, path: Path) -> np.ndarray:
+    """``array`` when it has the image's height and width; PipelineError naming the file otherwise."""
+    if array.shape[:2] != image.shape[:2]:
+        raise PipelineError(f"{path.name} is {array.shape[1]}×{array.shape[0]} but its image is "
+                            f"{image.shape[1]}×{image.shape[0]}")
+    return array
 
 
 def _reference_embedding(path: Path, embedder: Any) -> np.ndarray:
@@ -239,18 +247,23 @@ def evaluate(items: Sequence[EvalItem], embedder: Any | None = None, fid_real: s
     from .fid import compute_fid
 
     embedder = embedder or ColourHistogram()
-    per_item, embeddings, cache = [], [], {}
+    per_item, embeddings, cache, good, failed = [], [], {}, [], []
     for i, item in enumerate(items):
-        result = evaluate_item(item, embedder, cache)
-        per_item.append(result["metrics"])
-        embeddings.append(result["embedding"])
+        try:
+            result = evaluate_item(item, embedder, cache)
+        except (PipelineError, imaging.ProductFolderError, OSError) as e:  # one bad file fails its row only
+            failed.append({"name": item.name, "image": str(item.image), "reason": " ".join(str(e).split())})
+        else:
+            per_item.append(result["metrics"])
+            embeddings.append(result["embedding"])
+            good.append(item)
         if progress:
             progress(i + 1)
-    return {"images": len(items), "embedder": embedder.name,
+    return {"images": len(good), "embedder": embedder.name,
             "summary": {m: _summary(r[m] for r in per_item) for m in METRICS},
-            "category_consistency": category_consistency(embeddings, [i.category for i in items]),
-            "fid": compute_fid([i.image for i in items], fid_real),
-            "items": per_item}
+            "category_consistency": category_consistency(embeddings, [i.category for i in good]),
+            "fid": compute_fid([i.image for i in good], fid_real),
+            "failed": failed, "items": per_item}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -267,6 +280,8 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append("fid                  " + (f"{fid['value']:.3f} ({fid['library']}, {fid['images']} vs "
                  f"{fid['real_images']} images)" if fid["status"] == "ok" else f"skipped: {fid['reason']}"))
     lines.append(f"embedder             {report['embedder']}")
+    for f in report.get("failed", []):
+        lines.append(f"failed               {f['name']}: {f['reason']}")
     return "\n".join(lines)
 
 

@@ -26,6 +26,8 @@ from typing import Any, Iterator
 
 from .errors import PipelineError
 
+MAX_SEED = 2 ** 63 - 1
+MAX_ROW_IMAGES = 64  # at 512²; the CLI passes the bound for its --size
 COLUMNS = ("product", "category", "reference", "seed", "n", "name")
 MAX_NAME_CHARS = 200
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -84,13 +86,14 @@ def shard_from_env(env: dict[str, str] | None = None) -> Shard:
 
 # ---------------------------------------------------------------------------------------------- reading
 def read_manifest(path: str | os.PathLike, out: str | os.PathLike, default_seed: int = 0,
-                  default_n: int = 1) -> list[Row]:
+                  default_n: int = 1, max_n: int = MAX_ROW_IMAGES) -> list[Row]:
     """Read and check every row of a manifest.
 
     Args:
         path: ``.csv`` or ``.jsonl`` manifest.
         out: the output folder (names are checked to stay inside it).
         default_seed, default_n: values for rows without ``seed`` / ``n``.
+        max_n: the most images a row may ask for (memory); rows above it fail.
 
     Returns:
         Rows in manifest order; unusable ones carry ``error``. Duplicate output names: the later rows fail.
@@ -103,7 +106,7 @@ def read_manifest(path: str | os.PathLike, out: str | os.PathLike, default_seed:
         raise PipelineError(f"manifest not found: {path}")
     raw = list(_jsonl(path) if path.suffix.lower() in (".jsonl", ".ndjson") else _csv(path))
     root, out_dir = path.resolve().parent, Path(out).resolve()
-    rows = [_row(line, data, root, out_dir, default_seed, default_n) for line, data in raw]
+    rows = [_row(line, data, root, out_dir, default_seed, default_n, max_n) for line, data in raw]
     return _mark_duplicates(rows)
 
 
@@ -141,11 +144,11 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
         yield number, data if isinstance(data, dict) else "each line must be a JSON object"
 
 
-def _row(line: int, data: dict[str, Any] | str, root: Path, out: Path, seed: int, n: int) -> Row:
+def _row(line: int, data: dict[str, Any] | str, root: Path, out: Path, seed: int, n: int, max_n: int) -> Row:
     if isinstance(data, str):
         return Row(line, error=data)
     try:
-        return _parse(line, data, root, out, seed, n)
+        return _parse(line, data, root, out, seed, n, max_n)
     except PipelineError as e:
         return Row(line, error=str(e))
 
@@ -159,19 +162,19 @@ def _text(data: dict[str, Any], key: str) -> str:
     return str(value).strip()
 
 
-def _integer(data: dict[str, Any], key: str, default: int, low: int) -> int:
+def _integer(data: dict[str, Any], key: str, default: int, low: int, high: int = 2 ** 63 - 1) -> int:
     text = _text(data, key)
     if not text:
         return default
     if not re.fullmatch(r"[+-]?\d+", text):
         raise PipelineError(f"'{key}' must be an integer, got {text!r}")
     value = int(text)
-    if value < low or value >= 2 ** 63:
-        raise PipelineError(f"'{key}' must be at least {low} (and below 2^63), got {value}")
+    if value < low or value > high:
+        raise PipelineError(f"'{key}' must be from {low} to {high}, got {value}")
     return value
 
 
-def _parse(line: int, data: dict[str, Any], root: Path, out: Path, seed: int, n: int) -> Row:
+def _parse(line: int, data: dict[str, Any], root: Path, out: Path, seed: int, n: int, max_n: int) -> Row:
     product = _text(data, "product")
     if not product:
         raise PipelineError("no product path")
@@ -179,7 +182,9 @@ def _parse(line: int, data: dict[str, Any], root: Path, out: Path, seed: int, n:
     reference = _text(data, "reference")
     row = Row(line, product_path, _text(data, "category") or None,
               _image_path(reference, root, "reference") if reference else None,
-              _integer(data, "seed", seed, 0), _integer(data, "n", n, 1))
+              _integer(data, "seed", seed, 0), _integer(data, "n", n, 1, max_n))
+    if row.seed + row.n - 1 > MAX_SEED:
+        raise PipelineError(f"'seed' {row.seed} with 'n' {row.n}: the last seed passes {MAX_SEED}")
     name = _text(data, "name") or default_name(row)
     return replace(row, name=safe_name(name, out))
 

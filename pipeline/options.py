@@ -10,10 +10,18 @@ from typing import Any
 
 import torch
 
+from .. import cli_checks as checks
 from .errors import PipelineError
 from .embedded import DEMO_MODEL, DEMO_SETTINGS, load_demo_pipeline
 from .pipeline import GenerateSettings
 
+#: Upper bounds that keep a run inside memory: the canvas side, images per call, and their product (images are
+#: sampled as one batch: 64 images at 512² ≈ 4 at 2048²), plus LoRA strength and input megapixels.
+MAX_SIZE = 2048
+MAX_N = 64
+MAX_BATCH_PIXELS = 64 * 512 * 512
+MAX_LORA_STRENGTH = 10.0
+MAX_MEGAPIXELS = 1000.0
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULTS = GenerateSettings()
 #: ``--checkpoint demo``: the embedded demo model (64², BG-synth's 16 categories), with its own settings.
@@ -38,12 +46,28 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--style-encoder", metavar="PATH", help="style encoder / IP-Adapter SD1.5 .safetensors (needs --clip-vision)")
     g.add_argument("--clip-vision", metavar="PATH", help="CLIP vision model: folder (config.json + model.safetensors) "
                    "or a ViT-H/14 .safetensors file")
-    g.add_argument("--lora", metavar="PATH[:STRENGTH]", action="append", default=[],
+    g.add_argument("--lora", metavar="PATH[:STRENGTH]", action="append", default=[], type=lora_type,
                    help="LoRA .safetensors merged into the model (kohya or peft layout); repeatable")
     g.add_argument("--tiny", action="store_true", help="use the tiny random models even if files are given")
-    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: CUDA when available; under accelerate "
+    g.add_argument("--device", type=checks.device, help="cpu, cuda, cuda:1 ... (default: CUDA when available; under accelerate "
                    "launch, cuda:LOCAL_RANK)")
     g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype (auto: fp16 on CUDA)")
+    add_pixel_limit_option(g)
+
+
+def add_pixel_limit_option(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--max-megapixels``: the input image size limit (default 50 MP, or PRODUCTBG_MAX_MEGAPIXELS)."""
+    p.add_argument("--max-megapixels", type=checks.number(0, MAX_MEGAPIXELS, low_open=True), metavar="MP",
+                   help="refuse input images above this many megapixels (default 50, or the "
+                        "PRODUCTBG_MAX_MEGAPIXELS environment variable; a 4000×3000 photo is 12 MP)")
+
+
+def apply_pixel_limit(args: argparse.Namespace) -> None:
+    """Make ``--max-megapixels`` the limit of every image read in this process."""
+    from ..imaging.folder import MAX_MEGAPIXELS_ENV
+
+    if getattr(args, "max_megapixels", None) is not None:
+        os.environ[MAX_MEGAPIXELS_ENV] = repr(float(args.max_megapixels))
 
 
 #: Settings options → :class:`GenerateSettings` fields. Every option defaults to ``None`` = "the model's default":
@@ -66,20 +90,20 @@ def add_settings_options(p: argparse.ArgumentParser) -> None:
     """Generation settings (defaults: the paper's recipe / the shipped workflow; the demo model's own with
     ``--checkpoint demo``)."""
     g = p.add_argument_group("generation settings")
-    g.add_argument("--size", type=int, help=f"square canvas side, multiple of 8 ({_default('size')})")
-    g.add_argument("--steps", type=int, help=f"DDIM steps ({_default('steps')})")
-    g.add_argument("--cfg", type=float, help=f"classifier-free guidance scale ({_default('cfg')})")
-    g.add_argument("--fill", type=float, help=f"product bounding box / canvas ({_default('fill')})")
-    g.add_argument("--grow", type=float, help=f"repaint-mask growth in px at 512, scaled with --size "
+    g.add_argument("--size", type=checks.integer(16, MAX_SIZE, multiple=8), help=f"square canvas side, multiple of 8 ({_default('size')})")
+    g.add_argument("--steps", type=checks.integer(1, 1000), help=f"DDIM steps ({_default('steps')})")
+    g.add_argument("--cfg", type=checks.number(0, 100), help=f"classifier-free guidance scale ({_default('cfg')})")
+    g.add_argument("--fill", type=checks.number(0, 1, low_open=True), help=f"product bounding box / canvas ({_default('fill')})")
+    g.add_argument("--grow", type=checks.number(0, 512), help=f"repaint-mask growth in px at 512, scaled with --size "
                    f"({_default('grow')})")
-    g.add_argument("--strength", type=float, help=f"mask-guided attention strength 0..1 ({_default('strength')})")
-    g.add_argument("--style-weight", type=float, help=f"reference style weight ({_default('style_weight')})")
+    g.add_argument("--strength", type=checks.number(0, 1), help=f"mask-guided attention strength 0..1 ({_default('strength')})")
+    g.add_argument("--style-weight", type=checks.number(0, 10), help=f"reference style weight ({_default('style_weight')})")
     g.add_argument("--style-layers", choices=["all", "style", "composition"],
                    help=f"layers that take the reference style ({_default('style_layers')})")
     g.add_argument("--template", help="prompt template with {id} (default: the bank's)")
     g.add_argument("--extra", help=f"free words appended to the prompt ({_default('extra')})")
     g.add_argument("--negative", help=f"negative prompt ({_default('negative')})")
-    g.add_argument("--feather", type=float, help=f"outward feather of the paste-back in px ({_default('feather')})")
+    g.add_argument("--feather", type=checks.number(0, 256), help=f"outward feather of the paste-back in px ({_default('feather')})")
     g.add_argument("--segmentation", choices=["auto", "alpha", "background", "background+grabcut", "grabcut"],
                    help="how the product is cut out (auto: alpha, else uniform-background key, else GrabCut)")
     g.add_argument("--report-expansion", action="store_true", default=None,
@@ -99,15 +123,28 @@ def parse_lora(text: str) -> tuple[Path, float]:
     """``file.safetensors[:strength]`` → (path, strength)."""
     path, _, strength = text.rpartition(":") if ":" in text and not Path(text).exists() else (text, "", "")
     try:
-        return Path(path), float(strength) if strength else 1.0
+        value = float(strength) if strength else 1.0
     except ValueError:
         raise PipelineError(f"--lora {text!r}: write PATH or PATH:STRENGTH (e.g. style.safetensors:0.8)") from None
+    if not -MAX_LORA_STRENGTH <= value <= MAX_LORA_STRENGTH:  # also false for NaN
+        raise PipelineError(f"--lora {text!r}: the strength must be a finite number from -{MAX_LORA_STRENGTH:g} "
+                            f"to {MAX_LORA_STRENGTH:g}")
+    return Path(path), value
+
+
+def lora_type(text: str) -> str:
+    """argparse ``type`` of ``--lora``: the strength is checked at parse time (the file before loading)."""
+    try:
+        parse_lora(text)
+    except PipelineError as e:
+        raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+    return text
 
 
 def device_from_args(args: argparse.Namespace) -> str:
     """The device: --device, else cuda:LOCAL_RANK when CUDA is available, else cpu."""
     if args.device:
-        return args.device
+        return checks.check_device(args.device)
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     return "cpu"
@@ -157,6 +194,60 @@ def build_pipeline(args: argparse.Namespace, quiet: bool = False, settings=None)
     if source.is_dir():
         return ProductBGPipeline.from_pretrained(source, **kwargs)
     return ProductBGPipeline.from_single_file(source, config_dir=args.configs, **kwargs)
+
+
+def max_images(size: int) -> int:
+    """Images one call may generate at ``size``² (memory grows with images × pixels)."""
+    return max(1, min(MAX_N, MAX_BATCH_PIXELS // (size * size)))
+
+
+def check_model_args(args: argparse.Namespace) -> None:
+    """Check the model options before anything loads: the device, and every model file given.
+
+    Raises:
+        CheckError: naming the option.
+    """
+    apply_pixel_limit(args)
+    device_from_args(args)
+    if uses_tiny(args) or uses_demo(args):
+        return
+    src = Path(args.checkpoint)
+    if not src.is_dir():
+        _model_file(src, "--checkpoint", "Stable Diffusion checkpoint")
+    if args.configs:
+        checks.input_dir(args.configs, "--configs")
+    for option, what in (("bank", "category bank"), ("style_encoder", "style encoder"),
+                         ("clip_vision", "CLIP vision model")):
+        value = getattr(args, option, None)
+        if value and not (option == "clip_vision" and Path(value).is_dir()):
+            _model_file(Path(value), f"--{option.replace('_', '-')}", what)
+    for text in args.lora:
+        _model_file(parse_lora(text)[0], "--lora", "LoRA")
+
+
+def _model_file(path: Path, flag: str, what: str) -> None:
+    """An existing weight file whose safetensors header is sound and holds tensors."""
+    from ..weights.errors import WeightsError
+    from ..weights.safefile import read_header
+
+    checks.input_file(path, flag)
+    if path.suffix.lower() != ".safetensors":
+        raise checks.CheckError(f"{flag} {path}: only .safetensors files are loaded (.ckpt/.pt/.bin files are "
+                                "pickles that can run code; convert them first)")
+    try:
+        header = read_header(path)
+    except WeightsError as e:
+        raise checks.CheckError(f"{flag}: {e}") from None
+    if not header.tensors:
+        raise checks.CheckError(f"{flag} {path}: the file holds no tensors at all, so it is no {what}")
+
+
+def check_generation(args: argparse.Namespace, n: int, what: str = "--n") -> None:
+    """The image count ``n`` against the memory the canvas size implies."""
+    size = settings_from_args(args).size
+    if n > max_images(size):
+        raise checks.CheckError(f"{what} {n}: at most {max_images(size)} images per product at --size {size} "
+                                f"(memory grows with images × pixels); run fewer at a time")
 
 
 def describe_run(args: argparse.Namespace) -> dict[str, Any]:

@@ -13,7 +13,9 @@ all exist. A process killed mid-item leaves at most hidden ``.*.tmp`` files, rem
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,12 +60,33 @@ def write_json(data: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     tmp = temp_beside(path)
     try:
-        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False, default=_jsonable) + "\n", encoding="utf-8")
+        tmp.write_text(dumps(data, indent=1) + "\n", encoding="utf-8")
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _commit(tmp, path)
     return path
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with what strict JSON cannot hold replaced: NaN → None, ±inf → "inf" / "-inf", numpy scalars
+    and arrays → numbers and lists, paths → text."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def dumps(data: Any, **kwargs: Any) -> str:
+    """Strict JSON text (never a bare NaN or Infinity): :func:`json_safe` then ``allow_nan=False``."""
+    return json.dumps(json_safe(data), ensure_ascii=False, allow_nan=False, default=_jsonable, **kwargs)
 
 
 def _jsonable(value: Any) -> Any:
@@ -100,6 +123,21 @@ def read_result(folder: str | os.PathLike) -> dict | None:
     return data
 
 
+_NUMBERED = re.compile(r"^(image|raw)_(\d+)\.png$")
+
+
+def _remove_extra_images(folder: Path, count: int) -> None:
+    """Delete ``image_<k>.png`` / ``raw_<k>.png`` with ``k >= count`` a previous, larger run left (and an old
+    ``result.json``, so the item is unfinished until the new one is written)."""
+    if not folder.is_dir():
+        return
+    (folder / RESULT_FILE).unlink(missing_ok=True)
+    for p in folder.iterdir():
+        m = _NUMBERED.match(p.name)
+        if m and int(m.group(2)) >= count and p.is_file():
+            p.unlink(missing_ok=True)
+
+
 def write_item(folder: str | os.PathLike, results: Sequence[Any], meta: dict[str, Any]) -> dict:
     """Write one item's images, then its ``result.json`` (the commit marker).
 
@@ -113,6 +151,7 @@ def write_item(folder: str | os.PathLike, results: Sequence[Any], meta: dict[str
     """
     folder = Path(folder)
     first = results[0]
+    _remove_extra_images(folder, len(results))
     save_png(first.placed, folder / "placed.png")
     save_png(first.mask, folder / "mask.png")
     images, raws = [], []

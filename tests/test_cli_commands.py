@@ -51,13 +51,13 @@ def test_generate_folder_and_png_outputs(tmp_path, product, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "--product", "missing.png"], "product image not found"),
-    (["generate", "--product", "{product}", "--n", "0"], "--n must be at least 1"),
+    (["generate", "--product", "missing.png"], "--product missing.png: no such file"),
+    (["generate", "--product", "{product}", "--n", "0"], "argument --n: must be at least 1"),
     (["generate", "--product", "{product}", "--bank", "b.safetensors"], "--bank needs --checkpoint"),
-    (["generate", "--product", "{product}", "--checkpoint", "nope.safetensors"], "no such checkpoint"),
+    (["generate", "--product", "{product}", "--checkpoint", "nope.safetensors"], "--checkpoint nope.safetensors: no such file"),
     (["generate", "--product", "{product}", "--checkpoint", "demo", "--bank", "b.safetensors"],
      "--bank does not go with --checkpoint demo"),
-    (["batch", "missing.csv", "--out", "o"], "manifest not found"),
+    (["batch", "missing.csv", "--out", "o"], "manifest missing.csv: no such file"),
     (["batch", "{manifest}", "--out", "o", "--shard", "2/2"], "--shard"),
     (["eval", "{tmp}"], "no finished results"),
 ])

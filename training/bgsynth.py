@@ -273,11 +273,16 @@ def _assignments(spec: SynthSpec, split: str) -> list[int]:
     return [n % spec.categories for n in range(per * spec.categories)]
 
 
+SPEC_FILE = ".bgsynth-spec.json"
+
+
 def generate(out: str | Path, spec: SynthSpec = SynthSpec(), overwrite: bool = False) -> dict[str, int]:
     """Write a BG-synth dataset in the BG60k layout.
 
-    Existing image/mask files are kept unless ``overwrite`` (generation is deterministic, so an interrupted run
-    is finished by running it again). Info files are written last, atomically.
+    Existing image/mask files are kept when the folder was written with the same spec, unless ``overwrite``
+    (generation is deterministic, so an interrupted run is finished by running it again); images of another
+    spec are re-rendered and layout-named files beyond this spec's counts are removed. Info files are written
+    last, atomically.
 
     Args:
         out: destination folder.
@@ -289,6 +294,9 @@ def generate(out: str | Path, spec: SynthSpec = SynthSpec(), overwrite: bool = F
     """
     root = Path(out)
     names = spec.category_names()
+    overwrite = overwrite or not _same_spec(root, spec)
+    if overwrite:
+        (root / SPEC_FILE).unlink(missing_ok=True)
     counts = {"written": 0}
     rows: dict[str, list[tuple[str, str]]] = {}
     for split in layout.SPLITS:
@@ -303,7 +311,34 @@ def generate(out: str | Path, spec: SynthSpec = SynthSpec(), overwrite: bool = F
     pairs = _pairs(spec, rows, names)
     layout.atomic_write_text(root / layout.PAIRS_FILE, layout.info_text(pairs))
     counts["pairs"] = len(pairs)
+    _remove_unlisted(root, rows)
+    layout.atomic_write_text(root / SPEC_FILE, _spec_json(spec))
     return counts
+
+
+def _spec_json(spec: SynthSpec) -> str:
+    import json
+    from dataclasses import asdict
+
+    return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}, sort_keys=True)
+
+
+def _same_spec(root: Path, spec: SynthSpec) -> bool:
+    """Whether ``root`` was written by this spec (then existing files are reused: an interrupted run resumes)."""
+    try:
+        return (root / SPEC_FILE).read_text(encoding="utf-8") == _spec_json(spec)
+    except OSError:
+        return False
+
+
+def _remove_unlisted(root: Path, rows: dict[str, list[tuple[str, str]]]) -> None:
+    """Delete layout-named images and masks (``N.png``) a larger or different earlier run left behind."""
+    for split, listed in rows.items():
+        keep = {name for name, _ in listed}
+        for folder in [*root.glob(f"{split}_imgs_[0-9]"), *root.glob(f"{split}_masks_[0-9]")]:
+            for p in folder.iterdir():
+                if layout.file_number(p.name) is not None and p.name not in keep and p.is_file():
+                    p.unlink()
 
 
 def _write_one(root: Path, spec: SynthSpec, split: str, number: int, cat: int, overwrite: bool) -> int:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..fileio import default_file_mode
+
 PREFIX = "step-"
 TMP_SUFFIX = ".tmp"
 MANIFEST = "manifest.json"
@@ -68,7 +70,9 @@ def begin(root: Path, step: int) -> Path:
 def commit(tmp: Path, meta: dict[str, Any]) -> Path:
     """Write the manifest (last), fsync, and rename ``.tmp`` into place. Returns the final folder."""
     files = {}
+    mode = default_file_mode()
     for p in sorted(tmp.iterdir()):
+        os.chmod(p, mode)  # safetensors writes 0600; every other file of a run gets the usual umask mode
         with p.open("rb") as f:
             os.fsync(f.fileno())
         files[p.name] = {"size": p.stat().st_size, "sha256": _sha256(p)}

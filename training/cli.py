@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import argparse
 import csv
+import shutil
 from pathlib import Path
+
+from .. import cli_checks as checks
+
+I = checks.integer
+F = checks.number
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,20 +46,20 @@ def _dataset_parser(sub: argparse._SubParsersAction) -> None:
 
     syn = dsub.add_parser("synth", help="generate the procedural BG-synth dataset")
     syn.add_argument("out", type=Path)
-    syn.add_argument("--categories", type=int, default=16)
-    syn.add_argument("--per-category", type=int, default=64, help="training images per category")
-    syn.add_argument("--held-out", type=int, default=4, help="held-out (bg1k) images per category")
-    syn.add_argument("--pairs", type=int, default=1, help="reference pairs per held-out image")
-    syn.add_argument("--size", type=int, default=128)
-    syn.add_argument("--seed", type=int, default=0)
+    syn.add_argument("--categories", type=I(1, 10_000), default=16)
+    syn.add_argument("--per-category", type=I(1, 1_000_000), default=64, help="training images per category")
+    syn.add_argument("--held-out", type=I(0, 1_000_000), default=4, help="held-out (bg1k) images per category")
+    syn.add_argument("--pairs", type=I(0, 100), default=1, help="reference pairs per held-out image")
+    syn.add_argument("--size", type=I(16, 2048, multiple=8), default=128)
+    syn.add_argument("--seed", type=checks.seed, default=0)
     syn.add_argument("--names", help="comma-separated category names (default: built-in English names)")
     syn.set_defaults(func=cmd_synth)
 
     b = dsub.add_parser("build", help="turn a folder (category sub-folders) or CSV (path,category) into the layout")
     b.add_argument("src", type=Path)
     b.add_argument("out", type=Path)
-    b.add_argument("--held-out", type=float, default=0.0, help="fraction of images put in the bg1k split")
-    b.add_argument("--max-side", type=int, help="downscale images larger than this")
+    b.add_argument("--held-out", type=F(0, 1, hint=" (a fraction; 1 would hold out everything)"), default=0.0, help="fraction of images put in the bg1k split")
+    b.add_argument("--max-side", type=I(16, 16384), help="downscale images larger than this")
     b.add_argument("--alpha-only", action="store_true", help="masks from alpha only (no segmentation)")
     b.set_defaults(func=cmd_build)
 
@@ -74,6 +80,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from .bgsynth import SynthSpec, generate
 
     names = tuple(n.strip() for n in args.names.split(",")) if args.names else None
+    checks.output_dir(args.out, "OUT")
+    if args.per_category * args.categories > 10_000_000:
+        raise _error(f"--categories {args.categories} × --per-category {args.per_category} is more than 10 million "
+                     "images; generate fewer")
     try:
         spec = SynthSpec(args.categories, args.per_category, args.held_out, args.pairs, args.size, args.seed, names)
         counts = generate(args.out, spec)
@@ -86,6 +96,16 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from .folder import build_from_folder
 
+    if args.held_out >= 1:
+        raise _error(f"argument --held-out: must be below 1 (a fraction of the images; {args.held_out:g} would "
+                     "hold out everything and leave nothing to train on)")
+    if not args.src.exists():
+        raise _error(f"SRC {args.src}: no such folder or CSV file")
+    if args.src.is_file() and args.src.suffix.lower() != ".csv":
+        raise _error(f"SRC {args.src}: give a folder of category sub-folders or a .csv (path,category)")
+    checks.output_dir(args.out, "OUT")
+    if args.out.resolve() == (args.src if args.src.is_dir() else args.src.parent).resolve():
+        raise _error(f"OUT {args.out} is the source folder; write the dataset to a new folder")
     try:
         report = build_from_folder(args.src, args.out, held_out=args.held_out, max_side=args.max_side,
                                    segmenter=None if args.alpha_only else "auto")
@@ -98,6 +118,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from .datasets import DatasetError, open_bg60k
 
+    checks.input_dir(args.root, "ROOT")
     try:
         index = open_bg60k(args.root, args.split, decode=args.decode)
     except DatasetError as e:
@@ -117,23 +138,23 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-configs", type=Path,
                    help="component configs for a single-file --model (default: the shipped SD1.5 set)")
     g.add_argument("--output", type=Path, required=True, help="output folder (logs, checkpoints, weights)")
-    g.add_argument("--resolution", type=int, default=512)
-    g.add_argument("--max-steps", type=int, default=1000)
-    g.add_argument("--batch-size", type=int, default=1, help="per process")
-    g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--resolution", type=I(16, 2048, multiple=8), default=512)
+    g.add_argument("--max-steps", type=I(1, 100_000_000), default=1000)
+    g.add_argument("--batch-size", type=I(1, 1024), default=1, help="per process")
+    g.add_argument("--grad-accum", type=I(1, 1024), default=1)
+    g.add_argument("--lr", type=F(0, 10, low_open=True), default=1e-4)
     g.add_argument("--lr-schedule", default="constant",
                    choices=["constant", "constant_with_warmup", "cosine", "linear"])
-    g.add_argument("--warmup-steps", type=int, default=0)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--warmup-steps", type=I(0, 100_000_000), default=0)
+    g.add_argument("--max-grad-norm", type=F(0, 1e6, low_open=True), default=1.0)
     g.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     g.add_argument("--gradient-checkpointing", action="store_true")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--checkpoint-every", type=int, default=500)
-    g.add_argument("--keep-checkpoints", type=int, default=3)
+    g.add_argument("--seed", type=checks.seed, default=0)
+    g.add_argument("--checkpoint-every", type=I(0, 100_000_000), default=500)
+    g.add_argument("--keep-checkpoints", type=I(1, 1000), default=3)
     g.add_argument("--resume", help="'latest' or a checkpoint folder")
-    g.add_argument("--sample-every", type=int, default=0, help="preview PNG every N steps (0 = none)")
-    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument("--sample-every", type=I(0, 100_000_000), default=0, help="preview PNG every N steps (0 = none)")
+    g.add_argument("--num-workers", type=I(0, 256), default=0)
     g.add_argument("--skip-bad", action="store_true", help="train on the good entries of a dataset with problems")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
@@ -141,26 +162,26 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 def _cg_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("category-wise")
-    g.add_argument("--vectors-per-id", type=int, default=4)
+    g.add_argument("--vectors-per-id", type=I(1, 75), default=4)
     g.add_argument("--template", default="a product photo on a {id} background")
     g.add_argument("--init", default="name", choices=["name", "background"])
     g.add_argument("--unet", default="lora", choices=["lora", "full"],
                    help="lora: one shared UNet LoRA (the paper); full: train every UNet weight (writes unet/)")
-    g.add_argument("--lora-rank", type=int, default=8)
-    g.add_argument("--lora-alpha", type=float)
-    g.add_argument("--identifier-lr", type=float, default=5e-3)
+    g.add_argument("--lora-rank", type=I(1, 1024), default=8)
+    g.add_argument("--lora-alpha", type=F(0, 1e4, low_open=True))
+    g.add_argument("--identifier-lr", type=F(0, 10, low_open=True), default=5e-3)
     g.add_argument("--mask-mode", default="hard", choices=["hard", "loss", "both"])
     g.add_argument("--confinement", default="context", choices=["context", "columns"],
                    help="context: product positions attend to the prompt without the identifier (exactly no "
                         "identifier gradient from them); columns: mask only the identifier's tokens (ablation)")
-    g.add_argument("--strength", type=float, default=1.0, help="identifier confinement strength (hard/both)")
-    g.add_argument("--mass-loss-weight", type=float, default=0.1, help="attention-mass loss weight (loss/both)")
-    g.add_argument("--background-loss-weight", type=float, default=1.0,
+    g.add_argument("--strength", type=F(0, 1), default=1.0, help="identifier confinement strength (hard/both)")
+    g.add_argument("--mass-loss-weight", type=F(0, 1e4), default=0.1, help="attention-mass loss weight (loss/both)")
+    g.add_argument("--background-loss-weight", type=F(0, 1e4), default=1.0,
                    help="denoising-loss weight of background latents (product latents weigh 1)")
-    g.add_argument("--caption-dropout", type=float, default=0.0,
+    g.add_argument("--caption-dropout", type=F(0, 1), default=0.0,
                    help="probability of a sample with the empty prompt (for classifier-free guidance when the "
                         "UNet trains from scratch)")
-    g.add_argument("--mask-jitter", type=float, nargs=2, default=(-0.04, 0.02), metavar=("MIN", "MAX"),
+    g.add_argument("--mask-jitter", type=F(-0.5, 0.5), nargs=2, default=(-0.04, 0.02), metavar=("MIN", "MAX"),
                    help="random product-mask dilation radius range, fraction of the side (negative erodes)")
     g.add_argument("--no-flip", action="store_true")
     g.add_argument("--category", help="train one category only (with --images: a designer LoRA); the bank "
@@ -180,6 +201,45 @@ def _engine_config(args: argparse.Namespace):
                         progress=not args.no_progress, cpu=args.cpu)
 
 
+def _check_run_args(args: argparse.Namespace) -> None:
+    """Paths and option pairs of a training run, before any model loads or the run folder is made."""
+    if args.data is not None:
+        checks.input_dir(args.data, "--data")
+    if getattr(args, "images", None) is not None:
+        checks.input_dir(args.images, "--images")
+    if args.model not in ("tiny", "tiny-inpaint") and not Path(args.model).is_dir():
+        checks.input_file(args.model, "--model")
+    if args.model_configs is not None:
+        checks.input_dir(args.model_configs, "--model-configs")
+    if getattr(args, "init_from", None) is not None:
+        checks.input_file(args.init_from, "--init-from")
+    for option in ("mask_jitter", "crop_scale"):
+        pair = getattr(args, option, None)
+        if pair is not None and pair[0] > pair[1]:
+            raise _error(f"argument --{option.replace('_', '-')}: MIN {pair[0]:g} is above MAX {pair[1]:g}")
+    if args.warmup_steps > args.max_steps:
+        raise _error(f"argument --warmup-steps: {args.warmup_steps} is more than --max-steps {args.max_steps}")
+    if args.resume not in (None, "latest"):
+        checks.input_dir(args.resume, "--resume")
+    checks.output_dir(args.output, "--output")
+
+
+class _RunFolder:
+    """Removes the run folder again when a run that created it fails before its first checkpoint."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.created = folder, not folder.exists()
+
+    def __enter__(self) -> "_RunFolder":
+        return self
+
+    def __exit__(self, kind, value, tb) -> bool:
+        started = (self.folder / "checkpoints").is_dir() and any((self.folder / "checkpoints").iterdir())
+        if kind is not None and self.created and self.folder.is_dir() and not started:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        return False
+
+
 def _designer_dataset(args: argparse.Namespace) -> Path:
     """``--category NAME --images DIR``: build OUT/dataset from the images (alpha masks)."""
     from .folder import build_from_folder
@@ -197,16 +257,22 @@ def _designer_dataset(args: argparse.Namespace) -> Path:
 
 
 def cmd_train_cg(args: argparse.Namespace) -> int:
+    if args.images is not None and not args.category:
+        raise _error("--images needs --category NAME")
+    if args.images is None and args.data is None:
+        raise _error("pass --data DIR (a BG60k-layout folder) or --category NAME --images DIR")
+    _check_run_args(args)
+    with _RunFolder(args.output):
+        return _train_cg(args)
+
+
+def _train_cg(args: argparse.Namespace) -> int:
     from .cg import CGConfig, CGTask
     from .datasets import DatasetError
     from .engine import fit
     from .models import ModelLoadError
 
-    if args.images is not None and not args.category:
-        raise _error("--images needs --category NAME")
     data = _designer_dataset(args) if args.images is not None else args.data
-    if data is None:
-        raise _error("pass --data DIR (a BG60k-layout folder) or --category NAME --images DIR")
     try:
         cfg = CGConfig(data=data, model=args.model, resolution=args.resolution, vectors_per_id=args.vectors_per_id,
                        template=args.template, init=args.init, unet=args.unet, lora_rank=args.lora_rank,
@@ -260,25 +326,31 @@ def _print_result(result) -> None:
 def _pg_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("personality-wise")
     g.add_argument("--variant", default="linear", choices=["linear", "plus"])
-    g.add_argument("--tokens", type=int, default=4, help="style tokens")
-    g.add_argument("--resampler", type=int, nargs=4, metavar=("WIDTH", "DEPTH", "HEADS", "HEAD_WIDTH"),
+    g.add_argument("--tokens", type=I(1, 256), default=4, help="style tokens")
+    g.add_argument("--resampler", type=I(1, 8192), nargs=4, metavar=("WIDTH", "DEPTH", "HEADS", "HEAD_WIDTH"),
                    help="plus only: the Resampler's shape (default: IP-Adapter Plus's 768 4 12 64)")
     g.add_argument("--init-from", type=Path, help="start from an IP-Adapter / style encoder .safetensors")
     g.add_argument("--vision-model", default="tiny", help="CLIP vision: a transformers folder, or tiny")
     g.add_argument("--prompt", default="a product photo", help="text prompt used for every sample")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX"))
-    g.add_argument("--drop-reference", type=float, default=0.05,
+    g.add_argument("--crop-scale", type=F(0, 1, low_open=True), nargs=2, default=(0.5, 1.0), metavar=("MIN", "MAX"))
+    g.add_argument("--drop-reference", type=F(0, 1), default=0.05,
                    help="probability of an empty reference (keeps unconditional generation working)")
 
 
 def cmd_train_pg(args: argparse.Namespace) -> int:
+    if args.data is None:
+        raise _error("pass --data DIR (a BG60k-layout folder)")
+    _check_run_args(args)
+    with _RunFolder(args.output):
+        return _train_pg(args)
+
+
+def _train_pg(args: argparse.Namespace) -> int:
     from .datasets import DatasetError
     from .engine import fit
     from .models import ModelLoadError
     from .pg import PGConfig, PGTask
 
-    if args.data is None:
-        raise _error("pass --data DIR (a BG60k-layout folder)")
     try:
         cfg = PGConfig(data=args.data, model=args.model, vision_model=args.vision_model,
                        resolution=args.resolution, variant=args.variant, tokens=args.tokens,

@@ -145,7 +145,7 @@ def summarize(problems: Sequence[Problem], examples: int = 3) -> str:
     return "; ".join(parts)
 
 
-def open_bg60k(root: str | Path, split: str = "bg60k", *, skip_bad: bool = False, decode: bool = False,
+def open_bg60k(root: str | Path, split: str = "bg60k", *, skip_bad: bool = False, decode: bool | None = None,
                expect_count: int | None = None, categories: Iterable[str] | None = None) -> BG60kIndex:
     """Open and validate one split of a BG60k-layout folder.
 
@@ -153,7 +153,8 @@ def open_bg60k(root: str | Path, split: str = "bg60k", *, skip_bad: bool = False
         root: dataset folder (holding ``bg60k_info.txt`` ...).
         split: ``"bg60k"`` (training) or ``"bg1k"`` (held out).
         skip_bad: drop bad entries with one warning instead of raising.
-        decode: fully decode every image and mask (slow; default reads headers only).
+        decode: fully decode every image and mask (slow; finds truncated files). Default: with ``skip_bad``
+            (so the entries training skips include undecodable ones), else headers only.
         expect_count: the number of entries the caller expects (a count mismatch is a problem).
         categories: the categories the caller expects (e.g. a bank being continued); others are problems.
 
@@ -171,7 +172,7 @@ def open_bg60k(root: str | Path, split: str = "bg60k", *, skip_bad: bool = False
         raise DatasetError(f"{root}: no {info.name} — not a BG60k-layout folder "
                            f"(build one with 'productbg dataset build SRC OUT')")
     rows, problems = _parse_info(info)
-    records = _check_rows(root, split, rows, decode, problems, categories)
+    records = _check_rows(root, split, rows, skip_bad if decode is None else decode, problems, categories)
     if expect_count is not None and len(rows) != expect_count:
         problems.append(Problem("count mismatch", "", f"{info.name} lists {len(rows)} entries, expected {expect_count}"))
     _report(root, split, len(rows), records, problems, skip_bad)
@@ -210,10 +211,16 @@ def _report(root: Path, split: str, listed: int, records: list[Record], problems
 # ---------------------------------------------------------------------------------------------- torch side
 def load_pair(record: Record, resolution: int) -> tuple[np.ndarray, np.ndarray]:
     """Image uint8 [R, R, 3] and mask float [R, R] in {0, 1}: centre-cropped to square, resized."""
-    with Image.open(record.image) as im:
-        img = _square(im.convert("RGB"), resolution, Image.BICUBIC)
-    with Image.open(record.mask) as m:
-        mask = _square(m.convert("L"), resolution, Image.BILINEAR)
+    try:
+        with Image.open(record.image) as im:
+            img = _square(im.convert("RGB"), resolution, Image.BICUBIC)
+        with Image.open(record.mask) as m:
+            mask = _square(m.convert("L"), resolution, Image.BILINEAR)
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt although its header was fine
+        raise DatasetError(f"cannot decode {record.image.name} or its mask in {record.image.parent.parent} "
+                           f"({type(e).__name__}: {' '.join(str(e).split())}); find every such file with "
+                           "`productbg dataset check DIR --decode`, or pass --skip-bad to train without them") \
+            from None
     return np.asarray(img), (np.asarray(mask, dtype=np.float32) >= 127.5).astype(np.float32)
 
 

@@ -45,8 +45,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Print what ``args.file`` is."""
     from .describe import describe_file
 
-    if not args.file.is_file():
-        raise _cli_error(f"{args.file}: no such file")
+    from .. import cli_checks as checks
+
+    checks.input_file(args.file, "FILE")
     try:
         report = describe_file(args.file)
     except WeightsError as e:
@@ -68,10 +69,12 @@ def cmd_convert_lora(args: argparse.Namespace) -> int:
     """Convert ``args.input`` to the ``args.to`` layout, writing ``args.output`` atomically."""
     from .lora import convert_lora_file, read_lora
 
-    if not args.input.is_file():
-        raise _cli_error(f"{args.input}: no such file")
-    if args.output.exists() and not args.force:
-        raise _cli_error(f"{args.output} exists; pass --force to overwrite it")
+    from .. import cli_checks as checks
+
+    checks.input_file(args.input, "INPUT")
+    if args.output.resolve() == args.input.resolve():
+        raise _cli_error(f"OUTPUT {args.output} is the INPUT file; write the converted LoRA to a new file")
+    checks.output_file(args.output, "OUTPUT", force=args.force)
     try:
         dest = convert_lora_file(args.input, args.output, args.to)
         count = len(read_lora(dest).modules)
