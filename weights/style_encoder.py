@@ -210,14 +210,16 @@ class StyleEncoder(nn.Module):
             tokens: ``[B, T, context_dim]`` style tokens.
 
         Returns:
-            ``(k, v)``, each ``[B, T, hidden_size of that layer]``.
+            ``(k, v)``, each ``[B, T, hidden_size of that layer]``, on the weights' device and dtype
+            (``tokens`` may be anywhere).
         """
         if isinstance(layer_index, torch.Tensor) and isinstance(tokens, int):
             layer_index, tokens = tokens, layer_index
         if not 0 <= layer_index < self.num_layers:
             raise IndexError(f"layer {layer_index} out of range; this encoder has {self.num_layers} layers")
-        tokens = tokens.to(self.to_k_ip[layer_index].weight.dtype)
-        return self.to_k_ip[layer_index](tokens), self.to_v_ip[layer_index](tokens)
+        w = self.to_k_ip[layer_index].weight  # computed where the weights are (ComfyUI moves them, not the tokens)
+        x = tokens.to(w.device, w.dtype)
+        return self.to_k_ip[layer_index](x), self.to_v_ip[layer_index](x)
 
     def file_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters under their IP-Adapter file names (``image_proj.*``, ``ip_adapter.<2i+1>.to_k_ip.weight``)."""
