@@ -144,6 +144,11 @@ class ProductBGAttn2:
         self.callback.append(callback)
         self.kwargs.append(kwargs)
 
+    def to(self, device_or_dtype: Any) -> "ProductBGAttn2":
+        """ComfyUI's ``model_patches_to`` hook (it assigns the result back). We hold no tensors: the style
+        weights are a ModelPatcher of their own (``StyleGuidance.models``), which ComfyUI loads and offloads."""
+        return self
+
     def __deepcopy__(self, memo: dict) -> "ProductBGAttn2":
         # ModelPatcher.clone() deep-copies model_options: copy our lists (so a later .add on the clone leaves
         # the original alone) but share the callbacks and their (possibly large) arguments.

@@ -144,7 +144,8 @@ class IdentifierGuidance(_SharedOnCopy):
         return self._cache[key]
 
 
-#: ``(layer_index, tokens [B, T, ctx]) -> (k, v)`` each [B, T, heads·d]; e.g. ``StyleEncoder.layer_kv``.
+#: ``(layer_index, tokens [B, T, ctx]) -> (k, v)`` each [B, T, heads·d], computed on the device of its weights
+#: (tokens may be elsewhere); e.g. ``StyleEncoder.layer_kv``.
 LayerKV = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -161,6 +162,7 @@ class StyleGuidance(_SharedOnCopy):
     sigma_start: float = math.inf
     sigma_end: float = 0.0
     cache_kv: bool = True  # False while training the K/V (recomputed with gradients every call)
+    models: tuple = ()  # host-managed models holding layer_kv's weights (ComfyUI ModelPatchers), loaded with the UNet
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -176,10 +178,10 @@ class StyleGuidance(_SharedOnCopy):
             kc, vc, ku, vu = self._cache[key]
         else:
             with torch.set_grad_enabled(not self.cache_kv and torch.is_grad_enabled()):
-                tokens = torch.cat([self.cond_tokens, self.uncond_tokens]).to(device)
-                k, v = self.layer_kv(layer, tokens)
+                # layer_kv runs where its weights are (ComfyUI loads them with the UNet); the K/V then move here
+                k, v = self.layer_kv(layer, torch.cat([self.cond_tokens, self.uncond_tokens]))
             n = self.cond_tokens.shape[0]
-            kc, vc, ku, vu = k[:n].to(dtype), v[:n].to(dtype), k[n:].to(dtype), v[n:].to(dtype)
+            kc, vc, ku, vu = (t.to(device, dtype) for t in (k[:n], v[:n], k[n:], v[n:]))
             if self.cache_kv:
                 self._cache[key] = (kc, vc, ku, vu)
         rows = positive_rows.shape[0]

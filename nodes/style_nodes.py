@@ -1,6 +1,12 @@
 """Reference-style nodes (the Personality-Wise Generator): load a style encoder, apply a reference image."""
 from __future__ import annotations
 
+import copy
+import weakref
+from typing import Any
+
+import torch
+
 from ..attention import STYLE_LAYER_PRESETS, ProductMask, StyleGuidance
 from ..attention import comfy_patch
 from ..imaging.fill import fill_product_hwc
@@ -11,6 +17,26 @@ from .folders import full_path, list_files
 
 CATEGORY = "productbg/style"
 LAYER_PRESETS = STYLE_LAYER_PRESETS
+#: ``ModelPatcher.additional_models`` key: the style encoders ComfyUI loads, accounts and offloads with the UNet.
+ADDITIONAL_MODELS_KEY = "productbg_style"
+_MANAGED: "weakref.WeakKeyDictionary[StyleEncoder, dict[torch.dtype, Any]]" = weakref.WeakKeyDictionary()
+
+
+def managed_encoder(encoder: StyleEncoder, dtype: torch.dtype) -> Any:
+    """The ComfyUI ModelPatcher of ``encoder`` in the UNet's ``dtype`` (one per encoder and dtype, reused).
+
+    Its load device is ComfyUI's torch device: sampling loads it with the UNet (memory accounted, offloaded like
+    a ControlNet), so the style K/V run on the UNet's device.
+    """
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    per_dtype = _MANAGED.setdefault(encoder, {})
+    if dtype not in per_dtype:
+        module = encoder if next(encoder.parameters()).dtype == dtype else copy.deepcopy(encoder).to(dtype)
+        per_dtype[dtype] = comfy.model_patcher.ModelPatcher(module.eval(), load_device=mm.get_torch_device(),
+                                                            offload_device=mm.unet_offload_device())
+    return per_dtype[dtype]
 
 
 class LoadStyleEncoder:
@@ -68,15 +94,18 @@ class ReferenceStyle:
             raise NodeInputError(f"start_percent {start_percent} is after end_percent {end_percent}")
         if reference_mask is not None:
             reference = fill_product_hwc(reference, check_mask_batch(reference_mask, reference, "reference_mask"))
+        patcher = managed_encoder(style_encoder, model.model_dtype())
         try:
-            cond, uncond = reference_tokens(style_encoder, clip_vision, reference)
+            cond, uncond = reference_tokens(patcher.model, clip_vision, reference)
         except ValueError as e:
             raise NodeInputError(str(e)) from None
         sampling = model.get_model_object("model_sampling")
-        style = StyleGuidance(cond, uncond, style_encoder.layer_kv, weight, LAYER_PRESETS[layer_preset],
+        style = StyleGuidance(cond, uncond, patcher.model.layer_kv, weight, LAYER_PRESETS[layer_preset],
                               product=ProductMask(product_mask) if product_mask is not None else None,
                               sigma_start=float(sampling.percent_to_sigma(start_percent)),
-                              sigma_end=float(sampling.percent_to_sigma(end_percent)))
+                              sigma_end=float(sampling.percent_to_sigma(end_percent)), models=(patcher,))
         m = model.clone()
-        comfy_patch.install(m.model_options, comfy_patch.current_guidance(m.model_options).with_style(style))
+        guidance = comfy_patch.current_guidance(m.model_options).with_style(style)
+        comfy_patch.install(m.model_options, guidance)
+        m.set_additional_models(ADDITIONAL_MODELS_KEY, [p for s in guidance.styles for p in s.models])
         return (m,)

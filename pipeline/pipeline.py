@@ -145,7 +145,7 @@ class ProductBGPipeline:
             components.image_encoder.model.to(self.device)
         if components.style_encoder is not None:
             check_style_fit(components.style_encoder, components.unet, components.image_encoder)
-            components.style_encoder.to(self.device)
+            components.style_encoder.to(self.device, components.unet.dtype)  # K/V in the UNet's dtype
         self.cross_attention_layers = install_processors(components.unet)
         self.prompts = PromptEncoder(components.tokenizer, components.text_encoder, components.identifiers)
 

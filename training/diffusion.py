@@ -14,21 +14,72 @@ from torch import nn
 from ..attention.diffusers_processor import CALL_KEY, DiffusersCall
 
 
+def max_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Square max filter of half-width ``radius`` on [B,C,H,W], separable (two 1-D max-pools, same result)."""
+    k = 2 * radius + 1
+    x = F.max_pool2d(x, (1, k), stride=1, padding=(0, radius))
+    return F.max_pool2d(x, (k, 1), stride=1, padding=(radius, 0))
+
+
 def morph(m: torch.Tensor, radius: int) -> torch.Tensor:
     """Dilate ([B,1,H,W] binary) masks by ``radius`` pixels, or erode them for a negative radius."""
     if radius == 0:
         return m
-    k = 2 * abs(radius) + 1
     if radius > 0:
-        return F.max_pool2d(m, k, stride=1, padding=abs(radius))
-    return 1 - F.max_pool2d(1 - m, k, stride=1, padding=abs(radius))
+        return max_filter(m, radius)
+    return 1 - max_filter(1 - m, -radius)
+
+
+def window_max(x: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """Per-sample 1-D max over ``[i - r_b, i + r_b]`` along the last dim of [B, ..., L] (outside ignored).
+
+    Sparse-table range maximum: windows of 1, 2, 4, ... are built once for the batch by doubling, then each
+    output is the max of two overlapping power-of-two windows of its sample's level — ``log2(r)`` elementwise
+    passes instead of a ``2r+1`` kernel, and different radii in one batched gather.
+
+    Args:
+        x: [B, ..., L] floating tensor.
+        radius: [B] non-negative integer radii, on the CPU (they size the table; no device sync).
+    """
+    top = int(radius.max())
+    if top == 0:
+        return x
+    levels = (2 * top + 1).bit_length()
+    n, width = x.shape[-1], x.shape[-1] + 2 * top
+    table = x.new_empty((levels, *x.shape[:-1], width))  # level j: max of 2^j values from i; its tail is never read
+    table[0, ..., :top] = float("-inf")
+    table[0, ..., top + n:] = float("-inf")
+    table[0, ..., top:top + n] = x
+    for j in range(1, levels):
+        s, size = 1 << (j - 1), width - (1 << j) + 1
+        torch.maximum(table[j - 1, ..., :size], table[j - 1, ..., s:s + size], out=table[j, ..., :size])
+    level = torch.floor(torch.log2(2 * radius.double() + 1)).long()
+    span = 1 << level
+    pos = torch.arange(n)
+    left, right = pos + top - radius[:, None], pos + top + radius[:, None] - span[:, None] + 1
+    dev = x.device
+    rows = table[level.to(dev), torch.arange(x.shape[0], device=dev)]
+    shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
+    gather = lambda i: rows.gather(-1, i.to(dev).view(shape).expand(x.shape))  # noqa: E731
+    return torch.maximum(gather(left), gather(right))
 
 
 def jitter_masks(mask: torch.Tensor, generator: torch.Generator, jitter: tuple[float, float]) -> torch.Tensor:
-    """Grow (positive radius) or shrink (negative) each [B,1,H,W] mask by a random radius (fraction of the side)."""
-    side = mask.shape[-1]
+    """Grow (positive radius) or shrink (negative) each [B,1,H,W] mask by a random radius (fraction of the side).
+
+    Runs on the mask's device, batched: the radii are drawn on the CPU generator (the draw order resumption
+    relies on), each sample's square max filter is two per-sample 1-D :func:`window_max` passes, erosion is
+    dilation of the complement. Same values as one ``max_pool2d`` per sample.
+    """
     radii = torch.empty(mask.shape[0]).uniform_(jitter[0], jitter[1], generator=generator)
-    return torch.cat([morph(m[None], r) for m, r in zip(mask, (radii * side).round().long().tolist())])
+    steps = (radii * mask.shape[-1]).round().long()
+    if not steps.any():
+        return mask
+    shrink = (steps < 0).to(mask.device).view(-1, *([1] * (mask.ndim - 1)))
+    x = torch.where(shrink, 1 - mask, mask)
+    x = window_max(window_max(x, steps.abs()).transpose(-1, -2).contiguous(), steps.abs())
+    x = x.transpose(-1, -2)
+    return torch.where(shrink, 1 - x, x)
 
 
 def loss_weights(mask: torch.Tensor, latent_hw: tuple[int, int], background_weight: float) -> torch.Tensor:
@@ -81,7 +132,7 @@ class DiffusionModule(nn.Module):
         noise = torch.randn(latents.shape, generator=generator).to(dev)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                           generator=generator).to(dev)
-        keep = jitter_masks(mask.cpu(), generator, jitter).to(dev)
+        keep = jitter_masks(mask.to(dev), generator, jitter)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         kwargs = {CALL_KEY: call} if call is not None else None  # None: a plain diffusers step (benchmarks)
         pred = self.unet(self.unet_input(noisy, image, keep).to(self.unet.dtype), t, context.to(self.unet.dtype),

@@ -23,12 +23,12 @@ import torch.nn.functional as F
 from ..attention import Guidance, ProductMask, StyleGuidance
 from ..attention.diffusers_processor import DiffusersCall, install_processors
 from ..imaging.fill import fill_product
+from ..weights.style_encoder import CLIP_MEAN, NULL_REFERENCE_RGB
 from .datasets import ImageMaskDataset, open_bg60k
 from .diffusion import DiffusionModule
 from .models import SDComponents, load_components
 
 STYLE_FILE = "style_encoder.safetensors"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -150,12 +150,18 @@ class PGModule(DiffusionModule):
 
     def style_tokens(self, reference: torch.Tensor, generator: torch.Generator,
                      drop: float | None = None) -> torch.Tensor:
-        """Style tokens; each reference is replaced by zeros with probability ``drop`` (default: the config's)."""
-        feats = self.clip_features(reference)
+        """Style tokens; each reference becomes the null reference with probability ``drop`` (default: the config's).
+
+        The null reference is the one inference uses (``weights.style_encoder.reference_tokens``): zero image
+        embeds for ``linear``, the CLIP features of the empty image for ``plus``.
+        """
         p = self.cfg.drop_reference if drop is None else drop
-        keep = torch.rand(feats.shape[0], generator=generator) >= p
-        feats = feats * keep.to(feats.device).view(-1, *([1] * (feats.ndim - 1)))
-        return self.encoder(feats)
+        keep = (torch.rand(reference.shape[0], generator=generator) >= p).to(reference.device)
+        if self.encoder.config.variant == "plus":
+            null = reference.new_tensor(NULL_REFERENCE_RGB).view(1, 3, 1, 1) * 2 - 1  # 0..1 → the batch's -1..1
+            return self.encoder(self.clip_features(torch.where(keep.view(-1, 1, 1, 1), reference, null)))
+        feats = self.clip_features(reference)
+        return self.encoder(feats * keep.view(-1, 1).to(feats.dtype))
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         mask = batch["mask"].float()

@@ -39,6 +39,11 @@ SCHEMA_VERSION = 1
 META = "productbg."
 VARIANTS = ("linear", "plus")
 _IP_KEY = re.compile(r"^ip_adapter\.(\d+)\.(to_k_ip|to_v_ip)\.weight$")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+#: The "plus" null reference, in 0..1 RGB: the CLIP mean colour on 8 bits. IP-Adapter Plus was trained and is
+#: sampled with zeroed *normalised* CLIP pixels as the empty image (= the mean colour); an 8-bit colour keeps
+#: that through ComfyUI's preprocessing (which rounds to 1/255), so trainer, pipeline and ComfyUI agree.
+NULL_REFERENCE_RGB = tuple(round(255 * m) / 255 for m in CLIP_MEAN)
 
 
 @dataclass(frozen=True)
@@ -205,14 +210,16 @@ class StyleEncoder(nn.Module):
             tokens: ``[B, T, context_dim]`` style tokens.
 
         Returns:
-            ``(k, v)``, each ``[B, T, hidden_size of that layer]``.
+            ``(k, v)``, each ``[B, T, hidden_size of that layer]``, on the weights' device and dtype
+            (``tokens`` may be anywhere).
         """
         if isinstance(layer_index, torch.Tensor) and isinstance(tokens, int):
             layer_index, tokens = tokens, layer_index
         if not 0 <= layer_index < self.num_layers:
             raise IndexError(f"layer {layer_index} out of range; this encoder has {self.num_layers} layers")
-        tokens = tokens.to(self.to_k_ip[layer_index].weight.dtype)
-        return self.to_k_ip[layer_index](tokens), self.to_v_ip[layer_index](tokens)
+        w = self.to_k_ip[layer_index].weight  # computed where the weights are (ComfyUI moves them, not the tokens)
+        x = tokens.to(w.device, w.dtype)
+        return self.to_k_ip[layer_index](x), self.to_v_ip[layer_index](x)
 
     def file_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters under their IP-Adapter file names (``image_proj.*``, ``ip_adapter.<2i+1>.to_k_ip.weight``)."""
@@ -488,8 +495,17 @@ def save_style_encoder(encoder: StyleEncoder, path: str | os.PathLike,
     return encoder.save(path, training)
 
 
+def null_reference(like: torch.Tensor) -> torch.Tensor:
+    """IMAGE-layout [B,H,W,3] null reference (0..1) shaped like ``like``, on its device and dtype."""
+    rgb = torch.tensor(NULL_REFERENCE_RGB, dtype=like.dtype, device=like.device)
+    return rgb.expand(*like.shape[:-1], 3).clone()
+
+
 def reference_tokens(encoder: StyleEncoder, clip_vision: Any, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cond, uncond) style tokens of reference IMAGEs [B,H,W,C]; uncond from a black image, as IP-Adapter does.
+    """(cond, uncond) style tokens of reference IMAGEs [B,H,W,C]; uncond = the null reference, as in training.
+
+    The null reference is IP-Adapter's: zero image embeds for ``linear``, the features of the empty image
+    (:data:`NULL_REFERENCE_RGB`) for ``plus`` — what ``train-pg`` feeds for a dropped reference.
 
     Args:
         encoder: the style encoder.
@@ -513,7 +529,7 @@ def reference_tokens(encoder: StyleEncoder, clip_vision: Any, reference: torch.T
     if cond.shape[-1] != encoder.config.clip_width:
         raise ValueError(f"this CLIP vision model gives {cond.shape[-1]}-wide features; the style encoder expects "
                          f"{encoder.config.clip_width} (use the CLIP vision model it was trained with)")
-    uncond = features(torch.zeros_like(reference[:1])) if plus else torch.zeros_like(cond[:1])
+    uncond = features(null_reference(reference[:1])) if plus else torch.zeros_like(cond[:1])
     with torch.no_grad():
         p = next(encoder.parameters())
         return (encoder(cond.to(p)).float(), encoder(uncond.to(p)).expand(cond.shape[0], -1, -1).float())
