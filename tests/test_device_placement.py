@@ -12,7 +12,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from productbg.attention import Guidance, StyleGuidance
+from productbg.attention import (Guidance, IdentifierGuidance, IdentifierSpec, ProductMask, StyleGuidance,
+                                 extend_context, plan_call)
 from productbg.attention.guided import LayerContext, guided_cross_attention
 from productbg.training import bgsynth
 from productbg.training.cg import CGConfig, CGTask
@@ -59,10 +60,16 @@ def test_guided_attention_with_style_on_another_device_than_the_encoder():
     tokens = enc(torch.randn(2, 12))
     style = StyleGuidance(tokens, torch.zeros_like(tokens), enc.layer_kv, layer_weights=(1.0, 1.0))
     q = torch.empty(4, 16, 16, device=META, dtype=torch.float16)
-    ctx = LayerContext(layer_index=0, grid=(4, 4), positive_rows=torch.tensor([1, 1, 0, 0], dtype=torch.bool,
-                                                                             device=META), chunks=2)
+    context = torch.empty(4, 77, 12, device=META, dtype=torch.float16)
+    mask = torch.ones(1, 32, 32)  # per-run data made on the CPU, like a node's input
+    spec = IdentifierSpec((3,), plain_context=torch.randn(1, 77, 12))
+    guidance = Guidance().with_identifier(IdentifierGuidance(spec, ProductMask(mask))).with_style(style)
     with SameDevice():
-        out = guided_cross_attention(q, q[:, :3], q[:, :3], 2, Guidance().with_style(style), ctx)
+        plan = plan_call(guidance, context, (0, 1))
+        extended = extend_context(plan, context)
+        ctx = LayerContext(layer_index=0, grid=(4, 4), plan=plan)
+        kv = extended @ torch.empty(12, 16, device=META, dtype=torch.float16)  # the layer's own K/V weights
+        out = guided_cross_attention(q, kv, kv, 2, ctx)
     assert out.device == META and out.shape == q.shape
 
 
@@ -97,9 +104,6 @@ def test_pg_training_forward_stays_on_the_model_device(data):
     assert out["loss"].device == META
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="train-cg still reads the batch's categories on the host (torch.unique in cg.py) "
-                          "and attention/identifier.py checks rows with bool(); remove this mark once fixed")
 def test_cg_training_forward_stays_on_the_model_device(data):
     out = _forward_on_meta(CGTask(CGConfig(data=data, resolution=32, vectors_per_id=2, lora_rank=4)))
     assert out["loss"].device == META
