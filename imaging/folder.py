@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 #: Input images above this many megapixels are refused before decoding (a 6000×6000 photo is 36 MP; a
@@ -195,22 +195,11 @@ def _why(e: Exception) -> str:
 def load_image(path: Union[str, Path]) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Read an image as ``[H, W, 3]`` float32 sRGB 0..1 plus its alpha ``[H, W]`` (None when it has none).
 
-    EXIF orientation is applied; palette transparency and 16-bit greyscale are handled. Images above the pixel
-    limit (:func:`max_megapixels`) are refused before they are decoded.
+    EXIF orientation is applied, an embedded ICC profile converted to sRGB, 16-bit files read at 16 bits,
+    CMYK converted (see :func:`productbg.imaging.reading.read_image_file`, which also says what it did).
+    Images above the pixel limit (:func:`max_megapixels`) are refused before they are decoded.
     """
-    if Path(path).is_dir():
-        raise ProductFolderError(f"cannot read image {path}: it is a folder")
-    try:
-        with _open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            has_alpha = im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info)
-            if im.mode == "I;16" or im.mode == "I":
-                im = Image.fromarray((np.asarray(im, np.float32) / 257.0).clip(0, 255).astype(np.uint8))
-            rgba = np.asarray(im.convert("RGBA" if has_alpha else "RGB"), dtype=np.float32) / 255.0
-    except ProductFolderError:
-        raise
-    except MemoryError:
-        raise ProductFolderError(f"cannot read image {path}: out of memory decoding it") from None
-    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, struct.error ... for broken files
-        raise ProductFolderError(f"cannot read image {path}: {_why(e)}") from None
-    return (rgba[..., :3].copy(), rgba[..., 3].copy()) if has_alpha else (rgba, None)
+    from .reading import read_image_file
+
+    loaded = read_image_file(path)
+    return loaded.rgb, loaded.alpha

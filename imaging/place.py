@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 
 from ._arrays import Array, check_image, check_mask, like, to_numpy
+from .layout import Layout, render_layout
 from .segment import grow_mask
 
 PRESETS: dict[str, tuple[int, int]] = {"1:1": (1, 1), "4:5": (4, 5), "3:4": (3, 4), "16:9": (16, 9), "9:16": (9, 16)}
@@ -40,6 +41,8 @@ class Placement:
         inpaint_mask: ``[H, W]`` binary mask of what the generator repaints, 1 = repaint.
         box: ``(x, y, width, height)`` of the placed product's bounding box (mask ≥ 0.5), in pixels.
         scale: The resize factor applied to the product.
+        layout: The :class:`~productbg.imaging.layout.Layout` (scale, offset) of the product on this canvas,
+            to re-render the source product at any other size of the same picture (the export).
     """
 
     image: Array
@@ -47,6 +50,7 @@ class Placement:
     inpaint_mask: Array
     box: tuple[int, int, int, int]
     scale: float
+    layout: Layout | None = None
 
 
 def canvas_size(preset: str, long_side: int = 512, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
@@ -150,15 +154,14 @@ def place_product(image: Array, mask: Array, canvas: tuple[int, int] = (512, 512
     crop_w, crop_h = cx1 - cx0, cy1 - cy0
     new_w, new_h = max(1, round(crop_w * scale)), max(1, round(crop_h * scale))
     sx, sy = new_w / crop_w, new_h / crop_h
-    colour, alpha = _resize_premultiplied(img[cy0:cy1, cx0:cx1], m[cy0:cy1, cx0:cx1], (new_w, new_h))
     left = _anchor_offset(anchor, width, box_w * sx, gap, "left", "right") - (x0 - cx0) * sx
     top = _anchor_offset(anchor, height, box_h * sy, gap, "top", "bottom") - (y0 - cy0) * sy
-    canvas_alpha = np.zeros((height, width), np.float32)
-    canvas_colour = np.broadcast_to(np.float32(fill_color), (height, width, 3)).copy()
-    _paste(canvas_alpha, alpha, round(left), round(top))
-    _paste(canvas_colour, colour, round(left), round(top))
+    # whole-pixel size and corner in this frame: rendered here by a resize and a paste (a copy at scale 1)
+    layout = Layout((width, height), (img.shape[1], img.shape[0]), (cx0, cy0, cx1, cy1), (sx, sy),
+                    (round(left) - sx * cx0, round(top) - sy * cy0))
+    colour, canvas_alpha = render_layout(img, m, layout)
     a = canvas_alpha[..., None]
-    placed = a * canvas_colour + (1.0 - a) * np.float32(fill_color)
+    placed = a * colour + (1.0 - a) * np.float32(fill_color)
     grow = inpaint_grow_pixels(width, height) if inpaint_grow is None else inpaint_grow
     if (canvas_alpha >= 0.5).any():                          # where the product really landed
         by0, by1, bx0, bx1 = mask_bbox(canvas_alpha, 0.5)
@@ -166,27 +169,4 @@ def place_product(image: Array, mask: Array, canvas: tuple[int, int] = (512, 512
     else:                                                    # shrunk below a pixel
         box = (round(left + (x0 - cx0) * sx), round(top + (y0 - cy0) * sy), 0, 0)
     return Placement(like(placed.astype(np.float32), image), like(canvas_alpha, image),
-                     like(inpaint_mask(canvas_alpha, grow), image), box, float(scale))
-
-
-def _resize_premultiplied(colour: np.ndarray, alpha: np.ndarray,
-                          size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Resize colour and alpha to ``size`` (w, h) with premultiplied alpha; α within 1e-4 of 1 snaps to 1."""
-    shrinking = size[0] < colour.shape[1] or size[1] < colour.shape[0]
-    interpolation = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
-    rgba = np.concatenate([colour * alpha[..., None], alpha[..., None]], axis=-1).astype(np.float32)
-    resized = cv2.resize(np.ascontiguousarray(rgba), size, interpolation=interpolation)
-    resized = resized.reshape(size[1], size[0], 4)
-    a = np.clip(resized[..., 3], 0.0, 1.0)
-    a = np.where(a >= 1.0 - 1e-4, np.float32(1.0), np.where(a <= 1e-4, np.float32(0.0), a))
-    rgb = np.clip(resized[..., :3] / np.maximum(resized[..., 3:], 1e-6), 0.0, 1.0)
-    return rgb.astype(np.float32), a.astype(np.float32)
-
-
-def _paste(target: np.ndarray, source: np.ndarray, left: int, top: int) -> None:
-    """Copy ``source`` into ``target`` with its top-left corner at (left, top), clipped to ``target``."""
-    h, w = source.shape[:2]
-    ty0, tx0 = max(top, 0), max(left, 0)
-    ty1, tx1 = min(top + h, target.shape[0]), min(left + w, target.shape[1])
-    if ty1 > ty0 and tx1 > tx0:
-        target[ty0:ty1, tx0:tx1] = source[ty0 - top:ty1 - top, tx0 - left:tx1 - left]
+                     like(inpaint_mask(canvas_alpha, grow), image), box, float(scale), layout)
