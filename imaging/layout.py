@@ -58,13 +58,14 @@ class Layout:
                 it the product follows the canvas exactly (generation canvases, sides rounded to multiples of 8).
 
         Raises:
-            ValueError: ``size`` is not a canvas, or its aspect differs from the frame's by more than 2 %.
+            ValueError: ``size`` is not a canvas, or (``keep_aspect``) its aspect differs from the frame's by
+                more than 2 % (the product would no longer fit the background it was generated with).
         """
         w, h = (int(v) for v in size)
         if w < 1 or h < 1:
             raise ValueError(f"canvas {w}x{h} is empty")
         kx, ky = w / self.frame[0], h / self.frame[1]
-        if abs(kx / ky - 1.0) > MAX_ASPECT_MISMATCH:
+        if keep_aspect and abs(kx / ky - 1.0) > MAX_ASPECT_MISMATCH:
             raise ValueError(f"a {w}x{h} canvas does not have the aspect of the {self.frame[0]}x{self.frame[1]} "
                              f"canvas the product was placed on; place it on a canvas of the export's aspect")
         if not keep_aspect or (kx == ky and self.scale[0] == self.scale[1]):

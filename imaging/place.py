@@ -136,6 +136,18 @@ def place_product(image: Array, mask: Array, canvas: tuple[int, int] = (512, 512
     """
     img = check_image(to_numpy(image))[..., :3]
     m = np.clip(check_mask(to_numpy(mask), img.shape[:2]), 0.0, 1.0)
+    layout = plan_layout(m, canvas, fill_ratio, anchor, margin)
+    return place_at(image, mask, layout, fill_color, inpaint_grow)
+
+
+def plan_layout(mask: Array, canvas: tuple[int, int] = (512, 512), fill_ratio: float = DEFAULT_FILL_RATIO,
+                anchor: str = "center", margin: float = DEFAULT_MARGIN) -> Layout:
+    """Where :func:`place_product` puts a product with this mask: the :class:`Layout`, nothing rendered.
+
+    In its own frame (``canvas``) the layout is pixel-aligned: whole-pixel size and corner. Args as in
+    :func:`place_product`; raises ValueError for an empty mask or a bad canvas, fill ratio, anchor or margin.
+    """
+    m = np.clip(check_mask(to_numpy(mask)), 0.0, 1.0)
     width, height = (int(v) for v in canvas)
     if width < 8 or height < 8:
         raise ValueError(f"canvas {width}x{height} is too small (at least 8x8)")
@@ -157,8 +169,17 @@ def place_product(image: Array, mask: Array, canvas: tuple[int, int] = (512, 512
     left = _anchor_offset(anchor, width, box_w * sx, gap, "left", "right") - (x0 - cx0) * sx
     top = _anchor_offset(anchor, height, box_h * sy, gap, "top", "bottom") - (y0 - cy0) * sy
     # whole-pixel size and corner in this frame: rendered here by a resize and a paste (a copy at scale 1)
-    layout = Layout((width, height), (img.shape[1], img.shape[0]), (cx0, cy0, cx1, cy1), (sx, sy),
-                    (round(left) - sx * cx0, round(top) - sy * cy0))
+    return Layout((width, height), (m.shape[1], m.shape[0]), (cx0, cy0, cx1, cy1), (sx, sy),
+                  (round(left) - sx * cx0, round(top) - sy * cy0))
+
+
+def place_at(image: Array, mask: Array, layout: Layout, fill_color: tuple[float, float, float] = (1.0, 1.0, 1.0),
+             inpaint_grow: float | None = None) -> Placement:
+    """Render a product at a :class:`Layout` (any frame: :meth:`Layout.at` re-expresses one) over the fill
+    colour, with its inpaint mask; see :func:`place_product` for the arguments and the result."""
+    img = check_image(to_numpy(image))[..., :3]
+    m = np.clip(check_mask(to_numpy(mask), img.shape[:2]), 0.0, 1.0)
+    width, height = layout.frame
     colour, canvas_alpha = render_layout(img, m, layout)
     a = canvas_alpha[..., None]
     placed = a * colour + (1.0 - a) * np.float32(fill_color)
@@ -167,6 +188,8 @@ def place_product(image: Array, mask: Array, canvas: tuple[int, int] = (512, 512
         by0, by1, bx0, bx1 = mask_bbox(canvas_alpha, 0.5)
         box = (bx0, by0, bx1 - bx0, by1 - by0)
     else:                                                    # shrunk below a pixel
-        box = (round(left + (x0 - cx0) * sx), round(top + (y0 - cy0) * sy), 0, 0)
+        bx, by, _, _ = layout.box()
+        box = (round(bx), round(by), 0, 0)
+    scale = float(np.sqrt(layout.scale[0] * layout.scale[1]))
     return Placement(like(placed.astype(np.float32), image), like(canvas_alpha, image),
-                     like(inpaint_mask(canvas_alpha, grow), image), box, float(scale), layout)
+                     like(inpaint_mask(canvas_alpha, grow), image), box, scale, layout)

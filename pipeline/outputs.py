@@ -2,8 +2,9 @@
 
 One generated item is a folder::
 
-    <item>/image_0.png ...   final images (product pasted back)
-           raw_0.png ...     the generator's images before paste-back (for evaluation)
+    <item>/image_0.png ...   final images (product pasted back); with an export: image_0.jpg / .webp / .png
+                             at the export size (sRGB profile embedded), the product at native resolution
+           raw_0.png ...     the generator's images before paste-back (for evaluation; generation size)
            placed.png        the product on its canvas;  mask.png  its mask (255 = product)
            result.json       written last: what was made, with which settings, and the preservation reports
 
@@ -53,6 +54,37 @@ def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
         raise
     _commit(tmp, path)
     return path
+
+
+def save_bytes(data: bytes, path: str | os.PathLike) -> Path:
+    """Write an already encoded file (an export's PNG / JPEG / WebP) atomically."""
+    path = Path(path)
+    tmp = temp_beside(path)
+    try:
+        tmp.write_bytes(data)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _commit(tmp, path)
+    return path
+
+
+def save_result_image(result: Any, path: str | os.PathLike) -> Path:
+    """A :class:`~productbg.pipeline.pipeline.Result`'s delivered image: its export's encoded file when it
+    has one (``path``'s suffix replaced by the export's), else its canvas image as PNG."""
+    path = Path(path)
+    if getattr(result, "export", None) is not None:
+        return save_bytes(result.export.data, path.with_suffix(result.export.extension))
+    return save_png(result.image, path.with_suffix(".png"))
+
+
+def export_meta(result: Any) -> dict[str, Any]:
+    """``result.json`` fields of an exported result: ``export`` (size, format, quality, profile, layout,
+    upscaler) and ``input`` (what reading the photo did: orientation, ICC conversion)."""
+    meta: dict[str, Any] = {"input": getattr(result, "input", {}) or {}}
+    if getattr(result, "export", None) is not None:
+        meta["export"] = result.export.describe()
+    return meta
 
 
 def write_json(data: Any, path: str | os.PathLike) -> Path:
@@ -123,18 +155,19 @@ def read_result(folder: str | os.PathLike) -> dict | None:
     return data
 
 
-_NUMBERED = re.compile(r"^(image|raw)_(\d+)\.png$")
+_NUMBERED = re.compile(r"^(image|raw)_(\d+)\.(png|jpg|webp)$")
 
 
-def _remove_extra_images(folder: Path, count: int) -> None:
-    """Delete ``image_<k>.png`` / ``raw_<k>.png`` with ``k >= count`` a previous, larger run left (and an old
-    ``result.json``, so the item is unfinished until the new one is written)."""
+def _remove_extra_images(folder: Path, count: int, image_ext: str = "png") -> None:
+    """Delete ``image_<k>.*`` / ``raw_<k>.png`` with ``k >= count`` a previous, larger run left, and images of
+    another format (and an old ``result.json``, so the item is unfinished until the new one is written)."""
     if not folder.is_dir():
         return
     (folder / RESULT_FILE).unlink(missing_ok=True)
     for p in folder.iterdir():
         m = _NUMBERED.match(p.name)
-        if m and int(m.group(2)) >= count and p.is_file():
+        other_format = m is not None and m.group(1) == "image" and m.group(3) != image_ext
+        if m and (int(m.group(2)) >= count or other_format) and p.is_file():
             p.unlink(missing_ok=True)
 
 
@@ -151,14 +184,18 @@ def write_item(folder: str | os.PathLike, results: Sequence[Any], meta: dict[str
     """
     folder = Path(folder)
     first = results[0]
-    _remove_extra_images(folder, len(results))
+    export = getattr(first, "export", None)
+    _remove_extra_images(folder, len(results), export.extension[1:] if export is not None else "png")
     save_png(first.placed, folder / "placed.png")
     save_png(first.mask, folder / "mask.png")
     images, raws = [], []
     for k, r in enumerate(results):
-        images.append(save_png(r.image, folder / f"image_{k}.png").name)
+        images.append(save_result_image(r, folder / f"image_{k}.png").name)
         raws.append(save_png(r.raw, folder / f"raw_{k}.png").name)
     data = dict(meta, images=images, raw=raws, placed="placed.png", mask="mask.png",
-                seeds=[r.seed for r in results], prompt=first.prompt, reports=[r.report for r in results])
+                seeds=[r.seed for r in results], prompt=first.prompt, reports=[r.report for r in results],
+                **export_meta(first))
+    if export is not None:
+        data["canvas_reports"] = [r.canvas_report for r in results]
     write_json(data, folder / RESULT_FILE)
     return data

@@ -56,6 +56,12 @@ class GenerateSettings:
         noise_mask: keep the unmasked latent (ComfyUI's noise mask) after every step.
         report_expansion: also segment each output to measure object expansion, as the shipped workflows do
             (costs a GrabCut per image; ``productbg eval`` measures it afterwards anyway).
+        export: ``(width, height)`` of the delivered image, or None (deliver the ``size``² canvas as before).
+            With it the canvas has the export's aspect and ``size`` as its longer side; the background is
+            generated there, resized up, and the *source* product is composited at the export size.
+        export_format: ``png`` | ``jpeg`` | ``webp``. quality: 1..100 for JPEG / WebP (100 = lossless WebP).
+        resampler: how the background is enlarged (``lanczos``, ``bicubic``, ``bilinear``).
+        upscaler: an upscale-model ``.safetensors`` (ESRGAN-class, via spandrel) run before the resize.
 
     The defaults are the values of the shipped ComfyUI workflows (``workflows/api``); a test keeps them equal.
     """
@@ -76,6 +82,11 @@ class GenerateSettings:
     feather: float = 2.0
     noise_mask: bool = True
     report_expansion: bool = False
+    export: tuple[int, int] | None = None
+    export_format: str = "png"
+    quality: int = imaging.export.DEFAULT_QUALITY
+    resampler: str = "lanczos"
+    upscaler: str | None = None
 
     def __post_init__(self) -> None:
         if self.size < 16 or self.size % 8:
@@ -86,6 +97,18 @@ class GenerateSettings:
             raise PipelineError(f"identifier strength must be in [0, 1], got {self.identifier_strength}")
         if self.confinement not in CONFINEMENTS:
             raise PipelineError(f"confinement must be one of {', '.join(CONFINEMENTS)}, got {self.confinement!r}")
+        try:
+            imaging.export.check_format(self.export_format, self.quality)
+            if self.export is not None:
+                imaging.parse_export_size(f"{self.export[0]}x{self.export[1]}")
+        except ValueError as e:
+            raise PipelineError(str(e)) from None
+        if self.resampler not in imaging.export.RESAMPLERS:
+            raise PipelineError(f"resampler must be one of {', '.join(imaging.export.RESAMPLERS)}")
+
+    def canvas(self) -> tuple[int, int]:
+        """The generation canvas (w, h): ``size``², or the export's aspect with ``size`` as its longer side."""
+        return (self.size, self.size) if self.export is None else imaging.generation_size(self.export, self.size)
 
 
 @dataclass
@@ -93,14 +116,21 @@ class Prepared:
     """A product placed on its canvas (what sampling and paste-back work on).
 
     Attributes:
-        placed: ``[S, S, 3]`` float32 canvas with the product. mask: ``[S, S]`` product mask (1 = product).
-        repaint: ``[S, S]`` binary inpaint mask (1 = regenerate). source: where it came from.
+        placed: ``[H, W, 3]`` float32 canvas with the product. mask: ``[H, W]`` product mask (1 = product).
+        repaint: ``[H, W]`` binary inpaint mask (1 = regenerate). source: where it came from.
+        product, product_mask: the segmented product at its native resolution (what the export composites).
+        layout: the :class:`~productbg.imaging.layout.Layout` in the export frame (or the canvas without one).
+        input: what reading the photo did (orientation, ICC conversion …; ``imaging.read_image_file``).
     """
 
     placed: np.ndarray
     mask: np.ndarray
     repaint: np.ndarray
     source: str = ""
+    product: np.ndarray | None = None
+    product_mask: np.ndarray | None = None
+    layout: imaging.Layout | None = None
+    input: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -111,7 +141,10 @@ class Result:
         image: ``[S, S, 3]`` float32 final image (product pasted back; its core equals ``placed`` bit for bit).
         raw: the generator's image before paste-back. placed, mask, repaint: from :class:`Prepared`.
         seed: this image's seed. category: the category used (None = none). prompt: the positive prompt.
-        report: ``imaging.preservation_report`` of the image.
+        report: ``imaging.preservation_report`` of the image (the export's, measured on the delivered file,
+            when there is an export; the generation canvas's is then ``canvas_report``).
+        export: the delivered :class:`~productbg.imaging.export.Export` (None without ``settings.export``).
+        input: what reading the product photo did.
     """
 
     image: np.ndarray
@@ -123,6 +156,9 @@ class Result:
     category: str | None
     prompt: str
     report: dict = field(default_factory=dict)
+    export: imaging.Export | None = None
+    canvas_report: dict | None = None
+    input: dict = field(default_factory=dict)
 
 
 class ProductBGPipeline:
@@ -212,15 +248,20 @@ class ProductBGPipeline:
         if isinstance(product, Prepared):
             return product
         s = settings or self.settings
-        rgba, source = read_image(product)
+        rgba, source, info = read_image(product, with_info=True)
+        canvas = s.canvas()
         try:
             seg = imaging.segment_product(rgba, s.segmentation)
-            placement = imaging.place_product(seg.image, seg.mask, (s.size, s.size), s.fill_ratio,
-                                              inpaint_grow=imaging.inpaint_grow_pixels(s.size, s.size, s.inpaint_grow))
+            layout = imaging.plan_layout(seg.mask, s.export or canvas, s.fill_ratio)
+            placement = imaging.place_at(seg.image, seg.mask, layout if s.export is None else layout.at(canvas),
+                                         inpaint_grow=imaging.inpaint_grow_pixels(*canvas, s.inpaint_grow))
         except ValueError as e:
             raise PipelineError(f"{source or 'product'}: {e}") from None
+        keep = s.export is not None
         return Prepared(np.asarray(placement.image, np.float32), np.asarray(placement.mask, np.float32),
-                        np.asarray(placement.inpaint_mask, np.float32), source)
+                        np.asarray(placement.inpaint_mask, np.float32), source,
+                        np.asarray(seg.image, np.float32) if keep else None,
+                        np.asarray(seg.mask, np.float32) if keep else None, layout, info)
 
     def style_guidance(self, reference: ImageInput, mask: np.ndarray, settings: GenerateSettings) -> StyleGuidance:
         """Style tokens of a reference image (its own product removed), confined to the product's background."""
@@ -301,18 +342,51 @@ class ProductBGPipeline:
             output_mask = imaging.segment_product(final, "auto", feather=0.0, clean_edges=False).mask
         report = imaging.preservation_report(prep.placed, prep.mask, final, generated_image=generated,
                                              output_mask=output_mask, thresholds=REPORT_THRESHOLDS)
-        return Result(final, generated, prep.placed, prep.mask, prep.repaint, seed, category, prompt, report)
+        result = Result(final, generated, prep.placed, prep.mask, prep.repaint, seed, category, prompt, report,
+                        input=prep.input)
+        if s.export is not None:
+            result.export = self._export(generated, prep, s, output_mask)
+            result.canvas_report, result.report = report, result.export.report
+        return result
+
+    def _export(self, generated: np.ndarray, prep: Prepared, s: GenerateSettings,
+                output_mask: np.ndarray | None) -> imaging.Export:
+        """The delivered image: background up to the export size, the native product composited on it."""
+        if prep.product is None or prep.layout is None:
+            raise PipelineError("this Prepared has no native product: prepare it with the export settings")
+        k = max(s.export) / max(s.canvas())
+        try:
+            return imaging.assemble_export(generated, prep.product, prep.product_mask, prep.layout, s.export,
+                                           s.export_format, s.quality, feather=s.feather * k,
+                                           method=s.resampler, upscaler=self.upscaler(s.upscaler),
+                                           thresholds=REPORT_THRESHOLDS, output_mask=output_mask)
+        except ValueError as e:
+            raise PipelineError(f"{prep.source or 'product'}: export: {e}") from None
+
+    def upscaler(self, path: str | None):
+        """The upscale model of ``path`` (loaded once and kept), or None."""
+        if path is None:
+            return None
+        cache = self.__dict__.setdefault("_upscalers", {})
+        if path not in cache:
+            from .upscale import load_upscaler
+
+            cache[path] = load_upscaler(path, self.device)
+        return cache[path]
 
 
-def read_image(image: ImageInput) -> tuple[np.ndarray, str]:
-    """An ``[H, W, 3|4]`` float32 array (alpha appended when the file has one) and a name for messages."""
+def read_image(image: ImageInput, with_info: bool = False):
+    """An ``[H, W, 3|4]`` float32 array (alpha appended when the file has one) and a name for messages (and,
+    with ``with_info``, what reading did: orientation, ICC conversion …; ``{}`` for arrays)."""
     if isinstance(image, (str, os.PathLike)):
         try:
-            rgb, alpha = imaging.load_image(image)
+            loaded = imaging.read_image_file(image)
         except (imaging.ProductFolderError, OSError) as e:
             raise PipelineError(str(e)) from None
-        return (np.concatenate([rgb, alpha[..., None]], -1) if alpha is not None else rgb), str(image)
+        rgb, alpha = loaded.rgb, loaded.alpha
+        arr = np.concatenate([rgb, alpha[..., None]], -1) if alpha is not None else rgb
+        return (arr, str(image), loaded.info) if with_info else (arr, str(image))
     arr = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
     if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
         raise PipelineError(f"an image must be [H, W, 3|4], got shape {tuple(arr.shape)}")
-    return arr.astype(np.float32), ""
+    return (arr.astype(np.float32), "", {}) if with_info else (arr.astype(np.float32), "")

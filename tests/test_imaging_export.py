@@ -83,7 +83,7 @@ def test_comfy_flow_placed_small_exported_big():
     _, alpha = render_layout(rgb, mask, big)
     assert np.abs(centroid(alpha) - centroid(np.asarray(small.mask))).max() * 512 < 0.05
     with pytest.raises(ValueError, match="aspect"):
-        small.layout.at((2000, 2000))
+        small.layout.at((2000, 2000), keep_aspect=True)
 
 
 def test_background_is_resized_with_lanczos_or_an_upscaler():
