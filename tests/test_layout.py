@@ -82,6 +82,14 @@ def test_no_import_circles():
     assert not circles, f"import circles: {circles}"
 
 
+def test_only_the_entry_points_import_the_command_line():
+    """cli/ is the top floor: no library module imports it (the commands live in cli/, not beside their code)."""
+    known = _modules()
+    users = {name for name, path in known.items() if name.split(".")[0] != "cli"
+             and any(t.split(".")[0] == "cli" for t in _imports(name, path, known))}
+    assert users == {"__main__"}, users
+
+
 def test_the_root_holds_only_the_entry_points():
     """The repo root's Python files are ComfyUI's entry (``__init__.py``) and ``python -m`` (``__main__.py``);
     everything else lives in a package folder, and every package folder is one the rules above read."""
