@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from .. import cli_checks as checks
-from .errors import PipelineError
-from .embedded import DEMO_MODEL, DEMO_SETTINGS, load_demo_pipeline
-from .pipeline import GenerateSettings
+from . import checks
+from ..pipeline.errors import PipelineError
+from ..pipeline.embedded import DEMO_MODEL, DEMO_SETTINGS, load_demo_pipeline
+from ..pipeline.pipeline import GenerateSettings
 
 #: Upper bounds that keep a run inside memory: the canvas side, images per call, and their product (images are
 #: sampled as one batch: 64 images at 512² ≈ 4 at 2048²), plus LoRA strength and input megapixels.
@@ -173,7 +173,7 @@ def extra_model_files(args: argparse.Namespace) -> list[str]:
 def build_pipeline(args: argparse.Namespace, quiet: bool = False, settings=None):
     """The pipeline the options describe (tiny models without --checkpoint); ``settings`` overrides the
     settings options (commands without them)."""
-    from .pipeline import ProductBGPipeline
+    from ..pipeline.pipeline import ProductBGPipeline
 
     settings, device = settings or settings_from_args(args), device_from_args(args)
     if uses_tiny(args):
