@@ -85,7 +85,7 @@ def batch_command(timed: TimedPipeline, manifest: Path, out: Path, size: int, st
     """Per-item seconds of ``productbg batch`` on the manifest (see the module docstring), and the share of its
     wall time spent outside ``generate``."""
     from productbg import cli
-    from productbg.pipeline import options
+    from productbg.cli import options
 
     timed.calls = []
     original = options.build_pipeline

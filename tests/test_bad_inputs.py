@@ -260,7 +260,7 @@ def test_the_real_entry_point_exits_2_with_one_line(argv, message, world):
 
 def test_a_bug_still_shows_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
     """An unexpected exception is not hidden: traceback, a line saying it is a bug, exit status 3."""
-    from productbg import cli_generate
+    from productbg.cli import generate as cli_generate
 
     def boom(args):
         raise ZeroDivisionError("boom")

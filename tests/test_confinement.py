@@ -240,3 +240,23 @@ def test_train_cg_records_the_confinement_in_its_bank(data, tmp_path):
     with load_bank(out / "category_bank.safetensors") as bank:
         assert bank.training.get("confinement") == "columns"
 
+
+
+def test_generate_records_the_confinement_in_its_result(tmp_path):
+    """``--confinement`` reaches the pipeline and result.json says which mode made the image."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from productbg.cli import main
+
+    product = tmp_path / "p.png"
+    rgba = np.zeros((48, 48, 4), np.uint8)
+    rgba[12:36, 16:32] = (200, 40, 40, 255)
+    Image.fromarray(rgba).save(product)
+    for mode in ("context", "columns"):
+        out = tmp_path / f"{mode}.png"
+        assert main(["generate", "--product", str(product), "--category", "mugs", "--checkpoint", "demo",
+                     "--steps", "2", "--confinement", mode, "--out", str(out)]) == 0
+        assert json.loads(out.with_suffix(".json").read_text())["settings"]["confinement"] == mode

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from productbg.cli import main
-from productbg.demo import CELL, LABEL_H, DEMO_CATEGORIES, DEMO_REFERENCES, PRODUCT_SEEDS
+from productbg.cli.demo import CELL, LABEL_H, DEMO_CATEGORIES, DEMO_REFERENCES, PRODUCT_SEEDS
 from productbg.pipeline.embedded import DEMO_MODEL, demo_recipe, load_demo_pipeline
 from productbg.training.demo_model import Recipe, train
 
@@ -65,7 +65,7 @@ def test_demo_model_knows_its_categories_and_refuses_others():
     pipe = load_demo_pipeline()
     assert len(pipe.components.identifiers.names) == 16
     from productbg.pipeline.errors import PipelineError
-    from productbg.demo import synthetic_product
+    from productbg.cli.demo import synthetic_product
 
     with pytest.raises(PipelineError, match="lamp"):
         pipe.generate(synthetic_product(1), category="lampz")
@@ -80,7 +80,7 @@ def test_recipe_runs_end_to_end_at_tiny_scale_and_resumes(tmp_path):
     record = train(tmp_path / "work", tmp_path / "model", recipe, progress=False, log=logs.append)
     assert record["total_bytes"] <= MAX_BYTES
     pipe = load_demo_pipeline(tmp_path / "model")
-    from productbg.demo import synthetic_product, synthetic_reference
+    from productbg.cli.demo import synthetic_product, synthetic_reference
 
     result = pipe.generate(synthetic_product(0), category="mugs", seed=1, steps=2)[0]
     assert result.image.shape == (64, 64, 3) and np.isfinite(result.image).all()

@@ -3,10 +3,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("attention", "weights", "nodes", "imaging", "pipeline", "training")
-# The command-line files import each other through CliError; they move into a cli/ package with the error
-# type in a leaf module (issue 16, item 1). Delete this entry when they have moved.
-KNOWN_CIRCLES = [{"cli", "cli_batch", "cli_eval", "cli_generate", "demo", "training.cli", "weights.cli"}]
+PACKAGES = ("fileio", "attention", "weights", "nodes", "imaging", "pipeline", "training", "cli")
 
 
 def _modules() -> dict[str, Path]:
@@ -81,8 +78,24 @@ def test_no_import_circles():
     known = _modules()
     graph = {name: _imports(name, path, known) for name, path in known.items()}
     assert graph["pipeline.fid"] == {"pipeline.image_files"}       # the reader sees relative imports
-    new = [sorted(c) for c in _circles(graph) if c not in KNOWN_CIRCLES]
-    assert not new, f"import circles: {new}"
+    circles = [sorted(c) for c in _circles(graph)]
+    assert not circles, f"import circles: {circles}"
+
+
+def test_only_the_entry_points_import_the_command_line():
+    """cli/ is the top floor: no library module imports it (the commands live in cli/, not beside their code)."""
+    known = _modules()
+    users = {name for name, path in known.items() if name.split(".")[0] != "cli"
+             and any(t.split(".")[0] == "cli" for t in _imports(name, path, known))}
+    assert users == {"__main__"}, users
+
+
+def test_the_root_holds_only_the_entry_points():
+    """The repo root's Python files are ComfyUI's entry (``__init__.py``) and ``python -m`` (``__main__.py``);
+    everything else lives in a package folder, and every package folder is one the rules above read."""
+    assert sorted(p.name for p in REPO.glob("*.py")) == ["__init__.py", "__main__.py"]
+    folders = {p.parent.name for p in REPO.glob("*/__init__.py")}
+    assert folders == set(PACKAGES), folders
 
 
 def test_lower_floors_import_neither_comfyui_nor_diffusers():

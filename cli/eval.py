@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import cli_checks as checks
+from . import checks
 
 EPILOG = """examples:
   productbg eval out/batch
@@ -37,20 +37,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fid-real", metavar="DIR", help="folder of real images to compute FID against")
     p.add_argument("--json", metavar="PATH", help="write the full report (with per-image metrics) here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from .pipeline.options import add_pixel_limit_option
+    from .options import add_pixel_limit_option
 
     add_pixel_limit_option(p)
     p.set_defaults(func=run)
 
 
 def _embedder(args: argparse.Namespace):
-    from .pipeline.components import ClipVision, load_clip_vision
-    from .pipeline.evaluate import ClipEmbedder, ColourHistogram
+    from ..pipeline.components import ClipVision, load_clip_vision
+    from ..pipeline.evaluate import ClipEmbedder, ColourHistogram
 
     if args.clip_vision:
         return ClipEmbedder(load_clip_vision(args.clip_vision), f"clip-vision:{Path(args.clip_vision).name}")
     if args.tiny:
-        from .pipeline.tiny import tiny_vision_encoder
+        from ..pipeline.tiny import tiny_vision_encoder
 
         return ClipEmbedder(ClipVision(tiny_vision_encoder()), "clip-vision:tiny-random")
     return ColourHistogram()
@@ -58,8 +58,8 @@ def _embedder(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the table and the summary JSON line."""
-    from .pipeline.evaluate import collect_items, evaluate, format_table, jsonable
-    from .pipeline.outputs import dumps, write_json
+    from ..pipeline.evaluate import collect_items, evaluate, format_table, jsonable
+    from ..pipeline.outputs import dumps, write_json
 
     check_args(args)
     items = collect_items(args.results)
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
 def check_args(args: argparse.Namespace) -> None:
     """Inputs and the --json location, before any model loads."""
-    from .pipeline.options import apply_pixel_limit
+    from .options import apply_pixel_limit
 
     apply_pixel_limit(args)
     path = Path(args.results)

@@ -1,7 +1,8 @@
 """Command line: ``productbg <command> ...`` (also ``python -m productbg ...``).
 
-Each command lives next to the code it drives and registers itself here through a small
-``add_parser(subparsers)`` function, so this file stays a table of contents.
+Each command is one module of this package (``generate``, ``batch``, ``eval``, ``demo``, ``weights``,
+``training``) and registers itself here through a small ``add_parser(subparsers)`` function, so this file stays
+a table of contents. The commands import the error type from the leaf module :mod:`.errors`, never this file.
 
 Every command runs under one guard (:func:`main`): an expected failure — a bad option, file, path or
 permission, a missing optional dependency, running out of memory — is one line on stderr and exit status 2;
@@ -16,17 +17,14 @@ import traceback
 from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
-from . import __version__
+from .. import __version__
+from .errors import CliError
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the package root: every file of productbg
 BUG_EXIT = 3
 #: Optional imports → the extra that brings them.
 EXTRAS = {"diffusers": "diffusers", "transformers": "diffusers", "peft": "train", "accelerate": "train",
           "scipy": "eval", "tqdm": "train"}
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line (no traceback), exit status 2."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,12 +35,9 @@ class Parser(argparse.ArgumentParser):
 
 
 def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:
-    from .weights import cli as weights_cli
-    from . import demo
-    from .training import cli as training_cli
-    from . import cli_batch, cli_eval, cli_generate
-    return [weights_cli.add_parser, demo.add_parser, training_cli.add_parser,
-            cli_generate.add_parser, cli_batch.add_parser, cli_eval.add_parser]
+    from . import batch, demo, eval, generate, training, weights
+    return [weights.add_parser, demo.add_parser, training.add_parser,
+            generate.add_parser, batch.add_parser, eval.add_parser]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,12 +71,12 @@ def _oom(e: BaseException) -> bool:
 
 def _expected_types() -> tuple[type, ...]:
     """This package's error families (each message says what to fix)."""
-    from .cli_checks import CheckError
-    from .imaging.folder import ProductFolderError
-    from .pipeline.errors import PipelineError
-    from .training.datasets import DatasetError
-    from .training.models import ModelLoadError
-    from .weights.errors import WeightsError
+    from .checks import CheckError
+    from ..imaging.folder import ProductFolderError
+    from ..pipeline.errors import PipelineError
+    from ..training.datasets import DatasetError
+    from ..training.models import ModelLoadError
+    from ..weights.errors import WeightsError
 
     found: list[type] = [CliError, CheckError, ProductFolderError, PipelineError, DatasetError, ModelLoadError,
                          WeightsError]

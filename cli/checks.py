@@ -119,7 +119,7 @@ def input_dir(path: str | os.PathLike, flag: str) -> Path:
 
 def input_image(path: str | os.PathLike, flag: str) -> Path:
     """A readable image within the pixel limit, decoded once in full (truncated files are found here)."""
-    from .imaging.folder import ProductFolderError, check_image_file
+    from ..imaging.folder import ProductFolderError, check_image_file
 
     p = input_file(path, flag)
     try:

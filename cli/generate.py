@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import cli_checks as checks
+from . import checks
 
 EPILOG = """examples:
   productbg generate --product bottle.png --category cosmetics --out out/bottle.png
@@ -27,7 +27,7 @@ exit status: 0 written, 1 written but the preservation check failed (--strict), 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``generate``."""
-    from .pipeline.options import add_model_options, add_settings_options
+    from .options import add_model_options, add_settings_options
 
     p = sub.add_parser("generate", help="generate backgrounds for one product", description=__doc__,
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,7 +52,7 @@ def _png_paths(out: Path, n: int) -> list[Path]:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before a model loads: options, input images, output locations."""
-    from .pipeline.options import check_generation, check_model_args
+    from .options import check_generation, check_model_args
 
     check_model_args(args)
     check_generation(args, args.n)
@@ -70,7 +70,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _write(results: list, out: Path, meta: dict) -> list[Path]:
-    from .pipeline.outputs import save_png, write_item, write_json
+    from ..pipeline.outputs import save_png, write_item, write_json
 
     if out.suffix.lower() != ".png":
         data = write_item(out, results, meta)
@@ -85,8 +85,8 @@ def _write(results: list, out: Path, meta: dict) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Generate, write, print one JSON line per image (path, seed, preservation pass)."""
-    from .pipeline.options import build_pipeline, describe_run
-    from .pipeline.outputs import dumps
+    from .options import build_pipeline, describe_run
+    from ..pipeline.outputs import dumps
 
     check_args(args)
     pipe = build_pipeline(args)

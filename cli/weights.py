@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import WeightsError
+from ..weights.errors import WeightsError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,16 +36,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cli_error(message: str) -> Exception:
-    from ..cli import CliError
+    from .errors import CliError
 
     return CliError(" ".join(message.split("\n")))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print what ``args.file`` is."""
-    from .describe import describe_file
+    from ..weights.describe import describe_file
 
-    from .. import cli_checks as checks
+    from . import checks
 
     checks.input_file(args.file, "FILE")
     try:
@@ -67,9 +67,9 @@ def _print(text: str) -> None:
 
 def cmd_convert_lora(args: argparse.Namespace) -> int:
     """Convert ``args.input`` to the ``args.to`` layout, writing ``args.output`` atomically."""
-    from .lora import convert_lora_file, read_lora
+    from ..weights.lora import convert_lora_file, read_lora
 
-    from .. import cli_checks as checks
+    from . import checks
 
     checks.input_file(args.input, "INPUT")
     if args.output.resolve() == args.input.resolve():

@@ -15,7 +15,7 @@ import csv
 import shutil
 from pathlib import Path
 
-from .. import cli_checks as checks
+from . import checks
 
 I = checks.integer
 F = checks.number
@@ -71,13 +71,13 @@ def _dataset_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _error(message: str) -> Exception:
-    from ..cli import CliError
+    from .errors import CliError
 
     return CliError(" ".join(str(message).split("\n")))
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from .bgsynth import SynthSpec, generate
+    from ..training.bgsynth import SynthSpec, generate
 
     names = tuple(n.strip() for n in args.names.split(",")) if args.names else None
     checks.output_dir(args.out, "OUT")
@@ -94,7 +94,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .folder import build_from_folder
+    from ..training.folder import build_from_folder
 
     if args.held_out >= 1:
         raise _error(f"argument --held-out: must be below 1 (a fraction of the images; {args.held_out:g} would "
@@ -116,7 +116,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from .datasets import DatasetError, open_bg60k
+    from ..training.datasets import DatasetError, open_bg60k
 
     checks.input_dir(args.root, "ROOT")
     try:
@@ -190,7 +190,7 @@ def _cg_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_config(args: argparse.Namespace):
-    from .engine import EngineConfig
+    from ..training.engine import EngineConfig
 
     return EngineConfig(output_dir=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
                         grad_accum=args.grad_accum, lr=args.lr, lr_schedule=args.lr_schedule,
@@ -242,7 +242,7 @@ class _RunFolder:
 
 def _designer_dataset(args: argparse.Namespace) -> Path:
     """``--category NAME --images DIR``: build OUT/dataset from the images (alpha masks)."""
-    from .folder import build_from_folder
+    from ..training.folder import build_from_folder
 
     out = args.output / "dataset"
     out.mkdir(parents=True, exist_ok=True)
@@ -267,10 +267,10 @@ def cmd_train_cg(args: argparse.Namespace) -> int:
 
 
 def _train_cg(args: argparse.Namespace) -> int:
-    from .cg import CGConfig, CGTask
-    from .datasets import DatasetError
-    from .engine import fit
-    from .models import ModelLoadError
+    from ..training.cg import CGConfig, CGTask
+    from ..training.datasets import DatasetError
+    from ..training.engine import fit
+    from ..training.models import ModelLoadError
 
     data = _designer_dataset(args) if args.images is not None else args.data
     try:
@@ -296,8 +296,8 @@ def _train_cg(args: argparse.Namespace) -> int:
 
 def _name_category_lora(written: list[Path], category: str) -> None:
     """A single-category run's LoRA is that category's own: name it in the bank (Category LoRA "(from bank)")."""
-    from .cg import BANK_FILE, LORA_FILE
-    from .outputs import set_category_lora
+    from ..training.cg import BANK_FILE, LORA_FILE
+    from ..training.outputs import set_category_lora
 
     bank = next((p for p in written if p.name == BANK_FILE), None)
     lora = next((p for p in written if p.name == LORA_FILE), None)
@@ -346,10 +346,10 @@ def cmd_train_pg(args: argparse.Namespace) -> int:
 
 
 def _train_pg(args: argparse.Namespace) -> int:
-    from .datasets import DatasetError
-    from .engine import fit
-    from .models import ModelLoadError
-    from .pg import PGConfig, PGTask
+    from ..training.datasets import DatasetError
+    from ..training.engine import fit
+    from ..training.models import ModelLoadError
+    from ..training.pg import PGConfig, PGTask
 
     try:
         cfg = PGConfig(data=args.data, model=args.model, vision_model=args.vision_model,

@@ -12,8 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import cli_checks as checks
-from .cli import CliError
+from . import checks
+from .errors import CliError
 
 EPILOG = """examples:
   productbg batch products.csv --out out/batch
@@ -33,7 +33,7 @@ exit status: 0 every row done or skipped, 1 some rows failed (see "failed"), 2 u
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``batch``."""
-    from .pipeline.options import add_model_options, add_settings_options
+    from .options import add_model_options, add_settings_options
 
     p = sub.add_parser("batch", help="generate for every row of a manifest (resumable, sharded)",
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,8 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _shard(text: str | None):
-    from .pipeline.errors import PipelineError
-    from .pipeline.manifest import Shard, shard_from_env
+    from ..pipeline.errors import PipelineError
+    from ..pipeline.manifest import Shard, shard_from_env
 
     if text is None:
         return shard_from_env()
@@ -65,11 +65,11 @@ def _shard(text: str | None):
 
 def run(args: argparse.Namespace) -> int:
     """Run the batch; print the summary JSON as the last line."""
-    from .pipeline.batch import merge_summaries, run_batch
-    from .pipeline.manifest import read_manifest
-    from .pipeline.options import (build_pipeline, check_generation, check_model_args, describe_run, max_images,
+    from ..pipeline.batch import merge_summaries, run_batch
+    from ..pipeline.manifest import read_manifest
+    from .options import (build_pipeline, check_generation, check_model_args, describe_run, max_images,
                                    settings_from_args)
-    from .pipeline.outputs import dumps
+    from ..pipeline.outputs import dumps
 
     shard = _shard(args.shard)
     check_model_args(args)

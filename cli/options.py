@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from .. import cli_checks as checks
-from .errors import PipelineError
-from .embedded import DEMO_MODEL, DEMO_SETTINGS, load_demo_pipeline
-from .pipeline import GenerateSettings
+from . import checks
+from ..pipeline.errors import PipelineError
+from ..pipeline.embedded import DEMO_MODEL, DEMO_SETTINGS, load_demo_pipeline
+from ..pipeline.pipeline import GenerateSettings
 
 #: Upper bounds that keep a run inside memory: the canvas side, images per call, and their product (images are
 #: sampled as one batch: 64 images at 512² ≈ 4 at 2048²), plus LoRA strength and input megapixels.
@@ -73,7 +73,8 @@ def apply_pixel_limit(args: argparse.Namespace) -> None:
 #: Settings options → :class:`GenerateSettings` fields. Every option defaults to ``None`` = "the model's default":
 #: the paper's recipe (:data:`DEFAULTS`), or the demo model's own (:data:`DEMO_SETTINGS`) with ``--checkpoint demo``.
 SETTING_OPTIONS = {"size": "size", "steps": "steps", "cfg": "guidance_scale", "fill": "fill_ratio",
-                   "grow": "inpaint_grow", "strength": "identifier_strength", "style_weight": "style_weight",
+                   "grow": "inpaint_grow", "strength": "identifier_strength", "confinement": "confinement",
+                   "style_weight": "style_weight",
                    "style_layers": "style_layers", "template": "template", "extra": "extra_text",
                    "negative": "negative_prompt", "feather": "feather", "segmentation": "segmentation",
                    "report_expansion": "report_expansion"}
@@ -97,6 +98,9 @@ def add_settings_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grow", type=checks.number(0, 512), help=f"repaint-mask growth in px at 512, scaled with --size "
                    f"({_default('grow')})")
     g.add_argument("--strength", type=checks.number(0, 1), help=f"mask-guided attention strength 0..1 ({_default('strength')})")
+    g.add_argument("--confinement", choices=["context", "columns"],
+                   help="context: product areas attend to the prompt without the identifier (exactly independent "
+                        f"of it); columns: only the identifier's tokens are masked, an ablation ({_default('confinement')})")
     g.add_argument("--style-weight", type=checks.number(0, 10), help=f"reference style weight ({_default('style_weight')})")
     g.add_argument("--style-layers", choices=["all", "style", "composition"],
                    help=f"layers that take the reference style ({_default('style_layers')})")
@@ -169,7 +173,7 @@ def extra_model_files(args: argparse.Namespace) -> list[str]:
 def build_pipeline(args: argparse.Namespace, quiet: bool = False, settings=None):
     """The pipeline the options describe (tiny models without --checkpoint); ``settings`` overrides the
     settings options (commands without them)."""
-    from .pipeline import ProductBGPipeline
+    from ..pipeline.pipeline import ProductBGPipeline
 
     settings, device = settings or settings_from_args(args), device_from_args(args)
     if uses_tiny(args):
