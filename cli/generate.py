@@ -20,8 +20,12 @@ EPILOG = """examples:
   productbg generate --product mug.png --reference brand_look.jpg --out out/mug.png --checkpoint sd15-inpaint.safetensors \\
       --style-encoder ip-adapter_sd15.safetensors --clip-vision CLIP-ViT-H-14.safetensors
 
---out ending in .png writes that image (name_1.png ... for --n > 1) and name.json beside it; any other --out is a
-folder with image_<k>.png, raw_<k>.png (before paste-back), placed.png, mask.png and result.json.
+  productbg generate --product shoe.jpg --category sneakers --export amazon-zoom --out out/shoe.jpg --quality 92
+      (2000x2000 JPEG, the shoe at its own resolution; --export shopify|taobao|instagram-portrait|story|WxH)
+
+--out ending in .png/.jpg/.webp writes that image (name_1.png ... for --n > 1) and name.json beside it; any other
+--out is a folder with image_<k>.png (.jpg/.webp with --export --format), raw_<k>.png (before paste-back),
+placed.png, mask.png and result.json (which records the export and any colour-profile conversion of the input).
 exit status: 0 written, 1 written but the preservation check failed (--strict), 2 usage or input error."""
 
 
@@ -46,8 +50,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+FILE_SUFFIXES = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
+
+
 def _png_paths(out: Path, n: int) -> list[Path]:
-    return [out if n == 1 else out.with_name(f"{out.stem}_{k}.png") for k in range(n)]
+    return [out if n == 1 else out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(n)]
+
+
+def _format_from_out(args: argparse.Namespace, out: Path) -> None:
+    """A file --out names the format (``shoe.jpg`` → jpeg); it must agree with --format, and without --export
+    only PNG is written."""
+    wanted = FILE_SUFFIXES[out.suffix.lower()]
+    if args.export is None:
+        if wanted != "png":
+            raise checks.CheckError(f"--out {out}: without --export the canvas is written as PNG; add --export "
+                                    "(e.g. --export amazon-zoom) for JPEG / WebP")
+        return
+    given = {"jpg": "jpeg"}.get(args.format, args.format)
+    if given is not None and given != wanted:
+        raise checks.CheckError(f"--out {out} is a {wanted.upper()} name but --format is {given}; make them agree")
+    args.format = wanted
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -62,7 +84,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.reference:
         checks.input_image(args.reference, "--reference")
     out = Path(args.out)
-    if out.suffix.lower() == ".png":
+    if out.suffix.lower() in FILE_SUFFIXES:
+        _format_from_out(args, out)
         for path in [*_png_paths(out, args.n), out.with_suffix(".json")]:
             checks.output_file(path, "--out")
     else:
@@ -70,16 +93,18 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _write(results: list, out: Path, meta: dict) -> list[Path]:
-    from ..pipeline.outputs import save_png, write_item, write_json
+    from ..pipeline.outputs import export_meta, save_result_image, write_item, write_json
 
-    if out.suffix.lower() != ".png":
+    if out.suffix.lower() not in FILE_SUFFIXES:
         data = write_item(out, results, meta)
         return [out / name for name in data["images"]]
-    paths = _png_paths(out, len(results))
-    for path, r in zip(paths, results):
-        save_png(r.image, path)
+    paths = [save_result_image(r, path) for path, r in zip(_png_paths(out, len(results)), results)]
+    extra = export_meta(results[0])
+    if results[0].export is not None:
+        extra["canvas_reports"] = [r.canvas_report for r in results]
     write_json(dict(meta, images=[p.name for p in paths], seeds=[r.seed for r in results],
-                    prompt=results[0].prompt, reports=[r.report for r in results]), out.with_suffix(".json"))
+                    prompt=results[0].prompt, reports=[r.report for r in results], **extra),
+               out.with_suffix(".json"))
     return paths
 
 

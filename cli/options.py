@@ -77,7 +77,10 @@ SETTING_OPTIONS = {"size": "size", "steps": "steps", "cfg": "guidance_scale", "f
                    "style_weight": "style_weight",
                    "style_layers": "style_layers", "template": "template", "extra": "extra_text",
                    "negative": "negative_prompt", "feather": "feather", "segmentation": "segmentation",
-                   "report_expansion": "report_expansion"}
+                   "report_expansion": "report_expansion", "export": "export", "format": "export_format",
+                   "quality": "quality", "resampler": "resampler", "upscaler": "upscaler"}
+#: Options that only mean something with --export.
+EXPORT_ONLY = ("format", "quality", "resampler", "upscaler")
 
 
 def _default(option: str) -> str:
@@ -113,6 +116,59 @@ def add_settings_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--report-expansion", action="store_true", default=None,
                    help="also measure object expansion in each preservation report, as the ComfyUI workflows do "
                         "(a GrabCut per image)")
+    add_export_options(p)
+
+
+def export_size(text: str) -> tuple[int, int]:
+    """argparse ``type`` of ``--export``: a preset name or WIDTHxHEIGHT."""
+    from ..imaging.export import parse_export_size
+
+    try:
+        return parse_export_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_export_options(p: argparse.ArgumentParser) -> None:
+    """``--export``, ``--format``, ``--quality``, ``--resampler``, ``--upscaler``: the delivered image."""
+    from ..imaging.export import EXPORT_PRESETS
+
+    presets = ", ".join(f"{k} {w}x{h}" for k, (w, h) in EXPORT_PRESETS.items())
+    g = p.add_argument_group("export (marketplace-ready output: generate small, deliver big)")
+    g.add_argument("--export", type=export_size, metavar="PRESET|WxH",
+                   help=f"deliver at this size: {presets}, or any WIDTHxHEIGHT (64..8192). The background is "
+                        "generated at --size on a canvas of this aspect and resized up; the product is composited "
+                        "from the original photo at its own resolution (core pixels unchanged), sRGB profile "
+                        "embedded. Without it the --size² canvas is delivered as PNG")
+    g.add_argument("--format", choices=["png", "jpeg", "jpg", "webp"],
+                   help="file format of the export (default png, or the --out file's suffix)")
+    g.add_argument("--quality", type=checks.integer(1, 100),
+                   help="JPEG / WebP quality 1..100 (default 95; WebP 100 = lossless; JPEG ≥ 90 keeps full colour "
+                        "resolution)")
+    g.add_argument("--resampler", choices=["lanczos", "bicubic", "bilinear"],
+                   help="how the generated background is enlarged (default lanczos)")
+    g.add_argument("--upscaler", metavar="FILE",
+                   help="upscale model .safetensors (ESRGAN-class, e.g. from ComfyUI's models/upscale_models) run on "
+                        "the background before the resize; needs spandrel (pip install 'productbg[upscale]')")
+
+
+def check_export_args(args: argparse.Namespace) -> None:
+    """Export options: the ones that need --export, and the upscale model file (before anything loads)."""
+    if getattr(args, "export", None) is None:
+        given = [o for o in EXPORT_ONLY if getattr(args, o, None) is not None]
+        if given:
+            raise checks.CheckError(f"--{given[0]} needs --export (e.g. --export amazon-zoom, or --export 512x512 "
+                                    "for the canvas size)")
+        return
+    if getattr(args, "format", None) == "jpg":
+        args.format = "jpeg"
+    if getattr(args, "upscaler", None):
+        _model_file(Path(args.upscaler), "--upscaler", "upscale model")
+        try:
+            import spandrel  # noqa: F401
+        except ImportError:
+            raise checks.CheckError("--upscaler needs spandrel, which is not installed; install it with: "
+                                    "pip install 'productbg[upscale]' (or leave --upscaler out for Lanczos)") from None
 
 
 def settings_from_args(args: argparse.Namespace) -> GenerateSettings:
@@ -206,12 +262,13 @@ def max_images(size: int) -> int:
 
 
 def check_model_args(args: argparse.Namespace) -> None:
-    """Check the model options before anything loads: the device, and every model file given.
+    """Check the model options before anything loads: the device, every model file given, the export options.
 
     Raises:
         CheckError: naming the option.
     """
     apply_pixel_limit(args)
+    check_export_args(args)
     device_from_args(args)
     if uses_tiny(args) or uses_demo(args):
         return

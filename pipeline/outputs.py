@@ -73,8 +73,10 @@ def save_result_image(result: Any, path: str | os.PathLike) -> Path:
     """A :class:`~productbg.pipeline.pipeline.Result`'s delivered image: its export's encoded file when it
     has one (``path``'s suffix replaced by the export's), else its canvas image as PNG."""
     path = Path(path)
-    if getattr(result, "export", None) is not None:
-        return save_bytes(result.export.data, path.with_suffix(result.export.extension))
+    export = getattr(result, "export", None)
+    if export is not None:
+        same = {".jpeg": "jpeg", ".jpg": "jpeg", ".png": "png", ".webp": "webp"}.get(path.suffix.lower())
+        return save_bytes(export.data, path if same == export.format else path.with_suffix(export.extension))
     return save_png(result.image, path.with_suffix(".png"))
 
 
