@@ -53,10 +53,18 @@ def srgb_profile() -> ImageCms.ImageCmsProfile:
     return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
+#: ICC header bytes 24..35 hold the creation date; fixed, so every process embeds the same bytes (the same
+#: input gives byte-identical files). LittleCMS leaves the profile ID (bytes 84..99) zero, so nothing to update.
+_FIXED_DATE = bytes.fromhex("07e8000100010000000000")  + b"\0"
+
+
 @lru_cache(maxsize=1)
 def srgb_icc_bytes() -> bytes:
-    """The sRGB ICC profile as bytes, embedded in every exported image."""
-    return srgb_profile().tobytes()
+    """The sRGB ICC profile as bytes (LittleCMS's built-in sRGB, creation date fixed), embedded in every
+    exported image."""
+    data = bytearray(srgb_profile().tobytes())
+    data[24:36] = _FIXED_DATE
+    return bytes(data)
 
 
 def is_srgb(description: str) -> bool:

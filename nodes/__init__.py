@@ -1,6 +1,7 @@
 """ComfyUI nodes. Node modules import ComfyUI only inside methods, so this package imports without it."""
 from .attention_nodes import BackgroundWords, MaskGuidedAttention
 from .category_nodes import CategoryPrompt, LoadCategoryBank
+from .export_nodes import ExportProduct
 from .imaging_nodes import (CompositeProduct, LoadProductsFromFolder, PlaceProduct, PreservationReport,
                             SegmentProduct)
 from .lora_nodes import CategoryLoraNode
@@ -18,6 +19,7 @@ _NODES = {
     "ProductBGPlaceProduct": (PlaceProduct, "Place Product (productbg)"),
     "ProductBGCompositeProduct": (CompositeProduct, "Composite Product (productbg)"),
     "ProductBGPreservationReport": (PreservationReport, "Preservation Report (productbg)"),
+    "ProductBGExportProduct": (ExportProduct, "Export for Marketplace (productbg)"),
     "ProductBGLoadProductsFromFolder": (LoadProductsFromFolder, "Load Products From Folder (productbg)"),
 }
 

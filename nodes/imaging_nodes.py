@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from .. import imaging
 from ..pipeline.outputs import json_safe
 from .common import NodeInputError
+from .export_nodes import PlacementBatch
 
 CATEGORY = "productbg/image"
-CANVAS_CHOICES = ["custom", *imaging.PRESETS]
+CANVAS_CHOICES = ["custom", *imaging.PRESETS, *imaging.EXPORT_PRESETS]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -182,12 +183,17 @@ class PlaceProduct:
     """Scale and position the product on a canvas; also returns the inpaint mask for the generator."""
 
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE", "MASK", "MASK")
-    RETURN_NAMES = ("image", "product_mask", "inpaint_mask")
+    RETURN_TYPES = ("IMAGE", "MASK", "MASK", "PRODUCTBG_PLACEMENT")
+    RETURN_NAMES = ("image", "product_mask", "inpaint_mask", "placement")
     FUNCTION = "place"
     DESCRIPTION = ("Puts the product on a canvas of a marketplace format, its bounding box spanning fill_ratio "
                    "of the canvas. inpaint_mask (1 = repaint) is the background grown over the product's edge, "
-                   "for InpaintModelConditioning; Composite Product pastes the original back afterwards.")
+                   "for InpaintModelConditioning; Composite Product pastes the original back afterwards. "
+                   "placement (the product's scale and offset, plus the original product) goes to Export for "
+                   "Marketplace, which delivers the image at export size with the product at its own "
+                   "resolution. An export canvas (amazon-zoom, shopify, taobao, instagram-portrait, story) places "
+                   "the product in the export's frame and makes a canvas of its aspect whose longer side is the "
+                   "larger of width and height (the backbone's size: 512 for SD1.5).")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -196,7 +202,8 @@ class PlaceProduct:
             "mask": ("MASK", {"tooltip": "The product mask, 1 = product (resized when its size differs)."}),
             "canvas": (CANVAS_CHOICES, {"default": "1:1", "tooltip":
                        "Aspect ratio preset (width:height; longer side = the larger of width and height, "
-                       "rounded to a multiple of 8), or custom to use width × height as given."}),
+                       "rounded to a multiple of 8), an export preset (placed in the export's frame, canvas "
+                       "of its aspect), or custom to use width × height as given."}),
             "width": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8, "tooltip":
                       "Canvas width for custom; for presets the larger of width/height is the longer side."}),
             "height": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8, "tooltip":
@@ -220,18 +227,31 @@ class PlaceProduct:
         masks = as_mask_batch(mask, images, "mask")
         require_product(masks, "mask", "Connect the product mask (1 = product), e.g. from Segment Product; "
                                        "LoadImage's MASK is 1 = transparent and empty for photos.")
-        size = (width, height) if canvas == "custom" else library_call(imaging.canvas_size, canvas,
-                                                                       max(width, height))
+        frame, size = canvas_frame(canvas, width, height)
         color = library_call(imaging.parse_hex_color, fill_color)
         grow = imaging.inpaint_grow_pixels(*size, inpaint_grow)
 
-        def one(i: int) -> tuple[torch.Tensor, ...]:
-            p = library_call(imaging.place_product, images[i], masks[i], size, fill_ratio, anchor, margin,
+        def one(i: int) -> tuple[Any, ...]:
+            layout = library_call(imaging.plan_layout, masks[i], frame, fill_ratio, anchor, margin)
+            p = library_call(imaging.place_at, images[i], masks[i], layout.at(size) if frame != size else layout,
                              color, grow)
-            return p.image, p.mask, p.inpaint_mask
+            return p.image, p.mask, p.inpaint_mask, layout
 
         results = map_batch(one, images.shape[0])
-        return tuple(torch.stack([r[k] for r in results]) for k in range(3))
+        placement = PlacementBatch([r[3] for r in results], images, masks, color)
+        return (*(torch.stack([r[k] for r in results]) for k in range(3)), placement)
+
+
+def canvas_frame(canvas: str, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(frame the product is placed in, generation canvas): the same for canvas presets and custom; for an
+    export preset the export's size and a canvas of its aspect with the longer side ``max(width, height)``."""
+    if canvas == "custom":
+        return (width, height), (width, height)
+    if canvas in imaging.EXPORT_PRESETS:
+        frame = imaging.EXPORT_PRESETS[canvas]
+        return frame, imaging.generation_size(frame, max(width, height))
+    size = library_call(imaging.canvas_size, canvas, max(width, height))
+    return size, size
 
 
 # ------------------------------------------------------------------------------------------------ 9. composite
