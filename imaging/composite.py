@@ -49,7 +49,7 @@ def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 def composite_product(generated: Array, placed: Array, product_mask: Array,
-                      feather: float = DEFAULT_FEATHER) -> Array:
+                      feather: float = DEFAULT_FEATHER, foreground: Array | None = None) -> Array:
     """Paste the placed product over the generated image.
 
     Args:
@@ -58,6 +58,9 @@ def composite_product(generated: Array, placed: Array, product_mask: Array,
         placed: ``[H, W, 3|4]`` the canvas with the product (Place Product's image).
         product_mask: ``[H, W]`` product mask on that canvas, 1 = product.
         feather: Outward softening in pixels (0 = none).
+        foreground: Optional ``[H, W, 3]`` pure product colour F where ``product_mask > 0``, when the caller
+            knows it (the export renders it): then F is not recovered from ``placed`` (same result where
+            ``placed`` was made as ``mask·F + (1 − mask)·fill``, much cheaper on large canvases).
 
     Returns:
         ``[H, W, 3]`` image (float32). Where ``product_mask ≥ CORE_THRESHOLD`` it equals ``placed`` bit for bit.
@@ -67,7 +70,12 @@ def composite_product(generated: Array, placed: Array, product_mask: Array,
     background = resize_image(check_image(to_numpy(generated), "generated")[..., :3], product.shape[:2])
     core = mask >= CORE_THRESHOLD
     alpha = np.maximum(mask, outward_feather(core, feather))
-    foreground = product_colors(product, mask, sigma=max(1.0, feather))
+    if foreground is None:
+        foreground = product_colors(product, mask, sigma=max(1.0, feather))
+    else:
+        known = check_image(to_numpy(foreground), "foreground")[..., :3]
+        extended = estimate_local_color(known, (mask >= 0.5).astype(np.float32), max(1.0, feather))
+        foreground = np.where((mask >= 0.1)[..., None], known, extended).astype(np.float32)
     blended = alpha[..., None] * foreground + (1.0 - alpha[..., None]) * background
     out = np.where(core[..., None], product, blended.astype(np.float32))
     return like(out, placed)

@@ -170,7 +170,7 @@ def assemble_export(background: np.ndarray, product: np.ndarray, product_mask: n
         raise ValueError("the product is outside the export canvas (nothing to paste)")
     placed = (alpha[..., None] * colour + (1.0 - alpha[..., None]) * np.float32(fill_color)).astype(np.float32)
     back = resize_background(background, size, method, upscaler)
-    final = np.asarray(composite_product(back, placed, alpha, feather), np.float32)
+    final = np.asarray(composite_product(back, placed, alpha, feather, foreground=colour), np.float32)
     result = Export(final, placed, alpha, target, format=fmt, quality=int(quality))
     delivered = final
     if encode:

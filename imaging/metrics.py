@@ -66,19 +66,20 @@ def _region(mask: Array, hw: tuple[int, int], name: str = "product_mask") -> np.
     return region
 
 
-def _pair(reference: Array, test: Array) -> tuple[np.ndarray, np.ndarray]:
-    a = check_image(to_numpy(reference, np.float64), "reference")[..., :3]
-    b = check_image(to_numpy(test, np.float64), "test")[..., :3]
+def _region_pixels(reference: Array, test: Array, mask: Array) -> tuple[np.ndarray, np.ndarray]:
+    """The two images' pixels where ``mask ≥ 0.5`` as ``[N, 3]`` float64 (selected before converting)."""
+    a = check_image(to_numpy(reference, None), "reference")[..., :3]
+    b = check_image(to_numpy(test, None), "test")[..., :3]
     if a.shape != b.shape:
         raise ValueError(f"images differ in size: {a.shape[1]}x{a.shape[0]} vs {b.shape[1]}x{b.shape[0]}")
-    return a, b
+    region = _region(mask, a.shape[:2])
+    return a[region].astype(np.float64), b[region].astype(np.float64)
 
 
 def masked_psnr(reference: Array, test: Array, mask: Array, max_value: float = 1.0) -> float:
     """PSNR in dB between two ``[H, W, 3]`` images over the pixels where ``mask ≥ 0.5`` (inf when identical)."""
-    a, b = _pair(reference, test)
-    region = _region(mask, a.shape[:2])
-    mse = float(((a[region] - b[region]) ** 2).mean())
+    ra, rb = _region_pixels(reference, test, mask)
+    mse = float(((ra - rb) ** 2).mean())
     return math.inf if mse == 0.0 else 10.0 * math.log10(max_value ** 2 / mse)
 
 
@@ -88,9 +89,7 @@ def color_drift(reference: Array, test: Array, mask: Array, max_pixels: Optional
     Identical pixels count as 0 without being converted. With ``max_pixels`` a larger product is measured on an
     evenly strided sample of that many of its pixels (large exports: the statistics, not every pixel).
     """
-    a, b = _pair(reference, test)
-    region = _region(mask, a.shape[:2])
-    ra, rb = a[region], b[region]
+    ra, rb = _region_pixels(reference, test, mask)
     if max_pixels is not None and len(ra) > max_pixels:
         step = math.ceil(len(ra) / max_pixels)
         ra, rb = ra[::step], rb[::step]

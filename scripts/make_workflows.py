@@ -72,6 +72,10 @@ def _back_end(g: Graph, ckpt: str, model: list, positive: list, place: str, pref
     g.add("ProductBGPreservationReport", product_image=out(place, 0), product_mask=out(place, 1),
           output_image=out(comp), max_delta_e_mean=2.0, min_psnr_db=20.0, max_expansion_ratio=0.05,
           generated_image=out(decode))
+    # The marketplace deliverable: the background resized to 2000², the original product at its own resolution.
+    g.add("ProductBGExportProduct", "Export for Marketplace", generated=out(decode), placement=out(place, 3),
+          size="amazon-zoom", width=2000, height=2000, format="jpeg", quality=95, feather=2.0,
+          filename_prefix=f"{prefix}_export", save=True)
 
 
 def category_background(with_style: bool = False, with_lora: bool = False, prefix: str = "productbg") -> dict:

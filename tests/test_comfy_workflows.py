@@ -11,7 +11,7 @@ pytestmark = pytest.mark.comfyui
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 NAMES = ("category_background", "reference_style", "category_style_lora", "zero_shot_confinement", "batch_folder")
-SIZE, STEPS = 96, 2
+SIZE, STEPS, EXPORT = 96, 2, 320
 FILE_INPUTS = {"ckpt_name", "bank_name", "encoder_name", "clip_name", "image", "lora_name"}
 
 
@@ -29,6 +29,8 @@ def _small(comfy, prompt: dict, products: Path) -> dict:
             inputs["steps"] = STEPS
         if node["class_type"] == "ProductBGLoadProductsFromFolder":
             inputs["folder"] = str(products)
+        if node["class_type"] == "ProductBGExportProduct":            # the same path, a smaller export
+            inputs.update(size="custom", width=EXPORT, height=EXPORT)
     return prompt
 
 
@@ -46,10 +48,17 @@ def inputs(comfy, comfy_model_files, tmp_path_factory):
 def test_api_workflow_runs_end_to_end(comfy, inputs, name):
     prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
     outputs = comfy.run(_small(comfy, prompt, inputs))
-    (image,) = comfy.saved_images(outputs)
+    by_class = {node["class_type"]: outputs.get(key, {}) for key, node in prompt.items()}
+    (image,) = comfy.saved_images({"save": by_class["SaveImage"]})
     assert image.stat().st_size > 0
-    reports = [json.loads(o["text"][0]) for o in outputs.values() if "text" in o]
-    assert len(reports) == 1
+    (export,) = comfy.saved_images({"export": by_class["ProductBGExportProduct"]})
+    from PIL import Image
+
+    with Image.open(export) as im:                          # the deliverable: export size, JPEG, sRGB profile
+        assert im.size == (EXPORT, EXPORT) and im.format == "JPEG" and "icc_profile" in im.info
+    export_report = json.loads(by_class["ProductBGExportProduct"]["text"][0])["images"][0]
+    assert export_report["metrics"]["size"] == [EXPORT, EXPORT] and export_report["checks"]["delta_e2000_mean"]["pass"]
+    reports = [json.loads(by_class["ProductBGPreservationReport"]["text"][0])]
     (report,) = reports[0]["images"]
     metrics, checks = report["metrics"], report["checks"]
     assert checks["delta_e2000_mean"]["pass"], metrics  # the product is pasted back untouched

@@ -41,7 +41,7 @@ def test_segment_place_composite_report_chain():
     images = shot_batch(2)
     seg_images, masks = SegmentProduct().segment(images, **SEGMENT_DEFAULTS)
     assert seg_images.shape == (2, 64, 64, 3) and masks.shape == (2, 64, 64)
-    placed, product_mask, inpaint = PlaceProduct().place(seg_images, masks, **{**PLACE_DEFAULTS, "canvas": "4:5"})
+    placed, product_mask, inpaint, _ = PlaceProduct().place(seg_images, masks, **{**PLACE_DEFAULTS, "canvas": "4:5"})
     assert placed.shape == (2, 128, 104, 3) and product_mask.shape == inpaint.shape == (2, 128, 104)
     generated = torch.rand(2, 128, 104, 3)
     (out,) = CompositeProduct().composite(generated, placed, product_mask, 2.0)
@@ -56,7 +56,7 @@ def test_segment_place_composite_report_chain():
 
 def test_one_placed_product_many_generations():
     """A batch of generated images shares one placed image and mask (batch 1 broadcasts)."""
-    placed, product_mask, _ = PlaceProduct().place(shot_batch(1), SegmentProduct().segment(
+    placed, product_mask, _, _ = PlaceProduct().place(shot_batch(1), SegmentProduct().segment(
         shot_batch(1), **SEGMENT_DEFAULTS)[1], **PLACE_DEFAULTS)
     (out,) = CompositeProduct().composite(torch.rand(3, 128, 128, 3), placed, product_mask, 0.0)
     assert out.shape == (3, 128, 128, 3)
@@ -67,7 +67,7 @@ def test_mask_of_another_size_is_resized():
     """A 32×32 mask on a 64×64 image is resized, not rejected."""
     mask = torch.zeros(1, 32, 32)
     mask[:, 8:24, 10:22] = 1
-    placed, product_mask, _ = PlaceProduct().place(shot_batch(1), mask, **PLACE_DEFAULTS)
+    placed, product_mask, _, _ = PlaceProduct().place(shot_batch(1), mask, **PLACE_DEFAULTS)
     assert product_mask.shape == (1, 128, 128) and (product_mask >= 0.5).any()
 
 

@@ -132,3 +132,28 @@ def test_modes_without_an_srgb_reading_are_refused(tmp_path):
     (tmp_path / "t.png").write_bytes(buf.getvalue()[:40])
     with pytest.raises(imaging.ProductFolderError, match="cannot read image"):
         read_image_file(tmp_path / "t.png")
+
+
+def test_dataset_build_and_folder_node_read_upright_srgb(tmp_path):
+    """The dataset build (user folder → BG60k layout) and Load Products From Folder use the same reader: a
+    product stored sideways with EXIF orientation 6 and a P3 profile comes out upright in sRGB."""
+    from productbg.nodes.imaging_nodes import LoadProductsFromFolder
+    from productbg.training.datasets import build_from_folder, open_bg60k
+
+    srgb = np.zeros((30, 50, 4), np.uint8)
+    srgb[..., :3] = (200, 40, 30)
+    srgb[5:25, 10:40, 3] = 255
+    encoded, icc = encode_in(np.ascontiguousarray(srgb[..., :3]), P3)
+    stored = Image.fromarray(np.dstack([np.asarray(encoded), srgb[..., 3]])).transpose(INVERSE[6])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "src" / "cups").mkdir(parents=True)
+    stored.save(tmp_path / "src" / "cups" / "p.png", exif=exif, icc_profile=icc)
+    report = build_from_folder(tmp_path / "src", tmp_path / "out", segmenter=None)
+    assert report.written == 1
+    with Image.open(open_bg60k(tmp_path / "out").records[0].image) as im:
+        built = np.asarray(im.convert("RGB"))
+    assert built.shape == (30, 50, 3) and np.abs(built[15, 25].astype(int) - (200, 40, 30)).max() <= 2
+    image, mask, category, _, count = LoadProductsFromFolder().load(str(tmp_path / "src"), 0, "")
+    assert tuple(image.shape) == (1, 30, 50, 3) and category == "cups" and count == 1
+    assert np.abs(image[0, 15, 25].numpy() * 255 - (200, 40, 30)).max() <= 2

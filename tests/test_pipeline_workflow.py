@@ -79,7 +79,7 @@ def comfy_placement():
 
 def test_prepare_equals_comfy_nodes(pipe, comfy_placement):
     """The pipeline's segment + place give the nodes' canvas, product mask and inpaint mask exactly."""
-    placed, mask, repaint = (t[0].numpy() for t in comfy_placement)
+    placed, mask, repaint = (t[0].numpy() for t in comfy_placement[:3])
     prep = pipe.prepare(EXAMPLE)
     assert prep.placed.shape == (512, 512, 3)
     np.testing.assert_array_equal(prep.placed, placed)
@@ -92,7 +92,7 @@ def test_paste_back_and_report_equal_comfy_nodes(pipe, comfy_placement):
     prep = pipe.prepare(EXAMPLE)
     raw = torch.rand(3, 512, 512, generator=torch.Generator().manual_seed(0))
     result = pipe._finish(raw, prep, seed=0, category="shoes", prompt="", s=pipe.settings)
-    placed, mask, _ = comfy_placement
+    placed, mask, _, _ = comfy_placement
     generated = raw.permute(1, 2, 0)[None]
     (final,) = CompositeProduct().composite(generated, placed, mask, pipe.settings.feather)
     np.testing.assert_array_equal(result.image, final[0].numpy())

@@ -124,6 +124,16 @@ def alpha_mask(im: Image.Image) -> np.ndarray | None:
     return (alpha >= 128).astype(np.float32)
 
 
+def read_upright_srgb(path: Path) -> Image.Image:
+    """An 8-bit RGB / RGBA image read the way every input path reads (EXIF orientation applied, ICC profile
+    converted to sRGB, 16-bit and CMYK handled: ``productbg.imaging.reading``)."""
+    from ..imaging.reading import read_image_file
+
+    loaded = read_image_file(path)
+    data = loaded.rgb if loaded.alpha is None else np.dstack([loaded.rgb, loaded.alpha])
+    return Image.fromarray((np.clip(data, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))
+
+
 def _on_white(im: Image.Image) -> Image.Image:
     rgba = im.convert("RGBA")
     canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -133,10 +143,9 @@ def _on_white(im: Image.Image) -> Image.Image:
 def _prepare(path: Path, segmenter: Segmenter | None, max_side: int | None) -> tuple[Image.Image, np.ndarray, str] | str:
     """(RGB image, mask, mask source) or the reason the source is skipped."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            mask = alpha_mask(im)
-            rgb = _on_white(im) if mask is not None else im.convert("RGB")
+        im = read_upright_srgb(path)
+        mask = alpha_mask(im)
+        rgb = _on_white(im) if mask is not None else im.convert("RGB")
     except Exception as e:
         return f"unreadable image ({type(e).__name__})"
     origin = "alpha"
