@@ -59,10 +59,11 @@ def time_unet_step(reps: int) -> dict:
     from diffusers import UNet2DConditionModel
 
     repo = Path(__file__).resolve().parent.parent
-    config = UNet2DConditionModel.load_config(repo / "assets" / "sd15" / "unet")
+    config = json.loads((repo / "assets" / "sd15" / "unet_config.json").read_text())
     cuda = torch.cuda.is_available()
     dtype = torch.float16 if cuda else torch.float32
     device = "cuda" if cuda else "cpu"
+    torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(config).to(device, dtype).eval()
     x = torch.randn(2, unet.config.in_channels, 64, 64, device=device, dtype=dtype)
     context = torch.randn(2, 77, 768, device=device, dtype=dtype)
