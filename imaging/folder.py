@@ -20,17 +20,11 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
-from PIL import Image
+
+from .reading import (DEFAULT_MAX_MEGAPIXELS, MAX_MEGAPIXELS_ENV, ProductFolderError, _open, _why,  # noqa: F401
+                      max_megapixels, read_image_file)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-#: Input images above this many megapixels are refused before decoding (a 6000×6000 photo is 36 MP; a
-#: decompression bomb declares far more). Raise it with PRODUCTBG_MAX_MEGAPIXELS or the CLI's --max-megapixels.
-DEFAULT_MAX_MEGAPIXELS = 50.0
-MAX_MEGAPIXELS_ENV = "PRODUCTBG_MAX_MEGAPIXELS"
-
-
-class ProductFolderError(ValueError):
-    """A product folder or its CSV cannot be read; the message says what to fix."""
 
 
 @dataclass(frozen=True)
@@ -135,42 +129,6 @@ def _from_csv(root: Path, csv_path: Path, path_column: str, category_column: str
     return entries
 
 
-def max_megapixels() -> float:
-    """The input pixel limit in megapixels: ``PRODUCTBG_MAX_MEGAPIXELS`` when set (and valid), else the default."""
-    try:
-        value = float(os.environ.get(MAX_MEGAPIXELS_ENV, DEFAULT_MAX_MEGAPIXELS))
-    except ValueError:
-        return DEFAULT_MAX_MEGAPIXELS
-    return value if value > 0 and value == value and value != float("inf") else DEFAULT_MAX_MEGAPIXELS
-
-
-def _check_pixels(path: Union[str, Path], size: tuple[int, int]) -> None:
-    limit = max_megapixels()
-    mp = size[0] * size[1] / 1e6
-    if mp > limit:
-        need = int(mp) + 1
-        raise ProductFolderError(f"{path} is {size[0]}×{size[1]} ({mp:.1f} MP), above the {limit:g} MP input "
-                                 f"limit (a very large photo, or a decompression bomb); not decoding it: downscale "
-                                 f"it, or raise the limit (--max-megapixels {need} or {MAX_MEGAPIXELS_ENV}={need})")
-
-
-def _open(path: Union[str, Path]) -> Image.Image:
-    """``Image.open`` (which reads only the header) with the pixel limit checked before anything is decoded;
-    PIL's own bomb check is replaced by this limit, so a bomb and an oversized photo get the same message."""
-    saved = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        im = Image.open(path)
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
-    try:
-        _check_pixels(path, im.size)
-    except ProductFolderError:
-        im.close()
-        raise
-    return im
-
-
 def check_image_file(path: Union[str, Path]) -> tuple[int, int]:
     """Open and fully decode an image file (finds truncated files) within the pixel limit; its (width, height).
 
@@ -187,11 +145,6 @@ def check_image_file(path: Union[str, Path]) -> tuple[int, int]:
         raise ProductFolderError(f"cannot read image {path}: {_why(e)}") from None
 
 
-def _why(e: Exception) -> str:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return text.replace("cannot identify image file", "not an image file")
-
-
 def load_image(path: Union[str, Path]) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Read an image as ``[H, W, 3]`` float32 sRGB 0..1 plus its alpha ``[H, W]`` (None when it has none).
 
@@ -199,7 +152,5 @@ def load_image(path: Union[str, Path]) -> tuple[np.ndarray, Optional[np.ndarray]
     CMYK converted (see :func:`productbg.imaging.reading.read_image_file`, which also says what it did).
     Images above the pixel limit (:func:`max_megapixels`) are refused before they are decoded.
     """
-    from .reading import read_image_file
-
     loaded = read_image_file(path)
     return loaded.rgb, loaded.alpha

@@ -17,6 +17,7 @@ Modes that have no sensible sRGB reading (LAB, HSV, 32-bit float) are refused wi
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -25,10 +26,59 @@ from typing import Any, Optional, Union
 import numpy as np
 from PIL import Image, ImageCms
 
+#: Input images above this many megapixels are refused before decoding (a 6000×6000 photo is 36 MP; a
+#: decompression bomb declares far more). Raise it with PRODUCTBG_MAX_MEGAPIXELS or the CLI's --max-megapixels.
+DEFAULT_MAX_MEGAPIXELS = 50.0
+MAX_MEGAPIXELS_ENV = "PRODUCTBG_MAX_MEGAPIXELS"
 ORIENTATION_TAG = 0x0112
 INTENT = "relative colorimetric + black-point compensation"
 _PLAIN_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "La", "YCbCr", "CMYK", "I;16", "I;16B",
                 "I;16L", "I"}
+
+
+class ProductFolderError(ValueError):
+    """A product folder or its CSV cannot be read; the message says what to fix."""
+
+
+def max_megapixels() -> float:
+    """The input pixel limit in megapixels: ``PRODUCTBG_MAX_MEGAPIXELS`` when set (and valid), else the default."""
+    try:
+        value = float(os.environ.get(MAX_MEGAPIXELS_ENV, DEFAULT_MAX_MEGAPIXELS))
+    except ValueError:
+        return DEFAULT_MAX_MEGAPIXELS
+    return value if value > 0 and value == value and value != float("inf") else DEFAULT_MAX_MEGAPIXELS
+
+
+def _check_pixels(path: Union[str, Path], size: tuple[int, int]) -> None:
+    limit = max_megapixels()
+    mp = size[0] * size[1] / 1e6
+    if mp > limit:
+        need = int(mp) + 1
+        raise ProductFolderError(f"{path} is {size[0]}×{size[1]} ({mp:.1f} MP), above the {limit:g} MP input "
+                                 f"limit (a very large photo, or a decompression bomb); not decoding it: downscale "
+                                 f"it, or raise the limit (--max-megapixels {need} or {MAX_MEGAPIXELS_ENV}={need})")
+
+
+def _open(path: Union[str, Path]) -> Image.Image:
+    """``Image.open`` (which reads only the header) with the pixel limit checked before anything is decoded;
+    PIL's own bomb check is replaced by this limit, so a bomb and an oversized photo get the same message."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        im = Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    try:
+        _check_pixels(path, im.size)
+    except ProductFolderError:
+        im.close()
+        raise
+    return im
+
+
+def _why(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text.replace("cannot identify image file", "not an image file")
 
 
 @dataclass
@@ -55,7 +105,7 @@ def srgb_profile() -> ImageCms.ImageCmsProfile:
 
 #: ICC header bytes 24..35 hold the creation date; fixed, so every process embeds the same bytes (the same
 #: input gives byte-identical files). LittleCMS leaves the profile ID (bytes 84..99) zero, so nothing to update.
-_FIXED_DATE = bytes.fromhex("07e8000100010000000000")  + b"\0"
+_FIXED_DATE = bytes.fromhex("07e800010001000000000000")
 
 
 @lru_cache(maxsize=1)
@@ -79,8 +129,6 @@ def read_image_file(path: Union[str, Path]) -> LoadedImage:
         ProductFolderError: unreadable, truncated, not an image, above the pixel limit, or a mode with no
             sRGB reading.
     """
-    from .folder import ProductFolderError, _open, _why
-
     if Path(path).is_dir():
         raise ProductFolderError(f"cannot read image {path}: it is a folder")
     try:
@@ -95,8 +143,6 @@ def read_image_file(path: Union[str, Path]) -> LoadedImage:
 
 
 def _read(path: Union[str, Path], im: Image.Image) -> LoadedImage:
-    from .folder import ProductFolderError
-
     if im.mode not in _PLAIN_MODES:
         raise ProductFolderError(f"cannot read image {path}: its colour mode {im.mode} has no sRGB reading here; "
                                  "save it as 8- or 16-bit RGB (or CMYK with its profile)")
