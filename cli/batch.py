@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the batch; print the summary JSON as the last line."""
     from ..pipeline.batch import merge_summaries, run_batch
     from ..pipeline.manifest import read_manifest
-    from .options import (build_pipeline, check_generation, check_model_args, describe_run, max_images,
-                                   settings_from_args)
+    from .options import (build_pipeline, check_generation, check_model_args, describe_run, max_exports,
+                          max_images, settings_from_args)
     from ..pipeline.outputs import dumps
 
     shard = _shard(args.shard)
@@ -76,8 +76,11 @@ def run(args: argparse.Namespace) -> int:
     check_generation(args, args.n)
     checks.input_file(args.manifest, "manifest")
     checks.output_dir(args.out, "--out")
-    rows = read_manifest(args.manifest, args.out, args.seed, args.n,
-                         max_n=max_images(settings_from_args(args).size))
+    settings = settings_from_args(args)
+    max_n = max_images(settings.size)
+    if settings.export is not None:
+        max_n = min(max_n, max_exports(settings.export))
+    rows = read_manifest(args.manifest, args.out, args.seed, args.n, max_n=max_n)
     if not args.tiny and not args.checkpoint:
         print("note: no --checkpoint: tiny random models (noise backgrounds)", file=sys.stderr)
     summary = run_batch(rows, Path(args.out), lambda: build_pipeline(args, quiet=True), shard,

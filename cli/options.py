@@ -304,11 +304,26 @@ def _model_file(path: Path, flag: str, what: str) -> None:
 
 
 def check_generation(args: argparse.Namespace, n: int, what: str = "--n") -> None:
-    """The image count ``n`` against the memory the canvas size implies."""
-    size = settings_from_args(args).size
+    """The image count ``n`` against the memory the canvas size (and the export size) implies."""
+    settings = settings_from_args(args)
+    size = settings.size
     if n > max_images(size):
         raise checks.CheckError(f"{what} {n}: at most {max_images(size)} images per product at --size {size} "
                                 f"(memory grows with images × pixels); run fewer at a time")
+    if settings.export is not None and n > max_exports(settings.export):
+        w, h = settings.export
+        raise checks.CheckError(f"{what} {n}: at most {max_exports(settings.export)} images per product at "
+                                f"--export {w}x{h} (each delivered image is held in memory until written); run "
+                                "fewer at a time")
+
+
+#: Export pixels one product's images may hold at once (16 exports of 2000², about 1.8 GB of float images).
+MAX_EXPORT_PIXELS = 16 * 2000 * 2000
+
+
+def max_exports(export: tuple[int, int]) -> int:
+    """Images one call may deliver at the export size."""
+    return max(1, MAX_EXPORT_PIXELS // (export[0] * export[1]))
 
 
 def describe_run(args: argparse.Namespace) -> dict[str, Any]:

@@ -55,6 +55,7 @@ def test_generate_export_folder_in_webp(tmp_path, product, capsys):
     (["--export", "story", "--out", "OUT/x.webp", "--format", "png"], "make them agree"),
     (["--out", "OUT/x.jpg"], "without --export"),
     (["--export", "story", "--upscaler", "OUT/u.pth"], "only .safetensors"),
+    (["--export", "shopify", "--n", "40"], "at most 15 images per product at --export 2048x2048"),
 ])
 def test_export_option_errors_are_one_line_exit_2(argv, message, tmp_path, product, capsys):
     (tmp_path / "u.pth").write_bytes(b"x")
