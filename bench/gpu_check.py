@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
 PATCH_NODES = ("ProductBGMaskGuidedAttention", "ProductBGReferenceStyle")  # bypassed for "unpatched"
 SCHEMA = "productbg.gpu_check/1"
+CPU_WORKFLOWS = ("category_background", "reference_style")  # identifier alone; identifier + reference style
 
 # (GPU, --cpu) defaults: full size on the GPU, tiny on the CPU.
 DEFAULTS = {"size": (512, 64), "steps": (20, 1), "repeats": (3, 1), "train_model": ("sd15", "tiny"),
@@ -51,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="bench/gpu_check.sh", description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="run on the CPU at tiny sizes (what CI checks)")
     ap.add_argument("--only", default="comfyui,diffusers,train", help="comma-separated phases to run")
-    ap.add_argument("--workflows", default="", help="comma-separated workflow names (default: every API workflow)")
+    ap.add_argument("--workflows", default="", help="comma-separated workflow names or 'all' (default: all on the "
+                    f"GPU; {','.join(CPU_WORKFLOWS)} with --cpu, where one full-size UNet call takes seconds)")
     ap.add_argument("--json-out", default="", help="also write the JSON line to this file")
     for name, (gpu, cpu) in DEFAULTS.items():
         ap.add_argument("--" + name.replace("_", "-"), type=type(gpu), default=None,
@@ -61,6 +63,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, cpu if args.cpu else gpu)
     args.only = [p for p in args.only.split(",") if p]
+    names = sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
+    chosen = [n for n in args.workflows.split(",") if n]
+    if chosen == ["all"] or (not chosen and not args.cpu):
+        args.workflows = names
+    else:
+        args.workflows = chosen or list(CPU_WORKFLOWS)
+    if set(args.workflows) - set(names):
+        ap.error(f"unknown workflows {sorted(set(args.workflows) - set(names))} (have {', '.join(names)})")
+    args.warmup = not args.cpu  # on the GPU one unmeasured run first (model transfer, kernels); on CPU no need
     unknown = set(args.only) - {"comfyui", "diffusers", "train"}
     if unknown:
         ap.error(f"unknown phases {sorted(unknown)}")
@@ -170,7 +181,7 @@ def run_comfyui(args, work: Path, cuda: bool) -> tuple[dict, dict]:
             return original(model, noise, steps, *a, **kw)
 
     comfy_sample.sample = timed_sample
-    names = [n for n in args.workflows.split(",") if n] or sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
+    names = args.workflows
     results, seed = {}, 1000
     try:
         for i, name in enumerate(names):
@@ -178,7 +189,7 @@ def run_comfyui(args, work: Path, cuda: bool) -> tuple[dict, dict]:
             graphs = {"patched": sized_workflow(app, shipped, products.parent, args.size, args.steps)}
             graphs["unpatched"] = bypass_patches(graphs["patched"])
             meter_box.clear()
-            if i == 0:                                  # warm-up: checkpoint load, first device transfer
+            if i == 0 and args.warmup:                  # warm-up: checkpoint load, first device transfer
                 app.run(_reseed(graphs["patched"], seed))
             meter = Meter(cuda)
             for r in range(args.repeats):
@@ -247,9 +258,10 @@ def run_diffusers(args, model_root: Path, cuda: bool) -> tuple[dict, dict]:
 
     pipeline_module.sample_inpaint = timed
     try:
-        box["variant"] = "warmup"
-        pipe.generate(product, "shoes", reference, seed=0)
-        meter.samples.clear()
+        if args.warmup:
+            box["variant"] = "warmup"
+            pipe.generate(product, "shoes", reference, seed=0)
+            meter.samples.clear()
         for r in range(args.repeats):
             for variant in (("patched", "unpatched") if r % 2 == 0 else ("unpatched", "patched")):
                 box["variant"] = variant
@@ -316,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.version.cuda, "python": platform.python_version(),
         "peak_memory": ("torch.cuda.max_memory_allocated (MiB) around each measured call" if cuda else
                         "null on CPU (no GPU memory); see cpu_max_rss_mib for the process's peak RSS"),
-        "sizes": {k: getattr(args, k) for k in DEFAULTS}, "phases": {}, "errors": {}}
+        "sizes": {k: getattr(args, k) for k in DEFAULTS}, "workflows": args.workflows, "phases": {}, "errors": {}}
     work = Path(tempfile.mkdtemp(prefix="pbg_gpu_check_"))
     model_root = None
     try:
