@@ -39,14 +39,16 @@ class DiffusersCall:
     _last: tuple | None = field(default=None, repr=False)
 
     def plan(self, context: torch.Tensor) -> tuple[CallPlan, torch.Tensor]:
-        """The call plan and the (extended) context, once per UNet forward: every layer gets the same tensor."""
+        """The call plan (once per UNet forward: every layer gets the same context tensor) and the extended
+        context. The extension is rebuilt per layer, on purpose: under gradient checkpointing a block's
+        recomputation must record the same autograd ops as its forward (it is a cheap ``where`` + ``cat``)."""
         last = self._last
         if last is not None and last[0]() is context:
-            return last[1], last[2]
-        plan = plan_call(self.guidance, context, tuple(self.cond_or_uncond))
-        extended = extend_context(plan, context)
-        self._last = (weakref.ref(context), plan, extended)
-        return plan, extended
+            plan = last[1]
+        else:
+            plan = plan_call(self.guidance, context, tuple(self.cond_or_uncond))
+            self._last = (weakref.ref(context), plan)
+        return plan, extend_context(plan, context)
 
 
 class ProductBGAttnProcessor:

@@ -88,8 +88,10 @@ class PlainLoraStep(DiffusionModule):
         return {"loss": mse}
 
 
-def build(kind: str, data: Path, resolution: int, device: str, mask_mode: str = "hard"):
+def build(kind: str, data: Path, resolution: int, device: str, mask_mode: str = "hard", **config):
     """Our CG module and the plain LoRA module, sharing one base model (UNet + LoRA, VAE, text encoder).
+
+    ``config``: more :class:`CGConfig` fields (e.g. ``gradient_checkpointing``, ``weights_dtype``).
 
     Returns:
         (task, ours, plain, processors): ``processors[name]`` is the attention-processor set of each step.
@@ -98,7 +100,7 @@ def build(kind: str, data: Path, resolution: int, device: str, mask_mode: str = 
 
     comps = BUILDERS[kind]()
     cfg = CGConfig(data=data, model=kind, resolution=resolution, vectors_per_id=4, lora_rank=8,
-                   mask_mode=mask_mode, mass_loss_weight=0.1)
+                   mask_mode=mask_mode, mass_loss_weight=0.1, **config)
     task = CGTask(cfg, lambda: comps)
     ours = task.build(torch.device(device)).to(device)
     processors = {"ours": dict(comps.unet.attn_processors),
@@ -115,11 +117,15 @@ def optimizer(module: torch.nn.Module, identifiers: bool) -> torch.optim.Optimiz
     return torch.optim.AdamW(params, lr=1e-4)
 
 
-def timed_step(module, opt, batch, gen) -> float:
+def timed_step(module, opt, batch, gen, autocast: torch.dtype | None = None) -> float:
+    """One optimizer step's wall time; ``autocast`` runs the forward as accelerate's mixed precision does."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t = time.perf_counter()
-    module(batch, gen)["loss"].backward()
+    device = next(module.parameters()).device.type
+    with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+        loss = module(batch, gen)["loss"]
+    loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     if torch.cuda.is_available():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import weakref
 from typing import Any
 
@@ -102,8 +103,9 @@ class ReferenceStyle:
         sampling = model.get_model_object("model_sampling")
         style = StyleGuidance(cond, uncond, patcher.model.layer_kv, weight, LAYER_PRESETS[layer_preset],
                               product=ProductMask(product_mask) if product_mask is not None else None,
-                              sigma_start=float(sampling.percent_to_sigma(start_percent)),
-                              sigma_end=float(sampling.percent_to_sigma(end_percent)), models=(patcher,))
+                              sigma_start=math.inf if start_percent <= 0 else float(sampling.percent_to_sigma(start_percent)),
+                              sigma_end=0.0 if end_percent >= 1 else float(sampling.percent_to_sigma(end_percent)),
+                              models=(patcher,))  # the full range is ungated: no per-step sigma test
         m = model.clone()
         guidance = comfy_patch.current_guidance(m.model_options).with_style(style)
         comfy_patch.install(m.model_options, guidance)

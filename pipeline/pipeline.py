@@ -338,8 +338,8 @@ class ProductBGPipeline:
         generated = raw.permute(1, 2, 0).cpu().numpy().astype(np.float32)
         final = np.asarray(imaging.composite_product(generated, prep.placed, prep.mask, s.feather), np.float32)
         output_mask = None
-        if s.report_expansion:
-            output_mask = imaging.segment_product(final, "auto", feather=0.0, clean_edges=False).mask
+        if s.report_expansion:  # the output's product found by GrabCut seeded with the input's, as the node does
+            output_mask = np.asarray(imaging.grabcut(final, prep.mask), np.float32)
         report = imaging.preservation_report(prep.placed, prep.mask, final, generated_image=generated,
                                              output_mask=output_mask, thresholds=REPORT_THRESHOLDS)
         result = Result(final, generated, prep.placed, prep.mask, prep.repaint, seed, category, prompt, report,

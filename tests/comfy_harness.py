@@ -84,16 +84,19 @@ class ComfyInProcess:
         self._counter = 0
 
     @classmethod
-    def load(cls, comfyui_dir, pack_dir, workdir, checkpoints) -> "ComfyInProcess":
+    def load(cls, comfyui_dir, pack_dir, workdir, checkpoints, *, cpu: bool = True,
+             comfy_args: dict | None = None) -> "ComfyInProcess":
+        """``cpu=False`` lets ComfyUI pick its device (bench/gpu_check.py); ``comfy_args`` sets more of
+        ``comfy.cli_args.args`` (e.g. ``{"fp16_unet": True}``) before ``comfy.model_management`` is imported."""
         if cls._loaded is not None:               # ComfyUI's globals exist once per process
             return cls._loaded
         self = cls(comfyui_dir, pack_dir, workdir, checkpoints)
-        self._import_comfyui()
+        self._import_comfyui(cpu, comfy_args or {})
         self._load_pack()
         cls._loaded = self
         return self
 
-    def _import_comfyui(self) -> None:
+    def _import_comfyui(self, cpu: bool = True, comfy_args: dict | None = None) -> None:
         clash = sys.modules.get("nodes")
         if clash is not None and not str(getattr(clash, "__file__", "")).startswith(self.comfyui_dir):
             raise RuntimeError(f"a module named 'nodes' is already imported from {clash.__file__}; "
@@ -102,9 +105,11 @@ class ComfyInProcess:
             sys.path.insert(0, self.comfyui_dir)
         from comfy.cli_args import args           # parses [] (ComfyUI parses argv only when run as main.py)
 
-        if "comfy.model_management" in sys.modules and not args.cpu:
+        if "comfy.model_management" in sys.modules and args.cpu != cpu:
             raise RuntimeError("comfy.model_management was imported before args.cpu could be set")
-        args.cpu = True
+        args.cpu = cpu
+        for name, value in (comfy_args or {}).items():
+            setattr(args, name, value)
         import utils.install_util  # noqa: F401  before `nodes`, which puts <ComfyUI>/comfy at sys.path[0]
         import folder_paths
 

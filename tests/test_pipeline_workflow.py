@@ -4,6 +4,7 @@ Sampling itself is not compared number for number (ComfyUI's ``ddim`` sampler ru
 pipeline on diffusers' DDIM); everything around it runs the same library calls and is compared exactly.
 """
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,8 @@ def test_paste_back_and_report_equal_comfy_nodes(pipe, comfy_placement):
     """Composite Product and Preservation Report nodes give the pipeline's final image and report."""
     prep = pipe.prepare(EXAMPLE)
     raw = torch.rand(3, 512, 512, generator=torch.Generator().manual_seed(0))
-    result = pipe._finish(raw, prep, seed=0, category="shoes", prompt="", s=pipe.settings)
+    settings = replace(pipe.settings, report_expansion=True)  # the node measures expansion itself
+    result = pipe._finish(raw, prep, seed=0, category="shoes", prompt="", s=settings)
     placed, mask, _, _ = comfy_placement
     generated = raw.permute(1, 2, 0)[None]
     (final,) = CompositeProduct().composite(generated, placed, mask, pipe.settings.feather)
@@ -100,4 +102,8 @@ def test_paste_back_and_report_equal_comfy_nodes(pipe, comfy_placement):
     node = PreservationReport().report(placed, mask, final, t.max_delta_e_mean, t.min_psnr_db,
                                        t.max_expansion_ratio, generated_image=generated)["result"]
     report = json.loads(node[0])["images"][0]
-    assert report["metrics"] == result.report["metrics"] and node[1] == result.report["pass"]
+    ours, theirs = dict(result.report["metrics"]), dict(report["metrics"])
+    # expansion: both find the output's product by GrabCut seeded with the product mask; GrabCut's k-means start
+    # draws from OpenCV's global RNG, so the two runs agree closely, not bit for bit
+    assert abs(ours.pop("expansion")["ratio"] - theirs.pop("expansion")["ratio"]) < 0.005
+    assert theirs == ours and node[1] == result.report["pass"]

@@ -1,0 +1,370 @@
+"""The GPU check of issue 12: shipped workflows in real ComfyUI, the diffusers pipeline, train-cg steps; patched
+vs unpatched s/step and peak GPU memory, printed as ONE JSON line (the last line of stdout).
+
+Run it through ``bash bench/gpu_check.sh`` (which prepares the environment; see its header). Phases:
+
+1. ComfyUI 0.3.75 in this process (``tests/comfy_harness.ComfyInProcess``), random full-size SD1.5(-inpainting)
+   checkpoints (``tests/comfy_checkpoints``), random bank / style encoder / CLIP ViT-L vision files
+   (``tests/comfy_model_files``); every ``workflows/api/*.json`` graph runs with its checkpoint and model files
+   swapped for those, ``--size`` canvas and ``--steps`` steps: **patched** as shipped, **unpatched** with the
+   productbg attention patch nodes bypassed (the sampler's MODEL wired to the patch chain's input). On CUDA the
+   UNet runs in fp16 (``--fp16-unet``). Time and peak memory are those of ``comfy.sample.sample`` (the
+   sampler alone: not CLIP, VAE or the nodes around it).
+2. The diffusers pipeline (``ProductBGPipeline.from_single_file``, fp16 on CUDA) on the same inpainting
+   checkpoint with the bank, the style encoder and a random CLIP vision model: **patched** = category +
+   reference style; **unpatched** = diffusers' ``AttnProcessor2_0`` in every layer, same prompt, no reference.
+   Time and peak memory are those of ``sample_inpaint`` (the denoising loop plus one VAE encode/decode).
+3. train-cg steps (``bench/train_step.py``'s ``build``: CGTask on the full-size SD1.5-inpainting UNet, or the
+   tiny model with ``--cpu``), bf16 autocast over bf16 frozen weights, gradient checkpointing: **patched** = our
+   CG step (identifiers + mask-guided attention), **unpatched** = the plain diffusers + peft LoRA step, interleaved.
+
+Peak memory is ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` around each measured call;
+on CPU it is null (the JSON says so) and ``cpu_max_rss_mib`` gives the process's peak RSS instead.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = REPO / "workflows"
+PATCH_NODES = ("ProductBGMaskGuidedAttention", "ProductBGReferenceStyle")  # bypassed for "unpatched"
+SCHEMA = "productbg.gpu_check/1"
+CPU_WORKFLOWS = ("reference_style",)  # identifier + reference style: both patches, in CI time
+
+# (GPU, --cpu) defaults: full size on the GPU, tiny on the CPU.
+DEFAULTS = {"size": (512, 64), "steps": (20, 1), "repeats": (3, 1), "train_model": ("sd15", "tiny"),
+            "train_resolution": (512, 64), "train_batch": (4, 2), "train_steps": (20, 2), "train_warmup": (2, 1)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="bench/gpu_check.sh", description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="run on the CPU at tiny sizes (what CI checks)")
+    ap.add_argument("--only", default="comfyui,diffusers,train", help="comma-separated phases to run")
+    ap.add_argument("--workflows", default="", help="comma-separated workflow names or 'all' (default: all on the "
+                    f"GPU; {','.join(CPU_WORKFLOWS)} with --cpu, where one full-size UNet call takes seconds)")
+    ap.add_argument("--json-out", default="", help="also write the JSON line to this file")
+    for name, (gpu, cpu) in DEFAULTS.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=type(gpu), default=None,
+                        help=f"default {gpu} (GPU) / {cpu} (--cpu)")
+    args = ap.parse_args(argv)
+    for name, (gpu, cpu) in DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, cpu if args.cpu else gpu)
+    args.only = [p for p in args.only.split(",") if p]
+    names = sorted(p.stem for p in (WORKFLOWS / "api").glob("*.json"))
+    chosen = [n for n in args.workflows.split(",") if n]
+    if chosen == ["all"] or (not chosen and not args.cpu):
+        args.workflows = names
+    else:
+        args.workflows = chosen or list(CPU_WORKFLOWS)
+    if set(args.workflows) - set(names):
+        ap.error(f"unknown workflows {sorted(set(args.workflows) - set(names))} (have {', '.join(names)})")
+    args.warmup = not args.cpu  # on the GPU one unmeasured run first (model transfer, kernels); on CPU no need
+    unknown = set(args.only) - {"comfyui", "diffusers", "train"}
+    if unknown:
+        ap.error(f"unknown phases {sorted(unknown)}")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+class Meter:
+    """Wall time and peak CUDA memory of calls, per variant."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+        self.samples: dict[str, list[tuple[float, int, float | None]]] = {}
+
+    @contextlib.contextmanager
+    def measure(self, variant: str, steps: int):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None
+        self.samples.setdefault(variant, []).append((dt, steps, peak))
+
+    def summary(self) -> dict:
+        out = {}
+        for variant, rows in self.samples.items():
+            peaks = [p for _, _, p in rows if p is not None]
+            out[variant] = {"s_per_step": round(statistics.median(dt / n for dt, n, _ in rows), 5),
+                            "peak_mib": round(max(peaks), 1) if peaks else None, "runs": len(rows)}
+        if {"patched", "unpatched"} <= out.keys():
+            out["ratio"] = round(out["patched"]["s_per_step"] / out["unpatched"]["s_per_step"], 4)
+        return out
+
+
+def cpu_rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# ------------------------------------------------------------------------------------------------ ComfyUI
+def bypass_patches(prompt: dict) -> dict:
+    """The same graph with the productbg attention patch nodes bypassed: each sampler takes the MODEL that
+    entered the patch chain. The bypassed nodes no longer lead to an output, so ComfyUI does not run them."""
+    out = json.loads(json.dumps(prompt))
+    for node in out.values():
+        link = node["inputs"].get("model")
+        while isinstance(link, list) and out[link[0]]["class_type"] in PATCH_NODES:
+            link = out[link[0]]["inputs"]["model"]
+        if "model" in node["inputs"] and node["class_type"] not in PATCH_NODES:
+            node["inputs"]["model"] = link
+    return out
+
+
+def sized_workflow(comfy, prompt: dict, products: Path, size: int, steps: int) -> dict:
+    """A shipped API graph with the random model files, a ``size`` canvas and ``steps`` steps."""
+    from comfy_model_files import BANK_FILE, STYLE_FILE, VISION_FILE
+
+    swap = {"ckpt_name": comfy.ckpt_inpaint, "bank_name": BANK_FILE, "encoder_name": STYLE_FILE,
+            "clip_name": VISION_FILE}
+    prompt = json.loads(json.dumps(prompt.get("prompt", prompt)))
+    for node in prompt.values():
+        inputs = node["inputs"]
+        for key in swap.keys() & inputs.keys():
+            inputs[key] = swap[key]
+        if node["class_type"] == "ProductBGPlaceProduct":
+            inputs.update(width=size, height=size)
+        if node["class_type"] == "KSampler":
+            inputs["steps"] = steps
+        if node["class_type"] == "ProductBGLoadProductsFromFolder":
+            inputs["folder"] = str(products)
+    return prompt
+
+
+def run_comfyui(args, work: Path, cuda: bool) -> tuple[dict, dict]:
+    import comfy_harness
+    import comfy_model_files
+
+    comfyui_dir = os.environ["COMFYUI_DIR"]
+    checkpoints = comfy_harness.ensure_checkpoints(comfyui_dir)
+    app = comfy_harness.ComfyInProcess.load(comfyui_dir, REPO, work / "comfy", checkpoints, cpu=not cuda,
+                                              comfy_args={"fp16_unet": True} if cuda else {})
+    comfy_model_files.write_model_files(app, work / "models")
+    for png in (WORKFLOWS / "inputs").glob("*.png"):
+        shutil.copy(png, Path(app.input_dir) / png.name)
+    products = work / "products" / "shoes"
+    products.mkdir(parents=True)
+    shutil.copy(WORKFLOWS / "inputs" / "productbg_example_product.png", products / "a.png")
+
+    import comfy.model_management as mm
+    import comfy.sample as comfy_sample
+
+    meter_box: dict = {}
+    info: dict = {}
+    original = comfy_sample.sample
+
+    def timed_sample(model, noise, steps, *a, **kw):      # nodes.common_ksampler calls comfy.sample.sample
+        info.setdefault("unet_dtype", str(model.model.get_dtype()).removeprefix("torch."))
+        meter = meter_box.get("meter")
+        if meter is None:
+            return original(model, noise, steps, *a, **kw)
+        with meter.measure(meter_box["variant"], steps):
+            return original(model, noise, steps, *a, **kw)
+
+    comfy_sample.sample = timed_sample
+    names = args.workflows
+    results, seed = {}, 1000
+    try:
+        for i, name in enumerate(names):
+            shipped = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
+            graphs = {"patched": sized_workflow(app, shipped, products.parent, args.size, args.steps)}
+            graphs["unpatched"] = bypass_patches(graphs["patched"])
+            meter_box.clear()
+            if i == 0 and args.warmup:                  # warm-up: checkpoint load, first device transfer
+                app.run(_reseed(graphs["patched"], seed))
+            meter = Meter(cuda)
+            for r in range(args.repeats):
+                for variant in (("patched", "unpatched") if r % 2 == 0 else ("unpatched", "patched")):
+                    seed += 1
+                    meter_box.update(meter=meter, variant=variant)
+                    app.run(_reseed(graphs[variant], seed))
+            results[name] = meter.summary()
+    finally:
+        comfy_sample.sample = original
+    info.update(device=str(mm.get_torch_device()), vae_dtype=str(mm.vae_dtype()).removeprefix("torch."),
+                model_files={"checkpoint": app.ckpt_inpaint, "clip_vision": comfy_model_files.VISION_FILE})
+    app.executor.reset()                               # drop cached node outputs (the loaded models)
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    gc.collect()
+    return results, {"comfyui_info": info, "model_root": str(work / "models")}
+
+
+def _reseed(prompt: dict, seed: int) -> dict:
+    """A new seed per run: ComfyUI's cache would otherwise skip the sampler."""
+    for node in prompt.values():
+        if node["class_type"] == "KSampler":
+            node["inputs"]["seed"] = seed
+    return prompt
+
+
+# ------------------------------------------------------------------------------------------------ diffusers
+def run_diffusers(args, model_root: Path, cuda: bool) -> tuple[dict, dict]:
+    import logging
+
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    import comfy_checkpoints
+    import comfy_model_files
+    import productbg.pipeline.pipeline as pipeline_module
+    from productbg.pipeline import GenerateSettings, ProductBGPipeline
+    from productbg.pipeline.components import ClipVision
+
+    logging.getLogger("diffusers").setLevel(logging.ERROR)  # AttnProcessor2_0 warns about our call kwargs
+    dtype = torch.float16 if cuda else torch.float32
+    vision = (dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24)
+              if not args.cpu else dict(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                        num_hidden_layers=2))  # CLIP ViT-L/14 shapes (tiny on --cpu)
+    torch.manual_seed(0)
+    clip_vision = ClipVision(CLIPVisionModelWithProjection(CLIPVisionConfig(
+        **vision, patch_size=14, image_size=224, projection_dim=768)).to(dtype))
+    ckpt = Path(os.environ["COMFYUI_DIR"], "models", "checkpoints", comfy_checkpoints.CKPT_INPAINT)
+    pipe = ProductBGPipeline.from_single_file(
+        ckpt, bank=model_root / "productbg_banks" / comfy_model_files.BANK_FILE,
+        style_encoder=model_root / "productbg_style_encoders" / comfy_model_files.STYLE_FILE,
+        clip_vision=clip_vision, dtype=dtype, device="cuda" if cuda else "cpu",
+        settings=GenerateSettings(size=args.size, steps=args.steps))
+    product = WORKFLOWS / "inputs" / "productbg_example_product.png"
+    reference = WORKFLOWS / "inputs" / "productbg_example_reference.png"
+    ours = dict(pipe.components.unet.attn_processors)
+    plain = {name: AttnProcessor2_0() for name in ours}
+    meter, box = Meter(cuda), {}
+    original = pipeline_module.sample_inpaint
+
+    def timed(*a, **kw):
+        with meter.measure(box["variant"], args.steps):
+            return original(*a, **kw)
+
+    pipeline_module.sample_inpaint = timed
+    try:
+        if args.warmup:
+            box["variant"] = "warmup"
+            pipe.generate(product, "shoes", reference, seed=0)
+            meter.samples.clear()
+        for r in range(args.repeats):
+            for variant in (("patched", "unpatched") if r % 2 == 0 else ("unpatched", "patched")):
+                box["variant"] = variant
+                pipe.components.unet.set_attn_processor(dict(ours if variant == "patched" else plain))
+                pipe.generate(product, "shoes", reference if variant == "patched" else None, seed=r + 1)
+    finally:
+        pipeline_module.sample_inpaint = original
+        pipe.components.unet.set_attn_processor(dict(ours))
+    info = {"dtype": str(pipe.components.unet.dtype).removeprefix("torch."), "checkpoint": ckpt.name,
+            "clip_vision": "random ViT-L/14 shapes" if not args.cpu else "random tiny CLIP vision"}
+    del pipe
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return meter.summary(), info
+
+
+# ------------------------------------------------------------------------------------------------ train-cg
+def run_train(args, work: Path, cuda: bool) -> tuple[dict, dict]:
+    import torch
+
+    import train_step
+    from productbg.training import bgsynth
+    from productbg.training.state import step_generator
+
+    device = "cuda" if cuda else "cpu"
+    data = work / "bgsynth"
+    bgsynth.generate(data, bgsynth.SynthSpec(categories=8, per_category=2, held_out=0, size=args.train_resolution))
+    task, ours, plain, processors = train_step.build(args.train_model, data, args.train_resolution, device,
+                                                     gradient_checkpointing=True, weights_dtype="bfloat16")
+    items = [task.dataset()[(i, i)] for i in range(args.train_batch)]
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in torch.utils.data.default_collate(items).items()}
+    runs = {"patched": (ours, train_step.optimizer(ours, True)), "unpatched": (plain, train_step.optimizer(plain, False))}
+    names = {"patched": "ours", "unpatched": "plain"}
+    meter = Meter(cuda)
+    for i in range(args.train_warmup + args.train_steps):
+        for variant in (("patched", "unpatched") if i % 2 else ("unpatched", "patched")):
+            module, opt = runs[variant]
+            module.unet.set_attn_processor(dict(processors[names[variant]]))
+            with meter.measure(variant if i >= args.train_warmup else "warmup", 1):
+                train_step.timed_step(module, opt, batch, step_generator(0, i, 0, 0), autocast=torch.bfloat16)
+    meter.samples.pop("warmup", None)
+    info = {"model": args.train_model, "resolution": args.train_resolution, "batch": args.train_batch,
+            "steps": args.train_steps, "weights_dtype": "bfloat16", "autocast": "bfloat16",
+            "gradient_checkpointing": bool(ours.unet.is_gradient_checkpointing)}
+    return meter.summary(), info
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    for sub in ("tests", "bench"):                       # helper modules; appended, so they shadow nothing
+        if str(REPO / sub) not in sys.path:
+            sys.path.append(str(REPO / sub))
+    import torch
+
+    cuda = not args.cpu
+    if cuda and not torch.cuda.is_available():
+        sys.exit("gpu_check: CUDA is not available (use --cpu for the CPU run)")
+    result: dict = {
+        "bench": "gpu_check", "schema": SCHEMA, "device": "cuda" if cuda else "cpu",
+        "gpu": torch.cuda.get_device_name(0) if cuda else None, "torch": torch.__version__,
+        "cuda": torch.version.cuda, "python": platform.python_version(),
+        "peak_memory": ("torch.cuda.max_memory_allocated (MiB) around each measured call" if cuda else
+                        "null on CPU (no GPU memory); see cpu_max_rss_mib for the process's peak RSS"),
+        "sizes": {k: getattr(args, k) for k in DEFAULTS}, "workflows": args.workflows, "phases": {}, "errors": {}}
+    work = Path(tempfile.mkdtemp(prefix="pbg_gpu_check_"))
+    model_root = None
+    try:
+        for phase in ("comfyui", "diffusers", "train"):
+            if phase not in args.only:
+                continue
+            t0 = time.perf_counter()
+            print(f"[gpu_check] {phase} ...", file=sys.stderr, flush=True)
+            try:
+                if phase == "comfyui":
+                    measured, extra = run_comfyui(args, work, cuda)
+                    model_root = Path(extra.pop("model_root"))
+                elif phase == "diffusers":
+                    if model_root is None:
+                        raise RuntimeError("the diffusers phase uses the model files of the comfyui phase")
+                    measured, extra = run_diffusers(args, model_root, cuda)
+                else:
+                    measured, extra = run_train(args, work, cuda)
+                result["phases"][phase] = {"measured": measured, "info": extra,
+                                           "wall_s": round(time.perf_counter() - t0, 1)}
+            except Exception as e:                       # report and go on: one JSON line, whatever happens
+                import traceback
+
+                traceback.print_exc()
+                result["errors"][phase] = f"{type(e).__name__}: {e}"[:2000]
+            print(f"[gpu_check] {phase} done in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["cpu_max_rss_mib"] = cpu_rss_mib()
+    result["wall_s"] = round(time.perf_counter() - t_start, 1)
+    line = json.dumps(result, ensure_ascii=False)
+    if args.json_out:
+        Path(args.json_out).write_text(line + "\n", encoding="utf-8")
+    print(line, flush=True)
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""bench/gpu_check.sh's argument handling, unpatched-graph rewiring and JSON summary (no ComfyUI, no GPU).
+
+The check itself (`bash bench/gpu_check.sh --cpu`) runs as a step of .ci/run: a run takes minutes on a CPU.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "bench" / "gpu_check.sh"
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_help_needs_no_gpu_and_no_carry_folder():
+    env = dict(os.environ, PYTHON=sys.executable, PRODUCTBG_PY=sys.executable)
+    for mode in ([], ["--cpu"]):
+        out = subprocess.run(["bash", str(SCRIPT), *mode, "--help"], env={**env, "COMFYUI_DIR": "/nonexistent"},
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert "--json-out" in out.stdout and "--cpu" in out.stdout
+
+
+def test_cpu_needs_comfyui_dir():
+    env = {k: v for k, v in os.environ.items() if k != "COMFYUI_DIR"}
+    out = subprocess.run(["bash", str(SCRIPT), "--cpu"], env={**env, "PRODUCTBG_PY": sys.executable},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "COMFYUI_DIR" in out.stderr
+
+
+def test_defaults_are_full_size_on_the_gpu_and_tiny_with_cpu():
+    g = _gpu_check()
+    gpu, cpu = g.parse_args([]), g.parse_args(["--cpu"])
+    assert (gpu.size, gpu.train_model, gpu.train_steps, gpu.warmup) == (512, "sd15", 20, True)
+    assert (cpu.size, cpu.train_model, cpu.warmup) == (64, "tiny", False)
+    shipped = sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json"))
+    assert gpu.workflows == shipped and g.parse_args(["--cpu", "--workflows", "all"]).workflows == shipped
+    assert cpu.workflows == list(g.CPU_WORKFLOWS)
+    assert g.parse_args(["--steps", "3", "--only", "train"]).steps == 3
+
+
+def test_unpatched_graph_wires_the_sampler_past_every_patch_node():
+    g = _gpu_check()
+    for path in sorted((REPO / "workflows" / "api").glob("*.json")):
+        prompt = json.loads(path.read_text(encoding="utf-8"))
+        prompt = prompt.get("prompt", prompt)
+        plain = g.bypass_patches(prompt)
+        assert plain.keys() == prompt.keys()
+        (sampler,) = [n for n in plain.values() if n["class_type"] == "KSampler"]
+        source = plain[sampler["inputs"]["model"][0]]
+        assert source["class_type"] not in g.PATCH_NODES, path.name
+        patched_source = prompt[[n for n in prompt.values() if n["class_type"] == "KSampler"][0]["inputs"]["model"][0]]
+        assert patched_source["class_type"] in g.PATCH_NODES, path.name   # the shipped graph is patched
+        assert json.loads(path.read_text(encoding="utf-8")).get("prompt", prompt) == prompt   # input untouched
+
+
+def test_summary_schema():
+    g = _gpu_check()
+    meter = g.Meter(cuda=False)
+    for variant, dt in (("patched", 2.2), ("unpatched", 2.0), ("patched", 2.4)):
+        with meter.measure(variant, 2):
+            pass
+        meter.samples[variant][-1] = (dt, 2, None)
+    s = meter.summary()
+    assert s["patched"] == {"s_per_step": 1.15, "peak_mib": None, "runs": 2}
+    assert s["unpatched"]["s_per_step"] == 1.0 and s["ratio"] == 1.15
