@@ -147,6 +147,8 @@ def sized_workflow(comfy, prompt: dict, products: Path, size: int, steps: int) -
             inputs["steps"] = steps
         if node["class_type"] == "ProductBGLoadProductsFromFolder":
             inputs["folder"] = str(products)
+        if node["class_type"] == "ProductBGExportProduct":    # CPU-side assembly: keep it small, it is not timed
+            inputs.update(size="custom", width=size, height=size)
     return prompt
 
 
