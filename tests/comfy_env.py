@@ -34,6 +34,9 @@ def child_env() -> dict[str, str]:
     return env
 
 
+MEMORY_HUNGRY_FIRST = "test_comfy_trained_files"
+
+
 def move_comfyui_tests_last(items: list, marker: str = "comfyui", fixtures: tuple[str, ...] = ()) -> None:
     """Stable-reorder pytest items so those marked ``marker`` (or using one of ``fixtures``) run last.
 
@@ -50,6 +53,10 @@ def move_comfyui_tests_last(items: list, marker: str = "comfyui", fixtures: tupl
             late.append(item)
     if late:
         late_ids = {id(i) for i in late}
+        # The most memory-hungry ComfyUI module (train-cg / train-pg on full-size SD1.5 shapes, in process) runs
+        # first among them, before models loaded by the others fill the process.
+        late.sort(key=lambda i: 0 if getattr(getattr(i, "module", None), "__name__", "").endswith(
+            MEMORY_HUNGRY_FIRST) else 1)
         items[:] = [i for i in items if id(i) not in late_ids] + late
 
 

@@ -23,6 +23,20 @@ def pytest_collection_modifyitems(config, items):
 
 
 # ---------------------------------------------------------------------------------------------- real ComfyUI
+@pytest.fixture(autouse=True, scope="module")
+def _release_comfyui_models():
+    """After each test module, let the in-process ComfyUI drop the models it still holds (tests load many full-size
+    SD1.5 copies; kept alive together they would exhaust a CI machine's memory)."""
+    yield
+    if "comfy.model_management" in sys.modules:
+        import gc
+
+        mm = sys.modules["comfy.model_management"]
+        mm.unload_all_models()
+        gc.collect()
+        mm.soft_empty_cache()
+
+
 @pytest.fixture(scope="session")
 def comfyui_dir():
     path = os.environ.get("COMFYUI_DIR")
