@@ -128,6 +128,7 @@ class ComfyInProcess:
         self.nodes, self.execution, self.folder_paths = nodes, execution, folder_paths
         self.executor = execution.PromptExecutor(_NullServer(), cache_type=execution.CacheType.CLASSIC,
                                                  cache_args={"lru": 0, "ram": 0})
+        ComfyInProcess.current = self  # conftest clears the executor's cached outputs between test modules
 
     def _load_pack(self) -> None:
         import logging

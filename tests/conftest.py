@@ -31,6 +31,9 @@ def _release_comfyui_models():
     if "comfy.model_management" in sys.modules:
         import gc
 
+        in_process = getattr(comfy_harness.ComfyInProcess, "current", None)
+        if in_process is not None:
+            in_process.executor.reset()  # cached node outputs hold whole checkpoints
         mm = sys.modules["comfy.model_management"]
         mm.unload_all_models()
         gc.collect()
