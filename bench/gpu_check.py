@@ -131,25 +131,11 @@ def bypass_patches(prompt: dict) -> dict:
 
 
 def sized_workflow(comfy, prompt: dict, products: Path, size: int, steps: int) -> dict:
-    """A shipped API graph with the random model files, a ``size`` canvas and ``steps`` steps."""
-    from comfy_model_files import BANK_FILE, STYLE_FILE, VISION_FILE
+    """A shipped API graph with the random model files, a ``size`` canvas and ``steps`` steps (the tests' helper;
+    the export, CPU-side and untimed, at the canvas size)."""
+    from comfy_graphs import sized_workflow as shrink
 
-    swap = {"ckpt_name": comfy.ckpt_inpaint, "bank_name": BANK_FILE, "encoder_name": STYLE_FILE,
-            "clip_name": VISION_FILE}
-    prompt = json.loads(json.dumps(prompt.get("prompt", prompt)))
-    for node in prompt.values():
-        inputs = node["inputs"]
-        for key in swap.keys() & inputs.keys():
-            inputs[key] = swap[key]
-        if node["class_type"] == "ProductBGPlaceProduct":
-            inputs.update(width=size, height=size)
-        if node["class_type"] == "KSampler":
-            inputs["steps"] = steps
-        if node["class_type"] == "ProductBGLoadProductsFromFolder":
-            inputs["folder"] = str(products)
-        if node["class_type"] == "ProductBGExportProduct":    # CPU-side assembly: keep it small, it is not timed
-            inputs.update(size="custom", width=size, height=size)
-    return prompt
+    return shrink(comfy, prompt, products, size, steps)
 
 
 def run_comfyui(args, work: Path, cuda: bool) -> tuple[dict, dict]:

@@ -18,7 +18,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -34,39 +34,29 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return (np.clip(np.asarray(image, np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _commit(tmp: Path, path: Path) -> None:
+def _write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` into a temp file beside ``path``, then rename it over ``path``; no partial file either way."""
+    path = Path(path)
+    tmp = temp_beside(path)
     try:
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return path
 
 
 def save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     """Write an ``[H, W, 3]`` image or ``[H, W]`` mask (float 0..1 or uint8) as PNG, atomically."""
-    path = Path(path)
     data = image if np.asarray(image).dtype == np.uint8 else to_uint8(image)
-    tmp = temp_beside(path)
-    try:
-        Image.fromarray(np.ascontiguousarray(data)).save(tmp, format="PNG", compress_level=PNG_LEVEL)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _commit(tmp, path)
-    return path
+    return _write_atomically(path, lambda tmp: Image.fromarray(np.ascontiguousarray(data)).save(
+        tmp, format="PNG", compress_level=PNG_LEVEL))
 
 
 def save_bytes(data: bytes, path: str | os.PathLike) -> Path:
     """Write an already encoded file (an export's PNG / JPEG / WebP) atomically."""
-    path = Path(path)
-    tmp = temp_beside(path)
-    try:
-        tmp.write_bytes(data)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _commit(tmp, path)
-    return path
+    return _write_atomically(path, lambda tmp: tmp.write_bytes(data))
 
 
 def save_result_image(result: Any, path: str | os.PathLike) -> Path:
@@ -91,15 +81,8 @@ def export_meta(result: Any) -> dict[str, Any]:
 
 def write_json(data: Any, path: str | os.PathLike) -> Path:
     """Write JSON (UTF-8, indented) atomically."""
-    path = Path(path)
-    tmp = temp_beside(path)
-    try:
-        tmp.write_text(dumps(data, indent=1) + "\n", encoding="utf-8")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _commit(tmp, path)
-    return path
+    text = dumps(data, indent=1) + "\n"
+    return _write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def json_safe(value: Any) -> Any:

@@ -28,3 +28,29 @@ def inpaint_and_save(size: int, model: list, seed: int, prefix: str) -> dict:
         "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}},
     }
+
+
+def sized_workflow(comfy, prompt: dict, products, size: int, steps: int, export_size: int | None = None) -> dict:
+    """A copy of a shipped API graph with the test model files, a ``size`` canvas, ``steps`` sampler steps and an
+    ``export_size``² export (default ``size``); nothing else changed."""
+    import json
+
+    from comfy_model_files import BANK_FILE, STYLE_FILE, VISION_FILE
+
+    swap = {"ckpt_name": comfy.ckpt_inpaint, "bank_name": BANK_FILE, "encoder_name": STYLE_FILE,
+            "clip_name": VISION_FILE}
+    prompt = json.loads(json.dumps(prompt.get("prompt", prompt)))
+    for node in prompt.values():
+        inputs = node["inputs"]
+        for key in swap.keys() & inputs.keys():
+            inputs[key] = swap[key]
+        if node["class_type"] == "ProductBGPlaceProduct":
+            inputs.update(width=size, height=size)
+        if node["class_type"] == "KSampler":
+            inputs["steps"] = steps
+        if node["class_type"] == "ProductBGLoadProductsFromFolder":
+            inputs["folder"] = str(products)
+        if node["class_type"] == "ProductBGExportProduct":
+            side = export_size or size
+            inputs.update(size="custom", width=side, height=side)
+    return prompt

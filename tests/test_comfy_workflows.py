@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from comfy_model_files import BANK_FILE, STYLE_FILE, VISION_FILE
+from comfy_graphs import sized_workflow
 
 pytestmark = pytest.mark.comfyui
 
@@ -17,21 +17,7 @@ FILE_INPUTS = {"ckpt_name", "bank_name", "encoder_name", "clip_name", "image", "
 
 def _small(comfy, prompt: dict, products: Path) -> dict:
     """The shipped graph with the test's model files, a small canvas and few steps (nothing else changed)."""
-    swap = {"ckpt_name": comfy.ckpt_inpaint, "bank_name": BANK_FILE, "encoder_name": STYLE_FILE,
-            "clip_name": VISION_FILE}
-    for node in prompt.values():
-        inputs = node["inputs"]
-        for key in swap.keys() & inputs.keys():
-            inputs[key] = swap[key]
-        if node["class_type"] == "ProductBGPlaceProduct":
-            inputs.update(width=SIZE, height=SIZE)
-        if node["class_type"] == "KSampler":
-            inputs["steps"] = STEPS
-        if node["class_type"] == "ProductBGLoadProductsFromFolder":
-            inputs["folder"] = str(products)
-        if node["class_type"] == "ProductBGExportProduct":            # the same path, a smaller export
-            inputs.update(size="custom", width=EXPORT, height=EXPORT)
-    return prompt
+    return sized_workflow(comfy, prompt, products, SIZE, STEPS, export_size=EXPORT)
 
 
 @pytest.fixture(scope="module")
