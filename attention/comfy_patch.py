@@ -70,7 +70,7 @@ class ProductBGContextPatch:
 
     def __init__(self, layer_keys: tuple[tuple[str, int], ...]) -> None:
         self.layer_keys = layer_keys
-        self._blocks = set(layer_keys)
+        self._blocks = {tuple(key[:2]) for key in layer_keys}  # (block, number) of 2- and 3-tuple keys
         self._last: tuple[Any, Any, CallPlan] | None = None
 
     def __deepcopy__(self, memo: dict) -> "ProductBGContextPatch":

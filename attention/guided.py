@@ -15,25 +15,16 @@ from typing import Callable
 import torch
 
 from . import probe
+from .backbones import SD15
 from .identifier import IdentifierSpec, context_attention, identifier_columns, plain_attention
 from .masks import DEFAULT_THRESHOLD, background_weights, product_coverage, rows_for_batch
 from .style import style_attention
 
 #: SD1.5 cross-attention layers in diffusers ``attn_processors`` / IP-Adapter order, as ComfyUI block keys.
-SD15_LAYER_KEYS: tuple[tuple[str, int], ...] = (
-    ("input", 1), ("input", 2), ("input", 4), ("input", 5), ("input", 7), ("input", 8),
-    ("output", 3), ("output", 4), ("output", 5), ("output", 6), ("output", 7), ("output", 8),
-    ("output", 9), ("output", 10), ("output", 11),
-    ("middle", 0),
-)
-NUM_SD15_LAYERS = len(SD15_LAYER_KEYS)
-#: Reference-style layer presets (our reading): input blocks + middle shape the layout, output blocks the
-#: texture and colour.
-STYLE_LAYER_PRESETS: dict[str, tuple[float, ...]] = {
-    "all": (1.0,) * NUM_SD15_LAYERS,
-    "style": tuple(1.0 if key[0] == "output" else 0.0 for key in SD15_LAYER_KEYS),
-    "composition": tuple(0.0 if key[0] == "output" else 1.0 for key in SD15_LAYER_KEYS),
-}
+SD15_LAYER_KEYS: tuple[tuple[str, int], ...] = SD15.layer_keys
+NUM_SD15_LAYERS = SD15.num_layers
+#: SD1.5's reference-style layer presets (every backbone's: ``Backbone.layer_weights``).
+STYLE_LAYER_PRESETS: dict[str, tuple[float, ...]] = {name: SD15.layer_weights(name) for name in SD15.presets}
 
 
 class _SharedOnCopy:
