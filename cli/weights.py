@@ -1,7 +1,8 @@
-"""``productbg weights ...``: inspect weight files and convert LoRAs.
+"""``productbg weights ...``: inspect weight files, convert LoRAs, export a category as an embedding.
 
     productbg weights inspect FILE [--json]
     productbg weights convert-lora IN OUT --to kohya|peft [--force]
+    productbg weights export-embedding BANK CATEGORY OUT [--force]
 """
 from __future__ import annotations
 
@@ -33,6 +34,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                       help="kohya: for ComfyUI's LoraLoader (models/loras); peft: for diffusers")
     conv.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     conv.set_defaults(func=cmd_convert_lora)
+
+    exp = wsub.add_parser("export-embedding", help="write one category of a bank as a standard embedding file",
+                          description="Write one category's identifier vectors as a textual-inversion embedding "
+                                      "(SD1.5: emb_params; SDXL: clip_l + clip_g) that ComfyUI loads from "
+                                      "models/embeddings with embedding:NAME in a prompt (NAME = OUT's file name).")
+    exp.add_argument("bank", type=Path, metavar="BANK", help="a category bank (.safetensors, family sd15 or sdxl)")
+    exp.add_argument("category", metavar="CATEGORY", help="the category (letter case may differ)")
+    exp.add_argument("output", type=Path, metavar="OUT", help="NAME.safetensors, one word (no spaces)")
+    exp.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    exp.set_defaults(func=cmd_export_embedding)
 
 
 def _cli_error(message: str) -> Exception:
@@ -81,4 +92,29 @@ def cmd_convert_lora(args: argparse.Namespace) -> int:
     except WeightsError as e:
         raise _cli_error(str(e)) from None
     print(f"wrote {dest} ({args.to}, {count} modules)")
+    return 0
+
+
+def cmd_export_embedding(args: argparse.Namespace) -> int:
+    """Write category ``args.category`` of ``args.bank`` to ``args.output`` as an embedding, atomically."""
+    from ..weights.embedding import check_prompt_name, export_embedding
+
+    from . import checks
+
+    checks.input_file(args.bank, "BANK")
+    if args.output.resolve() == args.bank.resolve():
+        raise _cli_error(f"OUT {args.output} is the BANK file; write the embedding to a new file")
+    try:
+        check_prompt_name(args.output)
+    except WeightsError as e:
+        raise _cli_error(f"OUT {e}") from None
+    checks.output_file(args.output, "OUT", force=args.force)
+    try:
+        done = export_embedding(args.bank, args.category, args.output)
+    except WeightsError as e:
+        raise _cli_error(str(e)) from None
+    shapes = ", ".join(f"{k} {list(v)}" for k, v in done.shapes.items())
+    _print(f"wrote {done.path} ({done.family} embedding of '{done.category}': {shapes})\n"
+           f"ComfyUI: put it in models/embeddings/ and write {done.prompt_name} in the prompt, e.g. "
+           f"\"{done.prompt_example}\"")
     return 0

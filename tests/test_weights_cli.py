@@ -48,13 +48,41 @@ def test_inspect_style_encoder(capsys, files):
     code, out, _ = run(capsys, "inspect", files["style"])
     assert code == 0 and "style encoder (sd15)" in out
     assert "published IP-Adapter" in out and "style tokens       4" in out and "width 1024" in out
-    assert "fits SD1.5         yes" in out
+    assert "fits SD1.5         yes" in out and "fits SDXL          no" in out
+    assert "CLIP vision        ViT-H: clip_vision_h.safetensors" in out and "ip-adapter_sd15 layout" in out
 
 
 def test_inspect_sdxl_style_encoder_says_it_does_not_fit(capsys, files):
     code, out, _ = run(capsys, "inspect", files["sdxl"])
     assert code == 0 and "style encoder (sdxl)" in out
     assert "fits SD1.5         no" in out and "SDXL (context width 2048, 70 cross-attention layers)" in out
+    assert "fits SDXL          yes" in out
+
+
+@pytest.mark.parametrize("release, clip", [
+    ("ip-adapter_sdxl_vit-h", "ViT-H: clip_vision_h.safetensors (CLIP-ViT-H-14-laion2B-s32B-b79K)"),
+    ("ip-adapter-plus_sdxl_vit-h", "ViT-H: clip_vision_h.safetensors (CLIP-ViT-H-14-laion2B-s32B-b79K)"),
+    ("ip-adapter_sdxl", "ViT-bigG: clip_vision_g.safetensors (CLIP-ViT-bigG-14-laion2B-39B-b160k)"),
+])
+def test_inspect_names_the_sdxl_release_and_its_clip_vision(capsys, tmp_path, release, clip):
+    from productbg.weights.samples import write_release_sample
+
+    path = write_release_sample(tmp_path / "renamed.safetensors", release)   # told apart by shapes, not name
+    code, out, _ = run(capsys, "inspect", path)
+    assert code == 0 and out.splitlines()[0] == "renamed.safetensors: style encoder (sdxl)"
+    assert f"layout             {release} layout" in out and f"CLIP vision        {clip}" in out
+    assert "fits SDXL          yes" in out and "fits SD1.5         no" in out
+    code, out, _ = run(capsys, "inspect", "--json", path)
+    facts = json.loads(out)["facts"]
+    assert facts["fits SDXL"] == "yes" and facts["layout"].startswith(release)
+
+
+def test_inspect_sdxl_bank(capsys, tmp_path):
+    path = example_bank(family="sdxl").save(tmp_path / "xl.safetensors")
+    code, out, _ = run(capsys, "inspect", path)
+    assert code == 0 and out.splitlines()[0] == "xl.safetensors: category bank (sdxl)"
+    assert "clip_l [8, 2, 768] F32, clip_g [8, 2, 1280] F32" in out
+    assert "SDXL checkpoints" in out and "export-embedding" in out
 
 
 @pytest.mark.parametrize("key, layout", [("kohya", "kohya (ComfyUI LoraLoader)"), ("peft", "peft (diffusers/peft)")])

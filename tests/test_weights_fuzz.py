@@ -8,7 +8,7 @@ CASES = 1200
 
 
 def test_fuzz_mutated_files_raise_only_weights_error(tmp_path):
-    """≥1,000 mutated banks, style encoders and LoRAs: no crash, no other exception type, no slow case."""
+    """≥1,000 mutated banks (SD1.5, SDXL, tiny), embeddings, style encoders and LoRAs: no crash, no other exception type, no slow case."""
     result = run_fuzz(CASES, tmp_path, seed=12345)
     report = "\n\n".join(f"case {c} ({kind}, {mutation}):\n{tb}" for c, kind, mutation, tb in result.failures[:3])
     assert not result.failures, f"{len(result.failures)} cases raised something other than WeightsError:\n{report}"

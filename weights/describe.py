@@ -1,4 +1,4 @@
-"""Say what a weight file is: category bank, style encoder, LoRA, or unknown — from its header.
+"""Say what a weight file is: category bank, style encoder, embedding, LoRA, or unknown — from its header.
 
 This backs ``productbg weights inspect``. Only the header (and, for banks, the lazily opened file) is read.
 """
@@ -11,13 +11,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..attention.backbones import BACKBONES
 from .bank import CategoryBank, is_bank
+from .embedding import EMBEDDING_KEYS, embedding_family, is_embedding
 from .errors import WeightsError
+from .ip_adapters import features_name
 from .lora import detect_layout, is_lora
 from .safefile import Header, read_header
-from .style_encoder import SD15, check_target, is_style_encoder, read_style_encoder_info
+from .style_encoder import check_target, is_style_encoder, read_style_encoder_info
+from .targets import target_of
 
-KINDS = ("category bank", "style encoder", "LoRA", "unknown")
+KINDS = ("category bank", "style encoder", "embedding", "LoRA", "unknown")
 _MAX_VALUE_CHARS = 160
 _FAMILY_BY_CONTEXT = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 
@@ -78,6 +82,8 @@ def describe_file(path: str | os.PathLike) -> FileReport:
         return _describe_bank(header)
     if is_style_encoder(header):
         return _describe_style(header)
+    if is_embedding(header):
+        return _describe_embedding(header)
     if is_lora(header):
         return _describe_lora(header)
     return _describe_unknown(header)
@@ -93,36 +99,60 @@ def _describe_bank(header: Header) -> FileReport:
             ("tensors", ", ".join(f"{e} {list(header.tensors[e].shape)} {header.tensors[e].dtype}"
                                   for e in bank.encoders)),
             ("template", bank.template),
+            ("works with", _works_with(bank.family)),
             ("category LoRAs", str(len(bank.loras))),
             ("training", json.dumps(bank.training, ensure_ascii=False) if bank.training else "-"),
         ]
         return FileReport(header.path, "category bank", bank.family, facts, _meta_without(header, "categories"))
 
 
+def _works_with(family: str) -> str:
+    if family in BACKBONES:
+        label = BACKBONES[family].label
+        return (f"{label} checkpoints (base, inpainting, fine-tunes); "
+                f"'productbg weights export-embedding' writes a category as an {label} embedding")
+    return "the small self-trained model it was trained with only"
+
+
 def _describe_style(header: Header) -> FileReport:
     info = read_style_encoder_info(header.path, header)
     c = info.config
-    try:
-        check_target(info, SD15, header.path.name)
-        fits = "yes"
-    except WeightsError as e:
-        fits = f"no — {e}"
+    clip = info.clip_vision
     facts = [
         ("layout", info.release_name),
         ("source", "published IP-Adapter" if info.source == "ip-adapter" else "trained by productbg"),
         ("style tokens", str(c.tokens)),
-        ("CLIP-vision input", f"{'image embeds' if c.variant == 'linear' else 'penultimate hidden states'}, "
-                              f"width {c.clip_width}"),
+        ("CLIP-vision input", f"{features_name(c.variant)}, width {c.clip_width}"),
+        ("CLIP vision", f"{clip.name}: {clip.file_hint}" if clip else f"unknown ({c.clip_width}-wide "
+                                                                          f"{features_name(c.variant)})"),
         ("made for", info.detected),
         ("K/V layers", f"{c.num_layers} (hidden sizes {', '.join(map(str, c.hidden_sizes[:16]))}"
                        f"{', ...' if c.num_layers > 16 else ''})"),
-        ("fits SD1.5", fits),
-        ("tensors", f"{len(header.tensors)}, {_dtypes(header)}"),
     ]
+    for b in BACKBONES.values():
+        try:
+            check_target(info, target_of(b), header.path.name)
+            facts.append((f"fits {b.label}", "yes"))
+        except WeightsError as e:
+            facts.append((f"fits {b.label}", f"no — {e}"))
+    facts.append(("tensors", f"{len(header.tensors)}, {_dtypes(header)}"))
     if info.training:
         facts.append(("training", json.dumps(info.training, ensure_ascii=False)))
     family = info.config.family if info.config.family != "unknown" else None
     return FileReport(header.path, "style encoder", family, facts, dict(header.metadata))
+
+
+def _describe_embedding(header: Header) -> FileReport:
+    family = embedding_family(header)
+    meta = header.metadata
+    facts = [("tensors", ", ".join(f"{k} {list(header.tensors[k].shape)} {header.tensors[k].dtype}"
+                                   for k in EMBEDDING_KEYS[family]))]
+    if meta.get("productbg.category"):
+        facts.append(("category", meta["productbg.category"] + (f" (from {meta['productbg.bank']})"
+                                                                if meta.get("productbg.bank") else "")))
+    facts += [("works with", f"{BACKBONES[family].label} checkpoints"),
+              ("in ComfyUI", f"models/embeddings/{header.path.name}; write embedding:{header.path.stem} in a prompt")]
+    return FileReport(header.path, "embedding", family, facts, dict(meta))
 
 
 def _describe_lora(header: Header) -> FileReport:

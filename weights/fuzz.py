@@ -1,6 +1,7 @@
 """Mutation fuzzing of every weight-file loader.
 
-Valid seed files (an SD1.5 and a "tiny" width-32 bank, linear and plus style encoders, kohya and peft LoRAs) are mutated — truncated,
+Valid seed files (an SD1.5, an SDXL and a "tiny" width-32 bank, SD1.5 and SDXL embeddings exported from them,
+linear and plus style encoders, kohya and peft LoRAs) are mutated — truncated,
 bit-flipped, their header length or JSON rewritten, NaN written into their data — and each result is fed to
 its loader *and used* (every bank row read, the encoder run, the LoRA converted). The only acceptable
 outcomes are a working object or a :class:`WeightsError`. Used by ``tests/test_weights_fuzz.py`` (a quick
@@ -21,6 +22,7 @@ import torch
 
 from .bank import CategoryBank
 from .describe import describe_file
+from .embedding import export_embedding, read_embedding
 from .errors import WeightsError
 from .lora import LoraModule, read_lora, to_kohya, to_peft
 from .safefile import atomic_save
@@ -92,6 +94,11 @@ def make_seeds(workdir: Path) -> list[Seed]:
     seeds.append(Seed("bank", _bytes_of(lambda p: bank.save(p), workdir / "bank.safetensors"), _use_bank))
     tiny = example_bank(vectors_per_id=2, width=32)
     seeds.append(Seed("bank_tiny", _bytes_of(lambda p: tiny.save(p), workdir / "bank_tiny.safetensors"), _use_bank))
+    sdxl = example_bank(vectors_per_id=1, dtype=torch.float16, family="sdxl", names=("运动鞋", "Coffee Mug"))
+    seeds.append(Seed("bank_sdxl", _bytes_of(lambda p: sdxl.save(p), workdir / "bank_sdxl.safetensors"), _use_bank))
+    for family, b in (("sd15", bank), ("sdxl", sdxl)):
+        seeds.append(Seed(f"embedding_{family}", _bytes_of(lambda p, b=b: export_embedding(b, "运动鞋", p),
+                                                           workdir / f"embedding_{family}.safetensors"), read_embedding))
     for variant in ("linear", "plus"):
         encoder, target = tiny_style_encoder(variant)
         enc_path = workdir / f"se_{variant}.safetensors"
@@ -123,7 +130,9 @@ def _small_lora_modules() -> list[LoraModule]:
     return out
 
 
-_SEED_FILES = {"bank": "bank.safetensors", "bank_tiny": "bank_tiny.safetensors", "style_linear": "se_linear.safetensors",
+_SEED_FILES = {"bank": "bank.safetensors", "bank_tiny": "bank_tiny.safetensors", "bank_sdxl": "bank_sdxl.safetensors",
+               "embedding_sd15": "embedding_sd15.safetensors", "embedding_sdxl": "embedding_sdxl.safetensors",
+               "style_linear": "se_linear.safetensors",
                "style_plus": "se_plus.safetensors", "lora_kohya": "lora_kohya.safetensors",
                "lora_peft": "lora_peft.safetensors"}
 

@@ -23,27 +23,36 @@ from .targets import SD15, SD15_LAYERS, SDXL, TargetModel
 #: A mix of BG60k-like Chinese and Latin category names.
 EXAMPLE_NAMES = ("运动鞋", "手提包", "咖啡杯", "Running Shoes", "Leather Bag", "Coffee Mug", "wool scarf", "台灯")
 
-#: The published releases' projection shapes.
+#: The published releases' projection shapes (their backbone: :data:`RELEASE_TARGETS`).
 RELEASES = {
     "ip-adapter_sd15": dict(variant="linear", tokens=4, clip_width=1024),
     "ip-adapter-plus_sd15": dict(variant="plus", tokens=16, clip_width=1280, resampler_dim=768, depth=4,
                                  heads=12, dim_head=64, ff_mult=4),
+    "ip-adapter_sd15_vit-G": dict(variant="linear", tokens=4, clip_width=1280),
+    "ip-adapter_sdxl_vit-h": dict(variant="linear", tokens=4, clip_width=1024),
+    "ip-adapter_sdxl": dict(variant="linear", tokens=4, clip_width=1280),
+    "ip-adapter-plus_sdxl_vit-h": dict(variant="plus", tokens=16, clip_width=1280, resampler_dim=1280, depth=4,
+                                       heads=20, dim_head=64, ff_mult=4),
 }
+RELEASE_TARGETS: dict[str, TargetModel] = {name: SDXL if "sdxl" in name else SD15 for name in RELEASES}
 
 
 def example_bank(names: Iterable[str] = EXAMPLE_NAMES, vectors_per_id: int = 2, seed: int = 0,
-                 dtype: torch.dtype = torch.float32, width: int = 768) -> CategoryBank:
+                 dtype: torch.dtype = torch.float32, width: int = 768, family: str | None = None) -> CategoryBank:
     """An in-memory bank with random vectors; the first category has a LoRA.
 
     Width 768 gives an SD1.5 bank (family "sd15"); any other width a "tiny" bank of that width.
+    ``family="sdxl"`` gives an SDXL bank (``clip_l`` 768 and ``clip_g`` 1280 vectors per category).
     """
     gen = torch.Generator().manual_seed(seed)
-    family = "sd15" if width == 768 else "tiny"
+    family = family or ("sd15" if width == 768 else "tiny")
     bank = CategoryBank(family, vectors_per_id=vectors_per_id, dtype=dtype, width=width,
                         training={"dataset": "example", "steps": 0, "date": "2025-01-01"})
+    widths = {"clip_l": width, **({"clip_g": 1280} if family == "sdxl" else {})}
     for i, name in enumerate(names):
         lora = CategoryLora(f"cat{i}.safetensors", 0.8) if i == 0 else None
-        bank.add(name, torch.randn(vectors_per_id, width, generator=gen) * 0.02, lora=lora)
+        vectors = {enc: torch.randn(vectors_per_id, w, generator=gen) * 0.02 for enc, w in widths.items()}
+        bank.add(name, vectors if family == "sdxl" else vectors["clip_l"], lora=lora)
     return bank
 
 
@@ -140,11 +149,39 @@ def write_header_only(path: str | os.PathLike, shapes: Mapping[str, tuple[int, .
     return p
 
 
-def sdxl_ip_adapter_shapes() -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of the published SDXL IP-Adapter (ip-adapter_sdxl: linear, 4 tokens, 70 layers)."""
-    shapes: dict[str, tuple[int, ...]] = {"image_proj.proj.weight": (4 * 2048, 1280), "image_proj.proj.bias": (4 * 2048,),
-                                          "image_proj.norm.weight": (2048,), "image_proj.norm.bias": (2048,)}
-    for i, h in enumerate(SDXL.hidden_sizes):
-        shapes[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = (h, 2048)
-        shapes[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = (h, 2048)
-    return shapes
+def sdxl_ip_adapter_shapes(release: str = "ip-adapter_sdxl") -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a published SDXL IP-Adapter (default ip-adapter_sdxl: linear, 4 tokens, 70 layers)."""
+    if RELEASE_TARGETS.get(release) is not SDXL:
+        raise KeyError(f"not an SDXL release: {release!r}")
+    return release_shapes(release)
+
+
+def release_shapes(release: str) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of a published IP-Adapter release, in file order (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        encoder = StyleEncoder(StyleEncoderConfig.for_target(RELEASE_TARGETS[release], **RELEASES[release]))
+    return {k: tuple(v.shape) for k, v in encoder.file_state_dict().items()}
+
+
+def write_release_sample(path: str | os.PathLike, release: str, values: Mapping[str, torch.Tensor] | None = None,
+                         metadata: Mapping[str, str] | None = None) -> Path:
+    """A published release's layout as an F16 file of zeros that takes no disk (see :func:`write_header_only`),
+    with ``values`` (name -> tensor of that tensor's shape) written for real — so a test can check where the
+    loader puts them without a file of the release's full size (≈0.7 GB for the SDXL ones)."""
+    shapes = release_shapes(release)
+    p = write_header_only(path, shapes, "F16", metadata)
+    if values:
+        with open(p, "rb") as fh:
+            header_len = struct.unpack("<Q", fh.read(8))[0]
+        offsets, offset = {}, 0
+        for name, shape in shapes.items():
+            offsets[name] = offset
+            offset += math.prod(shape) * 2
+        with open(p, "r+b") as fh:
+            for name, t in values.items():
+                if tuple(t.shape) != shapes[name]:
+                    raise ValueError(f"{name}: shape {tuple(t.shape)}, the release has {shapes[name]}")
+                fh.seek(8 + header_len + offsets[name])
+                fh.write(t.detach().to(torch.float16).contiguous().numpy().tobytes())
+    return p
+

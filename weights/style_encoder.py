@@ -1,21 +1,23 @@
-"""The style encoder (Personality-Wise Generator) in the published IP-Adapter SD1.5 layout.
+"""The style encoder (Personality-Wise Generator) in the published IP-Adapter layout, SD1.5 and SDXL.
 
-One loader reads both projections of the IP-Adapter releases and the files this project trains::
+One loader reads both projections of the IP-Adapter releases and the files this project trains (``C`` is the
+backbone's context width: 768 on SD1.5, 2048 on SDXL)::
 
-    image_proj.proj.weight [tokens·768, 1024]   "ip-adapter_sd15": linear projection of CLIP image embeds
-    image_proj.proj.bias   [tokens·768]
-    image_proj.norm.weight/bias [768]
+    image_proj.proj.weight [tokens·C, W]        linear projection of CLIP image embeds: "ip-adapter_sd15" and
+    image_proj.proj.bias   [tokens·C]           "ip-adapter_sdxl_vit-h" (ViT-H, W=1024), "ip-adapter_sdxl"
+    image_proj.norm.weight/bias [C]             (ViT-bigG, W=1280)
 
-    image_proj.latents [1, 16, 768]             "ip-adapter-plus_sd15": Resampler over CLIP-vision
-    image_proj.proj_in.weight/bias [768, 1280]  penultimate hidden states (width 1280)
-    image_proj.proj_out.weight/bias, image_proj.norm_out.weight/bias
-    image_proj.layers.<d>.0.{norm1,norm2}.weight/bias, .to_q.weight, .to_kv.weight, .to_out.weight
-    image_proj.layers.<d>.1.0.weight/bias (LayerNorm), .1.1.weight, .1.3.weight (feed-forward, no bias)
+    image_proj.latents [1, 16, D]               Resampler over CLIP-vision penultimate hidden states (ViT-H,
+    image_proj.proj_in.weight/bias [D, 1280]    width 1280): "ip-adapter-plus_sd15" (D=768, 12 heads) and
+    image_proj.proj_out.weight/bias [C, D], image_proj.norm_out.weight/bias   "ip-adapter-plus_sdxl_vit-h"
+    image_proj.layers.<d>.0.{norm1,norm2}.weight/bias, .to_q.weight, .to_kv.weight, .to_out.weight  (D=1280,
+    image_proj.layers.<d>.1.0.weight/bias (LayerNorm), .1.1.weight, .1.3.weight (feed-forward, no bias)  20 heads)
 
-    ip_adapter.<n>.to_k_ip.weight [hidden_i, 768], ip_adapter.<n>.to_v_ip.weight   n = 1, 3, ..., 31
+    ip_adapter.<n>.to_k_ip.weight [hidden_i, C], ip_adapter.<n>.to_v_ip.weight   n = 1, 3, ..., 2·layers − 1
 
 Files trained here add ``productbg.*`` metadata (variant, tokens, CLIP-vision width, family, training).
-Every file is checked against the target model (SD1.5: context width 768, 16 layers) before use.
+Every file is checked against the target model (SD1.5: context width 768, 16 layers; SDXL: 2048, 70) before
+use; :mod:`.ip_adapters` names the releases and the CLIP vision model each one reads.
 """
 from __future__ import annotations
 
@@ -30,9 +32,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..attention.backbones import BACKBONES, Backbone
 from .errors import FormatMismatchError, MalformedFileError, WeightsError
+from .ip_adapters import (ClipVision, Release, check_clip_vision, clip_vision_problem, clip_vision_widths,
+                          release_of, releases_for, required_clip_vision, use_instead)
 from .safefile import Header, SafeReader, atomic_save, parse_json_value, read_header, require_float
-from .targets import SD15, SD15_LAYERS, TargetModel, guess_target
+from .targets import SD15, TargetModel, guess_target, target_of
 
 STYLE_KIND = "style_encoder"
 SCHEMA_VERSION = 1
@@ -284,10 +289,22 @@ class StyleEncoderInfo:
     training: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def release(self) -> Release | None:
+        """The published IP-Adapter release with this layout (family, projection, input width, tokens), if any."""
+        return release_of(self.config)
+
+    @property
+    def clip_vision(self) -> ClipVision | None:
+        """The CLIP vision model whose features this file reads (None for an unknown width)."""
+        return required_clip_vision(self.config)
+
+    @property
     def release_name(self) -> str:
-        """The IP-Adapter release this layout corresponds to."""
-        return ("linear projection (ip-adapter layout)" if self.config.variant == "linear"
+        """The IP-Adapter release this layout corresponds to, e.g. ``ip-adapter_sdxl_vit-h layout (linear ...)``."""
+        kind = ("linear projection (ip-adapter layout)" if self.config.variant == "linear"
                 else "Resampler (ip-adapter-plus layout)")
+        release = self.release
+        return f"{release.name} layout: {kind}" if release else kind
 
 
 def is_style_encoder(header: Header) -> bool:
@@ -320,8 +337,9 @@ def read_style_encoder_info(path: str | os.PathLike, header: Header | None = Non
 def _reject_unsupported(shapes: Mapping[str, tuple[int, ...]], fname: str) -> None:
     if "image_proj.proj.0.weight" in shapes or "image_proj.perceiver_resampler.proj_in.weight" in shapes:
         kind = "FaceID" if any("perceiver" in k or "norm.weight" == k[11:] for k in shapes) else "full-face"
-        raise FormatMismatchError(f"{fname}: an IP-Adapter {kind} projection; only ip-adapter_sd15 (linear) and "
-                                  "ip-adapter-plus_sd15 (Resampler) layouts are supported")
+        raise FormatMismatchError(f"{fname}: an IP-Adapter {kind} projection; only the linear (ip-adapter_sd15, "
+                                  "ip-adapter_sdxl_vit-h, ip-adapter_sdxl) and Resampler (ip-adapter-plus_sd15, "
+                                  "ip-adapter-plus_sdxl_vit-h) layouts are supported")
     if any("_lora." in k for k in shapes):
         raise FormatMismatchError(f"{fname}: IP-Adapter with built-in LoRA (FaceID); not supported")
     odd = [k for k in shapes if not (k.startswith("image_proj.") or _IP_KEY.match(k))]
@@ -421,26 +439,65 @@ def _training(meta: Mapping[str, str], fname: str) -> dict[str, Any]:
     return value
 
 
-def check_target(info: StyleEncoderInfo, target: TargetModel, fname: str = "style encoder") -> None:
-    """Raise FormatMismatchError unless the file fits ``target`` (context width, layer count, hidden sizes)."""
-    c = info.config
+def as_target(target: TargetModel | Backbone) -> TargetModel:
+    """The :class:`TargetModel` of a target or of an ``attention.backbones`` :class:`Backbone`."""
+    return target_of(target) if isinstance(target, Backbone) else target
+
+
+def detected_model(config: StyleEncoderConfig) -> str:
+    """The model family a style-encoder shape fits, described (``"SDXL (context width 2048, 70 ...)"``)."""
+    known = guess_target(config.context_dim, config.num_layers)
+    return known.describe() if known else (f"unknown model (context width {config.context_dim}, "
+                                           f"{config.num_layers} layers)")
+
+
+def check_target(info: "StyleEncoderInfo | StyleEncoderConfig | StyleEncoder", target: TargetModel | Backbone,
+                 fname: str = "style encoder") -> None:
+    """Raise FormatMismatchError unless the encoder fits ``target`` (context width, layer count, hidden sizes).
+
+    Args:
+        info: a file's :class:`StyleEncoderInfo`, or a loaded encoder / its config (a node checking the
+            encoder it was given against the MODEL it patches).
+        target: the model (a :class:`TargetModel`, or an ``attention.backbones`` :class:`Backbone`).
+        fname: what to call the encoder in the message (its file name).
+
+    Raises:
+        FormatMismatchError: one line naming the model the file is for, the target, and what to load instead
+            (the published IP-Adapter files of the target's family).
+    """
+    target = as_target(target)
+    c = info.config if isinstance(info, (StyleEncoderInfo, StyleEncoder)) else info
+    detected = info.detected if isinstance(info, StyleEncoderInfo) else detected_model(c)
     if (c.context_dim, c.num_layers) != (target.context_dim, target.num_layers):
-        raise FormatMismatchError(f"{fname}: this style encoder / IP-Adapter is made for {info.detected}, "
-                                  f"but the target model is {target.describe()}")
+        fix = f"; {use_instead(target.family, target.label)}" if releases_for(target.family) else ""
+        raise FormatMismatchError(f"{fname}: this style encoder / IP-Adapter is made for {detected}, "
+                                  f"but the target model is {target.describe()}{fix}")
+    layers = BACKBONES[target.family].layers if target.family in BACKBONES else ()
     for i, (got, want) in enumerate(zip(c.hidden_sizes, target.hidden_sizes, strict=True)):
         if got != want:
-            where = f" ({SD15_LAYERS[i].diffusers_name})" if target.family == "sd15" else ""
+            where = f" ({layers[i].diffusers_name})" if i < len(layers) else ""
             raise FormatMismatchError(f"{fname}: ip_adapter.{2 * i + 1}.to_k_ip.weight is [{got}, {c.context_dim}] "
                                       f"but {target.label} layer {i}{where} expects [{want}, {target.context_dim}]")
 
 
-def load_style_encoder(path: str | os.PathLike, target: TargetModel = SD15, *,
+def _auto_target(info: StyleEncoderInfo, fname: str) -> TargetModel:
+    if info.config.family in BACKBONES:
+        return target_of(BACKBONES[info.config.family])
+    supported = " and ".join(b.label for b in BACKBONES.values())
+    examples = ", ".join(releases_for(f)[0].file for f in BACKBONES if releases_for(f))
+    raise FormatMismatchError(f"{fname}: this style encoder / IP-Adapter is made for {info.detected}; productbg "
+                              f"reads {supported} IP-Adapters (e.g. {examples})")
+
+
+def load_style_encoder(path: str | os.PathLike, target: TargetModel | Backbone | None = SD15, *,
                        dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> StyleEncoder:
-    """Load an IP-Adapter SD1.5 file (linear or plus) or a productbg style encoder, checked against ``target``.
+    """Load a published IP-Adapter (SD1.5 or SDXL, linear or plus) or a productbg style encoder.
 
     Args:
         path: ``.safetensors`` file (``.bin`` IP-Adapter files are refused: pickle).
-        target: the model it must fit (default SD1.5).
+        target: the model it must fit (default SD1.5; a :class:`Backbone` is accepted). ``None``: whichever
+            supported backbone the file's shapes fit (SD1.5 or SDXL) — for a loader that does not see the MODEL
+            yet; check the encoder against the MODEL later with :func:`check_target`.
         dtype: cast parameters to this dtype (default: keep the file's).
         device: where to put the module.
 
@@ -452,6 +509,7 @@ def load_style_encoder(path: str | os.PathLike, target: TargetModel = SD15, *,
     """
     header = read_header(path)
     info = read_style_encoder_info(path, header)
+    target = _auto_target(info, header.path.name) if target is None else as_target(target)
     check_target(info, target, header.path.name)
     require_float(header)
     config = replace(info.config, family=target.family)
@@ -522,13 +580,14 @@ def reference_tokens(encoder: StyleEncoder, clip_vision: Any, reference: torch.T
         out = clip_vision.encode_image(images)
         return out["penultimate_hidden_states"] if plus else out["image_embeds"]
 
+    check_clip_vision(encoder.config, *clip_vision_widths(clip_vision))  # before running it, when it says its widths
     cond = features(reference)
     if not torch.isfinite(cond).all():
         raise ValueError("the CLIP vision model returned NaN/inf features for the reference; check the CLIP "
                          "vision file (a damaged or mismatched model)")
     if cond.shape[-1] != encoder.config.clip_width:
-        raise ValueError(f"this CLIP vision model gives {cond.shape[-1]}-wide features; the style encoder expects "
-                         f"{encoder.config.clip_width} (use the CLIP vision model it was trained with)")
+        got = {"embed_width" if not plus else "hidden_width": int(cond.shape[-1])}
+        raise FormatMismatchError(clip_vision_problem(encoder.config, **got) or "CLIP vision width mismatch")
     uncond = features(null_reference(reference[:1])) if plus else torch.zeros_like(cond[:1])
     with torch.no_grad():
         p = next(encoder.parameters())
