@@ -265,7 +265,6 @@ class ProductBGPipeline:
         from ..weights.errors import WeightsError
         from ..weights.bank import load_bank
         from ..weights.style_encoder import load_style_encoder
-        from ..weights.targets import TARGETS
 
         try:
             if bank is not None:
@@ -275,7 +274,7 @@ class ProductBGPipeline:
                 components.image_encoder = (clip_vision if isinstance(clip_vision, ClipVision)
                                             else load_clip_vision(clip_vision))
             if style_encoder is not None:
-                components.style_encoder = load_style_encoder(style_encoder, TARGETS[components.family])
+                components.style_encoder = load_style_encoder(style_encoder, style_target(components))
         except WeightsError as e:
             raise PipelineError(str(e)) from None
         for path, strength in loras:
@@ -421,6 +420,20 @@ class ProductBGPipeline:
 
             cache[path] = load_upscaler(path, self.device)
         return cache[path]
+
+
+def style_target(components: Components):
+    """What a style encoder must fit: the backbone's table when the UNet has its shapes (messages then name
+    SD1.5 / SDXL), else this UNet's own layers (tiny and custom models)."""
+    from ..weights.targets import TARGETS, TargetModel
+    from .components import cross_attention_widths
+
+    unet = components.unet
+    widths, context = cross_attention_widths(unet), int(unet.config.cross_attention_dim)
+    target = TARGETS[components.family]
+    if (target.context_dim, target.hidden_sizes) == (context, widths):
+        return target
+    return TargetModel(components.family, "this UNet", context, widths)
 
 
 def check_bank_fit(identifiers: Any, backbone: Any) -> None:

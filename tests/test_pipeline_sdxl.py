@@ -2,6 +2,7 @@
 pooled text embeds and added time ids (tiny, CPU-fast); plus one full-size SDXL single-file load offline."""
 import json
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -274,3 +275,58 @@ def test_style_encoder_of_the_other_backbone_refused(tmp_path):
         with pytest.raises(PipelineError) as e:
             ProductBGPipeline.from_components(c, style_encoder=path, device="cpu")
         assert "\n" not in str(e.value) and made.label in str(e.value), str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- full size
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_gib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2 ** 20
+    return float("nan")
+
+
+@pytest.mark.slow
+def test_full_size_sdxl_single_file_loads_offline(no_network, capsys):
+    """A random full-size SDXL checkpoint in the original layout (cached, 6.9 GB fp16) is detected as SDXL and
+    loads through the package's loader offline in fp16; shapes are SDXL's, prompts encode to 2048 + pooled
+    1280, and one UNet forward on a 16² latent gives finite values. Prints the load's peak RSS."""
+    import gc
+
+    from sdxl_checkpoint import ensure_sdxl_checkpoint
+
+    from productbg.pipeline.single_file import checkpoint_backbone
+
+    path = ensure_sdxl_checkpoint()
+    gc.collect()
+    measured = _reset_peak_rss()
+    assert checkpoint_backbone(path).family == "sdxl"
+    parts = load_single_file(path, dtype=torch.float16)
+    try:
+        assert parts.family == "sdxl" and parts.unet.dtype == torch.float16
+        assert parts.unet.config.in_channels == 4 and parts.unet.config.cross_attention_dim == 2048
+        assert len(install_processors(parts.unet)) == 70
+        assert parts.text_encoder.config.hidden_size == 768 and parts.text_encoder_2.config.projection_dim == 1280
+        assert parts.unet.add_embedding.linear_1.in_features == 2816
+        enc = PromptEncoder(clip_tokenizer(), parts.text_encoder, None, open_clip_tokenizer(), parts.text_encoder_2)
+        p = enc.encode("marble table")
+        assert p.cond.shape == (1, 77, 2048) and p.pooled.shape == (1, 1280) and p.spec is not None
+        added = {"text_embeds": p.pooled.half(), "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]]).half()}
+        with torch.no_grad():
+            out = parts.unet(torch.randn(1, 4, 16, 16).half(), 500, p.cond.half(), added_cond_kwargs=added).sample
+        assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
+    finally:
+        del parts
+        gc.collect()
+    if measured:
+        peak = _peak_rss_gib()
+        with capsys.disabled():
+            print(f"\n[full-size SDXL] load + encode + forward peak RSS {peak:.1f} GiB")
+        assert peak < 16.0
