@@ -330,3 +330,78 @@ def test_full_size_sdxl_single_file_loads_offline(no_network, capsys):
         with capsys.disabled():
             print(f"\n[full-size SDXL] load + encode + forward peak RSS {peak:.1f} GiB")
         assert peak < 16.0
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def xl_files(tmp_path_factory):
+    """A tiny SDXL-shaped inpainting checkpoint in SDXL's LDM layout, its configs and a product photo."""
+    from productbg.imaging.synthetic import packshot
+    from productbg.pipeline.outputs import save_png
+
+    root = tmp_path_factory.mktemp("xl")
+    unet, vae = tiny_sdxl_unet(9), tiny_vae()
+    te, te2 = tiny_text_encoder(0, TINY_XL_WIDTHS[0]), tiny_text_encoder_2()
+    save_single_file(root / "xl.safetensors", unet, vae, te, text_encoder_2=te2)
+    write_config_dir(root / "configs", unet, vae, te, text_encoder_2=te2)
+    save_png(packshot(48).image, root / "product.png")
+    return root
+
+
+def test_cli_generate_with_sdxl_checkpoint(xl_files, tmp_path, capsys, monkeypatch):
+    """``generate --checkpoint xl.safetensors``: SDXL detected, its sampler defaults used, a non-square canvas."""
+    from productbg.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    m = xl_files
+    code = main(["generate", "--product", str(m / "product.png"), "--category", "marble table", "--checkpoint",
+                 str(m / "xl.safetensors"), "--configs", str(m / "configs"), "--canvas", "64x80", "--steps", "2",
+                 "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert meta["settings"]["sampler"] == "dpmpp_2m_karras" and meta["settings"]["guidance_scale"] == 6.0
+    assert meta["settings"]["canvas_size"] == [64, 80]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "out" / "image_0.png").size == (64, 80)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--canvas", "64x81"], "multiples of 8"),
+    (["--canvas", "7:3"], "not an aspect ratio of this model"),
+])
+def test_cli_bad_canvas_is_one_line(xl_files, tmp_path, capsys, args, message):
+    from productbg.cli import main
+
+    m = xl_files
+    with pytest.raises(SystemExit) if "81" in args[1] else _nothing():
+        code = main(["generate", "--product", str(m / "product.png"), "--checkpoint", str(m / "xl.safetensors"),
+                     "--configs", str(m / "configs"), *args, "--out", str(tmp_path / "o")])
+        assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1]
+
+
+def test_cli_refuses_sdxl_refiner(tmp_path, capsys):
+    """A refiner checkpoint (OpenCLIP-G only) is refused before loading, in one line naming what to use."""
+    from productbg.cli import main
+    from productbg.imaging.synthetic import packshot
+    from productbg.pipeline.outputs import save_png
+    from productbg.weights.safefile import atomic_save
+
+    path = atomic_save({"conditioner.embedders.0.model.positional_embedding": torch.zeros(77, 8),
+                        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3)},
+                       tmp_path / "refiner.safetensors")
+    save_png(packshot(48).image, tmp_path / "p.png")
+    code = main(["generate", "--product", str(tmp_path / "p.png"), "--checkpoint", str(path), "--out",
+                 str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "SDXL refiner" in err[0] and "SDXL base or SDXL-inpainting" in err[0]
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
