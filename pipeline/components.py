@@ -327,9 +327,12 @@ def merge_lora(components: Components, path: str | os.PathLike, strength: float 
     except WeightsError as e:
         raise PipelineError(str(e)) from None
     targets = {"unet": components.unet, "text_encoder": components.text_encoder}
+    if components.text_encoder_2 is not None:
+        targets["text_encoder_2"] = components.text_encoder_2
     for m in lora.modules:
         if m.component not in targets:
-            raise PipelineError(f"{Path(path).name}: LoRA for {m.component}, which SD1.5 does not have")
+            raise PipelineError(f"{Path(path).name}: LoRA for {m.component}, which {components.backbone.label} "
+                                "does not have (a LoRA for SDXL?)")
         weight = _lora_target(targets[m.component], m.path, Path(path).name)
         delta = (m.up.flatten(1).float() @ m.down.flatten(1).float()) * (m.scale * strength)
         if delta.numel() != weight.numel():

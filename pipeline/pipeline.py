@@ -6,6 +6,10 @@
     UNet with mask-guided attention (identifier + style on the background only)
         ─► DDIM 40 steps, CFG 7.5, inpainting ─► VAE decode ─► paste product back ─► preservation report
 
+On SDXL (detected from the checkpoint) the same flow runs at 1024² with both text encoders, SDXL's pooled
+text embedding and added time ids, DPM++ 2M Karras 30 steps and CFG 6 (``defaults_for``); ``canvas_size``
+gives non-square canvases (``attention.SDXL.canvases["4:5"]`` = 928×1152).
+
 Example::
 
     pipe = ProductBGPipeline.from_single_file("sd-v1-5-inpainting.safetensors", bank="bank.safetensors")

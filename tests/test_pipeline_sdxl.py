@@ -396,3 +396,20 @@ def test_cli_refuses_sdxl_refiner(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "SDXL refiner" in err[0] and "SDXL base or SDXL-inpainting" in err[0]
 
+
+
+def test_sdxl_lora_reaches_both_text_encoders(tmp_path):
+    """kohya lora_te1_ / lora_te2_ modules merge into CLIP-L and CLIP-G of an SDXL model."""
+    from productbg.pipeline.components import merge_lora
+    from productbg.weights.safefile import atomic_save
+
+    c = tiny_components(style=False, family="sdxl")
+    te2_q = c.text_encoder_2.text_model.encoder.layers[0].self_attn.q_proj.weight
+    before = te2_q.clone()
+    w = TINY_XL_WIDTHS[1]
+    atomic_save({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(1, w),
+                 "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(w, 1),
+                 "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(1.0)},
+                tmp_path / "xl_lora.safetensors")
+    assert merge_lora(c, tmp_path / "xl_lora.safetensors", 0.5) == 1
+    assert torch.allclose(te2_q - before, torch.full_like(before, 0.5))
