@@ -147,9 +147,9 @@ def _gradient(pipe, prep, category: str, mode: str) -> float:
     confinement, strength = DEPENDENCE_MODES[mode]
     c, prompts = pipe.components, pipe.prompts
     encoded = prompts.encode(category, pipe.settings.template, pipe.settings.extra_text)
-    slots = prompts._slots
+    slots = prompts._slots[0]  # first (SD1.5: only) text encoder
     vectors = c.text_encoder.get_input_embeddings().weight[slots].detach().clone().requires_grad_(True)
-    ids = prompts._ids(encoded.text)
+    ids = prompts._ids(encoded.text)[0]
     where = torch.isin(ids[0], slots)
 
     def splice(module, inputs, output):

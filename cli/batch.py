@@ -77,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     checks.input_file(args.manifest, "manifest")
     checks.output_dir(args.out, "--out")
     settings = settings_from_args(args)
-    max_n = max_images(settings.size)
+    w, h = settings.canvas()
+    max_n = max(1, max_images(settings.size) if w == h else max_images(int((w * h) ** 0.5)))
     if settings.export is not None:
         max_n = min(max_n, max_exports(settings.export))
     rows = read_manifest(args.manifest, args.out, args.seed, args.n, max_n=max_n)

@@ -163,13 +163,15 @@ def _pipeline(args: argparse.Namespace):
     from .errors import CliError
     from ..pipeline import GenerateSettings
     from ..pipeline.embedded import DEMO_MODEL, STYLE_ONLY_TEMPLATE, load_demo_pipeline
-    from .options import build_pipeline, extra_model_files, uses_demo
+    from ..pipeline.pipeline import defaults_for
+    from .options import build_pipeline, extra_model_files, model_backbone, uses_demo
 
     if args.checkpoint and not uses_demo(args):
         if not args.bank:
             raise CliError("--checkpoint needs --bank (the categories' identifiers); add --style-encoder and "
                            "--clip-vision for the reference-style row")
-        return build_pipeline(args, settings=GenerateSettings()), None
+        backbone = model_backbone(args)
+        return build_pipeline(args, settings=defaults_for(backbone) if backbone else GenerateSettings()), None
     extras = extra_model_files(args)
     if extras:
         raise CliError(f"{extras[0]}: model files go with --checkpoint PATH (the embedded demo model brings its own)")

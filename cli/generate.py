@@ -1,8 +1,9 @@
 """``productbg generate``: backgrounds for one product photo.
 
-Segments the product, places it on a 512² canvas (fill 0.74), writes the category's identifier into the prompt
-with mask-guided attention keeping it on the background, optionally takes the style of a reference image,
-inpaints (DDIM 40 steps, CFG 7.5), pastes the original product back and reports how well it was preserved.
+Segments the product, places it on a 512² canvas (fill 0.74; 1024² with an SDXL checkpoint, or --canvas), writes
+the category's identifier into the prompt with mask-guided attention keeping it on the background, optionally
+takes the style of a reference image, inpaints (DDIM 40 steps, CFG 7.5; SDXL: DPM++ 2M Karras 30 steps, CFG 6),
+pastes the original product back and reports how well it was preserved.
 """
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ EPILOG = """examples:
       --checkpoint models/checkpoints/sd-v1-5-inpainting.safetensors --bank models/productbg/banks/bg60k.safetensors
   productbg generate --product mug.png --reference brand_look.jpg --out out/mug.png --checkpoint sd15-inpaint.safetensors \\
       --style-encoder ip-adapter_sd15.safetensors --clip-vision CLIP-ViT-H-14.safetensors
+  productbg generate --product shoe.jpg --category sneakers --canvas 4:5 --out out/shoe.png \\
+      --checkpoint models/checkpoints/sd_xl_base_1.0.safetensors --bank bank_sdxl.safetensors
+      (SDXL: detected from the file; 928x1152, DPM++ 2M Karras 30 steps, CFG 6 unless given)
 
   productbg generate --product shoe.jpg --category sneakers --export amazon-zoom --out out/shoe.jpg --quality 92
       (2000x2000 JPEG, the shoe at its own resolution; --export shopify|taobao|instagram-portrait|story|WxH)

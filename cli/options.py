@@ -35,15 +35,18 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     """Model files: base checkpoint, bank, style encoder, CLIP vision, LoRAs, device."""
     g = p.add_argument_group("models (nothing is ever downloaded)")
     g.add_argument("--checkpoint", metavar="PATH",
-                   help="SD1.5 or SD1.5-inpainting .safetensors (ComfyUI's models/checkpoints files), a diffusers "
+                   help="SD1.5, SDXL or their inpainting .safetensors (ComfyUI's models/checkpoints files; the "
+                        "backbone is detected from the file and sets the default canvas and sampler), a diffusers "
                         "folder, or 'demo' for the embedded toy model (BG-synth categories, 64², its own bank and "
                         "style encoder; write ./demo for a folder of that name); without it the tiny random models "
                         "are used")
     g.add_argument("--configs", metavar="DIR",
-                   help="component configs for --checkpoint (default: the SD1.5 set shipped in assets/sd15)")
+                   help="component configs for --checkpoint (default: the set shipped in assets/sd15 or "
+                        "assets/sdxl, by the detected backbone)")
     g.add_argument("--bank", metavar="PATH", help="category bank .safetensors (identifier per category); without "
                    "it the category name is used as plain words, confined to the background")
-    g.add_argument("--style-encoder", metavar="PATH", help="style encoder / IP-Adapter SD1.5 .safetensors (needs --clip-vision)")
+    g.add_argument("--style-encoder", metavar="PATH", help="style encoder / IP-Adapter .safetensors made for the "
+                   "checkpoint's backbone (SD1.5 or SDXL; needs --clip-vision)")
     g.add_argument("--clip-vision", metavar="PATH", help="CLIP vision model: folder (config.json + model.safetensors) "
                    "or a ViT-H/14 .safetensors file")
     g.add_argument("--lora", metavar="PATH[:STRENGTH]", action="append", default=[], type=lora_type,
@@ -78,7 +81,8 @@ SETTING_OPTIONS = {"size": "size", "steps": "steps", "cfg": "guidance_scale", "f
                    "style_layers": "style_layers", "template": "template", "extra": "extra_text",
                    "negative": "negative_prompt", "feather": "feather", "segmentation": "segmentation",
                    "report_expansion": "report_expansion", "export": "export", "format": "export_format",
-                   "quality": "quality", "resampler": "resampler", "upscaler": "upscaler"}
+                   "quality": "quality", "resampler": "resampler", "upscaler": "upscaler", "sampler": "sampler",
+                   "canvas": "canvas_size"}
 #: Options that only mean something with --export.
 EXPORT_ONLY = ("format", "quality", "resampler", "upscaler")
 
@@ -94,9 +98,18 @@ def add_settings_options(p: argparse.ArgumentParser) -> None:
     """Generation settings (defaults: the paper's recipe / the shipped workflow; the demo model's own with
     ``--checkpoint demo``)."""
     g = p.add_argument_group("generation settings")
-    g.add_argument("--size", type=checks.integer(16, MAX_SIZE, multiple=8), help=f"square canvas side, multiple of 8 ({_default('size')})")
-    g.add_argument("--steps", type=checks.integer(1, 1000), help=f"DDIM steps ({_default('steps')})")
-    g.add_argument("--cfg", type=checks.number(0, 100), help=f"classifier-free guidance scale ({_default('cfg')})")
+    g.add_argument("--size", type=checks.integer(16, MAX_SIZE, multiple=8), help=f"square canvas side, multiple of 8 ({_default('size')}; "
+                   "1024 with an SDXL checkpoint)")
+    g.add_argument("--canvas", type=canvas_type, metavar="RATIO|WxH",
+                   help="non-square canvas: an aspect ratio at the backbone's trained pixel count (1:1, 4:5, 3:4, "
+                        "2:3, 16:9, 9:16, 5:4, 4:3, 3:2; e.g. 4:5 = 928x1152 on SDXL, 464x576 on SD1.5) or WIDTHxHEIGHT "
+                        "(multiples of 8); replaces --size")
+    g.add_argument("--steps", type=checks.integer(1, 1000), help=f"sampling steps ({_default('steps')}; 30 with an SDXL "
+                   "checkpoint)")
+    g.add_argument("--cfg", type=checks.number(0, 100), help=f"classifier-free guidance scale ({_default('cfg')}; 6.0 "
+                   "with an SDXL checkpoint)")
+    g.add_argument("--sampler", choices=["ddim", "dpmpp_2m_karras"],
+                   help=f"sampler ({_default('sampler')}; dpmpp_2m_karras with an SDXL checkpoint)")
     g.add_argument("--fill", type=checks.number(0, 1, low_open=True), help=f"product bounding box / canvas ({_default('fill')})")
     g.add_argument("--grow", type=checks.number(0, 512), help=f"repaint-mask growth in px at 512, scaled with --size "
                    f"({_default('grow')})")
@@ -117,6 +130,44 @@ def add_settings_options(p: argparse.ArgumentParser) -> None:
                    help="also measure object expansion in each preservation report, as the ComfyUI workflows do "
                         "(a GrabCut per image)")
     add_export_options(p)
+
+
+def canvas_type(text: str) -> str | tuple[int, int]:
+    """argparse ``type`` of ``--canvas``: an aspect ratio name (resolved against the backbone later) or WxH."""
+    import re
+
+    t = text.strip().lower()
+    if re.fullmatch(r"\d+:\d+", t):
+        return t
+    m = re.fullmatch(r"(\d+)x(\d+)", t)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r}: write an aspect ratio such as 4:5, or WIDTHxHEIGHT such as 928x1152")
+    w, h = int(m[1]), int(m[2])
+    if not (16 <= w <= MAX_SIZE and 16 <= h <= MAX_SIZE) or w % 8 or h % 8:
+        near = "x".join(str(min(MAX_SIZE, max(16, round(v / 8) * 8))) for v in (w, h))
+        raise argparse.ArgumentTypeError(f"{w}x{h}: width and height must be multiples of 8 from 16 to {MAX_SIZE} "
+                                         f"(the VAE works on 8-pixel cells); use e.g. {near}")
+    return w, h
+
+
+def model_backbone(args: argparse.Namespace):
+    """The backbone of the model the options name (SD1.5 for the tiny models; None for the demo model), read
+    from the checkpoint's header or the folder's layout without loading weights.
+
+    Raises:
+        CheckpointError: a checkpoint of a family productbg does not support (named).
+    """
+    from ..attention import backbones
+    from ..pipeline.single_file import checkpoint_backbone
+
+    if uses_tiny(args):
+        return backbones.SD15
+    if uses_demo(args):
+        return None
+    src = Path(args.checkpoint)
+    if src.is_dir():
+        return backbones.SDXL if (src / "text_encoder_2" / "config.json").is_file() else backbones.SD15
+    return checkpoint_backbone(src)
 
 
 def export_size(text: str) -> tuple[int, int]:
@@ -172,10 +223,23 @@ def check_export_args(args: argparse.Namespace) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> GenerateSettings:
-    """:class:`GenerateSettings` from parsed options: the given ones over the model's defaults."""
-    base = DEMO_SETTINGS if uses_demo(args) else DEFAULTS
+    """:class:`GenerateSettings` from parsed options: the given ones over the model's defaults (the demo
+    model's, or the backbone's: 512² DDIM 40 on SD1.5, 1024² DPM++ 2M Karras 30 on SDXL)."""
+    from ..pipeline.pipeline import defaults_for
+
+    b = model_backbone(args)
+    base = DEMO_SETTINGS if b is None else defaults_for(b)
     given = {field: getattr(args, option) for option, field in SETTING_OPTIONS.items()
              if getattr(args, option, None) is not None}
+    canvas = given.get("canvas_size")
+    if isinstance(canvas, str):
+        canvases = (b.canvases if b is not None else {})
+        if canvas not in canvases:
+            raise checks.CheckError(f"--canvas {canvas}: not an aspect ratio of this model; use one of "
+                                    f"{', '.join(canvases)} or WIDTHxHEIGHT")
+        given["canvas_size"] = canvases[canvas]
+    if given.get("canvas_size") is not None and given.get("export") is not None:
+        raise checks.CheckError("--canvas does not go with --export (the export's aspect sets the canvas)")
     return replace(base, **given)
 
 
@@ -284,6 +348,10 @@ def check_model_args(args: argparse.Namespace) -> None:
             _model_file(Path(value), f"--{option.replace('_', '-')}", what)
     for text in args.lora:
         _model_file(parse_lora(text)[0], "--lora", "LoRA")
+    try:
+        model_backbone(args)  # another family (SDXL refiner, SD2, SD3, Flux ...) is refused before loading
+    except PipelineError as e:
+        raise checks.CheckError(f"--checkpoint {e}") from None
 
 
 def _model_file(path: Path, flag: str, what: str) -> None:
@@ -306,9 +374,11 @@ def _model_file(path: Path, flag: str, what: str) -> None:
 def check_generation(args: argparse.Namespace, n: int, what: str = "--n") -> None:
     """The image count ``n`` against the memory the canvas size (and the export size) implies."""
     settings = settings_from_args(args)
-    size = settings.size
-    if n > max_images(size):
-        raise checks.CheckError(f"{what} {n}: at most {max_images(size)} images per product at --size {size} "
+    w, h = settings.canvas()
+    most = max(1, min(MAX_N, MAX_BATCH_PIXELS // (w * h)))
+    if n > most:
+        where = f"--size {w}" if w == h else f"a {w}x{h} canvas"
+        raise checks.CheckError(f"{what} {n}: at most {most} images per product at {where} "
                                 f"(memory grows with images × pixels); run fewer at a time")
     if settings.export is not None and n > max_exports(settings.export):
         w, h = settings.export

@@ -53,6 +53,9 @@ class Components:
         style_encoder: optional :class:`~productbg.weights.StyleEncoder`.
         identifiers: optional category bank (or :class:`SeededIdentifiers`).
         source: where the base model came from (for reports).
+        text_encoder_2, tokenizer_2: SDXL's second text encoder (``CLIPTextModelWithProjection``) and its
+            tokenizer; None on SD1.5.
+        family: the backbone family (``sd15``, ``sdxl``; see :mod:`productbg.attention.backbones`).
     """
 
     unet: Any
@@ -64,6 +67,21 @@ class Components:
     style_encoder: Any = None
     identifiers: Identifiers | None = None
     source: str = ""
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    family: str = "sd15"
+
+    @property
+    def backbone(self):
+        """The :class:`~productbg.attention.backbones.Backbone` of these components."""
+        from ..attention import backbones
+
+        return backbones.backbone(self.family)
+
+    @property
+    def text_encoders(self) -> tuple:
+        """The text encoders, in context order."""
+        return tuple(e for e in (self.text_encoder, self.text_encoder_2) if e is not None)
 
 
 def shipped_scheduler_config() -> dict:
@@ -80,8 +98,10 @@ class SeededIdentifiers:
     """
 
     def __init__(self, width: int, vectors_per_id: int = 2,
-                 template: str = "a product photo on a {id} background") -> None:
+                 template: str = "a product photo on a {id} background",
+                 widths: dict[str, int] | None = None) -> None:
         self.width, self.vectors_per_id, self.template = width, vectors_per_id, template
+        self.widths = dict(widths or {"clip_l": width})  # per text encoder (SDXL-shaped: clip_l and clip_g)
 
     def resolve(self, name: str) -> str:
         """Names are used as given (stripped)."""
@@ -90,10 +110,13 @@ class SeededIdentifiers:
         return name.strip()
 
     def vectors(self, name: str, encoder: str = "clip_l") -> torch.Tensor:
-        """``[vectors_per_id, width]`` vectors derived from the name."""
-        seed = int.from_bytes(hashlib.sha256(self.resolve(name).encode("utf-8")).digest()[:8], "little")
+        """``[vectors_per_id, width]`` vectors derived from the name (and the encoder, beyond ``clip_l``)."""
+        if encoder not in self.widths:
+            raise PipelineError(f"these identifiers have no '{encoder}' vectors")
+        key = self.resolve(name) if encoder == "clip_l" else f"{self.resolve(name)}\0{encoder}"
+        seed = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
         g = torch.Generator().manual_seed(seed)
-        return torch.randn(self.vectors_per_id, self.width, generator=g) * 0.5
+        return torch.randn(self.vectors_per_id, self.widths[encoder], generator=g) * 0.5
 
 
 # ---------------------------------------------------------------------------------------------- CLIP vision
@@ -196,16 +219,31 @@ def tiny_style_encoder(unet: torch.nn.Module, image_encoder: ClipVision, seed: i
 
 
 # ---------------------------------------------------------------------------------------------- base models
-def tiny_components(inpaint: bool = True, style: bool = True, seed: int = 0) -> Components:
+def tiny_components(inpaint: bool = True, style: bool = True, seed: int = 0, family: str = "sd15") -> Components:
     """The tiny random model set (CPU-fast; outputs are noise, the data flow is the real one).
 
     Args:
         inpaint: 9-channel inpainting UNet (default) or 4-channel.
         style: include a tiny CLIP vision model and a matching random style encoder.
         seed: weight seed.
+        family: ``sd15`` (one text encoder) or ``sdxl`` (SDXL-shaped: two text encoders of different widths,
+            transformer depth 2, pooled text embeds and added time ids).
     """
-    from .text import clip_tokenizer
-    from .tiny import tiny_text_encoder, tiny_unet, tiny_vae, tiny_vision_encoder
+    from .text import clip_tokenizer, open_clip_tokenizer
+    from .tiny import (TINY_XL_WIDTHS, tiny_sdxl_unet, tiny_text_encoder, tiny_text_encoder_2, tiny_unet,
+                       tiny_vae, tiny_vision_encoder)
+
+    if family == "sdxl":
+        unet = tiny_sdxl_unet(9 if inpaint else 4, seed)
+        image_encoder = ClipVision(tiny_vision_encoder(seed)) if style else None
+        style_encoder = tiny_style_encoder(unet, image_encoder, seed) if image_encoder is not None else None
+        ids = SeededIdentifiers(TINY_XL_WIDTHS[0], widths=dict(zip(("clip_l", "clip_g"), TINY_XL_WIDTHS)))
+        return Components(unet, tiny_vae(seed), tiny_text_encoder(seed, TINY_XL_WIDTHS[0]), clip_tokenizer(),
+                          shipped_scheduler_config(), image_encoder, style_encoder, ids,
+                          "tiny-sdxl-inpaint" if inpaint else "tiny-sdxl", tiny_text_encoder_2(seed),
+                          open_clip_tokenizer(), "sdxl")
+    if family != "sd15":
+        raise PipelineError(f"no tiny model of family {family!r} (sd15, sdxl)")
 
     unet, text_encoder = tiny_unet(9 if inpaint else 4, seed), tiny_text_encoder(seed)
     image_encoder = ClipVision(tiny_vision_encoder(seed)) if style else None
@@ -216,11 +254,12 @@ def tiny_components(inpaint: bool = True, style: bool = True, seed: int = 0) -> 
 
 
 def load_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Components:
-    """A diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``; ``scheduler/`` optional)."""
+    """A diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``; ``scheduler/`` optional;
+    SDXL: also ``text_encoder_2/``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from .text import clip_tokenizer
+    from .text import clip_tokenizer, open_clip_tokenizer
 
     root = Path(path)
     missing = [d for d in ("unet", "vae", "text_encoder") if not (root / d / "config.json").is_file()]
@@ -233,25 +272,36 @@ def load_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
             unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw)
             vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)
             text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", local_files_only=True, dtype=dtype)
+            text_encoder_2 = None
+            if (root / "text_encoder_2" / "config.json").is_file():
+                text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                    root / "text_encoder_2", local_files_only=True, dtype=dtype).eval()
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{root}: could not load ({str(e).splitlines()[0][:300]})") from None
     sched = root / "scheduler" / "scheduler_config.json"
     config = json.loads(sched.read_text(encoding="utf-8")) if sched.is_file() else shipped_scheduler_config()
-    return Components(unet.eval(), vae.eval(), text_encoder.eval(), clip_tokenizer(), config, source=str(root))
+    # The folder's own configs decide the shapes (tiny and custom folders load too): a second text encoder
+    # makes it SDXL-style, as diffusers' SDXL folders are.
+    family = "sdxl" if text_encoder_2 is not None else "sd15"
+    return Components(unet.eval(), vae.eval(), text_encoder.eval(), clip_tokenizer(), config, source=str(root),
+                      text_encoder_2=text_encoder_2,
+                      tokenizer_2=open_clip_tokenizer() if text_encoder_2 is not None else None, family=family)
 
 
 def load_base(source: str | os.PathLike, config_dir: str | os.PathLike | None = None,
               dtype: torch.dtype = torch.float32) -> Components:
     """A base model from a single-file checkpoint or a diffusers folder (no style, no identifiers yet)."""
     from .single_file import load_single_file
-    from .text import clip_tokenizer
+    from .text import clip_tokenizer, open_clip_tokenizer
 
     p = Path(source)
     if p.is_dir():
         return load_folder(p, dtype)
     parts = load_single_file(p, config_dir, dtype)
+    second = parts.text_encoder_2 is not None
     return Components(parts.unet, parts.vae, parts.text_encoder, clip_tokenizer(), parts.scheduler_config,
-                      source=str(p))
+                      source=str(p), text_encoder_2=parts.text_encoder_2,
+                      tokenizer_2=open_clip_tokenizer() if second else None, family=parts.family)
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
@@ -277,9 +327,12 @@ def merge_lora(components: Components, path: str | os.PathLike, strength: float 
     except WeightsError as e:
         raise PipelineError(str(e)) from None
     targets = {"unet": components.unet, "text_encoder": components.text_encoder}
+    if components.text_encoder_2 is not None:
+        targets["text_encoder_2"] = components.text_encoder_2
     for m in lora.modules:
         if m.component not in targets:
-            raise PipelineError(f"{Path(path).name}: LoRA for {m.component}, which SD1.5 does not have")
+            raise PipelineError(f"{Path(path).name}: LoRA for {m.component}, which {components.backbone.label} "
+                                "does not have (a LoRA for SDXL?)")
         weight = _lora_target(targets[m.component], m.path, Path(path).name)
         delta = (m.up.flatten(1).float() @ m.down.flatten(1).float()) * (m.scale * strength)
         if delta.numel() != weight.numel():

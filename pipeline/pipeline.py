@@ -6,6 +6,10 @@
     UNet with mask-guided attention (identifier + style on the background only)
         ─► DDIM 40 steps, CFG 7.5, inpainting ─► VAE decode ─► paste product back ─► preservation report
 
+On SDXL (detected from the checkpoint) the same flow runs at 1024² with both text encoders, SDXL's pooled
+text embedding and added time ids, DPM++ 2M Karras 30 steps and CFG 6 (``defaults_for``); ``canvas_size``
+gives non-square canvases (``attention.SDXL.canvases["4:5"]`` = 928×1152).
+
 Example::
 
     pipe = ProductBGPipeline.from_single_file("sd-v1-5-inpainting.safetensors", bank="bank.safetensors")
@@ -29,7 +33,7 @@ from .components import (ClipVision, Components, check_style_fit, load_base, loa
                          tiny_components)
 from .errors import PipelineError
 from .prompts import PromptEncoder
-from .sampling import SampleInputs, make_scheduler, sample_inpaint
+from .sampling import SAMPLERS, SampleInputs, make_scheduler, sample_inpaint
 
 ImageInput = Any  # a path, an [H, W, 3|4] array / tensor in 0..1, or a Prepared canvas
 REFERENCE_GROW = 4
@@ -41,11 +45,15 @@ class GenerateSettings:
     """Generation defaults (the paper's inference recipe and the shipped ComfyUI workflow).
 
     Attributes:
-        size: canvas side in pixels (square canvas).
+        size: canvas side in pixels (square canvas); :func:`defaults_for` gives the backbone's (512 SD1.5,
+            1024 SDXL).
         fill_ratio: the product's bounding box spans this fraction of the canvas.
         inpaint_grow: repaint-mask dilation in pixels at 512 (scaled with the canvas, as Place Product does).
         segmentation: ``imaging.segment_product`` method (``auto``: alpha, else uniform-background key, else GrabCut).
-        steps: DDIM steps. guidance_scale: classifier-free guidance scale.
+        steps: sampling steps. guidance_scale: classifier-free guidance scale.
+        sampler: ``ddim`` (SD1.5's recipe) or ``dpmpp_2m_karras`` (SDXL's default).
+        canvas_size: ``(width, height)`` of a non-square canvas (each a multiple of 8), e.g. a backbone's
+            ``canvases["4:5"]``; None = ``size``² (or the export's aspect).
         identifier_strength: mask-guided attention strength (1 = the identifier never attends on the product).
         confinement: ``context`` (product cells attend to the prompt without the identifier: exactly
             independent of it) or ``columns`` (only the identifier's tokens are masked; an ablation).
@@ -87,10 +95,19 @@ class GenerateSettings:
     quality: int = imaging.export.DEFAULT_QUALITY
     resampler: str = "lanczos"
     upscaler: str | None = None
+    sampler: str = "ddim"
+    canvas_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.size < 16 or self.size % 8:
             raise PipelineError(f"size must be a multiple of 8 and at least 16, got {self.size}")
+        if self.canvas_size is not None:
+            check_canvas(self.canvas_size)
+            if self.export is not None:
+                raise PipelineError("give a canvas size or an export size, not both (the export's aspect sets the "
+                                    "canvas)")
+        if self.sampler not in SAMPLERS:
+            raise PipelineError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.steps < 1:
             raise PipelineError(f"steps must be at least 1, got {self.steps}")
         if not 0.0 <= self.identifier_strength <= 1.0:
@@ -108,7 +125,29 @@ class GenerateSettings:
 
     def canvas(self) -> tuple[int, int]:
         """The generation canvas (w, h): ``size``², or the export's aspect with ``size`` as its longer side."""
+        if self.canvas_size is not None:
+            return tuple(self.canvas_size)
         return (self.size, self.size) if self.export is None else imaging.generation_size(self.export, self.size)
+
+
+def check_canvas(canvas: tuple[int, int]) -> tuple[int, int]:
+    """PipelineError unless both sides of a ``(width, height)`` canvas are multiples of 8 and at least 16."""
+    w, h = (int(v) for v in canvas)
+    if min(w, h) < 16 or w % 8 or h % 8:
+        near = "x".join(str(max(16, round(v / 8) * 8)) for v in (w, h))
+        raise PipelineError(f"canvas {w}x{h}: width and height must be multiples of 8 and at least 16 (the VAE "
+                            f"works on 8-pixel cells); use e.g. {near}")
+    return w, h
+
+
+def defaults_for(backbone: Any, base: "GenerateSettings | None" = None) -> "GenerateSettings":
+    """The generation defaults of a backbone: its canvas side and sampler (SD1.5: unchanged, 512², DDIM 40,
+    CFG 7.5; SDXL: 1024², DPM++ 2M Karras 30 steps, CFG 6)."""
+    from .sampling import sampler_for
+
+    b = backbone
+    return replace(base or GenerateSettings(), size=b.default_size, steps=b.sampler.steps,
+                   guidance_scale=b.sampler.cfg, sampler=sampler_for(b.sampler.sampler_name, b.sampler.scheduler))
 
 
 @dataclass
@@ -166,16 +205,18 @@ class ProductBGPipeline:
 
     Args:
         components: the models (:class:`~productbg.pipeline.components.Components`).
-        settings: generation defaults (overridable per call).
+        settings: generation defaults (overridable per call); None = the backbone's (:func:`defaults_for`).
         device: where to run (default: CUDA when available, else CPU).
     """
 
-    def __init__(self, components: Components, settings: GenerateSettings = GenerateSettings(),
+    def __init__(self, components: Components, settings: GenerateSettings | None = None,
                  device: str | torch.device | None = None) -> None:
         self.components = components
-        self.settings = settings
+        self.backbone = components.backbone
+        self.settings = settings if settings is not None else defaults_for(self.backbone)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        for m in (components.unet, components.vae, components.text_encoder):
+        check_bank_fit(components.identifiers, self.backbone)
+        for m in (components.unet, components.vae, *components.text_encoders):
             m.to(self.device).eval().requires_grad_(False)
         if components.image_encoder is not None:
             components.image_encoder.model.to(self.device)
@@ -183,22 +224,28 @@ class ProductBGPipeline:
             check_style_fit(components.style_encoder, components.unet, components.image_encoder)
             components.style_encoder.to(self.device, components.unet.dtype)  # K/V in the UNet's dtype
         self.cross_attention_layers = install_processors(components.unet)
-        self.prompts = PromptEncoder(components.tokenizer, components.text_encoder, components.identifiers)
+        layers = None if components.text_encoder_2 is None else tuple(t.layer for t in self.backbone.text_encoders)
+        self.prompts = PromptEncoder(components.tokenizer, components.text_encoder, components.identifiers,
+                                     components.tokenizer_2, components.text_encoder_2, layers)
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def tiny(cls, inpaint: bool = True, style: bool = True, seed: int = 0, **kwargs: Any) -> "ProductBGPipeline":
-        """The tiny random models (CPU tests, plumbing checks); see :func:`components.tiny_components`."""
-        return cls(tiny_components(inpaint, style, seed), **kwargs)
+    def tiny(cls, inpaint: bool = True, style: bool = True, seed: int = 0, family: str = "sd15",
+             **kwargs: Any) -> "ProductBGPipeline":
+        """The tiny random models (CPU tests, plumbing checks); see :func:`components.tiny_components`
+        (``family="sdxl"``: the SDXL-shaped set). Settings default to SD1.5's (a 512² canvas) for both."""
+        kwargs.setdefault("settings", GenerateSettings())
+        return cls(tiny_components(inpaint, style, seed, family), **kwargs)
 
     @classmethod
     def from_single_file(cls, checkpoint: str | os.PathLike, *, config_dir: str | os.PathLike | None = None,
                          **kwargs: Any) -> "ProductBGPipeline":
-        """Load an SD1.5 / SD1.5-inpainting ``.safetensors`` checkpoint offline, plus optional extras.
+        """Load an SD1.5 / SDXL (or inpainting) ``.safetensors`` checkpoint offline, plus optional extras.
 
         Args:
-            checkpoint: the single-file checkpoint (ComfyUI's ``models/checkpoints`` files).
-            config_dir: component configs (default: the SD1.5 set shipped in ``assets/sd15``).
+            checkpoint: the single-file checkpoint (ComfyUI's ``models/checkpoints`` files); the backbone is
+                detected from its keys.
+            config_dir: component configs (default: the set shipped in ``assets/sd15`` or ``assets/sdxl``).
             **kwargs: ``bank``, ``style_encoder``, ``clip_vision``, ``loras``, ``dtype``, ``settings``, ``device``
                 (see :meth:`from_components`).
         """
@@ -222,20 +269,16 @@ class ProductBGPipeline:
         from ..weights.errors import WeightsError
         from ..weights.bank import load_bank
         from ..weights.style_encoder import load_style_encoder
-        from ..weights.targets import TargetModel
-        from .components import cross_attention_widths
 
         try:
             if bank is not None:
                 components.identifiers = load_bank(bank)
+                check_bank_fit(components.identifiers, components.backbone)
             if clip_vision is not None:
                 components.image_encoder = (clip_vision if isinstance(clip_vision, ClipVision)
                                             else load_clip_vision(clip_vision))
             if style_encoder is not None:
-                unet = components.unet
-                target = TargetModel("sd15", "this UNet", int(unet.config.cross_attention_dim),
-                                     cross_attention_widths(unet))
-                components.style_encoder = load_style_encoder(style_encoder, target)
+                components.style_encoder = load_style_encoder(style_encoder, style_target(components))
         except WeightsError as e:
             raise PipelineError(str(e)) from None
         for path, strength in loras:
@@ -265,7 +308,6 @@ class ProductBGPipeline:
 
     def style_guidance(self, reference: ImageInput, mask: np.ndarray, settings: GenerateSettings) -> StyleGuidance:
         """Style tokens of a reference image (its own product removed), confined to the product's background."""
-        from ..attention import STYLE_LAYER_PRESETS as LAYER_PRESETS
         from ..imaging.fill import fill_product_hwc
         from ..weights.style_encoder import reference_tokens
 
@@ -280,14 +322,22 @@ class ProductBGPipeline:
             raise PipelineError(f"reference {source}: {e}") from None
         image = torch.as_tensor(np.asarray(seg.image, np.float32))[None].to(self.device)
         ref_mask = torch.as_tensor(np.asarray(seg.mask, np.float32))[None].to(self.device)
-        if settings.style_layers not in LAYER_PRESETS:
-            raise PipelineError(f"style layers must be one of {', '.join(LAYER_PRESETS)}")
+        if settings.style_layers not in self.backbone.presets:
+            raise PipelineError(f"style layers must be one of {', '.join(self.backbone.presets)}")
         try:
             cond, uncond = reference_tokens(c.style_encoder, c.image_encoder, fill_product_hwc(image, ref_mask))
         except ValueError as e:
             raise PipelineError(f"reference {source}: {e}") from None
         return StyleGuidance(cond, uncond, c.style_encoder.layer_kv, settings.style_weight,
-                             LAYER_PRESETS[settings.style_layers], product=ProductMask(torch.as_tensor(mask)))
+                             self._layer_weights(settings.style_layers), product=ProductMask(torch.as_tensor(mask)))
+
+    def _layer_weights(self, preset: str) -> tuple[float, ...]:
+        """A style preset's per-layer weights for this UNet (the backbone's table; every layer for ``all``, so
+        the SDXL-shaped tiny model, with fewer layers, works too)."""
+        n = len(self.cross_attention_layers)
+        if preset == "all" or n != self.backbone.num_layers:
+            return (1.0,) * n
+        return self.backbone.layer_weights(preset)
 
     # ------------------------------------------------------------------ generation
     def generate(self, product: ImageInput, category: str | None = None, reference: ImageInput | None = None,
@@ -315,9 +365,10 @@ class ProductBGPipeline:
             image=torch.as_tensor(prep.placed).permute(2, 0, 1)[None] * 2 - 1,
             repaint=torch.as_tensor(prep.repaint)[None, None], cond=prompt.cond,
             uncond=self.prompts.negative(s.negative_prompt), guidance=guidance,
-            generators=[torch.Generator().manual_seed(seed + k) for k in range(n)])
+            generators=[torch.Generator().manual_seed(seed + k) for k in range(n)],
+            pooled=prompt.pooled, uncond_pooled=self.prompts.negative_pooled(s.negative_prompt))
         c = self.components
-        raw = sample_inpaint(c.unet, c.vae, make_scheduler(c.scheduler_config, s.steps), inputs,
+        raw = sample_inpaint(c.unet, c.vae, make_scheduler(c.scheduler_config, s.steps, s.sampler), inputs,
                              s.guidance_scale, s.noise_mask)
         return [self._finish(raw[k], prep, seed + k, category, prompt.text, s) for k in range(n)]
 
@@ -373,6 +424,34 @@ class ProductBGPipeline:
 
             cache[path] = load_upscaler(path, self.device)
         return cache[path]
+
+
+def style_target(components: Components):
+    """What a style encoder must fit: the backbone's table when the UNet has its shapes (messages then name
+    SD1.5 / SDXL), else this UNet's own layers (tiny and custom models)."""
+    from ..weights.targets import TARGETS, TargetModel
+    from .components import cross_attention_widths
+
+    unet = components.unet
+    widths, context = cross_attention_widths(unet), int(unet.config.cross_attention_dim)
+    target = TARGETS[components.family]
+    if (target.context_dim, target.hidden_sizes) == (context, widths):
+        return target
+    return TargetModel(components.family, "this UNet", context, widths)
+
+
+def check_bank_fit(identifiers: Any, backbone: Any) -> None:
+    """PipelineError when a category bank was made for another backbone than the model's (tiny banks and
+    seeded identifiers are checked by width when used)."""
+    family = getattr(identifiers, "family", None)
+    if family is None or family == "tiny" or family == backbone.family:
+        return
+    from ..attention import backbones
+
+    other = backbones.BACKBONES.get(family)
+    label = other.label if other is not None else family
+    raise PipelineError(f"this is a category bank for {label} (family {family}) and the model is {backbone.label}: "
+                        f"use a bank trained for {backbone.label} (family {backbone.family}), or a {label} checkpoint")
 
 
 def read_image(image: ImageInput, with_info: bool = False):

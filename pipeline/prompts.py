@@ -5,6 +5,13 @@ encoder reserves ``vectors_per_id`` placeholder tokens once and writes the curre
 their embedding rows before encoding (what ComfyUI's Category Prompt does by splicing tensors into the token
 list). Without identifiers the category's name is used as plain words and those words are confined instead
 (the zero-shot "Background Words" behaviour).
+
+SDXL (a second tokenizer and ``CLIPTextModelWithProjection``): the context is both encoders' penultimate hidden
+states concatenated (768 + 1280), the pooled text embedding is the second encoder's projected output; an
+``sdxl`` bank's ``clip_l`` vectors go into the first encoder, its ``clip_g`` vectors into the second, and the
+identifier (or category words) must sit at the same positions in both tokenizations. When something is
+confined, the positive *pooled* embedding is the identifier-free prompt's: it conditions every cell through
+the time embedding, so taking it from the full prompt would be an unconfined path for the identifier.
 """
 from __future__ import annotations
 
@@ -31,11 +38,14 @@ class EncodedPrompt:
         cond: ``[1, 77, width]`` positive context.
         spec: where the identifier (or the category words) sits, with the identifier-free context
             (``plain_context``); None when nothing is confined.
+        pooled: ``[1, width_2]`` pooled text embedding (SDXL; the identifier-free prompt's when confined),
+            else None.
     """
 
     text: str
     cond: torch.Tensor
     spec: IdentifierSpec | None
+    pooled: torch.Tensor | None = None
 
 
 class PromptEncoder:
@@ -46,13 +56,29 @@ class PromptEncoder:
             are added to it.
         text_encoder: ``CLIPTextModel``; its input embeddings grow by ``vectors_per_id`` rows.
         identifiers: a category bank (or ``SeededIdentifiers``); None = zero-shot category words.
+        tokenizer_2, text_encoder_2: SDXL's second tokenizer and ``CLIPTextModelWithProjection`` (both or
+            neither).
+        layers: hidden layer each encoder's context is read from (None: SD1.5's ``last_hidden_state``;
+            SDXL: ``(-2, -2)``, the penultimate layers).
     """
 
-    def __init__(self, tokenizer, text_encoder, identifiers=None) -> None:
+    def __init__(self, tokenizer, text_encoder, identifiers=None, tokenizer_2=None, text_encoder_2=None,
+                 layers: tuple[int, ...] | None = None) -> None:
         self.tokenizer, self.text_encoder, self.identifiers = tokenizer, text_encoder, identifiers
-        self._slots: torch.Tensor | None = None
+        if (tokenizer_2 is None) != (text_encoder_2 is None):
+            raise PipelineError("a second text encoder needs its tokenizer (and the reverse)")
+        self.tokenizers = (tokenizer,) if tokenizer_2 is None else (tokenizer, tokenizer_2)
+        self.encoders = (text_encoder,) if text_encoder_2 is None else (text_encoder, text_encoder_2)
+        self.encoder_names = ("clip_l",) if text_encoder_2 is None else ("clip_l", "clip_g")
+        self.layers = layers if layers is not None else ((None,) if text_encoder_2 is None else (-2, -2))
+        self._slots: list[torch.Tensor] | None = None
         self._cache: OrderedDict[tuple, EncodedPrompt] = OrderedDict()
-        self._negative: dict[str, torch.Tensor] = {}
+        self._negative: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @property
+    def dual(self) -> bool:
+        """Whether this is SDXL's two-encoder set."""
+        return len(self.encoders) == 2
 
     @property
     def width(self) -> int:
@@ -85,60 +111,99 @@ class PromptEncoder:
 
     def negative(self, text: str = "") -> torch.Tensor:
         """``[1, 77, width]`` negative context of ``text``."""
+        return self._negative_pair(text)[0]
+
+    def negative_pooled(self, text: str = "") -> torch.Tensor | None:
+        """``[1, width_2]`` pooled embedding of the negative prompt (SDXL), else None."""
+        return self._negative_pair(text)[1]
+
+    def _negative_pair(self, text: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if text not in self._negative:
-            self._negative[text] = self._run(self._ids(text))
+            if self.dual and not text.strip():  # SDXL's force_zeros_for_empty_prompt, as diffusers does
+                ctx, pooled = self._encode(self._ids(""))
+                self._negative[text] = (torch.zeros_like(ctx), torch.zeros_like(pooled))
+            else:
+                self._negative[text] = self._encode(self._ids(text))
         return self._negative[text]
 
     # ------------------------------------------------------------------ the three kinds of prompt
     def _identifier(self, category: str, template: str, extra: str) -> EncodedPrompt:
         from ..weights.errors import WeightsError
 
-        try:
-            vectors = self.identifiers.vectors(category)
-        except WeightsError as e:
-            raise PipelineError(str(e)) from None
-        if vectors.ndim != 2 or vectors.shape[1] != self.width:
-            raise PipelineError(f"category '{category}': identifier vectors are {list(vectors.shape)}, the text "
-                                f"encoder is {self.width} wide (a bank for another base model?)")
+        vectors = []
+        for name, encoder in zip(self.encoder_names, self.encoders):
+            try:
+                v = self.identifiers.vectors(category, name) if self.dual else self.identifiers.vectors(category)
+            except WeightsError as e:
+                raise PipelineError(str(e)) from None
+            width = int(encoder.get_input_embeddings().weight.shape[1])
+            if v.ndim != 2 or v.shape[1] != width:
+                raise PipelineError(f"category '{category}': identifier vectors are {list(v.shape)}, the text "
+                                    f"encoder is {width} wide (a bank for another base model?)")
+            vectors.append(v)
         slots = self._install(vectors)
-        words = " ".join(self.tokenizer.convert_ids_to_tokens(slots.tolist()))
+        words = " ".join(self.tokenizer.convert_ids_to_tokens(slots[0].tolist()))
         text = identifier_prompt(template, words, extra)
-        ids, spec = tokenize_with_identifier(self.tokenizer, text, slots)
-        return EncodedPrompt(text, self._run(ids), self._with_plain(spec, ids))
+        tokenized = [tokenize_with_identifier(tok, text, s) for tok, s in zip(self.tokenizers, slots)]
+        ids = tuple(t[0] for t in tokenized)
+        spec = self._same_positions([t[1] for t in tokenized], text)
+        return self._confined(text, ids, spec)
 
     def _words(self, category: str, template: str, extra: str) -> EncodedPrompt:
         text = identifier_prompt(template, category.strip(), extra)
         try:
-            spec = word_positions(self.tokenizer, text, category.strip())
+            specs = [word_positions(tok, text, category.strip()) for tok in self.tokenizers]
         except ValueError as e:
             raise PipelineError(f"category '{category}': {e}") from None
-        ids = self._ids(text)
-        return EncodedPrompt(text, self._run(ids), self._with_plain(spec, ids))
+        return self._confined(text, self._ids(text), self._same_positions(specs, text))
 
-    def _with_plain(self, spec: IdentifierSpec, ids: torch.Tensor) -> IdentifierSpec:
-        return replace(spec, plain_context=self._run(without_positions(ids, spec.token_indices)))
+    def _same_positions(self, specs: list[IdentifierSpec], text: str) -> IdentifierSpec:
+        if any(s.token_indices != specs[0].token_indices for s in specs[1:]):
+            raise PipelineError(f"the confined words sit at different token positions in the two tokenizations "
+                                f"of {text!r}; reword the prompt")
+        return specs[0]
+
+    def _confined(self, text: str, ids: tuple[torch.Tensor, ...], spec: IdentifierSpec) -> EncodedPrompt:
+        cond, _ = self._encode(ids)
+        plain, plain_pooled = self._encode(tuple(without_positions(i, spec.token_indices) for i in ids))
+        return EncodedPrompt(text, cond, replace(spec, plain_context=plain), plain_pooled)
 
     def _plain(self, text: str, extra: str) -> EncodedPrompt:
         text = f"{text}, {extra}" if extra.strip() else text
-        return EncodedPrompt(text, self._run(self._ids(text)), None)
+        cond, pooled = self._encode(self._ids(text))
+        return EncodedPrompt(text, cond, None, pooled)
 
     # ------------------------------------------------------------------ helpers
-    def _install(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Write ``vectors`` into the placeholder rows (reserving them on first use); their token ids."""
-        if self._slots is None or self._slots.numel() != vectors.shape[0]:
+    def _install(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Write each encoder's ``vectors`` into its placeholder rows (reserving them on first use); their ids."""
+        if self._slots is None or self._slots[0].numel() != vectors[0].shape[0]:
             if self._slots is not None:
                 raise PipelineError("identifiers with different vector counts in one run")
-            self._slots = install_identifiers(self.tokenizer, self.text_encoder, vectors[None].float()).token_ids[0]
-        emb = self.text_encoder.get_input_embeddings().weight
-        with torch.no_grad():
-            emb[self._slots.to(emb.device)] = vectors.to(emb)
+            self._slots = [install_identifiers(tok, enc, v[None].float()).token_ids[0]
+                           for tok, enc, v in zip(self.tokenizers, self.encoders, vectors)]
+            if any(not torch.equal(s, self._slots[0]) for s in self._slots[1:]):
+                raise PipelineError("the two tokenizers gave the identifier different token ids")
+        for enc, slots, v in zip(self.encoders, self._slots, vectors):
+            emb = enc.get_input_embeddings().weight
+            with torch.no_grad():
+                emb[slots.to(emb.device)] = v.to(emb)
         return self._slots
 
-    def _ids(self, text: str) -> torch.Tensor:
-        return self.tokenizer(text, padding="max_length", max_length=77, truncation=True,
-                              return_tensors="pt").input_ids
+    def _ids(self, text: str) -> tuple[torch.Tensor, ...]:
+        return tuple(tok(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+                     for tok in self.tokenizers)
+
+    def _run(self, ids: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self._encode(ids if isinstance(ids, tuple) else (ids,))[0]
 
     @torch.no_grad()
-    def _run(self, ids: torch.Tensor) -> torch.Tensor:
-        device = self.text_encoder.get_input_embeddings().weight.device
-        return self.text_encoder(ids.to(device)).last_hidden_state.float()
+    def _encode(self, ids: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Context ``[1, 77, width]`` (encoders concatenated) and the pooled embedding (SDXL) of token ids."""
+        hidden, pooled = [], None
+        for enc, layer, x in zip(self.encoders, self.layers, ids):
+            device = enc.get_input_embeddings().weight.device
+            out = enc(x.to(device), output_hidden_states=layer is not None)
+            hidden.append(out.last_hidden_state if layer is None else out.hidden_states[layer])
+            if getattr(out, "text_embeds", None) is not None:
+                pooled = out.text_embeds.float()
+        return torch.cat([h.float() for h in hidden], dim=-1), pooled

@@ -5,7 +5,14 @@ Mirrors ComfyUI's ``InpaintModelConditioning`` (noise_mask on) + ``KSampler``:
 * 9-channel UNet: input = noisy latent ++ latent-size mask ++ latent of the image with the repaint region
   set to grey;
 * both kinds (9- and 4-channel): after every step the kept region is reset to the original latent, noised to
-  the next step's level ("latent noise mask"), and at the end to the clean original latent.
+  the next step's level ("latent noise mask"), and at the end to the clean original latent;
+* SDXL (``addition_embed_type: text_time``): pooled text embeds and the added time ids (original size, crop
+  top-left, target size; here all the canvas: original = target = (H, W), crop (0, 0)) go in
+  ``added_cond_kwargs`` — the same six ids for the base and the inpainting model (which was trained without an
+  aesthetic score).
+
+Samplers: ``ddim`` (SD1.5's recipe) and ``dpmpp_2m_karras`` (DPM-Solver++ 2M with Karras sigmas: SDXL's
+default, ComfyUI's ``dpmpp_2m`` + ``karras``).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ class SampleInputs:
         cond: ``[1, 77, C]`` positive context; uncond: ``[1, 77, C]`` negative context.
         guidance: identifier / style guidance (may be empty).
         generators: one ``torch.Generator`` per image to make (their count is the batch size).
+        pooled, uncond_pooled: ``[1, W]`` pooled text embeds of the positive / negative prompt (SDXL only).
     """
 
     image: torch.Tensor
@@ -36,15 +44,51 @@ class SampleInputs:
     uncond: torch.Tensor
     guidance: Guidance
     generators: list[torch.Generator]
+    pooled: torch.Tensor | None = None
+    uncond_pooled: torch.Tensor | None = None
 
 
-def make_scheduler(config: dict, steps: int):
-    """A DDIM scheduler from a noise-schedule config, with ``steps`` inference steps set."""
-    from diffusers import DDIMScheduler
+SAMPLERS = ("ddim", "dpmpp_2m_karras")
 
-    scheduler = DDIMScheduler.from_config(config)
+
+def sampler_for(sampler_name: str, scheduler: str) -> str:
+    """Our sampler name for a backbone's ComfyUI-style (sampler, scheduler) defaults."""
+    return "dpmpp_2m_karras" if (sampler_name, scheduler) == ("dpmpp_2m", "karras") else "ddim"
+
+
+def make_scheduler(config: dict, steps: int, sampler: str = "ddim"):
+    """A scheduler from a noise-schedule config, with ``steps`` inference steps set.
+
+    Args:
+        config: the noise schedule (``scheduler_config.json``).
+        steps: inference steps.
+        sampler: ``ddim`` or ``dpmpp_2m_karras``.
+    """
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if sampler == "ddim":
+        scheduler = DDIMScheduler.from_config(config)
+    elif sampler == "dpmpp_2m_karras":
+        scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                            use_karras_sigmas=True)
+    else:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     scheduler.set_timesteps(steps)
     return scheduler
+
+
+def added_conditioning(unet, inputs: "SampleInputs", hw: tuple[int, int], n: int, cfg: bool,
+                       device: torch.device, dtype: torch.dtype) -> dict | None:
+    """SDXL's ``added_cond_kwargs`` for the batch (negative rows first), or None for a UNet without them."""
+    if getattr(unet.config, "addition_embed_type", None) != "text_time":
+        return None
+    if inputs.pooled is None or (cfg and inputs.uncond_pooled is None):
+        raise ValueError("this UNet needs pooled text embeds (an SDXL model with an SD1.5 text encoder?)")
+    h, w = hw
+    time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=dtype, device=device)
+    pooled = [inputs.uncond_pooled.repeat(n, 1), inputs.pooled.repeat(n, 1)] if cfg else [inputs.pooled.repeat(n, 1)]
+    text_embeds = torch.cat(pooled).to(device=device, dtype=dtype)
+    return {"text_embeds": text_embeds, "time_ids": time_ids.repeat(text_embeds.shape[0], 1)}
 
 
 @torch.no_grad()
@@ -100,11 +144,14 @@ def sample_inpaint(unet, vae, scheduler, inputs: SampleInputs, guidance_scale: f
     context = torch.cat([inputs.uncond.repeat(n, 1, 1), inputs.cond.repeat(n, 1, 1)] if cfg
                         else [inputs.cond.repeat(n, 1, 1)]).to(device=device, dtype=p.dtype)
     call = DiffusersCall(inputs.guidance, latent_hw=hw, cond_or_uncond=(1, 0) if cfg else (0,))
+    pixels = tuple(int(s) for s in inputs.image.shape[-2:])
+    added = added_conditioning(unet, inputs, pixels, n, cfg, device, p.dtype)
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
         x = torch.cat([latents, concat], dim=1) if concat is not None else latents
         x = torch.cat([x, x]) if cfg else x
-        eps = unet(x.to(p.dtype), t, context, cross_attention_kwargs={CALL_KEY: call}).sample.float()
+        eps = unet(x.to(p.dtype), t, context, cross_attention_kwargs={CALL_KEY: call},
+                   added_cond_kwargs=added).sample.float()
         if cfg:
             uncond, cond = eps.chunk(2)
             eps = uncond + guidance_scale * (cond - uncond)

@@ -1,9 +1,12 @@
 """Single-file Stable Diffusion checkpoints (the original LDM layout ComfyUI users have), loaded offline.
 
 diffusers' ``from_single_file`` looks component configs up on the hub unless it is handed them. This module
-hands it the SD1.5 configs shipped in ``assets/sd15`` (``unet_config.json``, ``unet_inpaint_config.json``,
-``vae_config.json``, ``text_encoder_config.json``, ``scheduler_config.json``), so loading never touches the
-network. A 9-channel ``input_blocks.0.0`` selects the inpainting UNet config.
+hands it the configs shipped in ``assets/sd15`` (``unet_config.json``, ``unet_inpaint_config.json``,
+``vae_config.json``, ``text_encoder_config.json``, ``scheduler_config.json``) or ``assets/sdxl`` (the same plus
+``text_encoder_2_config.json``), so loading never touches the network. The backbone is told from the text
+encoders' keys (:func:`detect_backbone`): SD1.5 has ``cond_stage_model.transformer``, SDXL
+``conditioner.embedders.0.transformer`` (CLIP-L) and ``conditioner.embedders.1.model`` (OpenCLIP-G); other
+families are refused by name. A 9-channel ``input_blocks.0.0`` selects the inpainting UNet config.
 
 It also writes the layout (:func:`ldm_state_dict`, :func:`save_single_file`): the diffusers → LDM key mapping
 is the inverse of the one diffusers reads, so a model trained here can be dropped into ComfyUI's
@@ -21,14 +24,26 @@ import torch
 
 from .errors import CheckpointError
 
-SD15_CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "sd15"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SD15_CONFIGS = ASSETS / "sd15"
+SDXL_CONFIGS = ASSETS / "sdxl"
+SHIPPED_CONFIGS = {"sd15": SD15_CONFIGS, "sdxl": SDXL_CONFIGS}
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+SDXL_TEXT_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_TEXT2_PREFIX = "conditioner.embedders.1.model."
 UNET_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 CONFIG_FILES = {"unet": "unet_config.json", "unet_inpaint": "unet_inpaint_config.json",
                 "vae": "vae_config.json", "text_encoder": "text_encoder_config.json",
                 "scheduler": "scheduler_config.json"}
+#: SDXL's second text encoder (OpenCLIP ViT-bigG/14 text model, with projection).
+TEXT2_CONFIG = "text_encoder_2_config.json"
+#: Key prefixes of families we refuse, in the order they are checked (first match names the family).
+_FOREIGN = (("conditioner.embedders.0.model.", "SDXLRefiner"), ("cond_stage_model.model.", "SD20"),
+            ("text_encoders.", "SD3"), ("model.diffusion_model.joint_blocks.", "SD3"),
+            ("model.diffusion_model.double_blocks.", "Flux"), ("double_blocks.", "Flux"),
+            ("model.diffusion_model.transformer_blocks.", "a diffusion-transformer (DiT)"))
 _RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
            ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
 _VAE_ATTN = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
@@ -41,14 +56,55 @@ class SingleFileParts:
     Attributes:
         unet: ``UNet2DConditionModel`` (4 or 9 input channels).
         vae: ``AutoencoderKL``.
-        text_encoder: ``CLIPTextModel``.
+        text_encoder: ``CLIPTextModel`` (CLIP-L).
         scheduler_config: the scheduler config dict shipped with the component configs.
+        text_encoder_2: SDXL's ``CLIPTextModelWithProjection`` (OpenCLIP-G); None on SD1.5.
+        family: the backbone family (``sd15``, ``sdxl``).
     """
 
     unet: Any
     vae: Any
     text_encoder: Any
     scheduler_config: dict
+    text_encoder_2: Any = None
+    family: str = "sd15"
+
+
+def detect_backbone(keys, name: str = "checkpoint"):
+    """The :class:`~productbg.attention.backbones.Backbone` of an LDM-layout checkpoint from its tensor names.
+
+    Raises:
+        CheckpointError: another family (named: SDXL refiner, SD2, SD3, Flux ...). Files without any text
+            encoder are taken as SD1.5, whose loader then names what is missing.
+    """
+    from ..attention import backbones
+
+    keys = list(keys)
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has("cond_stage_model.transformer."):
+        return backbones.SD15
+    if has("conditioner.embedders.0.transformer.") and has(SDXL_TEXT2_PREFIX):
+        return backbones.SDXL
+    for prefix, family in _FOREIGN:
+        if has(prefix):
+            raise CheckpointError(f"{name}: {backbones.unsupported(family)}") from None
+    # No text encoder we know and no foreign family: SD1.5's loader says what is missing (a LoRA, a UNet ...).
+    return backbones.SD15
+
+
+def checkpoint_backbone(path: str | os.PathLike):
+    """The backbone of a ``.safetensors`` checkpoint, read from its header only (no tensor is loaded)."""
+    from ..weights.errors import WeightsError
+    from ..weights.safefile import read_header
+
+    try:
+        header = read_header(path)
+    except WeightsError as e:
+        raise CheckpointError(str(e)) from None
+    return detect_backbone(header.tensors, Path(path).name)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -69,10 +125,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{p.name}: {e}") from None
 
 
-def config_files(config_dir: str | os.PathLike | None = None) -> dict[str, Path]:
-    """The component config files of ``config_dir`` (default: the shipped SD1.5 set), checked to exist."""
-    root = Path(config_dir) if config_dir is not None else SD15_CONFIGS
-    files = {name: root / fname for name, fname in CONFIG_FILES.items()}
+def config_files(config_dir: str | os.PathLike | None = None, family: str = "sd15") -> dict[str, Path]:
+    """The component config files of ``config_dir`` (default: the shipped set of ``family``), checked to exist.
+
+    SDXL adds ``text_encoder_2``.
+    """
+    root = Path(config_dir) if config_dir is not None else SHIPPED_CONFIGS[family]
+    names = dict(CONFIG_FILES, text_encoder_2=TEXT2_CONFIG) if family == "sdxl" else CONFIG_FILES
+    files = {name: root / fname for name, fname in names.items()}
     missing = [f.name for f in files.values() if not f.is_file()]
     if missing:
         raise CheckpointError(f"{root}: missing component config(s) {', '.join(missing)}")
@@ -81,30 +141,33 @@ def config_files(config_dir: str | os.PathLike | None = None) -> dict[str, Path]
 
 def load_single_file(path: str | os.PathLike | dict, config_dir: str | os.PathLike | None = None,
                      dtype: torch.dtype = torch.float32) -> SingleFileParts:
-    """Load UNet, VAE and text encoder from one LDM-layout checkpoint, offline.
+    """Load UNet, VAE and text encoder(s) from one LDM-layout checkpoint, offline.
 
     Args:
-        path: a ``.safetensors`` SD1.5 or SD1.5-inpainting checkpoint, or its state dict.
-        config_dir: folder with the five component configs (default: ``assets/sd15``).
+        path: a ``.safetensors`` SD1.5, SDXL or inpainting checkpoint of either, or its state dict.
+        config_dir: folder with the component configs (default: ``assets/sd15`` or ``assets/sdxl``, by the
+            backbone detected from the file).
         dtype: dtype of the loaded weights.
 
     Returns:
         The :class:`SingleFileParts`.
 
     Raises:
-        CheckpointError: not a safetensors file, not an SD1.5-layout checkpoint, or shapes that do not fit.
+        CheckpointError: not a safetensors file, another family (named), or shapes that do not fit.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     checkpoint = path if isinstance(path, dict) else read_checkpoint(path)
     name = "checkpoint" if isinstance(path, dict) else Path(path).name
-    files = config_files(config_dir)
+    b = detect_backbone(checkpoint, name)
+    files = config_files(config_dir, b.family)
     unet_cfg = files["unet_inpaint" if _in_channels(checkpoint, name) == 9 else "unet"]
     from .quiet import quiet_loading
 
     kw: dict[str, Any] = dict(local_files_only=True, torch_dtype=dtype)
+    text_encoder_2 = None
     try:
         with quiet_loading():
             unet = UNet2DConditionModel.from_single_file(checkpoint, config=str(unet_cfg), **kw)
@@ -112,11 +175,22 @@ def load_single_file(path: str | os.PathLike | dict, config_dir: str | os.PathLi
             text_encoder = create_diffusers_clip_model_from_ldm(
                 CLIPTextModel, checkpoint, config=str(files["text_encoder"]), torch_dtype=dtype,
                 local_files_only=True)
+            if b.family == "sdxl":
+                text_encoder_2 = create_diffusers_clip_model_from_ldm(
+                    CLIPTextModelWithProjection, checkpoint, config=str(files["text_encoder_2"]),
+                    torch_dtype=dtype, local_files_only=True)
     except (RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{name}: does not fit the SD1.5 component configs in {unet_cfg.parent} "
+        raise CheckpointError(f"{name}: does not fit the {b.label} component configs in {unet_cfg.parent} "
                               f"({str(e).splitlines()[0][:300]})") from None
+    models = {"UNet": unet, "VAE": vae, "text encoder": text_encoder, "second text encoder": text_encoder_2}
+    for what, model in models.items():
+        missing = [n for n, t in (model.state_dict().items() if model is not None else ()) if t.is_meta]
+        if missing:
+            raise CheckpointError(f"{name}: the {what} lacks {len(missing)} tensors of the {b.label} configs in "
+                                  f"{unet_cfg.parent} (e.g. {missing[0]})")
     scheduler = json.loads(files["scheduler"].read_text(encoding="utf-8"))
-    return SingleFileParts(unet.eval(), vae.eval(), text_encoder.eval(), scheduler)
+    return SingleFileParts(unet.eval(), vae.eval(), text_encoder.eval(), scheduler,
+                           text_encoder_2.eval() if text_encoder_2 is not None else None, b.family)
 
 
 def _in_channels(checkpoint: dict[str, torch.Tensor], name: str) -> int:
@@ -124,11 +198,11 @@ def _in_channels(checkpoint: dict[str, torch.Tensor], name: str) -> int:
     if weight is None or weight.ndim != 4:
         hint = ("it looks like a LoRA or embedding, not a full model" if not any(k.startswith(UNET_PREFIX)
                 for k in checkpoint) else "its first UNet convolution is missing")
-        raise CheckpointError(f"{name}: not a Stable Diffusion 1.5 checkpoint in the original layout ({hint}; "
+        raise CheckpointError(f"{name}: not a Stable Diffusion checkpoint in the original layout ({hint}; "
                               f"expected tensor {UNET_IN_KEY})")
     if weight.shape[1] not in (4, 9):
-        raise CheckpointError(f"{name}: UNet takes {weight.shape[1]} input channels; SD1.5 has 4, its inpainting "
-                              "variant 9")
+        raise CheckpointError(f"{name}: UNet takes {weight.shape[1]} input channels; SD1.5 and SDXL have 4, their "
+                              "inpainting variants 9")
     return int(weight.shape[1])
 
 
@@ -144,7 +218,8 @@ def _rename(key: str, pairs: tuple[tuple[str, str], ...]) -> str:
 
 def _unet_key(key: str, layers_per_block: int, up_has_attention: list[bool]) -> str:
     top = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-           "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+           "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+           "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     stem, leaf = key.rsplit(".", 1)
     if stem in top:
         return f"{top[stem]}.{leaf}"
@@ -186,10 +261,36 @@ def _vae_key(key: str, blocks: int) -> str:
     return ".".join([coder, f"{name}.{level}.block.{p[4]}", rest])
 
 
-def ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The three components as one state dict in the original (LDM) single-file layout.
+def _open_clip_state(text_encoder_2: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A ``CLIPTextModelWithProjection`` in OpenCLIP's layout (SDXL's ``conditioner.embedders.1.model``):
+    fused q/k/v ``in_proj``, ``resblocks``, ``ln_*``, ``c_fc`` / ``c_proj`` and a transposed projection."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_encoder_2.state_dict().items()}
+    out = {"positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           "text_projection": sd.pop("text_projection.weight").T}
+    rename = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+              "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    for i in range(int(text_encoder_2.config.num_hidden_layers)):
+        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{leaf}"] = torch.cat([sd.pop(f"{src}self_attn.{p}_proj.{leaf}") for p in "qkv"])
+            for new, old in rename.items():
+                out[f"{dst}{old}.{leaf}"] = sd.pop(f"{src}{new}.{leaf}")
+    for leaf in ("weight", "bias"):
+        out[f"ln_final.{leaf}"] = sd.pop(f"final_layer_norm.{leaf}")
+    sd.pop("embeddings.position_ids", None)
+    if sd:
+        raise ValueError(f"OpenCLIP layout: unexpected text-encoder tensors {sorted(sd)[:3]}")
+    return out
 
-    VAE attention projections are written as 1×1 convolutions, as in the released SD1.5 files.
+
+def ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module,
+                   text_encoder_2: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The components as one state dict in the original (LDM) single-file layout.
+
+    With ``text_encoder_2`` the layout is SDXL's: CLIP-L under ``conditioner.embedders.0.transformer``,
+    OpenCLIP-G under ``conditioner.embedders.1.model``. VAE attention projections are written as 1×1
+    convolutions, as in the released SD1.5 files.
     """
     out: dict[str, torch.Tensor] = {}
     lpb = int(unet.config.layers_per_block)
@@ -202,34 +303,41 @@ def ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: to
         if ".mid.attn_1." in key and key.endswith("weight") and v.ndim == 2:
             v = v[:, :, None, None]
         out[VAE_PREFIX + key] = v
+    prefix = TEXT_PREFIX if text_encoder_2 is None else SDXL_TEXT_PREFIX
     for k, v in text_encoder.state_dict().items():
-        out[TEXT_PREFIX + k.removeprefix("text_model.")] = v
+        out[prefix + k.removeprefix("text_model.")] = v
+    if text_encoder_2 is not None:
+        out.update({SDXL_TEXT2_PREFIX + k: v for k, v in _open_clip_state(text_encoder_2).items()})
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
 def save_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.nn.Module,
-                     text_encoder: torch.nn.Module, dtype: torch.dtype | None = None) -> Path:
+                     text_encoder: torch.nn.Module, dtype: torch.dtype | None = None,
+                     text_encoder_2: torch.nn.Module | None = None) -> Path:
     """Write the components as an LDM-layout ``.safetensors`` checkpoint, atomically.
 
     Args:
         path: destination file.
         unet, vae, text_encoder: the diffusers / transformers modules.
         dtype: cast floating tensors to this dtype (e.g. ``torch.float16``); default keep.
+        text_encoder_2: SDXL's second text encoder (writes the SDXL layout).
 
     Returns:
         The path written.
     """
     from ..weights.safefile import atomic_save
 
-    tensors = ldm_state_dict(unet, vae, text_encoder)
+    tensors = ldm_state_dict(unet, vae, text_encoder, text_encoder_2)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     return atomic_save(tensors, path, {"format": "pt"})
 
 
 def write_config_dir(folder: str | os.PathLike, unet: torch.nn.Module, vae: torch.nn.Module,
-                     text_encoder: torch.nn.Module, scheduler_config: dict | None = None) -> Path:
-    """Write the five component configs of a model (the layout of ``assets/sd15``) to ``folder``.
+                     text_encoder: torch.nn.Module, scheduler_config: dict | None = None,
+                     text_encoder_2: torch.nn.Module | None = None) -> Path:
+    """Write the component configs of a model (the layout of ``assets/sd15``, or ``assets/sdxl`` with
+    ``text_encoder_2``) to ``folder``.
 
     Used to load small or custom single-file models offline, the same way the shipped SD1.5 set is used.
     """
@@ -242,6 +350,9 @@ def write_config_dir(folder: str | os.PathLike, unet: torch.nn.Module, vae: torc
                "scheduler": scheduler_config or json.loads((SD15_CONFIGS / CONFIG_FILES["scheduler"]).read_text())}
     configs["unet"]["_class_name"] = configs["unet_inpaint"]["_class_name"] = "UNet2DConditionModel"
     configs["vae"]["_class_name"] = "AutoencoderKL"
+    names = dict(CONFIG_FILES)
+    if text_encoder_2 is not None:
+        configs["text_encoder_2"], names["text_encoder_2"] = text_encoder_2.config.to_dict(), TEXT2_CONFIG
     for name, cfg in configs.items():
-        (root / CONFIG_FILES[name]).write_text(json.dumps(cfg, indent=1, default=list), encoding="utf-8")
+        (root / names[name]).write_text(json.dumps(cfg, indent=1, default=list), encoding="utf-8")
     return root

@@ -29,14 +29,32 @@ def _vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     return vocab, merges
 
 
-def clip_tokenizer():
-    """A fresh CLIP ViT-L/14 tokenizer (SD1.5's) built from the shipped vocabulary; 49,408 tokens."""
+#: OpenCLIP ViT-bigG/14 (SDXL's second text encoder) pads with "!" (id 0) instead of the end-of-text token.
+OPEN_CLIP_PAD = "!"
+
+
+def clip_tokenizer(pad_token: str | None = None):
+    """A fresh CLIP tokenizer built from the shipped vocabulary; 49,408 tokens.
+
+    Args:
+        pad_token: None for CLIP ViT-L/14's (SD1.5, SDXL's first encoder: pads with end-of-text);
+            :data:`OPEN_CLIP_PAD` for SDXL's second encoder (same vocabulary, pads with ``!``).
+    """
     from transformers import CLIPTokenizer
 
     vocab, merges = _vocab_and_merges()
-    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=CLIP_CONTEXT)
+    extra = {} if pad_token is None else {"pad_token": pad_token}
+    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=CLIP_CONTEXT, **extra)
     if len(tok) != CLIP_VOCAB_SIZE:
         raise RuntimeError(f"shipped CLIP vocabulary gave {len(tok)} tokens, expected {CLIP_VOCAB_SIZE}")
+    return tok
+
+
+def open_clip_tokenizer():
+    """SDXL's second tokenizer (OpenCLIP ViT-bigG/14): the shipped CLIP vocabulary, padding with ``!``."""
+    tok = clip_tokenizer(OPEN_CLIP_PAD)
+    if tok.pad_token_id != 0:
+        raise RuntimeError(f"OpenCLIP tokenizer pads with id {tok.pad_token_id}, expected 0")
     return tok
 
 
