@@ -102,7 +102,8 @@ def _bank_vectors(bank: CategoryBank, category: str, backbone) -> dict:
 
         use = "an SDXL bank (clip_l + clip_g vectors)" if backbone.family == "sdxl" else "an SD1.5 bank"
         other = BACKBONES[bank.family].label if bank.family in BACKBONES else None
-        raise NodeInputError(f"this is a {bank.family} bank but the CLIP is {backbone.label}: use {use}"
+        raise NodeInputError(f"this is {f'an {other}' if other else f'a {bank.family}'} bank but the CLIP is "
+                             f"{backbone.label}: use {use}"
                              + (f", or the CLIP of an {other} checkpoint" if other else ""))
     try:
         return {t.comfy_key: bank.vectors(category, t.name) for t in backbone.text_encoders}

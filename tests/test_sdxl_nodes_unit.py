@@ -168,3 +168,69 @@ def test_an_identifier_of_the_other_backbones_clip_is_refused():
     spec = IdentifierSpec((1,), context_length=77, plain_context=torch.zeros(1, 77, 2048))
     with pytest.raises(NodeInputError, match="SDXL CLIP but the MODEL is SD1.5"):
         check_identifier_fits(spec, SD15)
+
+
+def _bank(family):
+    from productbg.weights.bank import CategoryBank
+
+    bank = CategoryBank(family, vectors_per_id=1)
+    vectors = {"clip_l": torch.zeros(1, 768)} | ({"clip_g": torch.zeros(1, 1280)} if family == "sdxl" else {})
+    bank.add("shoes", vectors)
+    return bank
+
+
+@pytest.mark.parametrize("bank_family,clip_keys,expected", [
+    ("sdxl", ("l",), "this is an SDXL bank but the CLIP is SD1.5: use an SD1.5 bank, or the CLIP of an SDXL checkpoint"),
+    ("sd15", ("g", "l"), "this is an SD1.5 bank but the CLIP is SDXL: use an SDXL bank (clip_l + clip_g vectors), or the CLIP "
+                         "of an SD1.5 checkpoint")])
+def test_a_bank_of_the_other_family_is_refused_before_encoding(bank_family, clip_keys, expected):
+    from productbg.nodes.category_nodes import CategoryPrompt
+
+    with pytest.raises(NodeInputError) as e:
+        CategoryPrompt().encode(FakeClip(clip_keys, {"sks": 5}), _bank(bank_family), "shoes", "", "")
+    assert str(e.value) == expected
+
+
+def test_an_sdxl_bank_gives_both_encoders_their_vectors():
+    from productbg.nodes.category_nodes import _bank_vectors
+
+    vectors = _bank_vectors(_bank("sdxl"), "shoes", SDXL)
+    assert {k: tuple(v.shape) for k, v in vectors.items()} == {"l": (1, 768), "g": (1, 1280)}
+
+
+def test_an_ip_adapter_of_the_other_backbone_is_refused_naming_the_right_files():
+    from productbg.nodes.style_nodes import check_encoder_fits
+    from productbg.weights import targets
+    from productbg.weights.style_encoder import StyleEncoder, StyleEncoderConfig
+
+    with torch.device("meta"):
+        sd15 = StyleEncoder(StyleEncoderConfig.for_target(targets.SD15, variant="linear", tokens=4, clip_width=1024))
+        sdxl = StyleEncoder(StyleEncoderConfig.for_target(targets.SDXL, variant="linear", tokens=4, clip_width=1024))
+    check_encoder_fits(sd15, SD15)
+    check_encoder_fits(sdxl, SDXL)
+    with pytest.raises(NodeInputError, match="is for SD1.5 but the MODEL is SDXL: use ip-adapter_sdxl_vit-h"):
+        check_encoder_fits(sd15, SDXL)
+    with pytest.raises(NodeInputError, match="is for SDXL but the MODEL is SD1.5: use ip-adapter_sd15"):
+        check_encoder_fits(sdxl, SD15)
+
+
+@pytest.mark.parametrize("variant,width,named", [("linear", 1024, "ViT-H"), ("plus", 1280, "ViT-H"),
+                                                 ("linear", 1280, "ViT-bigG")])
+def test_a_clip_vision_of_the_wrong_width_names_the_one_to_load(variant, width, named):
+    from productbg.nodes.style_nodes import style_tokens
+
+    encoder = SimpleNamespace(config=SimpleNamespace(variant=variant, clip_width=width))
+    vision = SimpleNamespace(encode_image=lambda images: {"image_embeds": torch.zeros(1, 768),
+                                                          "penultimate_hidden_states": torch.zeros(1, 257, 1024)})
+    with pytest.raises(NodeInputError, match=f"needs CLIP {named}"):
+        style_tokens(encoder, vision, torch.zeros(1, 8, 8, 3))
+
+
+def test_a_custom_canvas_off_the_grid_of_8_is_refused():
+    from productbg.nodes.imaging_nodes import PlaceProduct
+
+    mask = torch.zeros(1, 32, 32)
+    mask[:, 8:24, 8:24] = 1
+    with pytest.raises(NodeInputError, match="multiple of 8.*use 1000x1024"):
+        PlaceProduct().place(torch.rand(1, 32, 32, 3), mask, "custom", 1001, 1020, 0.74, "center", 0.05, "#FFFFFF", 20)
+    assert PlaceProduct.INPUT_TYPES()["required"]["width"][1]["default"] == 512  # saved workflows keep theirs
