@@ -234,3 +234,21 @@ def test_a_custom_canvas_off_the_grid_of_8_is_refused():
     with pytest.raises(NodeInputError, match="multiple of 8.*use 1000x1024"):
         PlaceProduct().place(torch.rand(1, 32, 32, 3), mask, "custom", 1001, 1020, 0.74, "center", 0.05, "#FFFFFF", 20)
     assert PlaceProduct.INPUT_TYPES()["required"]["width"][1]["default"] == 512  # saved workflows keep theirs
+
+
+def test_sdxl_comfyui_modules_run_after_every_other_comfyui_module():
+    """Never an SD1.5 and an SDXL ComfyUI model in one process at once: the SDXL modules come last."""
+    import comfy_env
+
+    class Item:
+        def __init__(self, module):
+            self.module, self.fixturenames = SimpleNamespace(__name__=module), []
+
+        def get_closest_marker(self, name):
+            return name
+
+    names = ["test_comfy_sdxl", "test_comfy_attention", "test_comfy_trained_files", "test_comfy_workflows"]
+    items = [Item(n) for n in names]
+    comfy_env.move_comfyui_tests_last(items)
+    assert [i.module.__name__ for i in items] == ["test_comfy_trained_files", "test_comfy_attention",
+                                                 "test_comfy_workflows", "test_comfy_sdxl"]
