@@ -68,7 +68,7 @@ def _check_latent(guidance: Guidance, extra_options: dict) -> None:
 class ProductBGContextPatch:
     """The attn2 patch productbg adds once per model (see the module docstring)."""
 
-    def __init__(self, layer_keys: tuple[tuple[str, int], ...]) -> None:
+    def __init__(self, layer_keys: tuple[tuple, ...]) -> None:
         self.layer_keys = layer_keys
         self._blocks = {tuple(key[:2]) for key in layer_keys}  # (block, number) of 2- and 3-tuple keys
         self._last: tuple[Any, Any, CallPlan] | None = None
@@ -123,8 +123,14 @@ def _callback_gate(kwargs: dict, extra_options: dict, rows: int) -> torch.Tensor
 
 
 def productbg_delta(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict,
-                    layer_index: int = 0, **_: Any) -> torch.Tensor:
-    """What productbg adds to plain attention; the callback we add to a foreign (IPAdapter-style) object."""
+                    layer_index: int = 0, by_block_index: dict | None = None, **_: Any) -> torch.Tensor:
+    """What productbg adds to plain attention; the callback we add to a foreign (IPAdapter-style) object.
+
+    ``by_block_index``: for a foreign object at a 2-part key of a multi-transformer block (SDXL), the layer
+    index of each ``extra_options["block_index"]``.
+    """
+    if by_block_index is not None:
+        layer_index = by_block_index.get(extra_options.get("block_index", 0), layer_index)
     ctx = _layer_context(q, extra_options, layer_index)
     if ctx is None:
         return torch.zeros_like(out)
@@ -177,22 +183,27 @@ def _foreign_keys(attn2: dict, key: tuple[str, int]) -> list[tuple]:
     return [k for k in attn2 if len(k) == 3 and tuple(k[:2]) == tuple(key)]
 
 
-def _stack_onto(current: Any, key: tuple, index: int) -> None:
+def _stack_onto(current: Any, key: tuple, index: int, **kwargs: Any) -> None:
     if not hasattr(current, "add"):
         raise ValueError(f"another node pack replaced cross-attention at {key} with "
                          f"{type(current).__name__}, which cannot be stacked with; apply productbg first")
     if not any(kw.get("productbg") for kw in getattr(current, "kwargs", [])):
-        current.add(productbg_delta, productbg=True, layer_index=index, sigma_start=math.inf, sigma_end=0.0)
+        current.add(productbg_delta, productbg=True, layer_index=index, sigma_start=math.inf, sigma_end=0.0,
+                    **kwargs)
 
 
 def install(model_options: dict, guidance: Guidance,
-            layer_keys: tuple[tuple[str, int], ...] = SD15_LAYER_KEYS) -> dict:
+            layer_keys: tuple[tuple, ...] = SD15_LAYER_KEYS) -> dict:
     """Put ``guidance``, our attn2 patch and our attn2 objects into (a clone's) ``model_options``; returns it.
 
     Call on ``model.clone().model_options``: the dicts and lists along the path are copied before writing, so
     other clones that share them stay untouched. Keys already holding an object with ``.add`` (ours or
     IPAdapter_plus') keep it; ours reads the new guidance from transformer options, a foreign one gets our
     delta callback added once — also at a foreign ``(block, number, index)`` key that would shadow ours.
+
+    ``layer_keys`` with 3 parts (SDXL): a foreign object at the 2-part ``(block, number)`` key of such a block
+    would be shadowed by our 3-part objects (ComfyUI looks those up first), so there we put none and stack onto
+    the foreign object instead, with the layer of each transformer (``extra_options["block_index"]``).
     """
     to = dict(model_options.get("transformer_options", {}))
     to[OPTIONS_KEY] = guidance
@@ -204,15 +215,23 @@ def install(model_options: dict, guidance: Guidance,
     to["patches"] = patches
     replace = dict(to.get("patches_replace", {}))
     attn2 = dict(replace.get("attn2", {}))
+    block_layers: dict[tuple, dict[int, int]] = {}
     for index, key in enumerate(layer_keys):
         for shadow in _foreign_keys(attn2, key):
             if not isinstance(attn2[shadow], ProductBGAttn2):
                 _stack_onto(attn2[shadow], shadow, index)
+        block = tuple(key[:2])
+        if len(key) == 3 and key not in attn2 and attn2.get(block) is not None \
+                and not isinstance(attn2[block], ProductBGAttn2):
+            block_layers.setdefault(block, {})[key[2]] = index  # a foreign 2-part object: stack onto it below
+            continue
         current = attn2.get(key)
         if current is None:
             attn2[key] = ProductBGAttn2(index)
         elif not isinstance(current, ProductBGAttn2):
             _stack_onto(current, key, index)
+    for block, by_index in block_layers.items():
+        _stack_onto(attn2[block], block, min(by_index.values()), by_block_index=by_index)
     replace["attn2"] = attn2
     to["patches_replace"] = replace
     model_options["transformer_options"] = to

@@ -5,7 +5,8 @@ import math
 
 from ..attention import CONFINEMENTS, IdentifierGuidance, IdentifierSpec, ProductMask
 from ..attention import comfy_patch
-from .common import IDENTIFIER, NodeInputError, check_sd15, clip_token_ids, find_subsequence, plain_context
+from .common import (IDENTIFIER, NodeInputError, backbone_of, backbone_of_clip, check_identifier_fits, plain_context,
+                     word_positions)
 
 CATEGORY = "productbg/attention"
 
@@ -22,7 +23,8 @@ class BackgroundWords:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "clip": ("CLIP", {"tooltip": "The CLIP text encoder of your checkpoint."}),
+            "clip": ("CLIP", {"tooltip": "The CLIP of your SD1.5 or SDXL checkpoint (on SDXL the words must "
+                                "tokenize alike for CLIP-L and CLIP-G, which they do for plain words)."}),
             "text": ("STRING", {"multiline": True, "default": "a product photo on a marble table, soft light",
                                 "tooltip": "The positive prompt. Weighting syntax like (word:1.2) works."}),
             "background_words": ("STRING", {"default": "marble table",
@@ -31,16 +33,13 @@ class BackgroundWords:
 
     def encode(self, clip, text: str, background_words: str):
         tokens = clip.tokenize(text)
-        chunks = clip_token_ids(tokens)
-        target = clip_token_ids(clip.tokenize(background_words), strip_special=True)[0]
-        if not target:
-            raise NodeInputError("background_words is empty: name the prompt words that describe the background")
-        positions = find_subsequence(chunks, target)
+        backbone_of_clip(tokens)  # SD1.5 or SDXL, else a one-line error naming the family
+        positions = word_positions(clip, tokens, background_words)
         if not positions:
             raise NodeInputError(f"{background_words!r} does not occur in the prompt; copy the words exactly "
                                  "as they appear in the text")
         conditioning = clip.encode_from_tokens_scheduled(tokens)
-        spec = IdentifierSpec(tuple(positions), context_length=77 * len(chunks),
+        spec = IdentifierSpec(tuple(positions), context_length=77 * len(tokens["l"]),
                               plain_context=plain_context(clip, tokens, positions),
                               prompt_context=conditioning[0][0].detach())
         return (conditioning, spec)
@@ -78,7 +77,8 @@ class MaskGuidedAttention:
               end_percent: float, confinement: str = "context"):
         if start_percent > end_percent:
             raise NodeInputError(f"start_percent {start_percent} is after end_percent {end_percent}")
-        check_sd15(model)
+        backbone = backbone_of(model)
+        check_identifier_fits(identifier, backbone)
         product = ProductMask(product_mask)
         if not product.mask.any():
             raise NodeInputError("the product mask is empty (all 0): connect the product's mask (1 = product)")
@@ -94,5 +94,5 @@ class MaskGuidedAttention:
         guidance = comfy_patch.current_guidance(model.model_options).with_identifier(IdentifierGuidance(
             identifier, product, strength, sigma_start=sigma_start, sigma_end=sigma_end, confinement=confinement))
         m = model.clone()
-        comfy_patch.install(m.model_options, guidance)
+        comfy_patch.install(m.model_options, guidance, backbone.layer_keys)
         return (m,)

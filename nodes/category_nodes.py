@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..attention import IdentifierSpec
 from ..weights.bank import CategoryBank, load_bank
 from ..weights.errors import WeightsError
-from .common import BANK, IDENTIFIER, NodeInputError, clip_token_ids, plain_context
+from .common import BANK, IDENTIFIER, NodeInputError, backbone_of_clip, plain_context, token_ids
 from .folders import full_path, list_files
 
 CATEGORY = "productbg/category"
@@ -33,16 +33,23 @@ class LoadCategoryBank:
             raise NodeInputError(f"{bank_name}: {e}") from None
 
 
-def _slot_positions(chunks: list[list[int]], slot_id: int) -> list[tuple[int, int]]:
-    return [(c, i) for c, ids in enumerate(chunks) for i, t in enumerate(ids) if t == slot_id]
+def _slot_positions(tokens: dict, slot_id: int) -> list[int]:
+    """Flat positions (chunk·77 + index) of the slot word, the same in every token list (``l``; SDXL's ``g``)."""
+    found = {key: [c * len(ids) + i for c, ids in enumerate(token_ids(tokens, key)) for i, t in enumerate(ids)
+                   if t == slot_id] for key in tokens}
+    if len({tuple(p) for p in found.values()}) > 1:
+        raise NodeInputError(f"the identifier slots sit at different positions in the CLIP-L and CLIP-G "
+                             f"tokenizations ({found}); simplify the template or extra text")
+    return next(iter(found.values()))
 
 
-def _splice(tokens: dict, slots: list[tuple[int, int]], vectors) -> list[int]:
-    """Put the identifier vectors in place of the slot tokens of ComfyUI's token lists; flat positions."""
-    chunk_len = len(tokens["l"][0])
-    for (c, i), vector in zip(slots, vectors):
-        tokens["l"][c][i] = (vector,) + tuple(tokens["l"][c][i][1:])
-    return [c * chunk_len + i for c, i in slots]
+def _splice(tokens: dict, positions: list[int], vectors: dict) -> None:
+    """Put each encoder's identifier vectors (``{"l": [n, 768], "g": [n, 1280]}``) in place of the slot tokens."""
+    for key, vecs in vectors.items():
+        chunk_len = len(tokens[key][0])
+        for p, vector in zip(positions, vecs):
+            c, i = divmod(p, chunk_len)
+            tokens[key][c][i] = (vector,) + tuple(tokens[key][c][i][1:])
 
 
 class CategoryPrompt:
@@ -57,7 +64,7 @@ class CategoryPrompt:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "clip": ("CLIP", {"tooltip": "CLIP of an SD1.5 checkpoint."}),
+            "clip": ("CLIP", {"tooltip": "CLIP of an SD1.5 or SDXL checkpoint (the bank's family)."}),
             "bank": (BANK, {"tooltip": "From Load Category Bank."}),
             "category": ("STRING", {"default": "", "tooltip": "Category name as stored in the bank "
                                     "(case-insensitive for Latin scripts)."}),
@@ -68,25 +75,37 @@ class CategoryPrompt:
         }}
 
     def encode(self, clip, bank: CategoryBank, category: str, template: str, extra_text: str):
-        if bank.family != "sd15":
-            raise NodeInputError(f"this bank is for {bank.family}; Category Prompt supports SD1.5 banks")
-        try:
-            vectors = bank.vectors(category)
-        except WeightsError as e:
-            raise NodeInputError(str(e)) from None
         template = template.strip() or bank.template
         if template.count("{id}") != 1:
             raise NodeInputError(f"the template must contain {{id}} exactly once: {template!r}")
-        slot_words = " ".join([SLOT_WORD] * vectors.shape[0])
-        text = template.replace("{id}", slot_words) + (f", {extra_text.strip()}" if extra_text.strip() else "")
+        vectors = _bank_vectors(bank, category, backbone_of_clip(clip.tokenize(SLOT_WORD)))
+        count = next(iter(vectors.values())).shape[0]
+        text = template.replace("{id}", " ".join([SLOT_WORD] * count))
+        text += f", {extra_text.strip()}" if extra_text.strip() else ""
         tokens = clip.tokenize(text)
-        (slot_id,) = clip_token_ids(clip.tokenize(SLOT_WORD), strip_special=True)[0]
-        slots = _slot_positions(clip_token_ids(tokens), slot_id)
-        if len(slots) != vectors.shape[0]:
+        (slot_id,) = token_ids(clip.tokenize(SLOT_WORD), "l", strip_special=True)[0]
+        positions = _slot_positions(tokens, slot_id)
+        if len(positions) != count:
             raise NodeInputError(f"do not use the word {SLOT_WORD!r} in the template or extra text")
-        plain = plain_context(clip, tokens, [c * len(tokens["l"][0]) + i for c, i in slots])
-        positions = _splice(tokens, slots, vectors)
+        plain = plain_context(clip, tokens, positions)
+        _splice(tokens, positions, vectors)
         conditioning = clip.encode_from_tokens_scheduled(tokens)
         spec = IdentifierSpec(tuple(positions), context_length=77 * len(tokens["l"]), plain_context=plain,
                               prompt_context=conditioning[0][0].detach())
         return (conditioning, spec)
+
+
+def _bank_vectors(bank: CategoryBank, category: str, backbone) -> dict:
+    """ComfyUI token-list key -> the category's ``[n, width]`` vectors for that text encoder."""
+    if bank.family != backbone.family:
+        from ..attention.backbones import BACKBONES
+
+        use = "an SDXL bank (clip_l + clip_g vectors)" if backbone.family == "sdxl" else "an SD1.5 bank"
+        other = BACKBONES[bank.family].label if bank.family in BACKBONES else None
+        raise NodeInputError(f"this is {f'an {other}' if other else f'a {bank.family}'} bank but the CLIP is "
+                             f"{backbone.label}: use {use}"
+                             + (f", or the CLIP of an {other} checkpoint" if other else ""))
+    try:
+        return {t.comfy_key: bank.vectors(category, t.name) for t in backbone.text_encoders}
+    except WeightsError as e:
+        raise NodeInputError(str(e)) from None

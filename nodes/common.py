@@ -12,20 +12,51 @@ class NodeInputError(ValueError):
     """Bad node input; ComfyUI shows the message on the node and keeps running."""
 
 
-def clip_token_ids(tokens: dict, strip_special: bool = False) -> list[list[int]]:
-    """Integer token ids per 77-token chunk of ComfyUI's ``clip.tokenize`` output (SD1.5 key ``l``).
+def backbone_of_clip(tokens: dict):
+    """The backbone of a ComfyUI CLIP from its ``clip.tokenize`` output (``l``: SD1.5; ``g`` + ``l``: SDXL)."""
+    from ..attention.backbones import BackboneError, from_token_keys
 
-    Spliced embedding vectors (tensors) become -1 so they never match a word.
+    try:
+        return from_token_keys(tokens.keys())
+    except BackboneError as e:
+        raise NodeInputError(f"CLIP: {e}") from None
+
+
+def backbone_of(model):
+    """The backbone of a ComfyUI MODEL (from its ``model_config`` class and ``unet_config``); NodeInputError
+    naming the family for anything else (SD2, SD3, Flux, an SDXL refiner...)."""
+    from ..attention.backbones import BackboneError, from_comfy_config
+
+    config = model.model.model_config
+    try:
+        return from_comfy_config(type(config).__name__, config.unet_config)
+    except BackboneError as e:
+        raise NodeInputError(f"MODEL: {e}") from None
+
+
+def token_ids(tokens: dict, key: str = "l", strip_special: bool = False) -> list[list[int]]:
+    """Integer token ids per 77-token chunk of one list (``l``, ``g``) of ComfyUI's ``clip.tokenize`` output.
+
+    Spliced embedding vectors (tensors) become -1 so they never match a word. ``strip_special`` keeps only
+    the words: what lies between the start token and the first end token (SDXL's ``g`` pads with 0, which is
+    also a word's id, so padding is cut by position, not by value).
     """
-    if "l" not in tokens:
-        raise NodeInputError(f"this CLIP has no CLIP-L tokens (keys {sorted(tokens)}); productbg supports SD1.5")
     chunks = []
-    for chunk in tokens["l"]:
+    for chunk in tokens[key]:
         ids = [t[0] if isinstance(t[0], int) else -1 for t in chunk]
-        if strip_special:
-            ids = [i for i in ids if i not in (CLIP_START_TOKEN, CLIP_END_TOKEN)]
+        if strip_special:  # the words only: what lies between the start token and the first end token
+            ids = ids[:ids.index(CLIP_END_TOKEN)] if CLIP_END_TOKEN in ids else ids
+            ids = [i for i in ids if i != CLIP_START_TOKEN]
         chunks.append(ids)
     return chunks
+
+
+def clip_token_ids(tokens: dict, strip_special: bool = False) -> list[list[int]]:
+    """:func:`token_ids` of the CLIP-L list ``l`` (SD1.5 and SDXL both have it)."""
+    if "l" not in tokens:
+        backbone_of_clip(tokens)  # names the family (SDXL refiner, SD2, SD3...)
+        raise NodeInputError(f"this CLIP has no CLIP-L tokens (keys {sorted(tokens)})")
+    return token_ids(tokens, "l", strip_special)
 
 
 def find_subsequence(chunks: list[list[int]], target: list[int]) -> list[int]:
@@ -37,27 +68,56 @@ def find_subsequence(chunks: list[list[int]], target: list[int]) -> list[int]:
     return []
 
 
-def without_positions(tokens: dict, positions: list[int]) -> dict:
-    """ComfyUI token lists with the tokens at flat ``positions`` removed from the SD1.5 chunks (``l``).
+def word_positions(clip, tokens: dict, words: str, name: str = "background_words") -> list[int]:
+    """Flat positions of ``words`` in the prompt ``tokens``, the same in every token list (``l`` and, on SDXL,
+    ``g``); [] when absent. NodeInputError when the words are empty or the lists disagree."""
+    target = clip.tokenize(words)
+    found = {}
+    for key in tokens:
+        ids = token_ids(target, key, strip_special=True)[0]
+        if not ids:
+            raise NodeInputError(f"{name} is empty: name the prompt words that describe the background")
+        found[key] = find_subsequence(token_ids(tokens, key), ids)
+    if len({tuple(p) for p in found.values()}) > 1:
+        raise NodeInputError(f"{words!r} sits at different token positions in the CLIP-L and CLIP-G "
+                             f"tokenizations ({found}); rephrase the prompt (avoid custom embeddings there)")
+    return next(iter(found.values()), [])
 
-    Each chunk keeps its length: later tokens move up and the chunk's last entry (padding, or EOS in a full
-    chunk) fills the end. Tokens are per-word in CLIP's BPE, so this is the prompt without those words.
+
+def without_positions(tokens: dict, positions: list[int]) -> dict:
+    """ComfyUI token lists with the tokens at flat ``positions`` removed, in every list (``l``; ``g`` too).
+
+    Each chunk keeps its length: later tokens move up and the chunk's last entry (its padding — EOS for CLIP-L,
+    0 for SDXL's CLIP-G — or EOS in a full chunk) fills the end. Tokens are per-word in CLIP's BPE, so this is
+    the prompt without those words.
     """
     out = {key: [list(chunk) for chunk in chunks] for key, chunks in tokens.items()}
-    chunk_len = len(out["l"][0])
-    by_chunk: dict[int, set[int]] = {}
-    for p in positions:
-        by_chunk.setdefault(p // chunk_len, set()).add(p % chunk_len)
-    for c, drop in by_chunk.items():
-        chunk = out["l"][c]
-        kept = [t for i, t in enumerate(chunk) if i not in drop]
-        out["l"][c] = kept + [chunk[-1]] * (chunk_len - len(kept))
+    for key, chunks in out.items():
+        chunk_len = len(chunks[0])
+        by_chunk: dict[int, set[int]] = {}
+        for p in positions:
+            by_chunk.setdefault(p // chunk_len, set()).add(p % chunk_len)
+        for c, drop in by_chunk.items():
+            chunk = chunks[c]
+            kept = [t for i, t in enumerate(chunk) if i not in drop]
+            chunks[c] = kept + [chunk[-1]] * (chunk_len - len(kept))
     return out
 
 
 def plain_context(clip, tokens: dict, positions: list[int]):
-    """[1, L, 768] context of the prompt without the tokens at ``positions`` (what product cells attend to)."""
+    """[1, L, width] context of the prompt without the tokens at ``positions`` (what product cells attend to)."""
     return clip.encode_from_tokens(without_positions(tokens, positions)).detach()
+
+
+def check_identifier_fits(identifier, backbone) -> None:
+    """Refuse an identifier encoded by another backbone's CLIP (its context width differs)."""
+    ctx = identifier.plain_context if identifier.plain_context is not None else identifier.prompt_context
+    if ctx is not None and ctx.shape[-1] != backbone.context_dim:
+        from ..attention.backbones import BACKBONES
+
+        other = next((b.label for b in BACKBONES.values() if b.context_dim == ctx.shape[-1]), f"{ctx.shape[-1]}-wide")
+        raise NodeInputError(f"the identifier comes from an {other} CLIP but the MODEL is {backbone.label}: encode "
+                             f"it with the CLIP of the same {backbone.label} checkpoint")
 
 
 def check_mask_batch(mask, image, name: str = "mask"):
@@ -72,12 +132,3 @@ def check_mask_batch(mask, image, name: str = "mask"):
     if tuple(mask.shape[1:]) != tuple(image.shape[1:3]):
         mask = F.interpolate(mask[:, None].float(), size=tuple(image.shape[1:3]), mode="bilinear")[:, 0]
     return mask.expand(image.shape[0], -1, -1)
-
-
-def check_sd15(model) -> None:
-    """Refuse models productbg's patches do not fit (SDXL, SD2, Flux...) with a message naming what it is."""
-    config = model.model.model_config
-    context = config.unet_config.get("context_dim")
-    if context != 768 or config.unet_config.get("model_channels") != 320:
-        raise NodeInputError(f"this is a {type(config).__name__} model (text context {context}); productbg's "
-                             "attention patches are for SD1.5 / SD1.5-inpainting checkpoints")

@@ -193,7 +193,8 @@ class PlaceProduct:
                    "Marketplace, which delivers the image at export size with the product at its own "
                    "resolution. An export canvas (amazon-zoom, shopify, taobao, instagram-portrait, story) places "
                    "the product in the export's frame and makes a canvas of its aspect whose longer side is the "
-                   "larger of width and height (the backbone's size: 512 for SD1.5).")
+                   "larger of width and height: set it to the backbone's size, 512 for SD1.5 and 1024 for SDXL "
+                   "(the widgets default to 512 so saved workflows keep their values).")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -205,9 +206,11 @@ class PlaceProduct:
                        "rounded to a multiple of 8), an export preset (placed in the export's frame, canvas "
                        "of its aspect), or custom to use width × height as given."}),
             "width": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8, "tooltip":
-                      "Canvas width for custom; for presets the larger of width/height is the longer side."}),
+                      "Canvas width for custom; for presets the larger of width/height is the longer side. "
+                      "512 for SD1.5, 1024 for SDXL (their trained size)."}),
             "height": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8, "tooltip":
-                       "Canvas height for custom; for presets the larger of width/height is the longer side."}),
+                       "Canvas height for custom; for presets the larger of width/height is the longer side. "
+                       "512 for SD1.5, 1024 for SDXL."}),
             "fill_ratio": ("FLOAT", {"default": imaging.DEFAULT_FILL_RATIO, "min": 0.05, "max": 1.0, "step": 0.01,
                            "tooltip": "Share of the canvas the product's bounding box spans (the paper's "
                                       "recipe: 0.70–0.78)."}),
@@ -227,6 +230,9 @@ class PlaceProduct:
         masks = as_mask_batch(mask, images, "mask")
         require_product(masks, "mask", "Connect the product mask (1 = product), e.g. from Segment Product; "
                                        "LoadImage's MASK is 1 = transparent and empty for photos.")
+        if canvas == "custom" and (width % 8 or height % 8):
+            raise NodeInputError(f"a custom canvas must be a multiple of 8 on each side (the VAE's factor), got "
+                                 f"{width}x{height}: use {round(width / 8) * 8}x{round(height / 8) * 8}")
         frame, size = canvas_frame(canvas, width, height)
         color = library_call(imaging.parse_hex_color, fill_color)
         grow = imaging.inpaint_grow_pixels(*size, inpaint_grow)

@@ -9,15 +9,22 @@ from typing import Any
 import torch
 
 from ..attention import STYLE_LAYER_PRESETS, ProductMask, StyleGuidance
+from ..attention.backbones import BACKBONES
 from ..attention import comfy_patch
 from ..imaging.fill import fill_product_hwc
 from ..weights.errors import WeightsError
-from ..weights.style_encoder import StyleEncoder, load_style_encoder, reference_tokens
-from .common import STYLE, NodeInputError, check_mask_batch, check_sd15
+from ..weights import targets
+from ..weights.style_encoder import StyleEncoder, load_style_encoder, read_style_encoder_info, reference_tokens
+from .common import STYLE, NodeInputError, backbone_of, check_mask_batch
 from .folders import full_path, list_files
 
 CATEGORY = "productbg/style"
-LAYER_PRESETS = STYLE_LAYER_PRESETS
+LAYER_PRESETS = STYLE_LAYER_PRESETS  # names (all / style / composition); the weights come from the backbone
+#: CLIP vision models by (style-encoder variant, feature width): what to load for an IP-Adapter file.
+CLIP_VISION_NAMES = {("linear", 1024): "CLIP ViT-H (CLIP-ViT-H-14-laion2B-s32B-b79K)",
+                     ("plus", 1280): "CLIP ViT-H (CLIP-ViT-H-14-laion2B-s32B-b79K)",
+                     ("linear", 1280): "CLIP ViT-bigG (CLIP-ViT-bigG-14-laion2B-39B-b160k)",
+                     ("plus", 1664): "CLIP ViT-bigG (CLIP-ViT-bigG-14-laion2B-39B-b160k)"}
 #: ``ModelPatcher.additional_models`` key: the style encoders ComfyUI loads, accounts and offloads with the UNet.
 ADDITIONAL_MODELS_KEY = "productbg_style"
 _MANAGED: "weakref.WeakKeyDictionary[StyleEncoder, dict[torch.dtype, Any]]" = weakref.WeakKeyDictionary()
@@ -41,24 +48,54 @@ def managed_encoder(encoder: StyleEncoder, dtype: torch.dtype) -> Any:
 
 
 class LoadStyleEncoder:
-    """Load a productbg style encoder or an IP-Adapter SD1.5 file (.safetensors)."""
+    """Load a productbg style encoder or an IP-Adapter SD1.5 / SDXL file (.safetensors); its backbone is
+    told from its shapes and checked against the MODEL by Reference Style."""
 
     CATEGORY = CATEGORY
     RETURN_TYPES = (STYLE,)
     RETURN_NAMES = ("style_encoder",)
     FUNCTION = "load"
-    DESCRIPTION = "Style encoders from models/productbg/style_encoders; IP-Adapter SD1.5 files from models/ipadapter."
+    DESCRIPTION = ("Style encoders from models/productbg/style_encoders; IP-Adapter SD1.5 and SDXL files from "
+                   "models/ipadapter.")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {"encoder_name": (list_files("productbg_style_encoders", "ipadapter"), {
-            "tooltip": "ip-adapter_sd15 / ip-adapter-plus_sd15 (.safetensors) or a file trained by productbg."})}}
+            "tooltip": "ip-adapter_sd15 / ip-adapter-plus_sd15, ip-adapter_sdxl_vit-h / "
+            "ip-adapter-plus_sdxl_vit-h / ip-adapter_sdxl (.safetensors) or a file trained by productbg."})}}
 
     def load(self, encoder_name: str):
+        path = full_path("productbg_style_encoders", encoder_name, "ipadapter")
         try:
-            return (load_style_encoder(full_path("productbg_style_encoders", encoder_name, "ipadapter")),)
+            family = read_style_encoder_info(path).config.family
+            target = targets.TARGETS.get(family)
+            if family not in BACKBONES or target is None:
+                raise NodeInputError(f"{encoder_name}: a style encoder for {family}; productbg supports SD1.5 "
+                                     "and SDXL IP-Adapter files")
+            return (load_style_encoder(path, target=target),)
         except WeightsError as e:
             raise NodeInputError(f"{encoder_name}: {e}") from None
+
+
+def check_encoder_fits(encoder: StyleEncoder, backbone) -> None:
+    """Refuse a style encoder made for another backbone (an SD1.5 IP-Adapter on SDXL and the reverse)."""
+    c = encoder.config
+    if (c.context_dim, c.num_layers) != (backbone.context_dim, backbone.num_layers):
+        made = next((b for b in BACKBONES.values() if (b.context_dim, b.num_layers) == (c.context_dim, c.num_layers)),
+                    None)
+        use = ("ip-adapter_sdxl_vit-h / ip-adapter-plus_sdxl_vit-h / ip-adapter_sdxl" if backbone.family == "sdxl"
+               else "ip-adapter_sd15 / ip-adapter-plus_sd15")
+        raise NodeInputError(f"this style encoder is for {made.label if made else c.family} but the MODEL is "
+                             f"{backbone.label}: use {use} (or one trained for {backbone.label})")
+
+
+def style_tokens(encoder: StyleEncoder, clip_vision, reference):
+    """(cond, uncond) style tokens; a CLIP vision of the wrong width is a one-line error naming the right one."""
+    try:
+        return reference_tokens(encoder, clip_vision, reference)
+    except ValueError as e:
+        want = CLIP_VISION_NAMES.get((encoder.config.variant, encoder.config.clip_width))
+        raise NodeInputError(f"{e}" + (f"; this encoder needs {want}" if want else "")) from None
 
 
 class ReferenceStyle:
@@ -74,11 +111,12 @@ class ReferenceStyle:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to patch (left untouched; a patched copy is returned)."}),
             "style_encoder": (STYLE, {"tooltip": "From Load Style Encoder."}),
-            "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP vision model of the style encoder (ViT-H for IP-Adapter SD1.5)."}),
+            "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP vision model of the style encoder: ViT-H for the SD1.5 and *_sdxl_vit-h IP-Adapters, ViT-bigG for ip-adapter_sdxl."}),
             "reference": ("IMAGE", {"tooltip": "An image whose background style you want."}),
             "weight": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "Style strength."}),
-            "layer_preset": (list(LAYER_PRESETS), {"tooltip": "all; style = output blocks (texture, colour); "
-                                                   "composition = input + middle blocks (layout)."}),
+            "layer_preset": (list(LAYER_PRESETS), {"tooltip": "all; style = SD1.5 output blocks / SDXL up_blocks.0.attentions.1 "
+                                                   "(texture, colour); composition = SD1.5 input + middle blocks / SDXL "
+                                                   "down_blocks.2.attentions.1 (layout)."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
         }, "optional": {
@@ -88,7 +126,8 @@ class ReferenceStyle:
 
     def apply(self, model, style_encoder: StyleEncoder, clip_vision, reference, weight: float, layer_preset: str,
               start_percent: float, end_percent: float, reference_mask=None, product_mask=None):
-        check_sd15(model)
+        backbone = backbone_of(model)
+        check_encoder_fits(style_encoder, backbone)
         if clip_vision is None:
             raise NodeInputError("connect a CLIP_VISION model (Load CLIP Vision)")
         if start_percent > end_percent:
@@ -96,18 +135,15 @@ class ReferenceStyle:
         if reference_mask is not None:
             reference = fill_product_hwc(reference, check_mask_batch(reference_mask, reference, "reference_mask"))
         patcher = managed_encoder(style_encoder, model.model_dtype())
-        try:
-            cond, uncond = reference_tokens(patcher.model, clip_vision, reference)
-        except ValueError as e:
-            raise NodeInputError(str(e)) from None
+        cond, uncond = style_tokens(patcher.model, clip_vision, reference)
         sampling = model.get_model_object("model_sampling")
-        style = StyleGuidance(cond, uncond, patcher.model.layer_kv, weight, LAYER_PRESETS[layer_preset],
+        style = StyleGuidance(cond, uncond, patcher.model.layer_kv, weight, backbone.layer_weights(layer_preset),
                               product=ProductMask(product_mask) if product_mask is not None else None,
                               sigma_start=math.inf if start_percent <= 0 else float(sampling.percent_to_sigma(start_percent)),
                               sigma_end=0.0 if end_percent >= 1 else float(sampling.percent_to_sigma(end_percent)),
                               models=(patcher,))  # the full range is ungated: no per-step sigma test
         m = model.clone()
         guidance = comfy_patch.current_guidance(m.model_options).with_style(style)
-        comfy_patch.install(m.model_options, guidance)
+        comfy_patch.install(m.model_options, guidance, backbone.layer_keys)
         m.set_additional_models(ADDITIONAL_MODELS_KEY, [p for s in guidance.styles for p in s.models])
         return (m,)

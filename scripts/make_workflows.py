@@ -5,7 +5,8 @@
                                                       # frontend of a ComfyUI server running this pack
 The UI step runs scripts/ui_roundtrip.js (headless Chromium + playwright-core; see that file), so the UI files
 are exactly what the frontend itself saves. Defaults follow the paper's recipe: 512², 40 DDIM steps, CFG 7.5,
-fill 0.74, inpaint mask grown 20 px, product pasted back.
+fill 0.74, inpaint mask grown 20 px, product pasted back. The ``*_sdxl`` twins run at SDXL's 1024² with
+``attention.backbones.SDXL.sampler`` (30 steps dpmpp_2m karras, CFG 6) and the SDXL model files.
 """
 from __future__ import annotations
 
@@ -22,6 +23,28 @@ CHECKPOINT = "sd-v1-5-inpainting.safetensors"
 BANK = "category_bank.safetensors"
 STYLE_ENCODER = "ip-adapter_sd15.safetensors"
 CLIP_VISION = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0_inpainting_0.1.safetensors"
+SDXL_BANK = "category_bank_sdxl.safetensors"
+SDXL_STYLE_ENCODER = "ip-adapter_sdxl_vit-h.safetensors"
+
+
+class Setup:
+    """What differs between a backbone's workflows: model files, canvas and sampler (backbones.py's defaults)."""
+
+    def __init__(self, label, checkpoint, bank, style_encoder, size, steps, cfg, sampler_name, scheduler):
+        self.label, self.checkpoint, self.bank, self.style_encoder = label, checkpoint, bank, style_encoder
+        self.size, self.sampler = size, dict(steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler)
+
+
+SD15_SETUP = Setup("SD1.5", CHECKPOINT, BANK, STYLE_ENCODER, 512, 40, 7.5, "ddim", "ddim_uniform")
+
+
+def sdxl_setup() -> Setup:
+    from productbg.attention.backbones import SDXL
+
+    d = SDXL.sampler
+    return Setup("SDXL", SDXL_CHECKPOINT, SDXL_BANK, SDXL_STYLE_ENCODER, SDXL.default_size, d.steps, d.cfg,
+                 d.sampler_name, d.scheduler)
 PRODUCT = "productbg_example_product.png"
 REFERENCE = "productbg_example_reference.png"
 
@@ -44,25 +67,25 @@ def out(node_id: str, index: int = 0) -> list:
     return [node_id, index]
 
 
-def _product_front(g: Graph, image: list, transparency: list | None = None) -> tuple[str, str]:
+def _product_front(g: Graph, image: list, transparency: list | None = None, size: int = 512) -> tuple[str, str]:
     seg_inputs = dict(image=image, method="auto", tolerance=10.0, shadow_strength=0.75, threshold=0.5, grow=0,
                       fill_holes=True, keep_largest=False, feather=1.0, clean_edges=True)
     if transparency is not None:
         seg_inputs["transparency"] = transparency
     seg = g.add("ProductBGSegmentProduct", **seg_inputs)
-    place = g.add("ProductBGPlaceProduct", image=out(seg, 0), mask=out(seg, 1), canvas="1:1", width=512, height=512,
+    place = g.add("ProductBGPlaceProduct", image=out(seg, 0), mask=out(seg, 1), canvas="1:1", width=size, height=size,
                   fill_ratio=0.74, anchor="center", margin=0.05, fill_color="#FFFFFF", inpaint_grow=20)
     return seg, place
 
 
 def _back_end(g: Graph, ckpt: str, model: list, positive: list, place: str, prefix: str,
-              negative_text: str = "product, object, text, watermark, blurry, low quality") -> None:
+              negative_text: str = "product, object, text, watermark, blurry, low quality",
+              setup: Setup = SD15_SETUP) -> None:
     neg = g.add("CLIPTextEncode", "Negative prompt", clip=out(ckpt, 1), text=negative_text)
     inpaint = g.add("InpaintModelConditioning", positive=positive, negative=out(neg), vae=out(ckpt, 2),
                     pixels=out(place, 0), mask=out(place, 2), noise_mask=True)
     sample = g.add("KSampler", model=model, positive=out(inpaint, 0), negative=out(inpaint, 1),
-                   latent_image=out(inpaint, 2), seed=42, steps=40, cfg=7.5, sampler_name="ddim",
-                   scheduler="ddim_uniform", denoise=1.0)
+                   latent_image=out(inpaint, 2), seed=42, **setup.sampler, denoise=1.0)
     decode = g.add("VAEDecode", samples=out(sample), vae=out(ckpt, 2))
     comp = g.add("ProductBGCompositeProduct", generated=out(decode), placed=out(place, 0),
                  product_mask=out(place, 1), feather=2.0)
@@ -78,12 +101,13 @@ def _back_end(g: Graph, ckpt: str, model: list, positive: list, place: str, pref
           filename_prefix=f"{prefix}_export", save=True)
 
 
-def category_background(with_style: bool = False, with_lora: bool = False, prefix: str = "productbg") -> dict:
+def category_background(with_style: bool = False, with_lora: bool = False, prefix: str = "productbg",
+                        setup: Setup = SD15_SETUP) -> dict:
     g = Graph()
     load = g.add("LoadImage", "Product photo", image=PRODUCT)
-    seg, place = _product_front(g, out(load, 0), out(load, 1))
-    ckpt = g.add("CheckpointLoaderSimple", "SD1.5 inpainting checkpoint", ckpt_name=CHECKPOINT)
-    bank = g.add("ProductBGLoadCategoryBank", bank_name=BANK)
+    seg, place = _product_front(g, out(load, 0), out(load, 1), setup.size)
+    ckpt = g.add("CheckpointLoaderSimple", f"{setup.label} inpainting checkpoint", ckpt_name=setup.checkpoint)
+    bank = g.add("ProductBGLoadCategoryBank", bank_name=setup.bank)
     model, clip = out(ckpt, 0), out(ckpt, 1)
     if with_lora:
         lora = g.add("ProductBGCategoryLora", model=model, clip=clip, bank=out(bank), category="shoes",
@@ -95,14 +119,14 @@ def category_background(with_style: bool = False, with_lora: bool = False, prefi
                  product_mask=out(place, 1), strength=1.0, start_percent=0.0, end_percent=1.0)
     model = out(attn)
     if with_style:
-        model = _style(g, model, place)
-    _back_end(g, ckpt, model, out(prompt, 0), place, prefix)
+        model = _style(g, model, place, setup)
+    _back_end(g, ckpt, model, out(prompt, 0), place, prefix, setup=setup)
     return g.nodes
 
 
-def _style(g: Graph, model: list, place: str) -> list:
+def _style(g: Graph, model: list, place: str, setup: Setup = SD15_SETUP) -> list:
     vision = g.add("CLIPVisionLoader", clip_name=CLIP_VISION)
-    encoder = g.add("ProductBGLoadStyleEncoder", encoder_name=STYLE_ENCODER)
+    encoder = g.add("ProductBGLoadStyleEncoder", encoder_name=setup.style_encoder)
     ref = g.add("LoadImage", "Brand reference image", image=REFERENCE)
     ref_seg = g.add("ProductBGSegmentProduct", "Reference product (removed before encoding)", image=out(ref, 0),
                     method="auto", tolerance=10.0, shadow_strength=0.75, threshold=0.5, grow=4, fill_holes=True,
@@ -113,18 +137,18 @@ def _style(g: Graph, model: list, place: str) -> list:
     return out(style)
 
 
-def zero_shot_confinement() -> dict:
+def zero_shot_confinement(setup: Setup = SD15_SETUP, prefix: str = "productbg_zero_shot") -> dict:
     g = Graph()
     load = g.add("LoadImage", "Product photo", image=PRODUCT)
-    seg, place = _product_front(g, out(load, 0), out(load, 1))
-    ckpt = g.add("CheckpointLoaderSimple", "SD1.5 inpainting checkpoint", ckpt_name=CHECKPOINT)
+    seg, place = _product_front(g, out(load, 0), out(load, 1), setup.size)
+    ckpt = g.add("CheckpointLoaderSimple", f"{setup.label} inpainting checkpoint", ckpt_name=setup.checkpoint)
     words = g.add("ProductBGBackgroundWords", clip=out(ckpt, 1),
                   text="a product photo on a white marble table with green leaves, soft light, high quality",
                   background_words="white marble table with green leaves")
     attn = g.add("ProductBGMaskGuidedAttention", model=out(ckpt, 0), identifier=out(words, 1),
                  product_mask=out(place, 1), strength=1.0, start_percent=0.0, end_percent=1.0)
-    model = _style(g, out(attn), place)
-    _back_end(g, ckpt, model, out(words, 0), place, "productbg_zero_shot")
+    model = _style(g, out(attn), place, setup)
+    _back_end(g, ckpt, model, out(words, 0), place, prefix, setup=setup)
     return g.nodes
 
 
@@ -150,6 +174,10 @@ WORKFLOWS = {
     "category_style_lora": lambda: category_background(with_style=True, with_lora=True, prefix="productbg_lora"),
     "zero_shot_confinement": zero_shot_confinement,
     "batch_folder": batch_folder,
+    "category_background_sdxl": lambda: category_background(prefix="productbg_category_sdxl", setup=sdxl_setup()),
+    "reference_style_sdxl": lambda: category_background(with_style=True, prefix="productbg_reference_style_sdxl",
+                                                        setup=sdxl_setup()),
+    "zero_shot_confinement_sdxl": lambda: zero_shot_confinement(sdxl_setup(), "productbg_zero_shot_sdxl"),
 }
 
 

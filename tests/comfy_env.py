@@ -35,6 +35,8 @@ def child_env() -> dict[str, str]:
 
 
 MEMORY_HUNGRY_FIRST = "test_comfy_trained_files"
+#: Modules on full-size SDXL run after every SD1.5 ComfyUI module (never an SD1.5 and an SDXL model at once).
+SDXL_LAST = "test_comfy_sdxl"
 
 
 def move_comfyui_tests_last(items: list, marker: str = "comfyui", fixtures: tuple[str, ...] = ()) -> None:
@@ -55,8 +57,11 @@ def move_comfyui_tests_last(items: list, marker: str = "comfyui", fixtures: tupl
         late_ids = {id(i) for i in late}
         # The most memory-hungry ComfyUI module (train-cg / train-pg on full-size SD1.5 shapes, in process) runs
         # first among them, before models loaded by the others fill the process.
-        late.sort(key=lambda i: 0 if getattr(getattr(i, "module", None), "__name__", "").endswith(
-            MEMORY_HUNGRY_FIRST) else 1)
+        def rank(item) -> int:
+            name = getattr(getattr(item, "module", None), "__name__", "").rsplit(".", 1)[-1]
+            return 0 if name.endswith(MEMORY_HUNGRY_FIRST) else 2 if name.startswith(SDXL_LAST) else 1
+
+        late.sort(key=rank)
         items[:] = [i for i in items if id(i) not in late_ids] + late
 
 

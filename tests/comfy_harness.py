@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from comfy_checkpoints import (CKPT_INPAINT, CKPT_MARKER_KEY, CKPT_SD15, CKPT_SEED, CKPT_SUBDIR, CKPT_VERSION,  # noqa: F401
-                               _random_init, ensure_checkpoints, read_safetensors_metadata)
+                               _random_init, ensure_checkpoints, ensure_sdxl_checkpoints, read_safetensors_metadata)
 from comfy_env import (COMFYUI_VERSION, REPO_ROOT, child_env, comfyui_dir_problem, format_status_messages,  # noqa: F401
                        format_validation_error, in_ci, move_comfyui_tests_last)
 from comfy_server import COMFY_SERVER_ARGS, ComfyServer, free_port, prepare_instance_dir, quick_test_for_ci  # noqa: F401

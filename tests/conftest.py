@@ -5,6 +5,8 @@ Real-ComfyUI fixtures (all session-scoped, built lazily; tests using them are ma
 - ``comfy_checkpoints`` {"sd15", "inpaint"}: CheckpointLoaderSimple names of random full-size SD1.5 checkpoints
 - ``comfy``             ComfyUI in this process with this pack loaded: ``comfy.run(api_prompt) -> outputs``
 - ``comfy_server``      ComfyUI's HTTP server (main.py) with this pack in custom_nodes/productbg
+- ``comfy_sdxl_checkpoints`` {"sdxl", "inpaint"}: random full-size SDXL / SDXL-inpainting checkpoints (modules
+  named test_comfy_sdxl* use them and run after all other ComfyUI tests)
 """
 import os
 import sys
@@ -14,7 +16,7 @@ import pytest
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))   # helper modules; appended, so they shadow nothing
 import comfy_harness  # noqa: E402
 
-COMFY_FIXTURES = ("comfyui_dir", "comfy_checkpoints", "comfy", "comfy_server")
+COMFY_FIXTURES = ("comfyui_dir", "comfy_checkpoints", "comfy", "comfy_server", "comfy_sdxl_checkpoints")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -56,6 +58,11 @@ def comfyui_dir():
 @pytest.fixture(scope="session")
 def comfy_checkpoints(comfyui_dir):
     return comfy_harness.ensure_checkpoints(comfyui_dir)
+
+
+@pytest.fixture(scope="session")
+def comfy_sdxl_checkpoints(comfyui_dir):
+    return comfy_harness.ensure_sdxl_checkpoints(comfyui_dir)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ pytestmark = pytest.mark.comfyui
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 NAMES = ("category_background", "reference_style", "category_style_lora", "zero_shot_confinement", "batch_folder")
+# The SDXL twins run end to end on SDXL in test_comfy_sdxl.py; here their files and UI format are checked.
+SDXL_NAMES = ("category_background_sdxl", "reference_style_sdxl", "zero_shot_confinement_sdxl")
 SIZE, STEPS, EXPORT = 96, 2, 320
 FILE_INPUTS = {"ckpt_name", "bank_name", "encoder_name", "clip_name", "image", "lora_name"}
 
@@ -87,7 +89,7 @@ def test_api_workflow_runs_end_to_end(comfy, inputs, name):
 
 
 def test_every_workflow_has_a_ui_file_a_thumbnail_and_an_api_copy():
-    for name in NAMES:
+    for name in NAMES + SDXL_NAMES:
         assert (WORKFLOWS / f"{name}.json").is_file() and (WORKFLOWS / f"{name}.jpg").is_file()
         assert (WORKFLOWS / "api" / f"{name}.json").is_file()
 
@@ -121,7 +123,7 @@ def _check_value(node_type: str, name: str, kind, value) -> None:
         assert isinstance(value, str), where
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + SDXL_NAMES)
 def test_ui_workflow_matches_the_real_object_info(comfy_server, name):
     """Node types exist, widget values match the schema in count and type, and every link type-checks."""
     info = comfy_server.object_info()
