@@ -5,7 +5,7 @@ import math
 
 from ..attention import CONFINEMENTS, IdentifierGuidance, IdentifierSpec, ProductMask
 from ..attention import comfy_patch
-from .common import (IDENTIFIER, NodeInputError, backbone_of, backbone_of_clip, check_identifier_fits, plain_context,
+from .common import (IDENTIFIER, NodeInputError, backbone_of, backbone_of_clip, check_identifier_fits, encode_confined,
                      word_positions)
 
 CATEGORY = "productbg/attention"
@@ -33,14 +33,13 @@ class BackgroundWords:
 
     def encode(self, clip, text: str, background_words: str):
         tokens = clip.tokenize(text)
-        backbone_of_clip(tokens)  # SD1.5 or SDXL, else a one-line error naming the family
+        backbone = backbone_of_clip(tokens)  # SD1.5 or SDXL, else a one-line error naming the family
         positions = word_positions(clip, tokens, background_words)
         if not positions:
             raise NodeInputError(f"{background_words!r} does not occur in the prompt; copy the words exactly "
                                  "as they appear in the text")
-        conditioning = clip.encode_from_tokens_scheduled(tokens)
-        spec = IdentifierSpec(tuple(positions), context_length=77 * len(tokens["l"]),
-                              plain_context=plain_context(clip, tokens, positions),
+        conditioning, plain = encode_confined(clip, tokens, positions, backbone)
+        spec = IdentifierSpec(tuple(positions), context_length=77 * len(tokens["l"]), plain_context=plain,
                               prompt_context=conditioning[0][0].detach())
         return (conditioning, spec)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from ..attention import IdentifierSpec
 from ..weights.bank import CategoryBank, load_bank
 from ..weights.errors import WeightsError
-from .common import BANK, IDENTIFIER, NodeInputError, backbone_of_clip, plain_context, token_ids
+from .common import BANK, IDENTIFIER, NodeInputError, backbone_of_clip, encode_confined, token_ids
 from .folders import full_path, list_files
 
 CATEGORY = "productbg/category"
@@ -78,7 +78,8 @@ class CategoryPrompt:
         template = template.strip() or bank.template
         if template.count("{id}") != 1:
             raise NodeInputError(f"the template must contain {{id}} exactly once: {template!r}")
-        vectors = _bank_vectors(bank, category, backbone_of_clip(clip.tokenize(SLOT_WORD)))
+        backbone = backbone_of_clip(clip.tokenize(SLOT_WORD))
+        vectors = _bank_vectors(bank, category, backbone)
         count = next(iter(vectors.values())).shape[0]
         text = template.replace("{id}", " ".join([SLOT_WORD] * count))
         text += f", {extra_text.strip()}" if extra_text.strip() else ""
@@ -87,9 +88,8 @@ class CategoryPrompt:
         positions = _slot_positions(tokens, slot_id)
         if len(positions) != count:
             raise NodeInputError(f"do not use the word {SLOT_WORD!r} in the template or extra text")
-        plain = plain_context(clip, tokens, positions)
         _splice(tokens, positions, vectors)
-        conditioning = clip.encode_from_tokens_scheduled(tokens)
+        conditioning, plain = encode_confined(clip, tokens, positions, backbone)
         spec = IdentifierSpec(tuple(positions), context_length=77 * len(tokens["l"]), plain_context=plain,
                               prompt_context=conditioning[0][0].detach())
         return (conditioning, spec)

@@ -109,6 +109,22 @@ def plain_context(clip, tokens: dict, positions: list[int]):
     return clip.encode_from_tokens(without_positions(tokens, positions)).detach()
 
 
+def encode_confined(clip, tokens: dict, positions: list[int], backbone) -> tuple[list, "object"]:
+    """The prompt's CONDITIONING and its identifier-free context (without the tokens at ``positions``).
+
+    On a backbone with a pooled text embedding (SDXL) the CONDITIONING's ``pooled_output`` is the identifier-free
+    prompt's: it reaches every cell, product included, through the time embedding, so the full prompt's would
+    carry the identifier onto the product. The diffusers pipeline does the same.
+    """
+    conditioning = clip.encode_from_tokens_scheduled(tokens)
+    if not any(t.pooled for t in backbone.text_encoders):
+        return conditioning, plain_context(clip, tokens, positions)
+    plain, pooled = clip.encode_from_tokens(without_positions(tokens, positions), return_pooled=True)
+    conditioning = [[c, {**extra, "pooled_output": pooled}] if "pooled_output" in extra else [c, extra]
+                    for c, extra in conditioning]
+    return conditioning, plain.detach()
+
+
 def check_identifier_fits(identifier, backbone) -> None:
     """Refuse an identifier encoded by another backbone's CLIP (its context width differs)."""
     ctx = identifier.plain_context if identifier.plain_context is not None else identifier.prompt_context

@@ -253,6 +253,23 @@ def test_product_cells_do_not_depend_on_the_category_on_sdxl(comfy, loaded, vari
         assert "productbg" not in model.model_options["transformer_options"]
 
 
+def test_the_pooled_embedding_is_the_identifier_free_prompts_on_sdxl(comfy, loaded):
+    """SDXL's pooled text embedding reaches every cell (product included) through the time embedding, so Category
+    Prompt and Background Words give the identifier-free prompt's: equal for two categories, while the
+    cross-attention context differs; and it is the plain prompt's own pooled output."""
+    _, clip, _, bank = loaded
+    classes = comfy.node_class_mappings
+    (mug, _), (bag, _) = (classes["ProductBGCategoryPrompt"]().encode(clip, bank, c, "", "soft light")
+                          for c in ("Coffee Mug", "Leather Bag"))
+    assert not torch.equal(mug[0][0], bag[0][0])
+    assert torch.equal(mug[0][1]["pooled_output"], bag[0][1]["pooled_output"])
+    words, _ = classes["ProductBGBackgroundWords"]().encode(clip, "a mug on a marble table, soft light", "marble table")
+    _, plain_pooled = clip.encode_from_tokens(clip.tokenize("a mug on a, soft light"), return_pooled=True)
+    _, full_pooled = clip.encode_from_tokens(clip.tokenize("a mug on a marble table, soft light"), return_pooled=True)
+    assert torch.allclose(words[0][1]["pooled_output"], plain_pooled, atol=1e-5)
+    assert not torch.allclose(words[0][1]["pooled_output"], full_pooled, atol=1e-3)
+
+
 def test_the_input_model_is_untouched(comfy, loaded):
     model, clip, _, bank = loaded
     before = json.dumps(model.model_options, default=repr, sort_keys=True)
