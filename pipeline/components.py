@@ -24,11 +24,12 @@ import torch.nn.functional as F
 
 from .errors import CheckpointError, PipelineError
 from .quiet import quiet_loading
-from .single_file import SD15_CONFIGS
+from .single_file import SD15_CONFIGS, SDXL_CONFIGS
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 VIT_H_CONFIG = "clip_vision_vit_h14_config.json"
+VIT_BIGG_CONFIG = "clip_vision_vit_bigg14_config.json"
 
 
 class Identifiers(Protocol):
@@ -156,11 +157,19 @@ class ClipVision:
         return F.normalize(self.encode_image(images)["image_embeds"], dim=-1)
 
 
+#: CLIP vision models a single file may hold, by hidden width (patch-embedding rows): the shipped config and name.
+CLIP_VISION_CONFIGS: dict[int, tuple[Path, str]] = {
+    1280: (SD15_CONFIGS / VIT_H_CONFIG, "ViT-H/14 (IP-Adapter SD1.5 and the SDXL _vit-h files)"),
+    1664: (SDXL_CONFIGS / VIT_BIGG_CONFIG, "ViT-bigG/14 (ip-adapter_sdxl)"),
+}
+
+
 def load_clip_vision(path: str | os.PathLike) -> ClipVision:
-    """Load a CLIP vision model: a transformers folder, or one ``.safetensors`` file (ViT-H/14, shipped config).
+    """Load a CLIP vision model: a transformers folder, or one ``.safetensors`` file (ViT-H/14 or ViT-bigG/14,
+    told apart by width; shipped configs).
 
     Raises:
-        CheckpointError: missing, pickle, or a file whose shapes are not ViT-H/14 (pass its folder then).
+        CheckpointError: missing, pickle, or a file whose shapes fit neither (pass its folder then).
     """
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -175,15 +184,17 @@ def load_clip_vision(path: str | os.PathLike) -> ClipVision:
     from .single_file import read_checkpoint
 
     tensors = {k.removeprefix("clip_vision."): v for k, v in read_checkpoint(p).items()}
-    config = CLIPVisionConfig.from_json_file(str(SD15_CONFIGS / VIT_H_CONFIG))
+    patch = tensors.get("vision_model.embeddings.patch_embedding.weight")
+    config_file, name = CLIP_VISION_CONFIGS.get(int(patch.shape[0]) if patch is not None else 1280,
+                                                CLIP_VISION_CONFIGS[1280])
+    config = CLIPVisionConfig.from_json_file(str(config_file))
     with torch.device("meta"):
         model = CLIPVisionModelWithProjection(config)
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{p.name}: not a ViT-H/14 CLIP vision file in the transformers layout (the one "
-                              f"IP-Adapter SD1.5 uses); pass a folder with its config.json instead "
-                              f"({str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{p.name}: not a {name} CLIP vision file in the transformers layout; pass a folder "
+                              f"with its config.json instead ({str(e).splitlines()[0][:200]})") from None
     return ClipVision(model)
 
 

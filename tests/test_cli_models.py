@@ -78,6 +78,18 @@ def test_clip_vision_single_file_needs_vit_h(model_files, tmp_path):
     assert load_clip_vision(model_files / "clip_vision").size == 32
 
 
+def test_clip_vision_single_file_width_picks_vit_bigg(tmp_path):
+    """A 1664-wide patch embedding is read with the shipped ViT-bigG/14 config (ip-adapter_sdxl's CLIP vision): the
+    error for an incomplete file names ViT-bigG, not ViT-H."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"vision_model.embeddings.patch_embedding.weight": torch.zeros(1664, 3, 14, 14)},
+              str(tmp_path / "clip_g.safetensors"))
+    with pytest.raises(CheckpointError, match="ViT-bigG/14.*folder"):
+        load_clip_vision(tmp_path / "clip_g.safetensors")
+
+
 def test_lora_option_changes_the_output(model_files, tmp_path, capsys):
     """--lora PATH:STRENGTH merges a LoRA: the generated image differs, and strength 0 changes nothing."""
     from productbg.weights.safefile import atomic_save
