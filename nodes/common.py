@@ -125,6 +125,16 @@ def encode_confined(clip, tokens: dict, positions: list[int], backbone) -> tuple
     return conditioning, plain.detach()
 
 
+def check_bank_fits(bank, backbone) -> None:
+    """Refuse a bank (its identifiers and LoRAs) trained for another backbone; tiny banks are not checked."""
+    from ..attention.backbones import BACKBONES
+
+    if bank.family in BACKBONES and bank.family != backbone.family:
+        raise NodeInputError(f"this is an {BACKBONES[bank.family].label} bank but the MODEL is {backbone.label}: "
+                             f"its LoRAs and identifiers are for {BACKBONES[bank.family].label}; use an "
+                             f"{backbone.label} bank")
+
+
 def check_identifier_fits(identifier, backbone) -> None:
     """Refuse an identifier encoded by another backbone's CLIP (its context width differs)."""
     ctx = identifier.plain_context if identifier.plain_context is not None else identifier.prompt_context

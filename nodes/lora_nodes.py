@@ -6,7 +6,7 @@ from collections import OrderedDict
 
 from ..weights.bank import CategoryBank
 from ..weights.errors import WeightsError
-from .common import BANK, NodeInputError
+from .common import BANK, NodeInputError, backbone_of, check_bank_fits
 
 CATEGORY = "productbg/category"
 FROM_BANK = "(from bank)"
@@ -56,10 +56,8 @@ class CategoryLoraNode:
 
     def apply(self, model, clip, bank: CategoryBank, category: str, lora_name: str, strength_model: float,
               strength_clip: float):
-        import comfy.sd
-        import folder_paths
-
         if lora_name == FROM_BANK:
+            check_bank_fits(bank, backbone_of(model))
             try:
                 entry = bank.get(category).lora
             except WeightsError as e:
@@ -67,8 +65,14 @@ class CategoryLoraNode:
             if entry is None:
                 return (model, clip)  # this category has no LoRA of its own: the shared model serves it
             lora_name, strength_model = entry.file, strength_model * entry.strength
-        path = folder_paths.get_full_path("loras", lora_name)
-        if path is None:
-            raise NodeInputError(f"LoRA {lora_name!r} not found: put it in ComfyUI/models/loras")
-        lora = load_lora_cached(path)
-        return comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip)
+        return _apply_lora_file(model, clip, lora_name, strength_model, strength_clip)
+
+
+def _apply_lora_file(model, clip, lora_name: str, strength_model: float, strength_clip: float):
+    import comfy.sd
+    import folder_paths
+
+    path = folder_paths.get_full_path("loras", lora_name)
+    if path is None:
+        raise NodeInputError(f"LoRA {lora_name!r} not found: put it in ComfyUI/models/loras")
+    return comfy.sd.load_lora_for_models(model, clip, load_lora_cached(path), strength_model, strength_clip)

@@ -252,3 +252,16 @@ def test_sdxl_comfyui_modules_run_after_every_other_comfyui_module():
     comfy_env.move_comfyui_tests_last(items)
     assert [i.module.__name__ for i in items] == ["test_comfy_trained_files", "test_comfy_attention",
                                                  "test_comfy_workflows", "test_comfy_sdxl"]
+
+
+def test_category_lora_from_the_bank_refuses_a_bank_of_the_other_backbone():
+    """A bank's LoRAs are trained for its backbone: on the other one ComfyUI would silently drop their keys."""
+    from productbg.nodes.lora_nodes import CategoryLoraNode
+    from productbg.weights.samples import example_bank
+
+    sdxl_model = _model("SDXL", **SDXL_UNET)
+    with pytest.raises(NodeInputError, match="SD1.5 bank but the MODEL is SDXL.*use an SDXL bank"):
+        CategoryLoraNode().apply(sdxl_model, None, example_bank(), "bottle", "(from bank)", 1.0, 1.0)
+    with pytest.raises(NodeInputError, match="SDXL bank but the MODEL is SD1.5"):
+        CategoryLoraNode().apply(_model("SD15", context_dim=768, model_channels=320), None, example_bank(family="sdxl"), "bottle",
+                                 "(from bank)", 1.0, 1.0)
