@@ -7,7 +7,9 @@ so drift hits all of them alike: unpatched (diffusers' AttnProcessor2_0), identi
 of a 2-token identifier, strength 1, ``context`` confinement: a second, identifier-free context attended by
 product cells), identifier_columns (the column-only ablation), identifier + style (plus 16 reference-style
 tokens in every cross-attention layer).
-Prints a table, then as its LAST line one JSON object of median time ratios and peak-memory ratios.
+Prints a table, then as its LAST line one JSON object of median time ratios and peak-memory ratios (on CPU the
+live-tensor peak of the forward, without the weights, and beside it the same with the weights counted, as
+CUDA's allocator peak counts them).
 
 Usage: python bench/attention_overhead.py [--model sd15|sdxl] [--repeats 5] [--device cpu]
 (``--model sdxl`` on a CPU: about 10 GiB of fp32 weights and minutes per forward; the column ablation is
@@ -183,6 +185,11 @@ def main() -> None:
     measured = [name for name in variants if name != "unpatched"]
     result = {name: round(med[name] / med["unpatched"], 4) for name in measured}
     result.update({f"{name}_peak_memory": round(memory[name] / memory["unpatched"], 4) for name in measured})
+    if not args.device.startswith("cuda"):  # CUDA's allocator peak includes the weights; the CPU tracker does not
+        weights = sum(p.numel() * p.element_size() for p in unet.parameters())
+        result.update({f"{name}_peak_memory_with_weights": round((memory[name] + weights) /
+                                                                 (memory["unpatched"] + weights), 4)
+                       for name in measured})
     result["model"], result["device"] = args.model, args.device
     print(json.dumps(result))
 
