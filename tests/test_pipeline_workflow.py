@@ -13,7 +13,9 @@ import torch
 
 from productbg.imaging import load_image
 from productbg.nodes.imaging_nodes import CompositeProduct, PlaceProduct, PreservationReport, SegmentProduct
-from productbg.pipeline.pipeline import REFERENCE_GROW, REPORT_THRESHOLDS, GenerateSettings, ProductBGPipeline
+from productbg.attention.backbones import SD15, SDXL
+from productbg.pipeline.pipeline import (REFERENCE_GROW, REPORT_THRESHOLDS, GenerateSettings, ProductBGPipeline,
+                                         defaults_for)
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAPHS = sorted((ROOT / "workflows" / "api").glob("*.json"))
@@ -34,10 +36,13 @@ def _values(inputs: dict) -> dict:
 
 @pytest.mark.parametrize("path", GRAPHS, ids=lambda p: p.stem)
 def test_defaults_match_shipped_workflow(path):
-    """Sampler, placement, prompts, style, paste-back and report settings equal the workflow's."""
-    graph, d = json.loads(path.read_text()), GenerateSettings()
+    """Sampler, placement, prompts, style, paste-back and report settings equal the workflow's (the backbone's
+    defaults for the ``*_sdxl`` twins)."""
+    backbone = SDXL if path.stem.endswith("_sdxl") else SD15
+    graph, d = json.loads(path.read_text()), defaults_for(backbone)
     for k in _nodes(graph, "KSampler"):
-        assert (k["steps"], k["cfg"], k["sampler_name"], k["denoise"]) == (d.steps, d.guidance_scale, "ddim", 1.0)
+        assert (k["steps"], k["cfg"], k["sampler_name"], k["scheduler"], k["denoise"]) == (
+            d.steps, d.guidance_scale, backbone.sampler.sampler_name, backbone.sampler.scheduler, 1.0)
     for p in _nodes(graph, "ProductBGPlaceProduct"):
         assert (p["width"], p["height"], p["fill_ratio"], p["inpaint_grow"]) == (d.size, d.size, d.fill_ratio,
                                                                                  d.inpaint_grow)
