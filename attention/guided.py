@@ -148,7 +148,7 @@ class StyleGuidance(_SharedOnCopy):
     uncond_tokens: torch.Tensor
     layer_kv: LayerKV
     weight: float = 1.0
-    layer_weights: tuple[float, ...] = (1.0,) * NUM_SD15_LAYERS
+    layer_weights: tuple[float, ...] | None = None  # per-layer weight (None: 1 in every layer, any backbone)
     product: ProductMask | None = None
     sigma_start: float = math.inf
     sigma_end: float = 0.0
@@ -422,7 +422,7 @@ def guided_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     if probe.wants_outputs():
         probe.record_output(ctx.layer_index, text_attention, q, _product_cells(ctx, q))
     for s in plan.guidance.styles:
-        weight = s.weight * s.layer_weights[ctx.layer_index]
+        weight = s.weight * (1.0 if s.layer_weights is None else s.layer_weights[ctx.layer_index])
         if weight == 0:
             continue
         k_style, v_style = s.kv(ctx.layer_index, plan.positive_rows, plan.chunks, q.dtype, q.device)

@@ -48,23 +48,8 @@ def ensure_checkpoints(comfyui_dir: str | os.PathLike, python: str = sys.executa
     ``CheckpointLoaderSimple`` takes. A build takes ≈20-30 s and ≈10 GB RAM in a child process; the files
     (2 GB each, fp16) are reused by later sessions while their version marker matches.
     """
-    out_dir = Path(comfyui_dir, "models", "checkpoints", CKPT_SUBDIR)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    targets = {"sd15": Path(comfyui_dir, "models", "checkpoints", CKPT_SD15),
-               "inpaint": Path(comfyui_dir, "models", "checkpoints", CKPT_INPAINT)}
-    import fcntl
-
-    from comfy_env import child_env            # here, not at the top: the child process runs this file alone
-
-    with open(out_dir / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)        # another session may be building the same files
-        if not all(_checkpoint_ok(p, k) for k, p in targets.items()):
-            proc = subprocess.run([python, "-P", __file__, "build-checkpoints", str(comfyui_dir), str(out_dir)],
-                                  env=child_env(), capture_output=True, text=True)
-            if proc.returncode != 0 or not all(_checkpoint_ok(p, k) for k, p in targets.items()):
-                raise RuntimeError(f"checkpoint build failed (rc {proc.returncode}):\n"
-                                   f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-            print(proc.stdout.strip(), file=sys.stderr)
+    out_dir = _build_once(comfyui_dir, python, {"sd15": CKPT_SD15, "inpaint": CKPT_INPAINT}, "build-checkpoints",
+                          ".build.lock")
     return {"sd15": CKPT_SD15, "inpaint": CKPT_INPAINT, "dir": str(out_dir)}
 
 
@@ -75,24 +60,31 @@ def ensure_sdxl_checkpoints(comfyui_dir: str | os.PathLike, python: str = sys.ex
     in fp16 and the files are written tensor by tensor, so the child's peak stays ≈8 GB (not the ≈10 GB of an
     fp32 UNet, plus a serialised copy); ≈7 GB per file, reused while the version marker matches.
     """
+    out_dir = _build_once(comfyui_dir, python, {"sdxl": CKPT_SDXL, "sdxl_inpaint": CKPT_SDXL_INPAINT},
+                          "build-sdxl-checkpoints", ".build-sdxl.lock")
+    return {"sdxl": CKPT_SDXL, "inpaint": CKPT_SDXL_INPAINT, "dir": str(out_dir)}
+
+
+def _build_once(comfyui_dir, python: str, kinds: dict[str, str], command: str, lock_name: str) -> Path:
+    """Run ``command`` of this file in a child process unless every checkpoint of ``kinds`` (kind -> ckpt name)
+    carries its version marker; a file lock keeps two sessions from building the same files. Returns the folder."""
     import fcntl
 
-    from comfy_env import child_env
+    from comfy_env import child_env            # here, not at the top: the child process runs this file alone
 
     out_dir = Path(comfyui_dir, "models", "checkpoints", CKPT_SUBDIR)
     out_dir.mkdir(parents=True, exist_ok=True)
-    targets = {"sdxl": Path(comfyui_dir, "models", "checkpoints", CKPT_SDXL),
-               "sdxl_inpaint": Path(comfyui_dir, "models", "checkpoints", CKPT_SDXL_INPAINT)}
-    with open(out_dir / ".build-sdxl.lock", "w") as lock:
+    targets = {k: Path(comfyui_dir, "models", "checkpoints", name) for k, name in kinds.items()}
+    with open(out_dir / lock_name, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not all(_checkpoint_ok(p, k) for k, p in targets.items()):
-            proc = subprocess.run([python, "-P", __file__, "build-sdxl-checkpoints", str(comfyui_dir), str(out_dir)],
+            proc = subprocess.run([python, "-P", __file__, command, str(comfyui_dir), str(out_dir)],
                                   env=child_env(), capture_output=True, text=True)
             if proc.returncode != 0 or not all(_checkpoint_ok(p, k) for k, p in targets.items()):
-                raise RuntimeError(f"SDXL checkpoint build failed (rc {proc.returncode}):\n"
+                raise RuntimeError(f"{command} failed (rc {proc.returncode}):\n"
                                    f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
             print(proc.stdout.strip(), file=sys.stderr)
-    return {"sdxl": CKPT_SDXL, "inpaint": CKPT_SDXL_INPAINT, "dir": str(out_dir)}
+    return out_dir
 
 
 def _build_sdxl_checkpoints(comfyui_dir: str, out_dir: str) -> None:

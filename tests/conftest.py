@@ -9,6 +9,7 @@ Real-ComfyUI fixtures (all session-scoped, built lazily; tests using them are ma
   named test_comfy_sdxl* use them and run after all other ComfyUI tests)
 """
 import os
+import socket
 import sys
 
 import pytest
@@ -97,3 +98,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket connection fails: loading must not need the network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)

@@ -1,7 +1,6 @@
 """The diffusers pipeline on SDXL-shaped models: two text encoders of different widths, transformer depth 2,
 pooled text embeds and added time ids (tiny, CPU-fast); plus one full-size SDXL single-file load offline."""
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +22,6 @@ from productbg.pipeline.tiny import TINY_XL_WIDTHS, tiny_sdxl_unet, tiny_text_en
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CONTEXT = sum(TINY_XL_WIDTHS)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any socket connection fails: loading must not need the network."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 def _product(side: int = 64, w: int | None = None) -> np.ndarray:

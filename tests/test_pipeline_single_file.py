@@ -1,6 +1,5 @@
 """Single-file (LDM layout) checkpoints: offline loading with shipped configs, and writing the layout."""
 import json
-import socket
 
 import pytest
 import torch
@@ -9,17 +8,6 @@ from productbg.pipeline.errors import CheckpointError
 from productbg.pipeline.single_file import (SD15_CONFIGS, config_files, ldm_state_dict, load_single_file,
                                             save_single_file, write_config_dir)
 from productbg.pipeline.tiny import tiny_text_encoder, tiny_unet, tiny_vae
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any socket connection fails: loading must not need the network."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 @pytest.mark.parametrize("channels", [4, 9])

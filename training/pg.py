@@ -167,8 +167,7 @@ class PGModule(DiffusionModule):
         mask = batch["mask"].float()
         tokens = self.style_tokens(batch["reference"], generator)
         product = ProductMask(mask[:, 0]) if self.cfg.confine else None
-        style = StyleGuidance(tokens, torch.zeros_like(tokens), self.encoder.layer_kv, product=product, cache_kv=False,
-                              layer_weights=(1.0,) * self.encoder.num_layers)
+        style = StyleGuidance(tokens, torch.zeros_like(tokens), self.encoder.layer_kv, product=product, cache_kv=False)
         call = DiffusersCall(Guidance().with_style(style), latent_hw=self.latent_hw(mask), cond_or_uncond=(0,))
         context = self.context.expand(mask.shape[0], -1, -1)
         mse = self.denoising_loss(batch["image"], mask, generator, context, call, self.cfg.mask_jitter,

@@ -53,8 +53,7 @@ def pg_preview(module, dataset, out_dir: Path, step: int, count: int = 4, steps:
     image, mask, ref = (_stack(items, k, module) for k in ("image", "mask", "reference"))
     tokens = module.style_tokens(ref, torch.Generator().manual_seed(0), drop=0.0)
     empty = module.style_tokens(ref, torch.Generator().manual_seed(0), drop=1.0)  # the null reference
-    style = StyleGuidance(tokens, empty, module.encoder.layer_kv, product=ProductMask(mask[:, 0]),
-                          layer_weights=(1.0,) * module.encoder.num_layers)
+    style = StyleGuidance(tokens, empty, module.encoder.layer_kv, product=ProductMask(mask[:, 0]))
     context = module.context.expand(2 * image.shape[0], -1, -1)
     composite = _generate(module, image, mask, context, Guidance().with_style(style), steps, guidance_scale)
     return save_rows(out_dir, step, [ref, image, composite])
