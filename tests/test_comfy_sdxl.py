@@ -19,6 +19,7 @@ import torch
 from comfy_graphs import sized_workflow
 from comfy_model_files import BANK_FILE, STYLE_FILE, VISION_FILE
 from foreign_attn2 import ForeignAttn2
+from proc_memory import AnonPeak, reset_peak_rss, status_kib
 
 pytestmark = pytest.mark.comfyui
 
@@ -30,48 +31,17 @@ SDXL_STYLE_VIT_H = "test_style_sdxl_vit_h_width.safetensors"   # expects 1024-wi
 CATEGORIES = ("Coffee Mug", "Leather Bag", "shoes")
 
 
-def _vm(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return -1
-
-
-class _AnonPeak:
-    """The peak of RssAnon, sampled every 0.2 s in a thread (VmHWM also counts the mmap'd checkpoint's file pages,
-    which are reclaimable page cache, so it overstates what the part needs)."""
-
-    def __init__(self):
-        import threading
-
-        self.peak, self._stop = 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.wait(0.2):
-            self.peak = max(self.peak, _vm("RssAnon"))
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak, _vm("RssAnon"))
-
-
 @pytest.fixture(scope="module", autouse=True)
 def sdxl_part(request, comfy):
     """bf16 UNet while this module runs; the peak RSS and wall time of the SDXL part, printed to the terminal."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")   # reset VmHWM: the peak below is this module's own
-    except OSError:
-        pass
+    reset_peak_rss()   # the VmHWM peak below is this module's own
     from comfy.cli_args import args
 
     before, args.bf16_unet = args.bf16_unet, True
-    t0, anon = time.time(), _AnonPeak()
+    t0, anon = time.time(), AnonPeak()
     yield
     args.bf16_unet = before
-    line = (f"SDXL ComfyUI tests: peak RSS {_vm('VmHWM') / 2 ** 20:.1f} GiB (VmHWM since the module started, with "
+    line = (f"SDXL ComfyUI tests: peak RSS {status_kib('VmHWM') / 2 ** 20:.1f} GiB (VmHWM since the module started, with "
             f"the mmap'd checkpoint pages), peak anonymous RSS {anon.stop() / 2 ** 20:.1f} GiB, "
             f"{time.time() - t0:.0f} s")
     reporter = request.config.pluginmanager.getplugin("terminalreporter")
