@@ -17,23 +17,48 @@ callback is ``callback(out, q, k, v, extra_options, **kwargs) -> delta`` added t
 sigma lies in ``[sigma_end, sigma_start]``. If such a foreign object already sits at a key — including the
 ``(block, number, transformer index)`` keys ComfyUI looks up first — we add a delta callback to it; our own
 object offers the same ``.add`` and hands callbacks the text context's k / v, as they would get without us.
-This module does not import ComfyUI: it only touches the plain dicts of ``model_options``. No host sync in the
-hot path: sigma gates are tensors.
+Sampling guard (a ``calc_cond_batch`` wrapper, once per sampler step, on the conditioning rather than per layer):
+refuses area crops (ConditioningSetArea) the product mask cannot follow, refuses a conditioning whose identifier
+prompt a node rebuilt (ConditioningAverage, rescaling: its rows could no longer be recognised, and the identifier
+would reach the product unconfined), warns when the identifier's prompt is missing from the positive, and gives
+ControlNets the identifier-free prompt (``crossattn_controlnet``; ComfyUI's control models run their own
+cross-attention, unpatched).
+
+Clones: newer ComfyUI's ``ModelPatcher.clone()`` copies only the dicts and lists of ``model_options`` and shares
+every other object with the parent. Patch objects are therefore copied before anything is added to them (ours and
+foreign ones alike), and :func:`copy_on_clone` (an ``on_clone`` callback) gives every clone its own copies of the
+objects we own or stacked onto, so a later ``.add`` (IPAdapter_plus) never reaches the upstream model.
+
+The attention itself runs through ComfyUI's optimized attention (the backend the user picked: sage, flash,
+xformers, ``attn_precision``, ``optimized_attention_override``), for the text, identifier-free and style terms.
+This module imports ComfyUI only lazily, inside sampling. No host sync in the hot path: sigma gates are tensors.
 """
 from __future__ import annotations
 
+import copy
+import functools
+import logging
 import math
 import weakref
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
 
-from .guided import SD15_LAYER_KEYS, CallPlan, Guidance, LayerContext, extend_context, guided_cross_attention, plan_call
-from .identifier import plain_attention
+from .guided import (SD15_LAYER_KEYS, CallPlan, Guidance, IdentifierGuidance, LayerContext, _prompt_tokens,
+                     extend_context, guided_cross_attention, plan_call)
+from .identifier import AttentionFn, plain_attention
 from .masks import infer_grid
 
 OPTIONS_KEY = "productbg"
 PLAN_KEY = "productbg_plan"
+#: CONDITIONING extras key naming the identifier prompt a tensor was encoded as (``IdentifierSpec.tag``).
+PROMPT_TAG_KEY = "productbg_prompt"
+#: ``comfy.patcher_extension.WrappersMP.CALC_COND_BATCH`` and ``CallbacksMP.ON_CLONE`` (plain strings: no import).
+CALC_COND_BATCH = "calc_cond_batch"
+ON_CLONE = "on_clone"
+CONTROLNET_CONTEXT = "crossattn_controlnet"  # the model cond ComfyUI's ControlNets read instead of c_crossattn
+log = logging.getLogger(__name__)
 
 
 class GuidanceError(ValueError):
@@ -63,6 +88,33 @@ def _check_latent(guidance: Guidance, extra_options: dict) -> None:
                 f"productbg: the sampler runs on a {w * 8}x{h * 8} region but the product mask is {mw}x{mh}. "
                 "Area conditioning (ConditioningSetArea) and tiled samplers crop the latent, and the mask "
                 "cannot be aligned with a crop: use ConditioningSetMask, or sample the full image")
+
+
+@functools.lru_cache(maxsize=1)
+def _comfy_attention_module() -> Any:
+    try:
+        from comfy.ldm.modules import attention
+    except ImportError:
+        return None
+    return attention
+
+
+def comfy_attention(extra_options: dict) -> AttentionFn:
+    """ComfyUI's optimized attention with this layer's precision and transformer options (read at call time, so
+    packs that replace it — sage attention and the like — and ``optimized_attention_override`` apply)."""
+    comfy_attn = _comfy_attention_module()
+    if comfy_attn is None:  # the adapter's objects driven outside ComfyUI (unit tests, benches)
+        return plain_attention
+    precision = extra_options.get("attn_precision")
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        if mask is None:
+            return comfy_attn.optimized_attention(q, k, v, heads, attn_precision=precision,
+                                                  transformer_options=extra_options)
+        return comfy_attn.optimized_attention_masked(q, k, v, heads, mask, attn_precision=precision,
+                                                     transformer_options=extra_options)
+    return attention
 
 
 class ProductBGContextPatch:
@@ -108,7 +160,8 @@ def _layer_context(q: torch.Tensor, extra_options: dict, layer_index: int) -> La
     plan = extra_options.get(PLAN_KEY)
     if plan is None:
         return None
-    return LayerContext(layer_index=layer_index, grid=_grid(q, extra_options), plan=plan)
+    return LayerContext(layer_index=layer_index, grid=_grid(q, extra_options), plan=plan,
+                        attention=comfy_attention(extra_options))
 
 
 def _callback_gate(kwargs: dict, extra_options: dict, rows: int) -> torch.Tensor | None:
@@ -155,13 +208,16 @@ class ProductBGAttn2:
         weights are a ModelPatcher of their own (``StyleGuidance.models``), which ComfyUI loads and offloads."""
         return self
 
-    def __deepcopy__(self, memo: dict) -> "ProductBGAttn2":
-        # ModelPatcher.clone() deep-copies model_options: copy our lists (so a later .add on the clone leaves
-        # the original alone) but share the callbacks and their (possibly large) arguments.
+    def copy(self) -> "ProductBGAttn2":
+        """A copy whose lists are its own (a later ``.add`` leaves this one alone); callbacks and their (possibly
+        large) arguments are shared."""
         new = ProductBGAttn2(self.layer_index)
         new.callback = list(self.callback)
         new.kwargs = [dict(kw) for kw in self.kwargs]
         return new
+
+    def __deepcopy__(self, memo: dict) -> "ProductBGAttn2":  # ModelPatcher.clone() in ComfyUI 0.3.x
+        return self.copy()
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         heads = extra_options["n_heads"]
@@ -170,7 +226,7 @@ class ProductBGAttn2:
             out = guided_cross_attention(q, k, v, heads, ctx)
             k, v = ctx.plan.text(k), ctx.plan.text(v)
         else:
-            out = plain_attention(q, k, v, heads)
+            out = comfy_attention(extra_options)(q, k, v, heads, None)
         for callback, kwargs in zip(self.callback, self.kwargs):
             delta = callback(out, q, k, v, extra_options, **kwargs)
             gate = _callback_gate(kwargs, extra_options, q.shape[0])
@@ -183,13 +239,33 @@ def _foreign_keys(attn2: dict, key: tuple[str, int]) -> list[tuple]:
     return [k for k in attn2 if len(k) == 3 and tuple(k[:2]) == tuple(key)]
 
 
-def _stack_onto(current: Any, key: tuple, index: int, **kwargs: Any) -> None:
+def _carries_ours(obj: Any) -> bool:
+    return any(kw.get("productbg") for kw in getattr(obj, "kwargs", None) or [] if isinstance(kw, dict))
+
+
+def copy_for_write(obj: Any) -> Any:
+    """A copy of an attn2 object to add to: ours via :meth:`ProductBGAttn2.copy`; a foreign one shallow-copied
+    with its lists and dicts copied (its tensors, e.g. IPAdapter weights, stay shared)."""
+    if isinstance(obj, ProductBGAttn2):
+        return obj.copy()
+    new = copy.copy(obj)
+    for name, value in list(getattr(new, "__dict__", {}).items()):
+        if isinstance(value, (list, dict)):
+            setattr(new, name, copy.copy(value))
+    return new
+
+
+def _stack_onto(current: Any, key: tuple, index: int, **kwargs: Any) -> Any:
+    """``current`` with our delta callback added — on a copy, never on the object itself (it may be shared with
+    the input model); ``current`` itself when it already carries ours."""
     if not hasattr(current, "add"):
         raise ValueError(f"another node pack replaced cross-attention at {key} with "
                          f"{type(current).__name__}, which cannot be stacked with; apply productbg first")
-    if not any(kw.get("productbg") for kw in getattr(current, "kwargs", [])):
-        current.add(productbg_delta, productbg=True, layer_index=index, sigma_start=math.inf, sigma_end=0.0,
-                    **kwargs)
+    if _carries_ours(current):
+        return current
+    new = copy_for_write(current)
+    new.add(productbg_delta, productbg=True, layer_index=index, sigma_start=math.inf, sigma_end=0.0, **kwargs)
+    return new
 
 
 def install(model_options: dict, guidance: Guidance,
@@ -219,7 +295,7 @@ def install(model_options: dict, guidance: Guidance,
     for index, key in enumerate(layer_keys):
         for shadow in _foreign_keys(attn2, key):
             if not isinstance(attn2[shadow], ProductBGAttn2):
-                _stack_onto(attn2[shadow], shadow, index)
+                attn2[shadow] = _stack_onto(attn2[shadow], shadow, index)
         block = tuple(key[:2])
         if len(key) == 3 and key not in attn2 and attn2.get(block) is not None \
                 and not isinstance(attn2[block], ProductBGAttn2):
@@ -229,15 +305,152 @@ def install(model_options: dict, guidance: Guidance,
         if current is None:
             attn2[key] = ProductBGAttn2(index)
         elif not isinstance(current, ProductBGAttn2):
-            _stack_onto(current, key, index)
+            attn2[key] = _stack_onto(current, key, index)
     for block, by_index in block_layers.items():
-        _stack_onto(attn2[block], block, min(by_index.values()), by_block_index=by_index)
+        attn2[block] = _stack_onto(attn2[block], block, min(by_index.values()), by_block_index=by_index)
     replace["attn2"] = attn2
     to["patches_replace"] = replace
+    wrappers = dict(to.get("wrappers", {}))
+    wrappers[CALC_COND_BATCH] = {**wrappers.get(CALC_COND_BATCH, {}), OPTIONS_KEY: [guard_sampling]}
+    to["wrappers"] = wrappers
     model_options["transformer_options"] = to
     return model_options
 
 
-def current_guidance(model_options: dict) -> Guidance:
-    """The guidance already installed on a model (empty if none)."""
-    return model_options.get("transformer_options", {}).get(OPTIONS_KEY) or Guidance()
+def patch_model(model: Any, guidance: Guidance, layer_keys: tuple[tuple, ...]) -> Any:
+    """Install ``guidance`` on a ComfyUI ModelPatcher that the caller just cloned (:func:`install`), and make its
+    clones copy our patch objects (:func:`copy_on_clone`, under any clone semantics); returns ``model``."""
+    install(model.model_options, guidance, layer_keys)
+    if hasattr(model, "add_callback_with_key") and not model.get_callbacks(ON_CLONE, OPTIONS_KEY):
+        model.add_callback_with_key(ON_CLONE, OPTIONS_KEY, copy_on_clone)
+    return model
+
+
+def copy_on_clone(parent: Any, clone: Any) -> None:
+    """``on_clone`` callback: the clone gets its own copies of our attn2 objects and of foreign ones carrying our
+    callback, so an ``.add`` on the clone (IPAdapter_plus adds in place) never reaches the parent. The dicts on
+    the path are already the clone's own (both clone semantics copy dicts)."""
+    attn2 = clone.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2")
+    if not attn2:
+        return
+    for key, obj in attn2.items():
+        if isinstance(obj, ProductBGAttn2) or (hasattr(obj, "add") and _carries_ours(obj)):
+            attn2[key] = copy_for_write(obj)
+
+
+# ------------------------------------------------------------------------------------------- sampling guard
+#: Per sampling run (guidance, latent size, cond uuids): each cond's identifier-free context for ControlNets
+#: ({} without one). Checked and built at the first step, reused by the others; only small tensors are kept.
+_GUARDED: "OrderedDict[tuple, dict[str, torch.Tensor]]" = OrderedDict()
+
+
+def guard_sampling(executor: Callable, model: Any, conds: list, x_in: torch.Tensor, timestep: Any,
+                   model_options: dict) -> Any:
+    """``calc_cond_batch`` wrapper: check the sampler's conditioning against the guidance (once per run), give
+    ControlNets the identifier-free prompt, then run the step. See the module docstring."""
+    guidance = model_options.get("transformer_options", {}).get(OPTIONS_KEY)
+    if guidance:
+        latent_hw = tuple(x_in.shape[2:])
+        key = (id(guidance), latent_hw, tuple(str(x.get("uuid")) for group in conds if group for x in group))
+        free = _GUARDED.get(key)
+        if free is None:
+            free = check_conds(guidance, conds, latent_hw)
+            _GUARDED[key] = free
+            while len(_GUARDED) > 8:
+                _GUARDED.popitem(last=False)
+        if free:
+            conds = _with_controlnet_contexts(conds, free)
+    return executor(model, conds, x_in, timestep, model_options)
+
+
+def check_conds(guidance: Guidance, conds: list, latent_hw: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """Check ComfyUI's processed conds (positive first) against the guidance; return, when a ControlNet is in
+    them, each cond's (by uuid) context for the control model. Raises :class:`GuidanceError`."""
+    _check_areas(guidance, conds, latent_hw)
+    _check_identifier_prompts(guidance, conds[0] if conds else None)
+    return _controlnet_contexts(guidance, conds)
+
+
+def _check_areas(guidance: Guidance, conds: list, latent_hw: tuple[int, ...]) -> None:
+    """Refuse a cond that samples a crop of the latent (ConditioningSetArea, by pixels or by percentage)."""
+    if not any(getattr(g, "product", None) is not None for g in (*guidance.identifiers, *guidance.styles)):
+        return
+    for group in conds:
+        for x in group or ():
+            area = x.get("area")
+            if area is None:
+                continue
+            if isinstance(area[0], str):  # ("percentage", h, w, y, x): ComfyUI resolves it before sampling
+                cropped = any(float(a) < 1.0 for a in area[1:1 + (len(area) - 1) // 2])
+            else:
+                dims = len(area) // 2
+                cropped = any(min(int(full) - int(area[dims + i]), int(area[i])) < int(full)
+                              for i, full in enumerate(latent_hw[-dims:]))
+            if cropped:
+                raise GuidanceError(
+                    "productbg: an area conditioning (ConditioningSetArea) samples a crop of the latent, and the "
+                    "product mask cannot follow a crop: use ConditioningSetMask (the same effect on the full "
+                    "latent), or apply the area to a model without productbg's patch")
+
+
+def _holds_prompt(context: torch.Tensor, g: IdentifierGuidance) -> bool:
+    """Whether ``context`` [1, L, width] holds ``g``'s encoded prompt in one of its 77·k periods."""
+    prompt = g.prompt(context.device, context.dtype)
+    positive = torch.ones(context.shape[0], dtype=torch.bool, device=context.device)
+    return bool(_prompt_tokens(context, g, prompt, positive).any())
+
+
+def _check_identifier_prompts(guidance: Guidance, positive: list | None) -> None:
+    for g in guidance.identifiers:
+        if g.strength == 0 or g.spec.prompt_context is None:
+            continue
+        found = rebuilt = False
+        for x in positive or ():
+            context = x.get("cross_attn")
+            if context is None:
+                continue
+            if _holds_prompt(context, g):
+                found = True
+            elif g.spec.tag is not None and x.get(PROMPT_TAG_KEY) == g.spec.tag:
+                rebuilt = True
+        if rebuilt:
+            raise GuidanceError(
+                "productbg: a node between Category Prompt / Background Words and the sampler rebuilt the prompt's "
+                "conditioning (ConditioningAverage, a rescaling or weighting node...), so its rows can no longer be "
+                "recognised and the identifier would reach the product unconfined. Connect the prompt's "
+                "conditioning to the sampler unchanged (Combine, Concat, SetMask and timestep ranges are fine)")
+        if not found and not g._cache.get("warned_missing"):
+            g._cache["warned_missing"] = True
+            log.warning("productbg: Mask-Guided Attention's identifier prompt is not among the sampler's positive "
+                        "conditioning, so nothing is confined; connect Category Prompt / Background Words' "
+                        "conditioning to the sampler (a node that rebuilt it, e.g. ConditioningAverage, also "
+                        "hides it)")
+
+
+def _controlnet_contexts(guidance: Guidance, conds: list) -> dict[str, torch.Tensor]:
+    """With a ControlNet in the conditioning, every cond's context with each identifier prompt replaced by its
+    identifier-free prompt (unchanged elsewhere), by cond uuid; {} without a ControlNet. The control model then
+    never sees the identifier, so its residuals cannot carry it onto the product."""
+    every = [x for group in conds if group for x in group]
+    if not guidance.needs_plain_context or not any("control" in x for x in every):
+        return {}
+    free = {}
+    for x in every:
+        context = x.get("cross_attn")
+        if context is None or CONTROLNET_CONTEXT in x.get("model_conds", {}):
+            continue
+        plan = plan_call(guidance, context, (0,) * context.shape[0], recognise_prompts=True)
+        free[str(x.get("uuid"))] = extend_context(plan, context)[:, context.shape[1]:]
+    return free
+
+
+def _with_controlnet_contexts(conds: list, free: dict[str, torch.Tensor]) -> list:
+    """New cond dicts with ``crossattn_controlnet`` set (on every cond, so cond and uncond still batch)."""
+    from comfy.conds import CONDCrossAttn
+
+    def one(x: dict) -> dict:
+        context = free.get(str(x.get("uuid")))
+        if context is None:
+            return x
+        return {**x, "model_conds": {**x.get("model_conds", {}), CONTROLNET_CONTEXT: CONDCrossAttn(context)}}
+    return [[one(x) for x in group] if group else group for group in conds]

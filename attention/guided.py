@@ -16,7 +16,7 @@ import torch
 
 from . import probe
 from .backbones import SD15
-from .identifier import IdentifierSpec, context_attention, identifier_columns, plain_attention
+from .identifier import AttentionFn, IdentifierSpec, context_attention, identifier_columns, plain_attention
 from .masks import DEFAULT_THRESHOLD, background_weights, product_coverage, rows_for_batch
 from .style import style_attention
 
@@ -354,7 +354,9 @@ def extend_context(plan: CallPlan, context: torch.Tensor) -> torch.Tensor:
     plain = context
     for o in plan.owners:
         g = o.guidance
-        if g.confinement != "context":
+        # A call whose context is not a whole number of the prompt's periods cannot hold the prompt (ComfyUI sent
+        # a shorter negative on its own): its rows keep their own context.
+        if g.confinement != "context" or length % g.spec.context_length:
             continue
         free = g.plain(context.device, context.dtype)
         free = rows_for_batch(free, rows, plan.chunks).repeat(1, length // g.spec.context_length, 1)
@@ -364,11 +366,13 @@ def extend_context(plan: CallPlan, context: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LayerContext:
-    """Where a cross-attention call happens, as the adapter sees it: the layer, its grid and the call's plan."""
+    """Where a cross-attention call happens, as the adapter sees it: the layer, its grid, the call's plan and the
+    host's attention kernel (ComfyUI's optimized attention; PyTorch SDPA by default)."""
 
     layer_index: int
     grid: tuple[int, int]
     plan: CallPlan
+    attention: AttentionFn = plain_attention
 
 
 def positive_rows_from(cond_or_uncond: list[int] | tuple[int, ...], rows: int,
@@ -402,7 +406,7 @@ def guided_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     Returns:
         [rows, N, heads·d], before the layer's output projection.
     """
-    plan = ctx.plan
+    plan, attention = ctx.plan, ctx.attention
     k_text, v_text = plan.text(k), plan.text(v)
     blend, bias = plan.weights(ctx.grid, q.shape[0], q.device, q.dtype)
     if probe.active():
@@ -410,15 +414,16 @@ def guided_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
 
     def text_attention(query: torch.Tensor) -> torch.Tensor:
         if blend is not None:
-            return context_attention(query, k_text, v_text, plan.plain(k), plan.plain(v), heads, blend, bias)
-        return plain_attention(query, k_text, v_text, heads, attn_mask=bias)
+            return context_attention(query, k_text, v_text, plan.plain(k), plan.plain(v), heads, blend, bias,
+                                     attention)
+        return attention(query, k_text, v_text, heads, bias)
 
     if blend is not None or bias is not None or include_base or plan.extended:
         out = text_attention(q)
     else:
         out = torch.zeros_like(q)
     if not include_base and (blend is not None or bias is not None or plan.extended):
-        out = out - plain_attention(q, k, v, heads)  # what the foreign object computed on the same k / v
+        out = out - attention(q, k, v, heads, None)  # what the foreign object computed on the same k / v
     if probe.wants_outputs():
         probe.record_output(ctx.layer_index, text_attention, q, _product_cells(ctx, q))
     for s in plan.guidance.styles:
@@ -432,7 +437,7 @@ def guided_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
         gate = plan.gate(s)
         if gate is not None:
             background = gate.to(q.device)[:, None] if background is None else background * gate.to(q.device)[:, None]
-        out = out + style_attention(q, k_style, v_style, heads, weight, background)
+        out = out + style_attention(q, k_style, v_style, heads, weight, background, attention)
     return out
 
 

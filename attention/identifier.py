@@ -16,6 +16,7 @@ Rows that do not carry the identifier (negative prompts, other prompts) are unto
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,10 @@ class IdentifierSpec:
     #: [1, context_length, width]: the prompt as encoded (with the identifier); ComfyUI's adapter recognises
     #: the attention rows of this prompt by it. None: every positive row carries the identifier.
     prompt_context: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    #: A name for this encoded prompt, also stored in its CONDITIONING (``comfy_patch.PROMPT_TAG_KEY``) so that the
+    #: ComfyUI adapter can tell a node that rebuilt the prompt's tensor (ConditioningAverage...) from one that
+    #: left it alone. None: no such check.
+    tag: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.context_length <= 0:
@@ -84,6 +89,11 @@ def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: in
     out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads),
                                          attn_mask=attn_mask)
     return merge_heads(out)
+
+
+#: ``(q, k, v, heads, attn_mask) -> out`` on [B, N, heads·d] tensors, ``attn_mask`` an additive bias or None:
+#: :func:`plain_attention`, or the host's own kernel (ComfyUI's optimized attention: sage, flash, xformers...).
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, Optional[torch.Tensor]], torch.Tensor]
 
 
 def identifier_bias(background: torch.Tensor, columns: torch.Tensor, positive_rows: torch.Tensor, key_len: int,
@@ -134,7 +144,7 @@ def context_blend(full: torch.Tensor, plain: torch.Tensor, weight: torch.Tensor)
 
 def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_plain: torch.Tensor,
                       v_plain: torch.Tensor, heads: int, weight: torch.Tensor,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None = None, attention: AttentionFn = plain_attention) -> torch.Tensor:
     """Cross-attention under ``context`` confinement.
 
     Args:
@@ -143,9 +153,10 @@ def context_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_plain
         weight: [rows, N, 1] share of the identifier-free prompt per query (``strength · (1 − m)`` on rows that
             carry the identifier, 0 elsewhere).
         bias: an optional additive bias for the full prompt's attention (``columns`` identifiers).
+        attention: the attention kernel for both halves (the blend is exact at weight 0 and 1 with any kernel).
     """
-    full = plain_attention(q, k, v, heads, attn_mask=bias)
-    return context_blend(full, plain_attention(q, k_plain, v_plain, heads), weight)
+    full = attention(q, k, v, heads, bias)
+    return context_blend(full, attention(q, k_plain, v_plain, heads, None), weight)
 
 
 def identifier_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, columns: torch.Tensor,

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from .identifier import plain_attention
+from .identifier import AttentionFn, plain_attention
 
 
 def style_attention(q: torch.Tensor, k_style: torch.Tensor, v_style: torch.Tensor, heads: int,
-                    weight: float = 1.0, background: torch.Tensor | None = None) -> torch.Tensor:
+                    weight: float = 1.0, background: torch.Tensor | None = None,
+                    attention: AttentionFn = plain_attention) -> torch.Tensor:
     """The style term to add to a cross-attention output.
 
     Args:
@@ -23,13 +24,14 @@ def style_attention(q: torch.Tensor, k_style: torch.Tensor, v_style: torch.Tenso
         weight: this layer's style weight (global weight × per-layer weight).
         background: optional [rows, N] background weights; None applies the style everywhere
             (then the result equals diffusers' ``IPAdapterAttnProcessor2_0`` term).
+        attention: the attention kernel (the host's, e.g. ComfyUI's optimized attention).
 
     Returns:
         [rows, N, heads·d].
     """
     if k_style.shape[0] != q.shape[0]:
         raise ValueError(f"style tokens for {k_style.shape[0]} rows, attention has {q.shape[0]} rows")
-    out = plain_attention(q, k_style, v_style, heads)
+    out = attention(q, k_style, v_style, heads, None)
     if background is not None:
         out = out * background[:, :, None].to(out.dtype)
     return out * weight

@@ -5,7 +5,7 @@ import math
 
 from ..attention import CONFINEMENTS, IdentifierGuidance, IdentifierSpec, ProductMask
 from ..attention import comfy_patch
-from .common import (IDENTIFIER, NodeInputError, backbone_of, backbone_of_clip, check_identifier_fits, encode_confined,
+from .common import (IDENTIFIER, NodeInputError, backbone_of, backbone_of_clip, check_identifier_fits, confined_prompt,
                      word_positions)
 
 CATEGORY = "productbg/attention"
@@ -38,10 +38,7 @@ class BackgroundWords:
         if not positions:
             raise NodeInputError(f"{background_words!r} does not occur in the prompt; copy the words exactly "
                                  "as they appear in the text")
-        conditioning, plain = encode_confined(clip, tokens, positions, backbone)
-        spec = IdentifierSpec(tuple(positions), context_length=77 * len(tokens["l"]), plain_context=plain,
-                              prompt_context=conditioning[0][0].detach())
-        return (conditioning, spec)
+        return confined_prompt(clip, tokens, positions, backbone)
 
 
 class MaskGuidedAttention:
@@ -93,5 +90,5 @@ class MaskGuidedAttention:
         guidance = comfy_patch.current_guidance(model.model_options).with_identifier(IdentifierGuidance(
             identifier, product, strength, sigma_start=sigma_start, sigma_end=sigma_end, confinement=confinement))
         m = model.clone()
-        comfy_patch.install(m.model_options, guidance, backbone.layer_keys)
+        comfy_patch.patch_model(m, guidance, backbone.layer_keys)
         return (m,)

@@ -1,10 +1,9 @@
 """Category bank nodes: load a bank, build a category prompt with the identifier spliced in."""
 from __future__ import annotations
 
-from ..attention import IdentifierSpec
 from ..weights.bank import CategoryBank, load_bank
 from ..weights.errors import WeightsError
-from .common import BANK, IDENTIFIER, NodeInputError, backbone_of_clip, encode_confined, token_ids
+from .common import BANK, IDENTIFIER, NodeInputError, backbone_of_clip, confined_prompt, token_ids
 from .folders import full_path, list_files
 
 CATEGORY = "productbg/category"
@@ -89,10 +88,7 @@ class CategoryPrompt:
         if len(positions) != count:
             raise NodeInputError(f"do not use the word {SLOT_WORD!r} in the template or extra text")
         _splice(tokens, positions, vectors)
-        conditioning, plain = encode_confined(clip, tokens, positions, backbone)
-        spec = IdentifierSpec(tuple(positions), context_length=77 * len(tokens["l"]), plain_context=plain,
-                              prompt_context=conditioning[0][0].detach())
-        return (conditioning, spec)
+        return confined_prompt(clip, tokens, positions, backbone)
 
 
 def _bank_vectors(bank: CategoryBank, category: str, backbone) -> dict:

@@ -1,6 +1,11 @@
 """Shared bits of the node classes: custom type names, errors, token helpers. No ComfyUI import."""
 from __future__ import annotations
 
+import uuid
+
+from ..attention import IdentifierSpec
+from ..attention.comfy_patch import PROMPT_TAG_KEY
+
 IDENTIFIER = "PRODUCTBG_IDENTIFIER"
 BANK = "PRODUCTBG_BANK"
 STYLE = "PRODUCTBG_STYLE"
@@ -123,6 +128,20 @@ def encode_confined(clip, tokens: dict, positions: list[int], backbone) -> tuple
     conditioning = [[c, {**extra, "pooled_output": pooled}] if "pooled_output" in extra else [c, extra]
                     for c, extra in conditioning]
     return conditioning, plain.detach()
+
+
+def confined_prompt(clip, tokens: dict, positions: list[int], backbone) -> tuple[list, "object"]:
+    """The prompt's CONDITIONING and its :class:`IdentifierSpec` (identifier at flat ``positions``).
+
+    The CONDITIONING carries the spec's tag (``comfy_patch.PROMPT_TAG_KEY``) so that sampling can tell when a node
+    rebuilt its tensor — confinement would then be lost — and refuse instead of sampling unconfined.
+    """
+    conditioning, plain = encode_confined(clip, tokens, positions, backbone)
+    tag = uuid.uuid4().hex
+    conditioning = [[c, {**extra, PROMPT_TAG_KEY: tag}] for c, extra in conditioning]
+    spec = IdentifierSpec(tuple(positions), context_length=77 * len(tokens["l"]), plain_context=plain,
+                          prompt_context=conditioning[0][0].detach(), tag=tag)
+    return conditioning, spec
 
 
 def check_bank_fits(bank, backbone) -> None:

@@ -144,6 +144,6 @@ class ReferenceStyle:
                               models=(patcher,))  # the full range is ungated: no per-step sigma test
         m = model.clone()
         guidance = comfy_patch.current_guidance(m.model_options).with_style(style)
-        comfy_patch.install(m.model_options, guidance, backbone.layer_keys)
+        comfy_patch.patch_model(m, guidance, backbone.layer_keys)
         m.set_additional_models(ADDITIONAL_MODELS_KEY, [p for s in guidance.styles for p in s.models])
         return (m,)

@@ -128,10 +128,13 @@ def test_foreign_three_tuple_key_gets_our_callback_or_a_clear_refusal():
     foreign = Stackable()
     options = {"transformer_options": {"patches_replace": {"attn2": {("input", 4, 0): foreign}}}}
     comfy_patch.install(options, _guidance(gated=False))
-    assert [kw.get("productbg") for kw in foreign.kwargs] == [True]
-    assert [kw["layer_index"] for kw in foreign.kwargs] == [2]
+    stacked = options["transformer_options"]["patches_replace"]["attn2"][("input", 4, 0)]
+    assert foreign.kwargs == [] and stacked is not foreign  # copy-on-write: the object itself is untouched
+    assert [kw.get("productbg") for kw in stacked.kwargs] == [True]
+    assert [kw["layer_index"] for kw in stacked.kwargs] == [2]
     comfy_patch.install(options, _guidance(gated=False))  # installing again does not add a second callback
-    assert len(foreign.kwargs) == 1
+    assert options["transformer_options"]["patches_replace"]["attn2"][("input", 4, 0)] is stacked
+    assert len(stacked.kwargs) == 1
     blocked = {"transformer_options": {"patches_replace": {"attn2": {("middle", 0, 0): lambda *a: None}}}}
     with pytest.raises(ValueError, match="cannot be stacked"):
         comfy_patch.install(blocked, _guidance(gated=False))

@@ -44,14 +44,18 @@ def test_foreign_objects_at_three_and_two_part_sdxl_keys_are_stacked_onto_not_sh
     options = {"transformer_options": {"patches_replace": {"attn2": {("output", 0, 3): three, ("input", 4): two}}}}
     attn2 = comfy_patch.install(options, Guidance(), SDXL.layer_keys)["transformer_options"]["patches_replace"]["attn2"]
     index = {k: layer.index for k, layer in zip(SDXL.layer_keys, SDXL.layers)}
-    assert attn2[("output", 0, 3)] is three and three.kwargs[0]["layer_index"] == index[("output", 0, 3)]
+    # Stacked onto copies (copy-on-write: the input's objects stay untouched), of the foreign objects' type.
+    assert three.kwargs == [] and two.kwargs == []
+    three_now, two_now = attn2[("output", 0, 3)], attn2[("input", 4)]
+    assert type(three_now) is Foreign and three_now.kwargs[0]["layer_index"] == index[("output", 0, 3)]
     # Our 3-part objects would hide the 2-part one (ComfyUI looks 3-part keys up first): none at input 4.
-    assert ("input", 4, 0) not in attn2 and ("input", 4, 1) not in attn2 and attn2[("input", 4)] is two
-    (kw,) = two.kwargs
+    assert ("input", 4, 0) not in attn2 and ("input", 4, 1) not in attn2 and type(two_now) is Foreign
+    (kw,) = two_now.kwargs
     assert kw["by_block_index"] == {0: index[("input", 4, 0)], 1: index[("input", 4, 1)]}
     assert isinstance(attn2[("input", 5, 1)], comfy_patch.ProductBGAttn2)
     comfy_patch.install(options, Guidance(), SDXL.layer_keys)  # a second install adds nothing twice
-    assert len(two.kwargs) == 1 and len(three.kwargs) == 1
+    assert len(two_now.kwargs) == 1 and len(three_now.kwargs) == 1
+    assert attn2[("input", 4)] is two_now and attn2[("output", 0, 3)] is three_now
 
 
 def test_the_delta_on_a_two_part_object_reads_the_layer_from_block_index(monkeypatch):
