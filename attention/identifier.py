@@ -15,6 +15,7 @@ Rows that do not carry the identifier (negative prompts, other prompts) are unto
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -187,13 +188,16 @@ def identifier_mass_map(q: torch.Tensor, k: torch.Tensor, heads: int, columns: t
                         bias: torch.Tensor | None = None) -> torch.Tensor:
     """Attention mass on the identifier columns per query position, averaged over heads: [rows, N].
 
-    Computes the softmax explicitly (differentiable); use it for the training loss and for probes.
+    Computes the softmax explicitly (differentiable); use it for the training loss and for probes. The logits are
+    computed in float32 whatever q and k are (and with autocast off): fp16 logits of large activations overflow.
     """
-    qh, kh = split_heads(q, heads), split_heads(k, heads)
-    logits = (qh @ kh.transpose(-1, -2)) * (qh.shape[-1] ** -0.5)
-    if bias is not None:
-        logits = logits + bias
-    probs = logits.float().softmax(dim=-1)
+    device = q.device.type
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+        qh, kh = split_heads(q.float(), heads), split_heads(k.float(), heads)
+        logits = (qh @ kh.transpose(-1, -2)) * (qh.shape[-1] ** -0.5)
+        if bias is not None:
+            logits = logits + bias.float()
+        probs = logits.softmax(dim=-1)
     return probs[..., columns].sum(-1).mean(1)
 
 

@@ -33,7 +33,7 @@ from .components import (ClipVision, Components, check_style_fit, load_base, loa
                          tiny_components)
 from .errors import PipelineError
 from .prompts import PromptEncoder
-from .sampling import SAMPLERS, SampleInputs, make_scheduler, sample_inpaint
+from .sampling import SAMPLERS, SampleInputs, make_scheduler, sample_inpaint, upcast_vae
 
 ImageInput = Any  # a path, an [H, W, 3|4] array / tensor in 0..1, or a Prepared canvas
 REFERENCE_GROW = 4
@@ -218,6 +218,7 @@ class ProductBGPipeline:
         check_bank_fit(components.identifiers, self.backbone)
         for m in (components.unet, components.vae, *components.text_encoders):
             m.to(self.device).eval().requires_grad_(False)
+        upcast_vae(components.vae)  # SDXL's VAE overflows in float16: float32 when its config says force_upcast
         if components.image_encoder is not None:
             components.image_encoder.model.to(self.device)
         if components.style_encoder is not None:

@@ -13,6 +13,13 @@ Mirrors ComfyUI's ``InpaintModelConditioning`` (noise_mask on) + ``KSampler``:
 
 Samplers: ``ddim`` (SD1.5's recipe) and ``dpmpp_2m_karras`` (DPM-Solver++ 2M with Karras sigmas: SDXL's
 default, ComfyUI's ``dpmpp_2m`` + ``karras``).
+
+No host sync per step: the schedule stays on the host (the scheduler reads it there), the UNet gets the timesteps
+moved to the device once, the kept region's noise levels are computed once before the loop, and DPM-Solver++ is
+given its begin index (else it looks every timestep up with ``nonzero().item()``).
+
+A VAE whose config says ``force_upcast`` (SDXL's) runs in float32 when the models were loaded in float16
+(:func:`upcast_vae`), as diffusers' SDXL pipelines do: SDXL's VAE overflows in float16 (NaN / black images).
 """
 from __future__ import annotations
 
@@ -91,6 +98,20 @@ def added_conditioning(unet, inputs: "SampleInputs", hw: tuple[int, int], n: int
     return {"text_embeds": text_embeds, "time_ids": time_ids.repeat(text_embeds.shape[0], 1)}
 
 
+def upcast_vae(vae: torch.nn.Module) -> torch.nn.Module:
+    """Move a float16 VAE whose config says ``force_upcast`` to float32 (in place; returned for chaining).
+
+    SDXL's VAE overflows in float16 (NaN or black images); diffusers' SDXL pipelines run it in float32 for that
+    reason, and so do :func:`encode_latent` / :func:`decode_latent` once it is float32 (latents are cast in and
+    out). A config that does not say takes diffusers' default, ``True`` (SD1.5's VAE then runs in float32 too).
+    bfloat16 has float32's range and stays; so does a VAE whose config says ``force_upcast: false`` (an
+    fp16-fixed VAE).
+    """
+    if getattr(vae.config, "force_upcast", False) and next(vae.parameters()).dtype == torch.float16:
+        vae.float()  # not .to(dtype): diffusers' .to warns on every dtype change
+    return vae
+
+
 @torch.no_grad()
 def encode_latent(vae, image: torch.Tensor) -> torch.Tensor:
     """VAE latent (distribution mean, scaled) of ``[B, 3, H, W]`` images in -1..1."""
@@ -147,24 +168,51 @@ def sample_inpaint(unet, vae, scheduler, inputs: SampleInputs, guidance_scale: f
     pixels = tuple(int(s) for s in inputs.image.shape[-2:])
     added = added_conditioning(unet, inputs, pixels, n, cfg, device, p.dtype)
     timesteps = scheduler.timesteps
+    levels = noise_levels(scheduler) if noise_mask else []
+    if hasattr(scheduler, "set_begin_index"):  # else its first step looks its timestep up (nonzero().item())
+        scheduler.set_begin_index(0)
+    unet_timesteps = timesteps.to(device)      # once: a host tensor would be copied to the device every step
     for i, t in enumerate(timesteps):
         x = torch.cat([latents, concat], dim=1) if concat is not None else latents
         x = torch.cat([x, x]) if cfg else x
-        eps = unet(x.to(p.dtype), t, context, cross_attention_kwargs={CALL_KEY: call},
+        eps = unet(x.to(p.dtype), unet_timesteps[i], context, cross_attention_kwargs={CALL_KEY: call},
                    added_cond_kwargs=added).sample.float()
         if cfg:
             uncond, cond = eps.chunk(2)
             eps = uncond + guidance_scale * (cond - uncond)
         latents = scheduler.step(eps, t, latents).prev_sample
         if noise_mask:
-            latents = _keep_original(scheduler, latents, original, noise, mask, timesteps, i)
+            kept = original.expand_as(latents)
+            if i < len(levels):  # the original noised to the next step's level, as scheduler.add_noise does
+                kept = levels[i][0] * kept + levels[i][1] * noise
+            latents = mask * latents + (1 - mask) * kept
     return decode_latent(vae, latents)
 
 
-def _keep_original(scheduler, latents: torch.Tensor, original: torch.Tensor, noise: torch.Tensor,
-                   mask: torch.Tensor, timesteps: torch.Tensor, i: int) -> torch.Tensor:
-    if i + 1 < len(timesteps):
-        kept = scheduler.add_noise(original.expand_as(latents), noise, timesteps[i + 1:i + 2])
-    else:
-        kept = original.expand_as(latents)
-    return mask * latents + (1 - mask) * kept
+def noise_levels(scheduler) -> list[tuple[float, float]]:
+    """``(signal, noise)`` coefficients of ``scheduler.add_noise`` for the level after each step but the last.
+
+    ``add_noise(x, n, t) = signal·x + noise·n``: read off once, on the host, with unit vectors, so the loop needs
+    no per-step schedule lookup (DPM-Solver++ without a begin index finds each timestep with
+    ``nonzero().item()``, a host sync, and copies its sigmas to the device every call). A scheduler with a begin
+    index (DPM-Solver++) is asked for step ``i + 1`` by index, as diffusers' pipelines ask it (its Karras
+    timesteps repeat from 45 steps on, where a lookup by value takes the wrong one); others (DDIM) by timestep.
+
+    Args:
+        scheduler: a scheduler with timesteps set that has not stepped yet (its begin index is restored).
+    """
+    if getattr(scheduler, "step_index", None) is not None:
+        raise ValueError("noise_levels needs a scheduler that has not stepped yet")
+    timesteps = scheduler.timesteps.cpu()
+    unit = torch.eye(2, dtype=torch.float32)
+    by_index = hasattr(scheduler, "set_begin_index")
+    begin = getattr(scheduler, "begin_index", None)
+    levels = []
+    for i in range(1, len(timesteps)):
+        if by_index:
+            scheduler.set_begin_index(i)
+        a, b = scheduler.add_noise(unit[:1], unit[1:], timesteps[i:i + 1])[0].tolist()
+        levels.append((a, b))
+    if by_index:
+        scheduler.set_begin_index(begin)
+    return levels

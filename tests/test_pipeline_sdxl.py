@@ -348,6 +348,22 @@ def test_cli_generate_with_sdxl_checkpoint(xl_files, tmp_path, capsys, monkeypat
     assert Image.open(tmp_path / "out" / "image_0.png").size == (64, 80)
 
 
+def test_sdxl_vae_stays_float32_when_loaded_in_float16(xl_files):
+    """``--dtype fp16`` (``auto`` on CUDA): the UNet and text encoders are float16, the VAE float32 as its config
+    says ``force_upcast`` (the shipped SDXL config does: SDXL's VAE overflows in float16), and a generation
+    decodes finite pixels."""
+    assert json.loads((SDXL_CONFIGS / "vae_config.json").read_text())["force_upcast"] is True
+    pipe = ProductBGPipeline.from_single_file(xl_files / "xl.safetensors", config_dir=xl_files / "configs",
+                                              dtype=torch.float16, device="cpu",
+                                              settings=GenerateSettings(size=32, steps=2, sampler="dpmpp_2m_karras"))
+    c = pipe.components
+    assert c.vae.config.force_upcast
+    assert (c.unet.dtype, c.text_encoder.dtype, c.text_encoder_2.dtype) == (torch.float16,) * 3
+    assert c.vae.dtype == torch.float32
+    result = pipe.generate(str(xl_files / "product.png"), category="shoes")[0]
+    assert np.isfinite(result.raw).all()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--canvas", "64x81"], "multiples of 8"),
     (["--canvas", "7:3"], "not an aspect ratio of this model"),

@@ -11,6 +11,10 @@ seed, step, micro-batch and process), and the data order from :class:`StepSample
 position). A checkpoint stores the trainable tensors, optimizer, LR scheduler, grad scaler, the data position,
 the byte length of the loss log and each process's global RNG states; ``--resume latest`` restores all of them,
 truncates the loss log to the checkpoint and continues — on CPU, bit-identical to a run never interrupted.
+
+Several processes means DDP (``accelerate launch --multi_gpu``, torchrun): the optimizer is built before
+``prepare`` and the trained tensors are read from the unwrapped module on the main process, which holds only a
+shard under FSDP, DeepSpeed or Megatron-LM. :func:`check_distributed` refuses those before anything is built.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -27,6 +31,11 @@ import torch
 from . import checkpoint as ckpt
 from .state import load_tree, rng_state, save_tree, set_rng_state, step_generator
 
+#: accelerate's sharded / model-parallel modes (``DistributedType`` values): the name to print and the variable
+#: ``accelerate launch`` sets for each. Only data parallelism (DDP) is supported.
+UNSUPPORTED_DISTRIBUTED = {"FSDP": ("FSDP", "ACCELERATE_USE_FSDP"),
+                           "DEEPSPEED": ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"),
+                           "MEGATRON_LM": ("Megatron-LM", "ACCELERATE_USE_MEGATRON_LM")}
 LOG_FILE = "loss_log.jsonl"
 CONFIG_FILE = "train_config.json"
 FAULT_ENV = "PRODUCTBG_TRAIN_FAULT"  # "hold-in-checkpoint:<step>": crash tests stop mid-write and wait to be killed
@@ -153,6 +162,26 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 # ---------------------------------------------------------------------------------------------- the loop
+def check_distributed(distributed_type: str | None = None, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse accelerate setups other than one process or DDP, before training starts.
+
+    Args:
+        distributed_type: an ``Accelerator``'s ``distributed_type`` (a ``DistributedType``, a ``str``), if one is made.
+        environ: where ``accelerate launch`` says FSDP / DeepSpeed / Megatron-LM (``ACCELERATE_USE_*``); default
+            ``os.environ``.
+
+    Raises:
+        ValueError: FSDP, DeepSpeed (any ZeRO stage) or Megatron-LM asked for (one line: what to use instead).
+    """
+    env = os.environ if environ is None else environ
+    kind = str(getattr(distributed_type, "value", distributed_type))
+    for key, (name, variable) in UNSUPPORTED_DISTRIBUTED.items():
+        if kind == key or env.get(variable, "").strip().lower() in ("1", "true", "yes", "on"):
+            raise ValueError(f"training supports one process or DDP only, and this accelerate config asks for {name}: "
+                             "choose multi-GPU (DDP) without FSDP or DeepSpeed in `accelerate config`, or run "
+                             "`accelerate launch --multi_gpu` (see docs/training.md)")
+
+
 def _fault_step() -> int | None:
     value = os.environ.get(FAULT_ENV, "")
     return int(value.split(":")[1]) if value.startswith("hold-in-checkpoint:") else None
@@ -168,8 +197,10 @@ class _Run:
 
         self.task, self.cfg = task, cfg
         self.out = Path(cfg.output_dir)
+        check_distributed()  # before accelerate reads the same variables (and wants DeepSpeed installed)
         self.acc = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                                cpu=cfg.cpu)
+        check_distributed(self.acc.distributed_type)
         set_seed(cfg.seed)
         module = task.build(self.acc.device)
         # foreach: torch picks the per-tensor loop for CPU tensors, ~100x slower for hundreds of small tensors
