@@ -360,7 +360,14 @@ def guard_sampling(executor: Callable, model: Any, conds: list, x_in: torch.Tens
                 _GUARDED.popitem(last=False)
         if free:
             conds = _with_controlnet_contexts(conds, free)
-    return executor(model, conds, x_in, timestep, model_options)
+    try:
+        return executor(model, conds, x_in, timestep, model_options)
+    finally:
+        # The per-call plan holds the guidance (style encoders included): drop it with the step, so a cached
+        # upstream model sharing the patch object does not keep a removed encoder alive.
+        for p in model_options.get("transformer_options", {}).get("patches", {}).get("attn2_patch", ()):
+            if isinstance(p, ProductBGContextPatch):
+                p._last = None
 
 
 def check_conds(guidance: Guidance, conds: list, latent_hw: tuple[int, ...]) -> dict[str, torch.Tensor]:
@@ -454,3 +461,8 @@ def _with_controlnet_contexts(conds: list, free: dict[str, torch.Tensor]) -> lis
             return x
         return {**x, "model_conds": {**x.get("model_conds", {}), CONTROLNET_CONTEXT: CONDCrossAttn(context)}}
     return [[one(x) for x in group] if group else group for group in conds]
+
+
+def current_guidance(model_options: dict) -> Guidance:
+    """The guidance already installed on a model (empty if none)."""
+    return model_options.get("transformer_options", {}).get(OPTIONS_KEY) or Guidance()

@@ -27,11 +27,24 @@ CLIP_VISION_NAMES = {("linear", 1024): "CLIP ViT-H (CLIP-ViT-H-14-laion2B-s32B-b
                      ("plus", 1664): "CLIP ViT-bigG (CLIP-ViT-bigG-14-laion2B-39B-b160k)"}
 #: ``ModelPatcher.additional_models`` key: the style encoders ComfyUI loads, accounts and offloads with the UNet.
 ADDITIONAL_MODELS_KEY = "productbg_style"
-_MANAGED: "weakref.WeakKeyDictionary[StyleEncoder, dict[torch.dtype, Any]]" = weakref.WeakKeyDictionary()
+#: encoder -> dtype -> a *weak* reference to its ModelPatcher: reused while some patched MODEL holds it, never
+#: kept alive from here (the patcher holds the encoder, so a strong value would keep its own key alive forever).
+_MANAGED: "weakref.WeakKeyDictionary[StyleEncoder, dict[torch.dtype, weakref.ref]]" = weakref.WeakKeyDictionary()
+COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype a ComfyUI MODEL computes in: its ``manual_cast_dtype`` when it stores weights in another dtype
+    (fp8 UNets compute in fp16 / bf16 / fp32), else its storage dtype when that is a compute dtype, else fp32."""
+    cast = getattr(model.model, "manual_cast_dtype", None)
+    if cast is not None:
+        return cast
+    stored = model.model_dtype()
+    return stored if stored in COMPUTE_DTYPES else torch.float32
 
 
 def managed_encoder(encoder: StyleEncoder, dtype: torch.dtype) -> Any:
-    """The ComfyUI ModelPatcher of ``encoder`` in the UNet's ``dtype`` (one per encoder and dtype, reused).
+    """The ComfyUI ModelPatcher of ``encoder`` in the compute ``dtype`` (one per encoder and dtype while in use).
 
     Its load device is ComfyUI's torch device: sampling loads it with the UNet (memory accounted, offloaded like
     a ControlNet), so the style K/V run on the UNet's device.
@@ -40,11 +53,24 @@ def managed_encoder(encoder: StyleEncoder, dtype: torch.dtype) -> Any:
     import comfy.model_patcher
 
     per_dtype = _MANAGED.setdefault(encoder, {})
-    if dtype not in per_dtype:
+    patcher = per_dtype[dtype]() if dtype in per_dtype else None
+    if patcher is None:
         module = encoder if next(encoder.parameters()).dtype == dtype else copy.deepcopy(encoder).to(dtype)
-        per_dtype[dtype] = comfy.model_patcher.ModelPatcher(module.eval(), load_device=mm.get_torch_device(),
-                                                            offload_device=mm.unet_offload_device())
-    return per_dtype[dtype]
+        patcher = comfy.model_patcher.ModelPatcher(module.eval(), load_device=mm.get_torch_device(),
+                                                   offload_device=mm.unet_offload_device())
+        per_dtype[dtype] = weakref.ref(patcher)
+    return patcher
+
+
+def managed_style_tokens(patcher, clip_vision, reference) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond, uncond) style tokens, the image projection run where ComfyUI loads the encoder — whole, on its load
+    device (a low-VRAM partial load would split the projection across devices) — kept on the intermediate device."""
+    import comfy.model_management as mm
+
+    mm.load_models_gpu([patcher], force_full_load=True)
+    cond, uncond = style_tokens(patcher.model, clip_vision, reference)
+    device = mm.intermediate_device()
+    return cond.to(device), uncond.to(device)
 
 
 class LoadStyleEncoder:
@@ -134,8 +160,8 @@ class ReferenceStyle:
             raise NodeInputError(f"start_percent {start_percent} is after end_percent {end_percent}")
         if reference_mask is not None:
             reference = fill_product_hwc(reference, check_mask_batch(reference_mask, reference, "reference_mask"))
-        patcher = managed_encoder(style_encoder, model.model_dtype())
-        cond, uncond = style_tokens(patcher.model, clip_vision, reference)
+        patcher = managed_encoder(style_encoder, compute_dtype(model))
+        cond, uncond = managed_style_tokens(patcher, clip_vision, reference)
         sampling = model.get_model_object("model_sampling")
         style = StyleGuidance(cond, uncond, patcher.model.layer_kv, weight, backbone.layer_weights(layer_preset),
                               product=ProductMask(product_mask) if product_mask is not None else None,

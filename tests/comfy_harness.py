@@ -206,3 +206,25 @@ def txt2img_prompt(ckpt_name: str, size: int = 64, steps: int = 2, seed: int = 1
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
     }
+
+
+# ------------------------------------------------------------------------------------------ clone semantics
+#: ``ModelPatcher.clone()`` copies ``model_options`` with ``copy.deepcopy`` in ComfyUI 0.3.6x–0.3.7x; newer
+#: releases copy only the dicts and lists (``create_model_options_clone``) and share every other object.
+CLONE_SEMANTICS = ("deepcopy", "dicts_and_lists")
+
+
+def use_clone_semantics(name: str, monkeypatch) -> None:
+    """Make the loaded ComfyUI's ``ModelPatcher.clone()`` copy ``model_options`` the ``name`` way (its only
+    ``copy.deepcopy`` call is that one)."""
+    if name == "deepcopy":
+        return
+    import copy
+    import types
+
+    import comfy.model_patcher as mp
+
+    def dicts_and_lists(x, memo=None):
+        return mp.create_model_options_clone(x) if isinstance(x, dict) else copy.deepcopy(x, memo)
+    monkeypatch.setattr(mp, "copy", types.SimpleNamespace(deepcopy=dicts_and_lists, copy=copy.copy))
+

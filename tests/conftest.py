@@ -7,6 +7,7 @@ Real-ComfyUI fixtures (all session-scoped, built lazily; tests using them are ma
 - ``comfy_server``      ComfyUI's HTTP server (main.py) with this pack in custom_nodes/productbg
 - ``comfy_sdxl_checkpoints`` {"sdxl", "inpaint"}: random full-size SDXL / SDXL-inpainting checkpoints (modules
   named test_comfy_sdxl* use them and run after all other ComfyUI tests)
+- ``clone_semantics``   runs a test under both ``ModelPatcher.clone()`` semantics (see comfy_harness)
 """
 import os
 import socket
@@ -86,6 +87,12 @@ def comfy_model_files(comfy, tmp_path_factory):
     import comfy_model_files
 
     return comfy_model_files.write_model_files(comfy, tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(params=comfy_harness.CLONE_SEMANTICS)
+def clone_semantics(request, comfy, monkeypatch):
+    comfy_harness.use_clone_semantics(request.param, monkeypatch)
+    return request.param
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,7 @@ def _apply(comfy, model, identifier, mask, strength=1.0):
     return node.patch(model, identifier, mask, strength, 0.0, 1.0)[0]
 
 
-def test_input_model_untouched_and_clone_shares_tensors(comfy):
+def test_input_model_untouched_and_clone_shares_tensors(comfy, clone_semantics):
     model, identifier, mask = _model_and_identifier(comfy)
     before = copy.deepcopy(model.model_options)
     patched = _apply(comfy, model, identifier, mask)
@@ -139,10 +139,13 @@ def _install_foreign(model, calls):
     return m
 
 
-def test_stacks_with_ipadapter_style_objects_both_ways(comfy):
-    """Ours adds itself to a foreign object; a foreign `.add` onto ours keeps both contributions; both run."""
+def test_stacks_with_ipadapter_style_objects_both_ways(comfy, clone_semantics):
+    """Ours adds itself to (a copy of) a foreign object; a foreign `.add` onto ours keeps both contributions and
+    leaves the upstream model alone; both run — under both clone semantics."""
     model, identifier, mask = _model_and_identifier(comfy)
     calls_a, calls_b = "a", "b"
+    for calls in FOREIGN_CALLS.values():
+        calls.clear()
     foreign_first = _install_foreign(model, calls_a)
     ours_on_top = _apply(comfy, foreign_first, identifier, mask)
     attn2 = ours_on_top.model_options["transformer_options"]["patches_replace"]["attn2"]
