@@ -7,9 +7,15 @@ Run it through ``bash bench/gpu_check.sh`` (which prepares the environment; see 
    checkpoints (``tests/comfy_checkpoints``), random bank / style encoder / CLIP ViT-L vision files
    (``tests/comfy_model_files``); every ``workflows/api/*.json`` graph runs with its checkpoint and model files
    swapped for those, ``--size`` canvas and ``--steps`` steps: **patched** as shipped, **unpatched** with the
-   productbg attention patch nodes bypassed (the sampler's MODEL wired to the patch chain's input). On CUDA the
-   UNet runs in fp16 (``--fp16-unet``). Time and peak memory are those of ``comfy.sample.sample`` (the
-   sampler alone: not CLIP, VAE or the nodes around it).
+   productbg attention patch nodes bypassed (the sampler's MODEL wired to the patch chain's input), and, in a graph
+   with both Mask-Guided Attention and Reference Style, **identifier** with Reference Style alone bypassed — so
+   ``patch_ratio`` (identifier / unpatched) is the patch's own overhead and ``style_ratio`` (patched /
+   identifier) the style feature's cost. The ``*_sdxl`` graphs run on random full-size SDXL-inpainting
+   checkpoints (``tests/comfy_checkpoints``) with an SDXL bank and style encoder, so the 70-layer path runs too.
+   On CUDA the UNet runs in fp16 (``--fp16-unet``). Time and memory are those of ``comfy.sample.sample`` (the
+   sampler alone: not CLIP, VAE or the nodes around it); ``increment_mib`` is its peak minus what was allocated
+   when it started (the resident models), and ``patch_increment_mib`` / ``style_increment_mib`` the differences
+   between variants: the patch's own memory, not the models'.
 2. The diffusers pipeline (``ProductBGPipeline.from_single_file``, fp16 on CUDA) on the same inpainting
    checkpoint with the bank, the style encoder and a random CLIP vision model: **patched** = category +
    reference style; **unpatched** = diffusers' ``AttnProcessor2_0`` in every layer, same prompt, no reference.
@@ -40,11 +46,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
 PATCH_NODES = ("ProductBGMaskGuidedAttention", "ProductBGReferenceStyle")  # bypassed for "unpatched"
+STYLE_NODES = ("ProductBGReferenceStyle",)                                 # bypassed for "identifier"
 SCHEMA = "productbg.gpu_check/1"
-CPU_WORKFLOWS = ("reference_style",)  # identifier + reference style: both patches, in CI time
+CPU_WORKFLOWS = ("reference_style", "reference_style_sdxl")  # both patches, both backbones, in CI time
 
 # (GPU, --cpu) defaults: full size on the GPU, tiny on the CPU.
-DEFAULTS = {"size": (512, 64), "steps": (20, 1), "repeats": (3, 1), "train_model": ("sd15", "tiny"),
+DEFAULTS = {"size": (512, 64), "sdxl_size": (1024, 64), "steps": (20, 1), "repeats": (3, 1), "train_model": ("sd15", "tiny"),
             "train_resolution": (512, 64), "train_batch": (4, 2), "train_steps": (20, 2), "train_warmup": (2, 1)}
 
 
@@ -90,25 +97,36 @@ class Meter:
     def measure(self, variant: str, steps: int):
         import torch
 
+        start = 0.0
         if self.cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            start = torch.cuda.memory_allocated() / 2**20
         t0 = time.perf_counter()
         yield
         if self.cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None
-        self.samples.setdefault(variant, []).append((dt, steps, peak))
+        self.samples.setdefault(variant, []).append((dt, steps, peak, None if peak is None else peak - start))
 
     def summary(self) -> dict:
         out = {}
         for variant, rows in self.samples.items():
-            peaks = [p for _, _, p in rows if p is not None]
-            out[variant] = {"s_per_step": round(statistics.median(dt / n for dt, n, _ in rows), 5),
-                            "peak_mib": round(max(peaks), 1) if peaks else None, "runs": len(rows)}
-        if {"patched", "unpatched"} <= out.keys():
-            out["ratio"] = round(out["patched"]["s_per_step"] / out["unpatched"]["s_per_step"], 4)
+            peaks = [p for _, _, p, _ in rows if p is not None]
+            increments = [i for _, _, _, i in rows if i is not None]
+            out[variant] = {"s_per_step": round(statistics.median(dt / n for dt, n, _, _ in rows), 5),
+                            "peak_mib": round(max(peaks), 1) if peaks else None,
+                            "increment_mib": round(max(increments), 1) if increments else None, "runs": len(rows)}
+        for name, (over, base) in {"ratio": ("patched", "unpatched"), "patch_ratio": ("identifier", "unpatched"),
+                                   "style_ratio": ("patched", "identifier")}.items():
+            if {over, base} <= out.keys():
+                out[name] = round(out[over]["s_per_step"] / out[base]["s_per_step"], 4)
+                if out[over]["increment_mib"] is not None:
+                    key = {"ratio": "increment_mib", "patch_ratio": "patch_increment_mib",
+                           "style_ratio": "style_increment_mib"}[name]
+                    out[key if name != "ratio" else "patched_minus_unpatched_increment_mib"] = round(
+                        out[over]["increment_mib"] - out[base]["increment_mib"], 1)
         return out
 
 
@@ -117,25 +135,50 @@ def cpu_rss_mib() -> float:
 
 
 # ------------------------------------------------------------------------------------------------ ComfyUI
-def bypass_patches(prompt: dict) -> dict:
-    """The same graph with the productbg attention patch nodes bypassed: each sampler takes the MODEL that
-    entered the patch chain. The bypassed nodes no longer lead to an output, so ComfyUI does not run them."""
+def bypass_patches(prompt: dict, bypassed: tuple[str, ...] = PATCH_NODES) -> dict:
+    """The same graph with the ``bypassed`` patch nodes bypassed: each node takes the MODEL that entered them. The
+    bypassed nodes no longer lead to an output, so ComfyUI does not run them."""
     out = json.loads(json.dumps(prompt))
     for node in out.values():
         link = node["inputs"].get("model")
-        while isinstance(link, list) and out[link[0]]["class_type"] in PATCH_NODES:
+        while isinstance(link, list) and out[link[0]]["class_type"] in bypassed:
             link = out[link[0]]["inputs"]["model"]
-        if "model" in node["inputs"] and node["class_type"] not in PATCH_NODES:
+        if "model" in node["inputs"] and node["class_type"] not in bypassed:
             node["inputs"]["model"] = link
     return out
 
 
-def sized_workflow(comfy, prompt: dict, products: Path, size: int, steps: int) -> dict:
-    """A shipped API graph with the random model files, a ``size`` canvas and ``steps`` steps (the tests' helper;
-    the export, CPU-side and untimed, at the canvas size)."""
+def variants(patched: dict) -> dict[str, dict]:
+    """patched, unpatched and — with both patch nodes in the graph — identifier (Reference Style bypassed)."""
+    graphs = {"patched": patched, "unpatched": bypass_patches(patched)}
+    classes = {node["class_type"] for node in patched.values()}
+    if set(PATCH_NODES) <= classes:
+        graphs["identifier"] = bypass_patches(patched, STYLE_NODES)
+    return graphs
+
+
+def sized_workflow(comfy, prompt: dict, products: Path, size: int, steps: int, sdxl: dict | None = None) -> dict:
+    """A shipped API graph with the random model files (``sdxl``: the SDXL checkpoint, bank and style encoder), a
+    ``size`` canvas and ``steps`` steps (the tests' helper; the export, CPU-side and untimed, at the canvas size)."""
     from comfy_graphs import sized_workflow as shrink
 
-    return shrink(comfy, prompt, products, size, steps)
+    graph = shrink(comfy, prompt, products, size, steps)
+    for node in graph.values() if sdxl else ():
+        for key in sdxl.keys() & node["inputs"].keys():
+            node["inputs"][key] = sdxl[key]
+    return graph
+
+
+def sdxl_files(comfyui_dir: str, app, work: Path) -> dict:
+    """Build (or reuse) the random full-size SDXL checkpoints and write the SDXL bank / style encoder; the inputs
+    to swap into the ``*_sdxl`` graphs."""
+    import comfy_harness
+    import comfy_model_files
+
+    checkpoints = comfy_harness.ensure_sdxl_checkpoints(comfyui_dir)
+    comfy_model_files.write_sdxl_model_files(app, work / "sdxl_models")
+    return {"ckpt_name": checkpoints["inpaint"], "bank_name": comfy_model_files.SDXL_BANK,
+            "encoder_name": comfy_model_files.SDXL_STYLE}
 
 
 def run_comfyui(args, work: Path, cuda: bool) -> tuple[dict, dict]:
@@ -169,19 +212,27 @@ def run_comfyui(args, work: Path, cuda: bool) -> tuple[dict, dict]:
             return original(model, noise, steps, *a, **kw)
 
     comfy_sample.sample = timed_sample
-    names = args.workflows
-    results, seed = {}, 1000
+    names = sorted(args.workflows, key=lambda n: n.endswith("_sdxl"))  # SD1.5 first, then SDXL
+    results, seed, sdxl = {}, 1000, None
     try:
         for i, name in enumerate(names):
+            is_sdxl = name.endswith("_sdxl")
+            if is_sdxl and sdxl is None:                # one backbone in memory at a time
+                app.executor.reset()
+                mm.unload_all_models()
+                gc.collect()
+                sdxl = sdxl_files(comfyui_dir, app, work)
+                info["sdxl_checkpoint"] = sdxl["ckpt_name"]
             shipped = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
-            graphs = {"patched": sized_workflow(app, shipped, products.parent, args.size, args.steps)}
-            graphs["unpatched"] = bypass_patches(graphs["patched"])
+            graphs = variants(sized_workflow(app, shipped, products.parent, args.sdxl_size if is_sdxl else args.size,
+                                             args.steps, sdxl if is_sdxl else None))
             meter_box.clear()
-            if i == 0 and args.warmup:                  # warm-up: checkpoint load, first device transfer
-                app.run(_reseed(graphs["patched"], seed))
+            if args.warmup and (i == 0 or (is_sdxl and not names[i - 1].endswith("_sdxl"))):
+                app.run(_reseed(graphs["patched"], seed))  # warm-up: checkpoint load, first device transfer
             meter = Meter(cuda)
+            order = list(graphs)
             for r in range(args.repeats):
-                for variant in (("patched", "unpatched") if r % 2 == 0 else ("unpatched", "patched")):
+                for variant in (order if r % 2 == 0 else order[::-1]):
                     seed += 1
                     meter_box.update(meter=meter, variant=variant)
                     app.run(_reseed(graphs[variant], seed))

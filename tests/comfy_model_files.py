@@ -13,6 +13,10 @@ STYLE_FILE = "test_style.safetensors"
 VISION_FILE = "random_vitl.safetensors"
 LORA_FILE = "mug_lora.safetensors"
 CATEGORIES = ("运动鞋", "Coffee Mug", "Leather Bag", "shoes")
+SDXL_BANK = "test_bank_sdxl.safetensors"
+SDXL_STYLE = "test_style_sdxl.safetensors"                  # expects 768-wide embeds (the random CLIP ViT-L)
+SDXL_STYLE_VIT_H = "test_style_sdxl_vit_h_width.safetensors"   # expects 1024-wide embeds (CLIP ViT-H)
+SDXL_CATEGORIES = ("Coffee Mug", "Leather Bag", "shoes")
 
 
 def write_model_files(comfy, root: Path) -> Path:
@@ -48,3 +52,27 @@ def write_model_files(comfy, root: Path) -> Path:
     save_file({k: v.half().contiguous() for k, v in vision.model.state_dict().items()},
               str(root / "clip_vision" / VISION_FILE))
     return root
+
+
+def write_sdxl_model_files(comfy, root: Path) -> Path:
+    """An SDXL bank (clip_l + clip_g vectors) and SDXL-shaped linear IP-Adapters (ViT-L- and ViT-H-wide embeds),
+    registered with ``folder_paths`` (the SD1.5 files of :func:`write_model_files` give the CLIP vision)."""
+    from productbg.weights.bank import CategoryBank
+    from productbg.weights.samples import example_style_encoder
+    from productbg.weights.style_encoder import save_style_encoder
+    from productbg.weights.targets import SDXL
+
+    for folder in ("productbg_banks", "productbg_style_encoders"):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        comfy.folder_paths.add_model_folder_path(folder, str(root / folder))
+    gen = torch.Generator().manual_seed(1)
+    bank = CategoryBank("sdxl", vectors_per_id=2)
+    for name in SDXL_CATEGORIES:
+        bank.add(name, {"clip_l": torch.randn(2, 768, generator=gen) * 0.02,
+                        "clip_g": torch.randn(2, 1280, generator=gen) * 0.02})
+    bank.save(root / "productbg_banks" / SDXL_BANK)
+    for name, width in ((SDXL_STYLE, 768), (SDXL_STYLE_VIT_H, 1024)):
+        save_style_encoder(example_style_encoder("ip-adapter_sd15", target=SDXL, clip_width=width, dtype=torch.float16),
+                           root / "productbg_style_encoders" / name)
+    return root
+

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from comfy_graphs import sized_workflow
-from comfy_model_files import BANK_FILE, STYLE_FILE, VISION_FILE
+from comfy_model_files import (BANK_FILE, SDXL_BANK, SDXL_CATEGORIES as CATEGORIES, SDXL_STYLE, SDXL_STYLE_VIT_H,
+                               STYLE_FILE, VISION_FILE, write_sdxl_model_files)
 from foreign_attn2 import ForeignAttn2
 from proc_memory import AnonPeak, reset_peak_rss, status_kib
 
@@ -25,10 +26,6 @@ pytestmark = pytest.mark.comfyui
 
 WORKFLOWS = Path(__file__).resolve().parent.parent / "workflows"
 SDXL_NAMES = ("category_background_sdxl", "reference_style_sdxl", "zero_shot_confinement_sdxl")
-SDXL_BANK = "test_bank_sdxl.safetensors"
-SDXL_STYLE = "test_style_sdxl.safetensors"
-SDXL_STYLE_VIT_H = "test_style_sdxl_vit_h_width.safetensors"   # expects 1024-wide embeds (CLIP ViT-H)
-CATEGORIES = ("Coffee Mug", "Leather Bag", "shoes")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,25 +53,7 @@ def sdxl_part(request, comfy):
 @pytest.fixture(scope="module")
 def sdxl_files(comfy, comfy_model_files, tmp_path_factory):
     """An SDXL bank (clip_l + clip_g vectors), SDXL-shaped linear IP-Adapters (ViT-L- and ViT-H-wide embeds)."""
-    from productbg.weights.bank import CategoryBank
-    from productbg.weights.samples import example_style_encoder
-    from productbg.weights.style_encoder import save_style_encoder
-    from productbg.weights.targets import SDXL
-
-    root = tmp_path_factory.mktemp("sdxl_models")
-    for folder in ("productbg_banks", "productbg_style_encoders"):
-        (root / folder).mkdir()
-        comfy.folder_paths.add_model_folder_path(folder, str(root / folder))
-    gen = torch.Generator().manual_seed(1)
-    bank = CategoryBank("sdxl", vectors_per_id=2)
-    for name in CATEGORIES:
-        bank.add(name, {"clip_l": torch.randn(2, 768, generator=gen) * 0.02,
-                        "clip_g": torch.randn(2, 1280, generator=gen) * 0.02})
-    bank.save(root / "productbg_banks" / SDXL_BANK)
-    for name, width in ((SDXL_STYLE, 768), (SDXL_STYLE_VIT_H, 1024)):
-        save_style_encoder(example_style_encoder("ip-adapter_sd15", target=SDXL, clip_width=width, dtype=torch.float16),
-                           root / "productbg_style_encoders" / name)
-    return root
+    return write_sdxl_model_files(comfy, tmp_path_factory.mktemp("sdxl_models"))
 
 
 def _meta_state_dict(path: Path) -> dict:
