@@ -39,8 +39,9 @@ def test_cpu_needs_comfyui_dir():
 def test_defaults_are_full_size_on_the_gpu_and_tiny_with_cpu():
     g = _gpu_check()
     gpu, cpu = g.parse_args([]), g.parse_args(["--cpu"])
-    assert (gpu.size, gpu.train_model, gpu.train_steps, gpu.warmup) == (512, "sd15", 20, True)
-    assert (cpu.size, cpu.train_model, cpu.warmup) == (64, "tiny", False)
+    assert (gpu.size, gpu.sdxl_size, gpu.train_model, gpu.train_steps, gpu.warmup) == (512, 1024, "sd15", 20, True)
+    assert (cpu.size, cpu.sdxl_size, cpu.train_model, cpu.warmup) == (64, 64, "tiny", False)
+    assert any(n.endswith("_sdxl") for n in g.CPU_WORKFLOWS)  # CI runs the SDXL path the GPU run takes
     shipped = sorted(p.stem for p in (REPO / "workflows" / "api").glob("*.json"))
     assert gpu.workflows == shipped and g.parse_args(["--cpu", "--workflows", "all"]).workflows == shipped
     assert cpu.workflows == list(g.CPU_WORKFLOWS)
@@ -68,7 +69,27 @@ def test_summary_schema():
     for variant, dt in (("patched", 2.2), ("unpatched", 2.0), ("patched", 2.4)):
         with meter.measure(variant, 2):
             pass
-        meter.samples[variant][-1] = (dt, 2, None)
+        meter.samples[variant][-1] = (dt, 2, None, None)
     s = meter.summary()
-    assert s["patched"] == {"s_per_step": 1.15, "peak_mib": None, "runs": 2}
+    assert s["patched"] == {"s_per_step": 1.15, "peak_mib": None, "increment_mib": None, "runs": 2}
     assert s["unpatched"]["s_per_step"] == 1.0 and s["ratio"] == 1.15
+    assert "patch_ratio" not in s  # no identifier-only variant measured
+
+
+def test_identifier_variant_separates_the_patch_from_the_style_feature():
+    """With both patch nodes the graph gets an identifier-only variant; the summary gives the patch's overhead and
+    memory increment apart from the style feature's (rows: seconds, steps, peak, increment over resident)."""
+    g = _gpu_check()
+    prompt = json.loads((REPO / "workflows" / "api" / "reference_style.json").read_text(encoding="utf-8"))
+    graphs = g.variants(prompt.get("prompt", prompt))
+    assert set(graphs) == {"patched", "unpatched", "identifier"}
+    classes = {n["class_type"] for n in graphs["identifier"].values() if n["class_type"] in g.PATCH_NODES}
+    (sampler,) = [n for n in graphs["identifier"].values() if n["class_type"] == "KSampler"]
+    assert graphs["identifier"][sampler["inputs"]["model"][0]]["class_type"] == "ProductBGMaskGuidedAttention"
+    assert "ProductBGReferenceStyle" in classes  # still in the graph, just no longer on the sampler's path
+    meter = g.Meter(cuda=False)
+    meter.samples = {"unpatched": [(2.0, 2, 5000.0, 300.0)], "identifier": [(2.1, 2, 5010.0, 310.0)],
+                     "patched": [(2.4, 2, 5100.0, 400.0)]}
+    s = meter.summary()
+    assert (s["patch_ratio"], s["style_ratio"], s["ratio"]) == (1.05, round(2.4 / 2.1, 4), 1.2)
+    assert (s["patch_increment_mib"], s["style_increment_mib"]) == (10.0, 90.0)
