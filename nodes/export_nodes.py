@@ -127,19 +127,34 @@ def stack(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays).astype(np.float32))
 
 
-def _upscaler(model: Optional[Any]):
-    """ComfyUI's UPSCALE_MODEL (a spandrel descriptor) as an imaging upscaler on ComfyUI's device."""
+def _upscaler(model: Optional[Any]) -> Optional["ComfyUpscaler"]:
+    """ComfyUI's UPSCALE_MODEL as the export's upscaler (None: Lanczos)."""
     if model is None:
         return None
-    from ..pipeline.upscale import ModelUpscaler
+    channels = (getattr(model, "input_channels", 3), getattr(model, "output_channels", 3))
+    if channels != (3, 3):
+        raise NodeInputError(f"upscale_model is a {channels[0]}-channel to {channels[1]}-channel model; the "
+                             "background is RGB: connect an RGB (3-channel) upscale model, or none for Lanczos")
+    return ComfyUpscaler(model)
 
-    try:
-        import comfy.model_management as mm
 
-        device = mm.get_torch_device()
-    except ImportError:
-        device = "cpu"
-    return ModelUpscaler(model, device)
+class ComfyUpscaler:
+    """``[H, W, 3]`` float32 → ``[sH, sW, 3]`` through ComfyUI's own *Upscale Image (using Model)*: memory freed
+    through model management before the model moves to the GPU, tiles halved on out-of-memory, progress shown,
+    the model offloaded after."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.scale = model, int(model.scale)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
+
+        pixels = torch.from_numpy(np.ascontiguousarray(image[..., :3], np.float32))[None]
+        if hasattr(ImageUpscaleWithModel, "execute"):  # V3 node (ComfyUI 0.3.6x and later)
+            (out,) = ImageUpscaleWithModel.execute(self.model, pixels).result
+        else:
+            (out,) = ImageUpscaleWithModel().upscale(self.model, pixels)
+        return out[0].float().cpu().numpy()
 
 
 def save_file(export: imaging.Export, prefix: str) -> dict[str, str]:

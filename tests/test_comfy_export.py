@@ -11,7 +11,7 @@ from productbg import imaging
 pytestmark = pytest.mark.comfyui
 
 
-def test_export_node_delivers_the_native_product_at_export_size(comfy, tmp_path):
+def test_export_node_delivers_the_native_product_at_export_size(comfy, tmp_path, monkeypatch):
     """LoadImage → Segment → Place (canvas amazon-zoom, a 64² generation canvas) → "generated" (a blur) →
     Export (PNG; and JPEG through Load Upscale Model): 2000² files with the sRGB profile, the product's core
     equal to the 301×211 source rendered once at 2000², the report measured at export size."""
@@ -45,7 +45,15 @@ def test_export_node_delivers_the_native_product_at_export_size(comfy, tmp_path)
         "export_up": {"class_type": "ProductBGExportProduct", "inputs": dict(
             export_inputs, format="jpeg", filename_prefix="pbg_export_up", upscale_model=["upscaler", 0])},
     }
+    import comfy.model_management as mm
+
+    freed = []
+    original_free = mm.free_memory
+    monkeypatch.setattr(mm, "free_memory", lambda need, device, *a, **kw: freed.append(need)
+                        or original_free(need, device, *a, **kw))
     outputs = comfy.run(graph)
+    monkeypatch.undo()
+    assert freed, "the upscale model was moved to the device without asking model management for memory"
     saved = {p.name.split("_000")[0]: p for p in comfy.saved_images(outputs)}
     assert set(saved) == {"pbg_export", "pbg_export_up"}
     with Image.open(saved["pbg_export_up"]) as im:
@@ -63,3 +71,16 @@ def test_export_node_delivers_the_native_product_at_export_size(comfy, tmp_path)
     report = json.loads(outputs["export"]["text"][0])
     assert report["pass"] and report["images"][0]["metrics"]["size"] == [2000, 2000]
     assert report["images"][0]["metrics"]["delta_e2000"]["p95"] == 0.0
+
+
+def test_a_non_rgb_upscale_model_is_refused_in_one_line(comfy):
+    from spandrel.architectures.Compact import Compact
+
+    from spandrel import ModelLoader
+
+    model = ModelLoader().load_from_state_dict(Compact(num_in_ch=1, num_out_ch=1, num_feat=8, num_conv=2,
+                                                       upscale=2).state_dict())
+    upscaler = comfy.pack_module("nodes.export_nodes")._upscaler
+    with pytest.raises(ValueError, match="1-channel to 1-channel model; the background is RGB"):
+        upscaler(model)
+
