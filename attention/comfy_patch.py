@@ -36,9 +36,9 @@ This module imports ComfyUI only lazily, inside sampling. No host sync in the ho
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import math
+import sys
 import weakref
 from collections import OrderedDict
 from typing import Any, Callable
@@ -90,20 +90,12 @@ def _check_latent(guidance: Guidance, extra_options: dict) -> None:
                 "cannot be aligned with a crop: use ConditioningSetMask, or sample the full image")
 
 
-@functools.lru_cache(maxsize=1)
-def _comfy_attention_module() -> Any:
-    try:
-        from comfy.ldm.modules import attention
-    except ImportError:
-        return None
-    return attention
-
-
 def comfy_attention(extra_options: dict) -> AttentionFn:
     """ComfyUI's optimized attention with this layer's precision and transformer options (read at call time, so
     packs that replace it — sage attention and the like — and ``optimized_attention_override`` apply)."""
-    comfy_attn = _comfy_attention_module()
-    if comfy_attn is None:  # the adapter's objects driven outside ComfyUI (unit tests, benches)
+    # ComfyUI's UNet imported it before any attention call; absent, the adapter runs outside ComfyUI (unit tests)
+    comfy_attn = sys.modules.get("comfy.ldm.modules.attention")
+    if comfy_attn is None:
         return plain_attention
     precision = extra_options.get("attn_precision")
 
