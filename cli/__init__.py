@@ -6,16 +6,19 @@ a table of contents. The commands import the error type from the leaf module :mo
 
 Every command runs under one guard (:func:`main`): an expected failure — a bad option, file, path or
 permission, a missing optional dependency, running out of memory — is one line on stderr and exit status 2;
-anything else is a bug: its traceback is shown with a line asking to report it (exit status 3).
+anything else is a bug: its traceback is shown with a line asking to report it (exit status 3). Warnings
+(Python's, and those of PIL, numpy, torch …) are one line too: ``productbg <command>: warning: <message>``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import sys
 import traceback
+import warnings
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, Iterator, NoReturn, Sequence
 
 from .. import __version__
 from .errors import CliError
@@ -107,6 +110,20 @@ def expected_message(e: BaseException) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def warnings_in_one_line(name: str) -> Iterator[None]:
+    """Show every warning as ``<name>: warning: <message>`` on stderr (no file, line or source) while inside."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{name}: warning: {one_line(message)}", file=sys.stderr)
+
+    saved = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = saved
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -118,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     name = f"productbg {args.command}"
     try:
-        return int(args.func(args) or 0)
+        with warnings_in_one_line(name):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{name}: interrupted", file=sys.stderr)
         return 130

@@ -95,13 +95,12 @@ def check_device(name: str, flag: str = "--device") -> str:
 # ---------------------------------------------------------------------------------------------- inputs
 def input_file(path: str | os.PathLike, flag: str) -> Path:
     """An existing regular file; CheckError saying what the path is instead."""
+    from ..fileio import not_a_file
+
     p = Path(path)
-    if p.is_dir():
-        raise CheckError(f"{flag} {p}: is a folder, not a file")
-    if not p.exists():
-        raise CheckError(f"{flag} {p}: no such file")
-    if not p.is_file():
-        raise CheckError(f"{flag} {p}: not a regular file")
+    problem = not_a_file(p)
+    if problem:
+        raise CheckError(f"{flag} {p}: {problem}")
     if not os.access(p, os.R_OK):
         raise CheckError(f"{flag} {p}: permission denied (cannot read it)")
     return p

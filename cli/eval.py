@@ -22,9 +22,13 @@ delta_e_before / delta_e_after (mean CIEDE2000 inside the product), expansion (o
 style_similarity (cosine of background embeddings, image vs reference), category_consistency (leave-one-out
 nearest-centroid accuracy), fid (only with --fid-real and a FID library whose weights are already on disk).
 Embeddings: CLIP vision with --clip-vision (or the tiny random one with --tiny), else a colour histogram.
-A result whose files cannot be read (truncated image, mask of another size) is listed under "failed" and the
-others are still evaluated.
-exit status: 0 evaluated, 1 some results failed (see "failed"), 2 usage or input error."""
+Every image is measured at its generation size (that of mask.png / placed.png / raw_<k>.png): an --export
+image, the same picture delivered larger, is area-resized to it (the delivered file's own report is in
+result.json). What cannot be evaluated is listed under "failed" and the others are still evaluated: a file that
+cannot be read, an image of another aspect than its mask, a bad manifest row, an unfinished item folder (no
+complete result.json), a row the batch failed (its summary.json).
+exit status: 0 every result evaluated, 1 some failed (see "failed"), 2 usage or input error (nothing to
+evaluate)."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -204,7 +204,8 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
 
 
 def check_export_args(args: argparse.Namespace) -> None:
-    """Export options: the ones that need --export, and the upscale model file (before anything loads)."""
+    """Export options: the ones that need --export, and the upscale model (loaded once to check it, before the
+    other models load)."""
     if getattr(args, "export", None) is None:
         given = [o for o in EXPORT_ONLY if getattr(args, o, None) is not None]
         if given:
@@ -214,12 +215,10 @@ def check_export_args(args: argparse.Namespace) -> None:
     if getattr(args, "format", None) == "jpg":
         args.format = "jpeg"
     if getattr(args, "upscaler", None):
+        from ..pipeline.upscale import load_upscaler
+
         _model_file(Path(args.upscaler), "--upscaler", "upscale model")
-        try:
-            import spandrel  # noqa: F401
-        except ImportError:
-            raise checks.CheckError("--upscaler needs spandrel, which is not installed; install it with: "
-                                    "pip install 'productbg[upscale]' (or leave --upscaler out for Lanczos)") from None
+        load_upscaler(args.upscaler)  # refused here, before sampling: spandrel missing, not RGB, NaN output
 
 
 def settings_from_args(args: argparse.Namespace) -> GenerateSettings:

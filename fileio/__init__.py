@@ -1,7 +1,9 @@
-"""Temporary files for atomic writes: written beside the destination, then ``os.replace``-d over it."""
+"""File helpers: temporary files for atomic writes (written beside the destination, then ``os.replace``-d over
+it), and what a path that is not a readable file is instead."""
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -23,3 +25,21 @@ def default_file_mode(directory: bool = False) -> int:
     current = os.umask(0)
     os.umask(current)
     return (0o777 if directory else 0o666) & ~current
+
+
+def not_a_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as a regular file — ``no such file``, ``is a folder, not a file``, ``is a FIFO
+    (named pipe), not a regular file`` … — or None when it is one (what a "not found" would misname)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "no such file"
+    except OSError as e:
+        return e.strerror or str(e)
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+    return f"is {kind}, not a regular file"

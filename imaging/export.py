@@ -94,7 +94,7 @@ def resize_background(image: np.ndarray, size: tuple[int, int], method: str = "l
         raise ValueError(f"resampler {method!r}: choose one of {', '.join(RESAMPLERS)}")
     x = np.ascontiguousarray(image[..., :3], np.float32)
     if upscaler is not None and (x.shape[1] < size[0] or x.shape[0] < size[1]):
-        x = np.ascontiguousarray(upscaler(x), np.float32)
+        x = _checked_upscale(upscaler(x))
     if (x.shape[1], x.shape[0]) == tuple(size):
         return np.clip(x, 0.0, 1.0)
     shrinking = size[0] < x.shape[1] and size[1] < x.shape[0]
@@ -102,6 +102,18 @@ def resize_background(image: np.ndarray, size: tuple[int, int], method: str = "l
                                              "bilinear": cv2.INTER_LINEAR}[method]
     out = cv2.resize(x, tuple(size), interpolation=flag).reshape(size[1], size[0], 3)
     return np.clip(out, 0.0, 1.0)
+
+
+def _checked_upscale(out: np.ndarray) -> np.ndarray:
+    """An upscaler's output when it is a finite RGB image (NaN would be written as black pixels)."""
+    x = np.ascontiguousarray(out, np.float32)
+    if x.ndim != 3 or x.shape[2] != 3:
+        raise ValueError(f"the upscale model returned an image of shape {tuple(x.shape)}, not RGB; use an RGB "
+                         "(3-channel) upscale model")
+    if not np.isfinite(x).all():
+        raise ValueError("the upscale model returned NaN or infinite values (a broken model, or one that "
+                         "overflows); use another upscale model, or none")
+    return x
 
 
 @dataclass

@@ -13,6 +13,16 @@ Over the set: ``category_consistency`` (leave-one-out nearest-category-centroid 
 embeddings, with mean cosine within / between categories) and FID through a maintained library, only when
 the library and its Inception weights are already on disk (never downloaded); otherwise it is skipped with the
 reason. Embeddings come from a CLIP vision model when given, else a colour histogram (no weights).
+
+Every per-image metric is measured at the **generation size**, the size of the item's ``mask.png`` /
+``placed.png`` / ``raw_<k>.png``: an export (``--export``: the same picture delivered larger, its aspect up to
+the canvas' rounding to 8-px cells) is area-resized to that canvas first. Those reference files exist only at
+that size, so this is the one size at which before/after and every item compare alike; the delivered file's
+own preservation is measured when it is written (``result.json``'s ``reports``).
+
+What cannot be evaluated is listed under ``failed`` with its reason, and the rest is still evaluated: an
+unreadable file, an image of another aspect than its mask, a bad manifest row, an unfinished item folder (no
+complete ``result.json``), and the rows a batch's ``summary.json`` lists as failed (never generated).
 """
 from __future__ import annotations
 
@@ -28,10 +38,15 @@ import numpy as np
 import torch
 
 from .. import imaging
+from ..fileio import not_a_file
+from ..imaging.composite import resize_image
 from .errors import PipelineError
 from .image_files import load_mask, load_rgb
-from .outputs import RESULT_FILE, read_result
+from .outputs import RESULT_FILE, item_folders, read_result, unfinished_reason
 
+#: The canvas is rounded to 8-px cells (the VAE's factor): an export may differ from its aspect by one cell.
+CELL = 8
+SUMMARY_FILE = "summary.json"
 METRICS = ("psnr_before_db", "psnr_after_db", "delta_e_before", "delta_e_after", "expansion", "style_similarity")
 
 
@@ -46,6 +61,7 @@ class EvalItem:
     raw: Path | None = None
     category: str | None = None
     reference: Path | None = None
+    error: str | None = None  # why it cannot be evaluated (listed under "failed")
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -54,63 +70,137 @@ def collect_items(source: str | os.PathLike) -> list[EvalItem]:
 
     A manifest (``.csv`` with a header / ``.jsonl``) has ``image`` (required), ``mask``, ``placed``, ``raw``,
     ``category`` and ``reference``; relative paths are relative to the manifest.
+
+    Items that cannot be evaluated carry ``error`` (see the module docstring); they never stop the others.
+
+    Raises:
+        PipelineError: no such source, a manifest that cannot be read or has no rows, or a folder without any
+            finished item.
     """
     p = Path(source)
     if p.is_dir():
-        items = [i for marker in sorted(p.rglob(RESULT_FILE)) for i in _folder_items(marker.parent, p)]
-        if not items:
-            raise PipelineError(f"{p}: no finished results (folders with {RESULT_FILE}) found")
-        return items
+        return _results_folder_items(p)
     if p.is_file():
         return _manifest_items(p)
     raise PipelineError(f"{p}: no such results folder or manifest")
+
+
+def _results_folder_items(root: Path) -> list[EvalItem]:
+    items = [i for marker in sorted(root.rglob(RESULT_FILE)) for i in _folder_items(marker.parent, root)]
+    done = {i.image.parent for i in items}
+    unfinished = [EvalItem(_rel(folder, root), folder, error=unfinished_reason(folder))
+                  for folder in item_folders(root) if folder not in done]
+    failures = unfinished + _batch_failures(root, {i.name for i in unfinished})
+    if not items:
+        extra = f"; {len(failures)} unfinished or failed: {failures[0].name}: {failures[0].error}" if failures else ""
+        raise PipelineError(f"{root}: no finished results (folders with {RESULT_FILE}) found{extra}")
+    return items + failures
+
+
+def _rel(path: Path, root: Path, name: str = "") -> str:
+    """``path`` below ``root`` (plus ``name``) as a '/'-separated label; the root itself is left out."""
+    rel = path.relative_to(root).as_posix()
+    return "/".join(part for part in (rel if rel != "." else "", name) if part) or "."
 
 
 def _folder_items(folder: Path, root: Path) -> list[EvalItem]:
     data = read_result(folder)
     if data is None:
         return []
-    rel = folder.relative_to(root).as_posix()
     ref = data.get("reference")
-    return [EvalItem(f"{rel}/{image}", folder / image, folder / data["mask"], folder / data["placed"],
+    return [EvalItem(_rel(folder, root, image), folder / image, folder / data["mask"], folder / data["placed"],
                      folder / data["raw"][k] if k < len(data.get("raw", [])) else None, data.get("category"),
                      Path(ref) if ref else None)
             for k, image in enumerate(data["images"])]
 
 
+def _batch_failures(root: Path, listed: set[str]) -> list[EvalItem]:
+    """The rows each batch ``summary.json`` below ``root`` lists as failed (never generated), except those
+    already listed as unfinished folders."""
+    out = []
+    for path in sorted(root.rglob(SUMMARY_FILE)):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        failed = data.get("failed") if isinstance(data, dict) and "done" in data else None
+        for row in failed if isinstance(failed, list) else []:
+            if not isinstance(row, dict):
+                continue
+            name = _rel(path.parent, root, str(row.get("name") or f"manifest line {row.get('line')}"))
+            if name not in listed:
+                out.append(EvalItem(name, path, error=f"not generated: the batch failed its manifest line "
+                                                      f"{row.get('line')} ({row.get('reason')})"))
+    return out
+
+
 def _manifest_items(path: Path) -> list[EvalItem]:
-    rows = _read_rows(path)
-    root, items = path.resolve().parent, []
-    for line, row in rows:
-        if not (row.get("image") or "").strip():
-            raise PipelineError(f"{path.name} line {line}: no 'image'")
-        files = {k: _existing(root, row.get(k), path.name, line) for k in ("image", "mask", "placed", "raw", "reference")}
-        items.append(EvalItem(str(row["image"]), files["image"], files["mask"], files["placed"], files["raw"],
-                              (row.get("category") or "").strip() or None, files["reference"]))
+    root = path.resolve().parent
+    items = [_manifest_item(row, root, path.name, line) for line, row in _read_rows(path)]
     if not items:
         raise PipelineError(f"{path.name}: no rows")
     return items
 
 
-def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def _manifest_item(row: dict[str, Any] | str, root: Path, fname: str, line: int) -> EvalItem:
+    """The row's item, or an item carrying the reason it cannot be evaluated."""
+    image, where = row.get("image") if isinstance(row, dict) else None, f"{fname} line {line}"
+    label = image.strip() if isinstance(image, str) and image.strip() else where
+    try:
+        if isinstance(row, str):
+            raise PipelineError(row)
+        if not isinstance(image, str) or not image.strip():
+            raise PipelineError("no 'image' (a path)")
+        files = {k: _existing(root, row.get(k), k) for k in ("image", "mask", "placed", "raw", "reference")}
+        category = row.get("category")
+        return EvalItem(label, files["image"], files["mask"], files["placed"], files["raw"],
+                        (category.strip() or None) if isinstance(category, str) else None, files["reference"])
+    except PipelineError as e:
+        return EvalItem(label, _path_or_root(image, root), error=str(e) if label == where else f"{where}: {e}")
+
+
+def _path_or_root(value: Any, root: Path) -> Path:
+    """The path a manifest value names (relative to ``root``), or ``root`` when it names none."""
+    if not isinstance(value, str) or not value.strip():
+        return root
+    p = Path(value.strip()).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict[str, Any] | str]]:
+    """``(line, row)`` pairs; a JSONL line that is not a JSON object comes as the text of its problem."""
     try:
         if path.suffix.lower() in (".jsonl", ".ndjson"):
             lines = path.read_text(encoding="utf-8-sig").splitlines()
-            return [(i, json.loads(t)) for i, t in enumerate(lines, 1) if t.strip()]
+            return [(i, _json_row(t)) for i, t in enumerate(lines, 1) if t.strip()]
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
+            header = [(c or "").strip() for c in reader.fieldnames or []]
+            if "image" not in header:
+                raise PipelineError(f"{path.name}: no 'image' column; the first line must name the columns (image, "
+                                    f"mask, placed, raw, category, reference), got {header or 'nothing'}")
             return [(reader.line_num, {(k or "").strip(): v for k, v in r.items()}) for r in reader]
-    except (OSError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise PipelineError(f"{path.name}: cannot read ({e})") from None
 
 
-def _existing(root: Path, value: Any, fname: str, line: int) -> Path | None:
-    if not isinstance(value, str) or not value.strip():
+def _json_row(text: str) -> dict[str, Any] | str:
+    try:
+        row = json.loads(text)
+    except ValueError as e:
+        return f"not valid JSON ({getattr(e, 'msg', e)})"
+    return row if isinstance(row, dict) else "each line must be a JSON object"
+
+
+def _existing(root: Path, value: Any, key: str) -> Path | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    p = Path(value.strip()).expanduser()
-    p = p if p.is_absolute() else root / p
-    if not p.is_file():
-        raise PipelineError(f"{fname} line {line}: file not found: {p}")
+    if not isinstance(value, str):
+        raise PipelineError(f"'{key}' must be a path, got {type(value).__name__}")
+    p = _path_or_root(value, root)
+    problem = not_a_file(p)
+    if problem:
+        raise PipelineError(f"{key} {p}: {problem}")
     return p
 
 
@@ -150,16 +240,15 @@ class ClipEmbedder:
 
 # ---------------------------------------------------------------------------------------------- per image
 def evaluate_item(item: EvalItem, embedder: Any, reference_cache: dict[Path, np.ndarray]) -> dict[str, Any]:
-    """Metrics of one image (None where its files do not allow one) plus its background embedding."""
-    image = load_rgb(item.image)
-    mask = _sized(load_mask(item.mask), image, item.mask) if item.mask else None
-    placed = _sized(load_rgb(item.placed), image, item.placed) if item.placed else None
-    out: dict[str, Any] = {"name": item.name, "category": item.category, **{m: None for m in METRICS}}
+    """Metrics of one image (None where its files do not allow one) plus its background embedding, measured at
+    the generation size (see the module docstring)."""
+    image, mask, placed, raw = _load_at_canvas(item)
+    out: dict[str, Any] = {"name": item.name, "category": item.category, **{m: None for m in METRICS},
+                           "size": [int(image.shape[1]), int(image.shape[0])]}
     if mask is not None and (mask >= 0.5).any() and placed is not None:
         out["psnr_after_db"] = imaging.masked_psnr(placed, image, mask)
         out["delta_e_after"] = imaging.color_drift(placed, image, mask)["mean"]
-        if item.raw:
-            raw = _sized(load_rgb(item.raw), image, item.raw)
+        if raw is not None:
             out["psnr_before_db"] = imaging.masked_psnr(placed, raw, mask)
             out["delta_e_before"] = imaging.color_drift(placed, raw, mask)["mean"]
     if mask is not None and (mask >= 0.5).any():
@@ -172,12 +261,38 @@ def evaluate_item(item: EvalItem, embedder: Any, reference_cache: dict[Path, np.
     return {"metrics": out, "embedding": embedding}
 
 
-def _sized(array: np.ndarray, image: np.ndarray, path: Path) -> np.ndarray:
-    """``array`` when it has the image's height and width; PipelineError naming the file otherwise."""
-    if array.shape[:2] != image.shape[:2]:
-        raise PipelineError(f"{path.name} is {array.shape[1]}×{array.shape[0]} but its image is "
-                            f"{image.shape[1]}×{image.shape[0]}")
-    return array
+def _load_at_canvas(item: EvalItem) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """(image, mask, placed, raw) at the generation canvas' size: that of the first of mask / placed / raw given
+    (they must all have it); the image is brought to it (:func:`at_canvas`)."""
+    files = [(load(p), p) if p else (None, None)
+             for p, load in ((item.mask, load_mask), (item.placed, load_rgb), (item.raw, load_rgb))]
+    image = load_rgb(item.image)
+    canvas = next(((a, p) for a, p in files if a is not None), None)
+    if canvas is None:
+        return image, None, None, None
+    for array, path in files:
+        if array is not None and array.shape[:2] != canvas[0].shape[:2]:
+            raise PipelineError(f"{path.name} is {_wxh(array)} but {canvas[1].name} is {_wxh(canvas[0])}: the files "
+                                "of one result must share the generation size")
+    return (at_canvas(image, canvas[0].shape[:2], item.image, canvas[1].name), *(a for a, _ in files))
+
+
+def at_canvas(image: np.ndarray, hw: tuple[int, int], path: Path, canvas_name: str = "its mask") -> np.ndarray:
+    """``image`` at the generation canvas' ``(height, width)``: unchanged at that size; area-resized when it is
+    the same picture at another size (an export: the canvas' aspect, up to the canvas' rounding to :data:`CELL`
+    pixels); PipelineError naming the files otherwise."""
+    height, width = image.shape[:2]
+    if (height, width) == tuple(hw):
+        return image
+    k = max(hw) / max(height, width)
+    if abs(width * k - hw[1]) > CELL or abs(height * k - hw[0]) > CELL:
+        raise PipelineError(f"{path.name} is {_wxh(image)} but {canvas_name} is {hw[1]}×{hw[0]}: not the same "
+                            "picture at another size (an export keeps its canvas' aspect)")
+    return resize_image(image, (int(hw[0]), int(hw[1])))
+
+
+def _wxh(array: np.ndarray) -> str:
+    return f"{array.shape[1]}×{array.shape[0]}"
 
 
 def _reference_embedding(path: Path, embedder: Any) -> np.ndarray:
@@ -250,6 +365,8 @@ def evaluate(items: Sequence[EvalItem], embedder: Any | None = None, fid_real: s
     per_item, embeddings, cache, good, failed = [], [], {}, [], []
     for i, item in enumerate(items):
         try:
+            if item.error is not None:
+                raise PipelineError(item.error)
             result = evaluate_item(item, embedder, cache)
         except (PipelineError, imaging.ProductFolderError, OSError) as e:  # one bad file fails its row only
             failed.append({"name": item.name, "image": str(item.image), "reason": " ".join(str(e).split())})

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
+from ..fileio import not_a_file
 from .errors import PipelineError
 
 MAX_SEED = 2 ** 63 - 1
@@ -78,10 +79,23 @@ class Shard:
 def shard_from_env(env: dict[str, str] | None = None) -> Shard:
     """The shard of this process under ``accelerate launch`` / ``torchrun`` (RANK, WORLD_SIZE), else 0 of 1."""
     env = os.environ if env is None else env
+    rank, world = _env_integer(env, "RANK", "0"), _env_integer(env, "WORLD_SIZE", "1")
+    if world < 1:
+        raise PipelineError(f"WORLD_SIZE={world}: the number of processes must be at least 1 (set by accelerate "
+                            "launch / torchrun; unset it to run one process)")
+    if not 0 <= rank < world:
+        raise PipelineError(f"RANK={rank} with WORLD_SIZE={world}: the rank must be from 0 to {world - 1} (each "
+                            "process of WORLD_SIZE has its own RANK; unset both to run one process)")
+    return Shard(rank, world)
+
+
+def _env_integer(env: dict[str, str], name: str, default: str) -> int:
+    text = env.get(name, default)
     try:
-        return Shard(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")))
+        return int(text)
     except ValueError:
-        raise PipelineError(f"RANK={env.get('RANK')!r} / WORLD_SIZE={env.get('WORLD_SIZE')!r} are not integers") from None
+        raise PipelineError(f"{name}={text!r} is not an integer (set by accelerate launch / torchrun; unset it to "
+                            "run one process)") from None
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -192,8 +206,9 @@ def _parse(line: int, data: dict[str, Any], root: Path, out: Path, seed: int, n:
 def _image_path(text: str, root: Path, what: str) -> Path:
     p = Path(text).expanduser()
     p = p if p.is_absolute() else root / p
-    if not p.is_file():
-        raise PipelineError(f"{what} image not found: {p}")
+    problem = not_a_file(p)
+    if problem:
+        raise PipelineError(f"{what} image {p}: {problem}")
     return p
 
 

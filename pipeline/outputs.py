@@ -127,20 +127,41 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
 
 def read_result(folder: str | os.PathLike) -> dict | None:
     """The item's ``result.json`` when the item is complete (every file it names exists), else None."""
-    folder = Path(folder)
+    return _load_result(Path(folder))[0]
+
+
+def unfinished_reason(folder: str | os.PathLike) -> str:
+    """Why ``folder`` is not a finished item (what :func:`read_result` found missing), for messages."""
+    return _load_result(Path(folder))[1] or "finished"
+
+
+def _load_result(folder: Path) -> tuple[dict | None, str]:
+    """(the complete item's ``result.json``, "") or (None, why the item is unfinished)."""
+    rerun = "rerun the command that wrote it to finish it"
     try:
         data = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    except FileNotFoundError:
+        return None, f"unfinished: no {RESULT_FILE} (the run writing this item stopped before the end); {rerun}"
+    except (OSError, ValueError) as e:
+        return None, f"{RESULT_FILE} cannot be read ({' '.join(str(e).split())}); {rerun}"
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not data["images"]:
-        return None
+        return None, f"{RESULT_FILE} lists no images; {rerun}"
     names = [*data["images"], *data.get("raw", []), data.get("placed"), data.get("mask")]
-    if not all(isinstance(n, str) and "/" not in n and (folder / n).is_file() for n in names):
-        return None
-    return data
+    missing = [str(n) for n in names if not (isinstance(n, str) and "/" not in n and (folder / n).is_file())]
+    if missing:
+        return None, f"{RESULT_FILE} names missing files ({', '.join(missing[:3])}); {rerun}"
+    return data, ""
 
 
 _NUMBERED = re.compile(r"^(image|raw)_(\d+)\.(png|jpg|webp)$")
+_ITEM_NAME = r"(result\.json|placed\.png|mask\.png|(image|raw)_\d+\.(png|jpg|webp))"
+#: An item's files, and the hidden temp files (``.<name>.<random>.tmp``) a killed writer leaves.
+_ITEM_FILE = re.compile(rf"^{_ITEM_NAME}$|^\.{_ITEM_NAME}\..*{re.escape(TMP_SUFFIX)}$")
+
+
+def item_folders(root: str | os.PathLike) -> list[Path]:
+    """Every folder at or below ``root`` holding an item's files (finished or not), sorted."""
+    return sorted({p.parent for p in Path(root).rglob("*") if _ITEM_FILE.match(p.name) and p.is_file()})
 
 
 def _remove_extra_images(folder: Path, count: int, image_ext: str = "png") -> None:

@@ -37,6 +37,7 @@ from .sampling import SAMPLERS, SampleInputs, make_scheduler, sample_inpaint, up
 
 ImageInput = Any  # a path, an [H, W, 3|4] array / tensor in 0..1, or a Prepared canvas
 REFERENCE_GROW = 4
+MIN_CANVAS_SIDE = 16
 REPORT_THRESHOLDS = imaging.Thresholds(min_psnr_db=20.0, max_delta_e_mean=2.0, max_expansion_ratio=0.05)
 
 
@@ -120,6 +121,8 @@ class GenerateSettings:
                 imaging.parse_export_size(f"{self.export[0]}x{self.export[1]}")
         except ValueError as e:
             raise PipelineError(str(e)) from None
+        if self.export is not None:
+            check_export_canvas(self.export, self.size)
         if self.resampler not in imaging.export.RESAMPLERS:
             raise PipelineError(f"resampler must be one of {', '.join(imaging.export.RESAMPLERS)}")
 
@@ -133,11 +136,25 @@ class GenerateSettings:
 def check_canvas(canvas: tuple[int, int]) -> tuple[int, int]:
     """PipelineError unless both sides of a ``(width, height)`` canvas are multiples of 8 and at least 16."""
     w, h = (int(v) for v in canvas)
-    if min(w, h) < 16 or w % 8 or h % 8:
+    if min(w, h) < MIN_CANVAS_SIDE or w % 8 or h % 8:
         near = "x".join(str(max(16, round(v / 8) * 8)) for v in (w, h))
         raise PipelineError(f"canvas {w}x{h}: width and height must be multiples of 8 and at least 16 (the VAE "
                             f"works on 8-pixel cells); use e.g. {near}")
     return w, h
+
+
+def check_export_canvas(export: tuple[int, int], size: int) -> tuple[int, int]:
+    """The generation canvas of an export (its aspect, ``size`` on the longer side); PipelineError naming the
+    ``--size`` that fits when the export is so elongated that a side would fall under 16 px."""
+    w, h = imaging.generation_size(export, size)
+    if min(w, h) >= MIN_CANVAS_SIDE:
+        return w, h
+    fits = next((k for k in range(size, 64 * max(export), 8)
+                 if min(imaging.generation_size(export, k)) >= MIN_CANVAS_SIDE), None)
+    hint = f"use --size {fits} or more, or" if fits else "use"
+    raise PipelineError(f"--export {export[0]}x{export[1]} at --size {size} gives a {w}x{h} generation canvas (the "
+                        f"export's aspect with --size as its longer side), and both sides must be at least "
+                        f"{MIN_CANVAS_SIDE} px: {hint} a less elongated --export")
 
 
 def defaults_for(backbone: Any, base: "GenerateSettings | None" = None) -> "GenerateSettings":
@@ -301,6 +318,7 @@ class ProductBGPipeline:
                                          inpaint_grow=imaging.inpaint_grow_pixels(*canvas, s.inpaint_grow))
         except ValueError as e:
             raise PipelineError(f"{source or 'product'}: {e}") from None
+        check_placement(placement.mask, layout, s, source)
         keep = s.export is not None
         return Prepared(np.asarray(placement.image, np.float32), np.asarray(placement.mask, np.float32),
                         np.asarray(placement.inpaint_mask, np.float32), source,
@@ -360,6 +378,8 @@ class ProductBGPipeline:
         if n < 1:
             raise PipelineError(f"n must be at least 1, got {n}")
         prep = self.prepare(product, s)
+        if s.export is not None:
+            self.upscaler(s.upscaler)  # loaded (and checked) before anything is sampled
         prompt = self.prompts.encode(category, s.template, s.extra_text)
         guidance = self._guidance(prompt.spec, prep, reference, s)
         inputs = SampleInputs(
@@ -388,6 +408,9 @@ class ProductBGPipeline:
     def _finish(self, raw: torch.Tensor, prep: Prepared, seed: int, category: str | None, prompt: str,
                 s: GenerateSettings) -> Result:
         generated = raw.permute(1, 2, 0).cpu().numpy().astype(np.float32)
+        if not np.isfinite(generated).all():  # written as-is, NaN would be black pixels
+            raise PipelineError("the model produced NaN or infinite pixels (a numeric overflow, e.g. in float16): "
+                                "rerun with --dtype fp32")
         final = np.asarray(imaging.composite_product(generated, prep.placed, prep.mask, s.feather), np.float32)
         output_mask = None
         if s.report_expansion:  # the output's product found by GrabCut seeded with the input's, as the node does
@@ -425,6 +448,19 @@ class ProductBGPipeline:
 
             cache[path] = load_upscaler(path, self.device)
         return cache[path]
+
+
+def check_placement(mask: np.ndarray, layout: imaging.Layout, s: GenerateSettings, source: str) -> None:
+    """PipelineError, before anything is sampled, when the placed product covers no pixel of the generation
+    canvas (or, with an export, is smaller than a pixel of it), naming the settings to raise."""
+    where = f"{source or 'product'}: at --fill {s.fill_ratio:g} the product"
+    if not (np.asarray(mask) >= 0.5).any():
+        w, h = s.canvas()
+        raise PipelineError(f"{where} covers no whole pixel of the {w}x{h} generation canvas: raise --fill or "
+                            "--size")
+    if s.export is not None and min(layout.box()[2:]) < 1:
+        raise PipelineError(f"{where} is smaller than a pixel of the {s.export[0]}x{s.export[1]} export: raise "
+                            "--fill, or export larger")
 
 
 def style_target(components: Components):

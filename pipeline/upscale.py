@@ -19,6 +19,7 @@ from .errors import PipelineError
 EXTRA = "upscale"
 TILE = 512
 OVERLAP = 32
+PROBE = 16  # side of the grey image an upscaler is tried on when loaded
 
 
 def _spandrel() -> Any:
@@ -60,7 +61,15 @@ def load_upscaler(path: str | os.PathLike, device: str | torch.device = "cpu") -
                             f"({' '.join(str(e).split())[:200]})") from None
     if not isinstance(model, spandrel.ImageModelDescriptor):
         raise PipelineError(f"--upscaler {path}: a {type(model).__name__}, not a single-image upscale model")
-    return ModelUpscaler(model.eval(), device, name=path.name)
+    if (model.input_channels, model.output_channels) != (3, 3):
+        raise PipelineError(f"--upscaler {path}: a {model.input_channels}-channel to {model.output_channels}-channel "
+                            "model; the background is RGB, so use an RGB (3-channel) upscale model")
+    upscaler = ModelUpscaler(model.eval(), device, name=path.name)
+    if not np.isfinite(upscaler(np.full((PROBE, PROBE, 3), 0.5, np.float32))).all():
+        raise PipelineError(f"--upscaler {path}: the model turns a grey test image into NaN or infinite values (a "
+                            "broken file, or weights that overflow); use another upscale model, or leave --upscaler "
+                            "out to resize with Lanczos")
+    return upscaler
 
 
 class ModelUpscaler:
@@ -78,6 +87,7 @@ class ModelUpscaler:
 
     @torch.no_grad()
     def __call__(self, image: np.ndarray) -> np.ndarray:
+        """``[H, W, 3]`` float32 0..1 → ``[sH, sW, 3]`` (NaN stays NaN: the export refuses it)."""
         x = torch.from_numpy(np.ascontiguousarray(image[..., :3], np.float32)).permute(2, 0, 1)[None]
         dtype = next(iter(self.model.model.parameters())).dtype
         self.model.to(self.device)

@@ -137,6 +137,29 @@ def test_shard_from_env():
         shard_from_env({"RANK": "3", "WORLD_SIZE": "2"})
 
 
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "5", "WORLD_SIZE": "2"}, "RANK=5 with WORLD_SIZE=2: the rank must be from 0 to 1"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0: the number of processes must be at least 1"),
+    ({"RANK": "-1", "WORLD_SIZE": "2"}, "the rank must be from 0 to 1"),
+    ({"RANK": "one"}, "RANK='one' is not an integer"),
+])
+def test_shard_from_env_says_what_is_wrong(env, message):
+    """Integers that do not make a shard are not called "not integers": the message names the broken rule."""
+    with pytest.raises(PipelineError) as e:
+        shard_from_env(env)
+    assert message in str(e.value) and ("not an integer" in str(e.value)) == ("one" in env.values())
+
+
+def test_product_that_is_a_folder_or_fifo_says_what_it_is(tmp_path):
+    """A row whose product is a folder or a FIFO fails with what the path is, not "not found"."""
+    (tmp_path / "shoes.png").mkdir()
+    os.mkfifo(tmp_path / "pipe.png")
+    rows = read_manifest(_manifest(tmp_path, ["shoes.png,a,1", "pipe.png,a,2", "gone.png,a,3"]), tmp_path / "o")
+    errors = [r.error for r in rows]
+    assert "is a folder, not a file" in errors[0] and "is a FIFO (named pipe), not a regular file" in errors[1]
+    assert "no such file" in errors[2] and not any("not found" in e for e in errors)
+
+
 def test_manifest_path_traversal_rejected(tmp_path):
     """Output names that would write outside --out are refused per row; nothing is written outside."""
     names = _products(tmp_path / "in", 1)
@@ -169,7 +192,7 @@ def test_bad_rows_reported_not_fatal(tmp_path, pipe):
     summary = run_batch(read_manifest(manifest, out), out, lambda: pipe, progress=False)
     reasons = {f["line"]: f["reason"] for f in summary.failed}
     assert summary.done == 2 and set(reasons) == {3, 4, 5, 7}
-    assert "not found" in reasons[3] and "cannot read" in reasons[4]
+    assert "no such file" in reasons[3] and "cannot read" in reasons[4]
     assert "integer" in reasons[5] and "already used by line 6" in reasons[7]
     saved = json.loads((out / "summary.json").read_text())
     assert saved["done"] == 2 and len(saved["failed"]) == 4 and saved["images_per_minute"] > 0

@@ -72,18 +72,48 @@ def test_errors_are_one_line_exit_2(argv, message, tmp_path, product, capsys, mo
 
 
 def test_batch_exit_1_on_failed_rows_and_eval_reads_output(tmp_path, product, capsys):
-    """A batch with a bad row exits 1 with the summary as the last line; eval then measures its output."""
+    """A batch with a bad row exits 1 with the summary as the last line; eval then measures its output and, as
+    batch does, exits 1 listing the row that was never generated."""
     (tmp_path / "m.csv").write_text("product,category,seed\nproduct.png,shoes,1\nmissing.png,shoes,2\n")
     out = tmp_path / "out"
     assert main(["batch", str(tmp_path / "m.csv"), "--out", str(out), "--no-progress", *TINY]) == 1
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert summary["done"] == 1 and summary["failed"][0]["line"] == 3
-    assert main(["eval", str(out), "--no-progress", "--json", str(tmp_path / "eval.json")]) == 0
+    assert main(["eval", str(out), "--no-progress", "--json", str(tmp_path / "eval.json")]) == 1
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].split() == ["metric", "n", "mean", "min", "max"]
+    assert any(line.startswith("failed") and "manifest line 3: not generated" in line for line in printed)
     last = json.loads(printed[-1])
     assert last["images"] == 1 and last["summary"]["delta_e_after"]["n"] == 1
+    assert [f["name"] for f in last["failed"]] == ["manifest line 3"]
     assert len(json.loads((tmp_path / "eval.json").read_text())["items"]) == 1
+
+
+def test_eval_exits_1_on_a_partial_results_folder(tmp_path, product, capsys):
+    """An item folder left unfinished (its result.json gone, as after a kill) is a failed item: exit 1, listed."""
+    for name in ("a", "b"):
+        assert main(["generate", "--product", product, "--out", str(tmp_path / "out" / name), *TINY]) == 0
+    (tmp_path / "out" / "b" / "result.json").unlink()
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "out"), "--no-progress"]) == 1
+    last = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert last["images"] == 1 and [f["name"] for f in last["failed"]] == ["b"]
+    assert "unfinished: no result.json" in last["failed"][0]["reason"]
+
+
+def test_warnings_are_one_line_in_the_tools_voice(tmp_path, capsys):
+    """A library warning (PIL's, on a palette PNG with byte transparency) is printed as one
+    ``productbg <command>: warning: ...`` line, without file, line number or source."""
+    import numpy as np
+    from PIL import Image
+
+    rgb = (packshot(48).image * 255).astype(np.uint8)
+    alpha = np.where(rgb.min(-1) < 250, 255, 0).astype(np.uint8)
+    Image.fromarray(np.dstack([rgb, alpha])).convert("P").save(tmp_path / "palette.png")
+    assert main(["generate", "--product", str(tmp_path / "palette.png"), "--out", str(tmp_path / "o"), *TINY]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("note:")]
+    assert err == ["productbg generate: warning: Palette images with Transparency expressed in bytes should be "
+                   "converted to RGBA images"]
 
 
 def test_generate_and_batch_on_the_embedded_demo_model(tmp_path, product, capsys):

@@ -11,6 +11,7 @@ import torch
 from productbg.pipeline.errors import PipelineError
 from productbg.pipeline.evaluate import ColourHistogram, category_consistency, collect_items, evaluate
 from productbg.pipeline.fid import compute_fid
+from productbg.pipeline.image_files import load_rgb
 from productbg.pipeline.outputs import save_png
 
 S = 128
@@ -80,7 +81,7 @@ def test_category_consistency():
 
 
 def test_results_folder_items(tmp_path):
-    """A folder of batch items yields one eval item per image; an unfinished item is ignored."""
+    """A folder of batch items yields one eval item per image; an unfinished item is an item that failed."""
     from productbg.pipeline.outputs import write_json
 
     item = tmp_path / "x"
@@ -90,8 +91,9 @@ def test_results_folder_items(tmp_path):
                 "mask": "mask.png", "category": "shoes", "reference": None}, item / "result.json")
     save_png(np.zeros((8, 8, 3), np.float32), tmp_path / "unfinished" / "image_0.png")
     items = collect_items(tmp_path)
-    assert [i.name for i in items] == ["x/image_0.png", "x/image_1.png"]
+    assert [i.name for i in items] == ["x/image_0.png", "x/image_1.png", "unfinished"]
     assert items[1].raw.name == "raw_1.png" and items[0].category == "shoes"
+    assert items[0].error is None and "no result.json" in items[2].error
     with pytest.raises(PipelineError, match="no finished results"):
         collect_items(tmp_path / "unfinished")
 
@@ -146,3 +148,58 @@ def test_fid_with_a_local_backend(tmp_path, monkeypatch):
     result = compute_fid(fakes, real)
     assert result["status"] == "ok" and result["library"] == "pytorch-fid" and result["value"] > 0.1
     assert compute_fid(sorted(real.glob("*.png")), real)["value"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_an_export_is_evaluated_at_its_generation_size(fixture_set):
+    """An image that is its canvas delivered larger (an --export) is area-resized to mask.png's size and measured
+    there; an image of another aspect is a failed item, and the others are still evaluated."""
+    clean = load_rgb(fixture_set / "clean.png")
+    save_png(clean.repeat(4, 0).repeat(4, 1), fixture_set / "export.png")        # 512² of the 128² canvas
+    save_png(clean.repeat(4, 0).repeat(3, 1), fixture_set / "stretched.png")     # another aspect
+    rows = [{"image": name, "mask": "mask.png", "placed": "placed.png", "raw": "raw.png"}
+            for name in ("export.png", "stretched.png")]
+    (fixture_set / "exports.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    report = evaluate(collect_items(fixture_set / "exports.jsonl"))
+    [item] = report["items"]
+    assert item["size"] == [S, S] and item["psnr_after_db"] == math.inf and item["delta_e_after"] == 0.0
+    assert report["failed"][0]["name"] == "stretched.png"
+    assert "is 384×512 but mask.png is 128×128: not the same picture" in report["failed"][0]["reason"]
+
+
+def test_bad_manifest_rows_fail_alone(fixture_set):
+    """A missing file, a folder, a row without an image and a line that is not a JSON object fail their own row,
+    each with its reason; the good row is evaluated."""
+    (fixture_set / "folder.png").mkdir()
+    rows = [json.dumps({"image": "clean.png", "mask": "mask.png", "placed": "placed.png"}),
+            json.dumps({"image": "gone.png"}), json.dumps({"image": "folder.png"}), json.dumps({"image": 5}),
+            "[1, 2]", "{not json"]
+    (fixture_set / "bad.jsonl").write_text("\n".join(rows) + "\n")
+    report = evaluate(collect_items(fixture_set / "bad.jsonl"))
+    reasons = [f"{f['name']}: {f['reason']}" for f in report["failed"]]
+    assert report["images"] == 1 and len(reasons) == 5
+    assert "gone.png: bad.jsonl line 2: image" in reasons[0] and reasons[0].endswith("gone.png: no such file")
+    assert reasons[1].endswith("folder.png: is a folder, not a file")
+    assert reasons[2] == "bad.jsonl line 4: no 'image' (a path)"
+    assert reasons[3] == "bad.jsonl line 5: each line must be a JSON object"
+    assert reasons[4].startswith("bad.jsonl line 6: not valid JSON")
+
+
+def test_results_folder_lists_unfinished_items_and_failed_batch_rows(tmp_path):
+    """A results folder's unfinished item (result.json naming a missing file) and the rows its batch summary lists
+    as failed are items that failed; the finished item is evaluated."""
+    from productbg.pipeline.outputs import write_json
+
+    for name in ("done", "partial"):
+        for f in ("image_0.png", "raw_0.png", "placed.png", "mask.png"):
+            save_png(np.zeros((8, 8, 3), np.float32), tmp_path / name / f)
+        write_json({"images": ["image_0.png"], "raw": ["raw_0.png"], "placed": "placed.png", "mask": "mask.png"},
+                   tmp_path / name / "result.json")
+    (tmp_path / "partial" / "raw_0.png").unlink()
+    write_json({"done": 1, "failed": [{"line": 3, "name": "gone-s2", "product": "gone.png",
+                                       "reason": "product image gone.png: no such file"}]}, tmp_path / "summary.json")
+    report = evaluate(collect_items(tmp_path))
+    failed = {f["name"]: f["reason"] for f in report["failed"]}
+    assert report["images"] == 1 and set(failed) == {"partial", "gone-s2"}
+    assert "result.json names missing files (raw_0.png)" in failed["partial"]
+    assert failed["gone-s2"] == ("not generated: the batch failed its manifest line 3 (product image gone.png: no "
+                                 "such file)")

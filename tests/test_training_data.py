@@ -195,3 +195,19 @@ def test_build_uses_the_pack_segmentation_for_opaque_photos(tmp_path):
     index = open_bg60k(tmp_path / "out")
     masks = [np.asarray(Image.open(r.mask)) for r in index.records]
     assert len(masks) == 7 and all(m[10, 10] == 255 and m[0, 0] == 0 for m in masks)
+
+
+def test_build_skips_a_source_too_small_to_segment(tmp_path, capsys):
+    """A 1×1 photo among good ones is skipped with its reason; the build goes on and exits 0 (it used to abort
+    after writing some images)."""
+    from productbg.cli import main
+
+    pytest.importorskip("productbg.imaging.segment")
+    src = _user_folder(tmp_path / "src")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(src / "鞋子" / "z_dot.png")   # after some are written
+    assert main(["dataset", "build", str(src), str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "7 written" in printed and "cannot segment it: image is too small (1x1 px)" in printed
+    report = json.loads((tmp_path / "out" / "build_report.json").read_text(encoding="utf-8"))
+    assert [why for path, why in report["skipped"] if path.endswith("z_dot.png")] == [
+        "cannot segment it: image is too small (1x1 px)"]

@@ -152,7 +152,10 @@ def _prepare(path: Path, segmenter: Segmenter | None, max_side: int | None) -> t
     if mask is None:
         if segmenter is None:
             return "no alpha channel and no segmentation available (productbg.imaging.segment)"
-        mask, origin = (np.asarray(segmenter(rgb), dtype=np.float32) >= 0.5).astype(np.float32), "segmentation"
+        try:
+            mask, origin = (np.asarray(segmenter(rgb), dtype=np.float32) >= 0.5).astype(np.float32), "segmentation"
+        except ValueError as e:  # too small, a single colour …: this source only
+            return f"cannot segment it: {' '.join(str(e).split())}"
     if mask.shape != (rgb.size[1], rgb.size[0]):
         return f"mask size {mask.shape[::-1]} differs from image size {rgb.size}"
     if not mask.any():
