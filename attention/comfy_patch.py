@@ -444,14 +444,13 @@ def _controlnet_contexts(guidance: Guidance, conds: list) -> dict[str, torch.Ten
 
 
 def _with_controlnet_contexts(conds: list, free: dict[str, torch.Tensor]) -> list:
-    """New cond dicts with ``crossattn_controlnet`` set (on every cond, so cond and uncond still batch)."""
-    from comfy.conds import CONDCrossAttn
-
+    """New cond dicts with ``crossattn_controlnet`` set (on every cond, so cond and uncond still batch). The model
+    cond is built with the class of the cond's own ``c_crossattn`` (ComfyUI's CONDCrossAttn): no ComfyUI import."""
     def one(x: dict) -> dict:
-        context = free.get(str(x.get("uuid")))
-        if context is None:
+        context, model_conds = free.get(str(x.get("uuid"))), x.get("model_conds", {})
+        if context is None or "c_crossattn" not in model_conds:
             return x
-        return {**x, "model_conds": {**x.get("model_conds", {}), CONTROLNET_CONTEXT: CONDCrossAttn(context)}}
+        return {**x, "model_conds": {**model_conds, CONTROLNET_CONTEXT: type(model_conds["c_crossattn"])(context)}}
     return [[one(x) for x in group] if group else group for group in conds]
 
 
