@@ -80,6 +80,12 @@ def make_scheduler(config: dict, steps: int, sampler: str = "ddim"):
                                                             use_karras_sigmas=True)
     else:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+    # DDIM's timesteps are offset by steps_offset: at as many steps as training timesteps the last one would
+    # index past the noise schedule
+    limit = scheduler.config.num_train_timesteps - int(getattr(scheduler.config, "steps_offset", 0) or 0)
+    if not 1 <= steps <= limit:
+        raise ValueError(f"{steps} sampling steps: this model's noise schedule allows 1 to {limit} with {sampler}; "
+                         f"use --steps {limit} or fewer")
     scheduler.set_timesteps(steps)
     return scheduler
 

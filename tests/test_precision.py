@@ -177,3 +177,17 @@ def test_noise_levels_are_add_noise_at_the_next_step(steps):
                 expect = float(alpha), float(sigma)
             assert (a, b) == pytest.approx(expect, rel=1e-6), (sampler, i)
         assert getattr(scheduler, "begin_index", None) is None        # restored
+
+
+def test_more_steps_than_the_noise_schedule_allows_is_refused_in_one_line():
+    """SD1.5's DDIM offsets its timesteps by 1: 1000 steps would index past the 1000-entry schedule (an
+    IndexError inside diffusers); the limit is said up front, and the limit itself samples."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(sampling.__file__).resolve().parent.parent / "assets" / "sd15" /
+                         "scheduler_config.json").read_text(encoding="utf-8"))  # the shipped SD1.5 schedule
+    with pytest.raises(ValueError, match="allows 1 to 999 with ddim; use --steps 999 or fewer"):
+        sampling.make_scheduler(config, 1000, "ddim")
+    scheduler = sampling.make_scheduler(config, 999, "ddim")
+    assert int(scheduler.timesteps.max()) < config["num_train_timesteps"]
