@@ -1,7 +1,7 @@
 """Command line: ``productbg <command> ...`` (also ``python -m productbg ...``).
 
 Each command is one module of this package (``generate``, ``batch``, ``eval``, ``demo``, ``weights``,
-``training``) and registers itself here through a small ``add_parser(subparsers)`` function, so this file stays
+``bank``, ``training``) and registers itself here through a small ``add_parser(subparsers)`` function, so this file stays
 a table of contents. The commands import the error type from the leaf module :mod:`.errors`, never this file.
 
 Every command runs under one guard (:func:`main`): an expected failure — a bad option, file, path or
@@ -38,8 +38,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:
-    from . import batch, demo, eval, generate, training, weights
-    return [weights.add_parser, demo.add_parser, training.add_parser,
+    from . import bank, batch, demo, eval, generate, training, weights
+    return [weights.add_parser, bank.add_parser, demo.add_parser, training.add_parser,
             generate.add_parser, batch.add_parser, eval.add_parser]
 
 

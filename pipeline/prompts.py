@@ -2,7 +2,7 @@
 
 A bank may hold thousands of categories; rather than adding a token per category to the vocabulary, the
 encoder reserves ``vectors_per_id`` placeholder tokens once and writes the current category's vectors into
-their embedding rows before encoding (what ComfyUI's Category Prompt does by splicing tensors into the token
+the first of their embedding rows (as many as the category's own vector count) before encoding (what ComfyUI's Category Prompt does by splicing tensors into the token
 list). Without identifiers the category's name is used as plain words and those words are confined instead
 (the zero-shot "Background Words" behaviour).
 
@@ -175,19 +175,28 @@ class PromptEncoder:
 
     # ------------------------------------------------------------------ helpers
     def _install(self, vectors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Write each encoder's ``vectors`` into its placeholder rows (reserving them on first use); their ids."""
-        if self._slots is None or self._slots[0].numel() != vectors[0].shape[0]:
-            if self._slots is not None:
-                raise PipelineError("identifiers with different vector counts in one run")
-            self._slots = [install_identifiers(tok, enc, v[None].float()).token_ids[0]
-                           for tok, enc, v in zip(self.tokenizers, self.encoders, vectors)]
+        """Write each encoder's ``vectors`` into its first placeholder rows; their ids.
+
+        The placeholders are reserved on first use, as many as the bank's ``vectors_per_id`` (the most any of
+        its categories has): a category with fewer vectors (each has its own count) uses the first of them."""
+        count = int(vectors[0].shape[0])
+        if self._slots is None:
+            most = max(count, int(getattr(self.identifiers, "vectors_per_id", count)))
+            self._slots = []
+            for tok, enc, v in zip(self.tokenizers, self.encoders, vectors):
+                reserve = torch.zeros(1, most, v.shape[1])
+                self._slots.append(install_identifiers(tok, enc, reserve).token_ids[0])
             if any(not torch.equal(s, self._slots[0]) for s in self._slots[1:]):
                 raise PipelineError("the two tokenizers gave the identifier different token ids")
-        for enc, slots, v in zip(self.encoders, self._slots, vectors):
+        if count > self._slots[0].numel():
+            raise PipelineError(f"an identifier of {count} vectors, but {self._slots[0].numel()} placeholders were "
+                                "reserved (the bank's vectors_per_id)")
+        used = [s[:count] for s in self._slots]
+        for enc, slots, v in zip(self.encoders, used, vectors):
             emb = enc.get_input_embeddings().weight
             with torch.no_grad():
                 emb[slots.to(emb.device)] = v.to(emb)
-        return self._slots
+        return used
 
     def _ids(self, text: str) -> tuple[torch.Tensor, ...]:
         return tuple(tok(text, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids

@@ -107,6 +107,36 @@ def checkpoint_backbone(path: str | os.PathLike):
     return detect_backbone(header.tensors, Path(path).name)
 
 
+def token_embeddings(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
+    """A ``.safetensors`` checkpoint's family and its text encoders' token input embeddings, ``[vocab, width]``
+    per encoder (``clip_l``; SDXL adds ``clip_g``), read from the file alone (no model is built).
+
+    These are the matrices ``text_encoder.get_input_embeddings().weight`` of :func:`load_single_file` holds.
+    """
+    from ..weights.safefile import SafeReader, read_header
+
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such checkpoint file")
+    if p.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{p.name}: only .safetensors checkpoints are read (.ckpt/.pt files are pickles "
+                              "that can run code; convert them first)")
+    backbone = checkpoint_backbone(p)
+    keys = {"sd15": {"clip_l": TEXT_PREFIX + "embeddings.token_embedding.weight"},
+            "sdxl": {"clip_l": SDXL_TEXT_PREFIX + "embeddings.token_embedding.weight",
+                     "clip_g": SDXL_TEXT2_PREFIX + "token_embedding.weight"}}[backbone.family]
+    header = read_header(p)
+    missing = [k for k in keys.values() if k not in header.tensors]
+    if missing:
+        raise CheckpointError(f"{p.name}: no text-encoder token embeddings ({missing[0]}); a full "
+                              f"{backbone.label} checkpoint is needed")
+    reader = SafeReader(p, header)
+    try:
+        return backbone.family, {enc: reader.tensor(key) for enc, key in keys.items()}
+    finally:
+        reader.close()
+
+
 # ---------------------------------------------------------------------------------------------- loading
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` checkpoint (pickle files are refused: they can run code)."""

@@ -402,7 +402,7 @@ def test_malformed_banks(tmp_path, names, meta, tensors, match):
 
 
 def test_newer_schema_and_other_files_are_mismatches(tmp_path):
-    path = write_bank(tmp_path / "b.safetensors", ["a", "b"], **{"productbg.schema": "2"})
+    path = write_bank(tmp_path / "b.safetensors", ["a", "b"], **{"productbg.schema": "3"})
     with pytest.raises(FormatMismatchError, match="newer productbg"):
         load_bank(path)
     other = tmp_path / "lora.safetensors"

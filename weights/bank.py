@@ -59,19 +59,24 @@ class Category:
 
 
 class _Row:
-    """Where one category's vectors live: a row of an open file, or tensors in memory."""
+    """Where one category's vectors live: a row of an open file (padded to ``vectors_per_id``; the first
+    ``count`` are the category's), or its ``[count, width]`` tensors in memory."""
 
-    __slots__ = ("reader", "index", "tensors")
+    __slots__ = ("reader", "index", "tensors", "count")
 
     def __init__(self, reader: SafeReader | None = None, index: int = 0,
-                 tensors: dict[str, torch.Tensor] | None = None) -> None:
-        self.reader, self.index, self.tensors = reader, index, tensors
+                 tensors: dict[str, torch.Tensor] | None = None, count: int | None = None) -> None:
+        self.reader, self.index, self.tensors, self.count = reader, index, tensors, count
+        if tensors is not None and count is None:
+            self.count = int(next(iter(tensors.values())).shape[0])
 
     def get(self, encoder: str) -> torch.Tensor:
+        """The category's own ``[count, width]`` vectors (None count: the whole row)."""
         if self.tensors is not None:
             return self.tensors[encoder]
         assert self.reader is not None
-        return self.reader.rows(encoder, self.index, self.index + 1)[0]
+        row = self.reader.rows(encoder, self.index, self.index + 1)[0]
+        return row if self.count is None else row[:self.count]
 
 
 class CategoryBank:
@@ -86,11 +91,14 @@ class CategoryBank:
         dtype: dtype the vectors are stored in.
         width: text width of the ``clip_l`` vectors. For ``"tiny"``: optional, else the first category added
             fixes it. For ``"sd15"``/``"sdxl"`` it is 768 and may be omitted.
+        varied_counts: categories may have fewer vectors than ``vectors_per_id`` (each its own count, e.g.
+            its description's tokens: ``productbg bank from-text``); saved as a schema-2 file when they do.
+            Off (default): every category has exactly ``vectors_per_id``.
     """
 
     def __init__(self, family: str = "sd15", vectors_per_id: int = 1, template: str = DEFAULT_TEMPLATE,
                  training: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32,
-                 width: int | None = None) -> None:
+                 width: int | None = None, varied_counts: bool = False) -> None:
         check_family(family)
         check_vectors_per_id(vectors_per_id)
         check_template(template)
@@ -106,6 +114,7 @@ class CategoryBank:
         self._folded: dict[str, list[str]] = {}
         self._reader: SafeReader | None = None
         self.path: Path | None = None
+        self.varied_counts = bool(varied_counts)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -123,15 +132,16 @@ class CategoryBank:
         """
         header = read_header(path)
         meta, names, loras = parse_bank_header(header)
-        bank = cls(meta.family, meta.vectors_per_id, meta.template, meta.training, meta.dtype, meta.width)
+        bank = cls(meta.family, meta.vectors_per_id, meta.template, meta.training, meta.dtype, meta.width,
+                   varied_counts=meta.counts is not None)
         bank._loras = loras
-        bank._attach(SafeReader(header.path, header), names)
+        bank._attach(SafeReader(header.path, header), names, meta.counts)
         return bank
 
-    def _attach(self, reader: SafeReader, names: list[str]) -> None:
+    def _attach(self, reader: SafeReader, names: list[str], counts: list[int] | None = None) -> None:
         self._reader, self.path = reader, reader.path
         self._names = names
-        self._rows = [_Row(reader, i) for i in range(len(names))]
+        self._rows = [_Row(reader, i, count=None if counts is None else counts[i]) for i in range(len(names))]
         self._reindex()
 
     def close(self) -> None:
@@ -169,8 +179,17 @@ class CategoryBank:
 
     @property
     def vectors_per_id(self) -> int:
-        """Vectors per identifier."""
+        """Vectors per identifier: the most any category may have (each has its own :meth:`vector_count`)."""
         return self._meta.vectors_per_id
+
+    def vector_count(self, name: str) -> int:
+        """How many vectors this category's identifier has (``vectors_per_id`` unless the bank records fewer)."""
+        row = self._rows[self._index[self.resolve(name)]]
+        return self.vectors_per_id if row.count is None else row.count
+
+    def vector_counts(self) -> list[int]:
+        """Every category's vector count, in row order."""
+        return [self.vectors_per_id if r.count is None else r.count for r in self._rows]
 
     @property
     def template(self) -> str:
@@ -279,7 +298,7 @@ class CategoryBank:
 
         Args:
             name: category name (any script; stored NFC-normalized).
-            vectors: ``[vectors_per_id, width]`` (768 for sd15; a tiny bank's width, or any width for the
+            vectors: ``[n, width]`` with ``n`` 1..``vectors_per_id`` (the category's own count; 768 for sd15; a tiny bank's width, or any width for the
                 first category of a tiny bank without one), or a mapping encoder -> tensor.
             lora: optional per-category LoRA.
             replace: overwrite an existing category of the same name instead of raising.
@@ -383,18 +402,24 @@ class CategoryBank:
             t = vectors[enc]
             width = self._width(enc)
             got = f"got {getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}"
+            n = "n" if self.varied_counts else str(self.vectors_per_id)
+            n_ok = (isinstance(t, torch.Tensor) and t.ndim == 2
+                    and (1 <= t.shape[0] <= self.vectors_per_id if self.varied_counts else t.shape[0] == self.vectors_per_id))
+            n_rule = f" (n 1..{self.vectors_per_id})" if self.varied_counts else ""
             if width is None:  # a tiny bank's first vectors: any width in range
                 if (not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.ndim != 2
-                        or t.shape[0] != self.vectors_per_id or not 1 <= t.shape[1] <= MAX_WIDTH):
+                        or not n_ok or not 1 <= t.shape[1] <= MAX_WIDTH):
                     raise WeightsError(f"category '{name}': {enc} vectors must be a float tensor of shape "
-                                       f"[{self.vectors_per_id}, width] (width 1..{MAX_WIDTH}), {got}")
+                                       f"[{n}, width] (width 1..{MAX_WIDTH}){n_rule}, {got}")
             else:
-                want = (self.vectors_per_id, width)
-                if not isinstance(t, torch.Tensor) or not t.is_floating_point() or tuple(t.shape) != want:
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not n_ok or t.shape[1] != width:
                     fixed = f" (this {self.family} bank's width is {width})" if self.family in FREE_WIDTH_FAMILIES else ""
                     raise WeightsError(f"category '{name}': {enc} vectors must be a float tensor of shape "
-                                       f"{list(want)}{fixed}, {got}")
+                                       f"[{n}, {width}]{fixed}{n_rule}, {got}")
             out[enc] = check_finite(t.detach().to("cpu", self.dtype).clone(), f"{enc} of '{name}'")
+        if len({int(t.shape[0]) for t in out.values()}) > 1:
+            raise WeightsError(f"category '{name}': every text encoder needs the same number of vectors, got "
+                               f"{ {e: int(t.shape[0]) for e, t in out.items()} }")
         return out
 
     # ------------------------------------------------------------------ saving
@@ -403,7 +428,7 @@ class CategoryBank:
         cache: dict[tuple[int, str], torch.Tensor] = {}
         out = {}
         for enc in self.encoders:
-            rows = [self._row_tensor(r, enc, cache) for r in self._rows]
+            rows = [_padded(self._row_tensor(r, enc, cache), self.vectors_per_id) for r in self._rows]
             if rows:
                 out[enc] = torch.stack(rows).to(self.dtype)
                 continue
@@ -421,11 +446,11 @@ class CategoryBank:
         key = (id(row.reader), enc)
         if key not in cache:
             cache[key] = row.reader.tensor(enc)
-        return cache[key][row.index]
+        return cache[key][row.index] if row.count is None else cache[key][row.index][:row.count]
 
     def metadata(self) -> dict[str, str]:
         """The header metadata this bank saves with."""
-        return bank_metadata(self._meta, self._names, self._loras)
+        return bank_metadata(self._meta, self._names, self._loras, self.vector_counts())
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the bank atomically (temp file in the same folder, then ``os.replace``).
@@ -440,11 +465,20 @@ class CategoryBank:
             The path written.
         """
         stacked = self.tensors()
-        self._rows = [_Row(tensors={e: stacked[e][i] for e in self.encoders}) for i in range(len(self))]
+        counts = self.vector_counts()
+        metadata = self.metadata()
+        self._rows = [_Row(tensors={e: stacked[e][i][:counts[i]] for e in self.encoders}) for i in range(len(self))]
         self.close()
-        dest = atomic_save(stacked, path, self.metadata())
-        self._attach(SafeReader(dest), list(self._names))
+        dest = atomic_save(stacked, path, metadata)
+        self._attach(SafeReader(dest), list(self._names), counts)
         return dest
+
+
+def _padded(vectors: torch.Tensor, n: int) -> torch.Tensor:
+    """``[count, width]`` vectors padded with zero rows to ``[n, width]`` (a bank row holds ``vectors_per_id``)."""
+    if vectors.shape[0] == n:
+        return vectors
+    return torch.cat([vectors, vectors.new_zeros(n - vectors.shape[0], vectors.shape[1])])
 
 
 

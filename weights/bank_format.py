@@ -11,7 +11,8 @@ Layout (schema 1)::
               productbg.width           "32"  (family "tiny" only: the text width of its clip_l vectors)
               productbg.categories      JSON list of names (UTF-8), row i of every tensor is category i
               productbg.template        "a product photo on a {id} background"
-              productbg.vectors_per_id  "4"
+              productbg.vectors_per_id  "4"   (the most any category has: the tensors' second dimension)
+              productbg.vector_counts   JSON list, each category's own vector count (schema 2 only; see below)
               productbg.loras           JSON {name: {"file": "x.safetensors", "strength": 0.8}} (optional)
               productbg.training        JSON {"dataset": ..., "steps": ..., "date": ...} (optional)
 
@@ -19,6 +20,14 @@ Widths: "sd15" and "sdxl" fix them (768 for ``clip_l``, 1280 for ``clip_g``) and
 so their files are unchanged. A "tiny" bank's width is whatever its text encoder has; it is written to
 ``productbg.width``. "tiny" files without ``productbg.width`` (written by earlier productbg versions) take the
 width from their tensor.
+
+Per-category vector counts (schema 2): a bank whose categories have different numbers of vectors (e.g. one
+made by ``productbg bank from-text``, where each category's vectors are its description's tokens) stores every
+row padded with zeros to ``vectors_per_id`` and records each category's own count in
+``productbg.vector_counts``; such a file is written with schema "2", so that an older productbg refuses it
+("upgrade productbg") rather than reading the padding as vectors. A bank whose categories all have
+``vectors_per_id`` vectors is written exactly as before (schema "1", no ``vector_counts``); schema-1 files keep
+loading, every category having ``vectors_per_id`` vectors.
 
 This module reads and writes the header (:func:`parse_bank_header`, :func:`bank_metadata`) and holds the
 rules every field obeys; :class:`~.bank.CategoryBank` is the object built on it.
@@ -37,7 +46,9 @@ from .errors import FormatMismatchError, MalformedFileError, WeightsError
 from .safefile import FLOAT_DTYPES, Header, parse_json_value
 
 BANK_KIND = "category_bank"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Schema of files without per-category vector counts (every file written before schema 2, and those since).
+UNIFORM_SCHEMA = 1
 DEFAULT_TEMPLATE = "a product photo on a {id} background"
 ENCODER_WIDTHS: dict[str, int] = {"clip_l": 768, "clip_g": 1280}
 TINY_FAMILY = "tiny"
@@ -60,6 +71,7 @@ class BankMeta:
     training: dict[str, Any] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
     width: int | None = None  # clip_l width of a free-width family; None until known
+    counts: list[int] | None = None  # each category's own vector count (schema 2); None = all vectors_per_id
 
 
 def is_bank(header: Header) -> bool:
@@ -95,17 +107,22 @@ def check_template(template: Any) -> None:
 
 
 # ---------------------------------------------------------------------- writing
-def bank_metadata(meta: BankMeta, names: list[str], loras: Mapping[str, CategoryLora]) -> dict[str, str]:
-    """The header metadata a bank with these settings, names and LoRA references saves with."""
+def bank_metadata(meta: BankMeta, names: list[str], loras: Mapping[str, CategoryLora],
+                  counts: list[int] | None = None) -> dict[str, str]:
+    """The header metadata a bank with these settings, names, LoRA references and per-category vector counts
+    (None, or all ``vectors_per_id``: a schema-1 file as before) saves with."""
+    varied = counts is not None and any(c != meta.vectors_per_id for c in counts)
     out = {
         "format": "pt",
         META + "kind": BANK_KIND,
-        META + "schema": str(SCHEMA_VERSION),
+        META + "schema": str(SCHEMA_VERSION if varied else UNIFORM_SCHEMA),
         META + "family": meta.family,
         META + "categories": json.dumps(names, ensure_ascii=False),
         META + "template": meta.template,
         META + "vectors_per_id": str(meta.vectors_per_id),
     }
+    if varied:
+        out[META + "vector_counts"] = json.dumps(list(counts))
     if meta.family in FREE_WIDTH_FAMILIES and meta.width is not None:
         out[META + "width"] = str(meta.width)
     if loras:
@@ -138,6 +155,7 @@ def parse_bank_header(header: Header) -> tuple[BankMeta, list[str], dict[str, Ca
         template = meta.get(META + "template", DEFAULT_TEMPLATE)
         check_template(template)
         names = _parse_names(_json_field(meta, "categories", header), fname)
+        counts = _parse_counts(meta, header, len(names), vpi)
         loras = parse_loras(_json_field(meta, "loras", header, default={}), names, fname)
         training = _json_field(meta, "training", header, default={})
         if not isinstance(training, dict):
@@ -147,7 +165,23 @@ def parse_bank_header(header: Header) -> tuple[BankMeta, list[str], dict[str, Ca
         raise
     except WeightsError as e:
         raise MalformedFileError(f"{fname}: {e}") from None
-    return BankMeta(family, vpi, template, training, dtype, width if family in FREE_WIDTH_FAMILIES else None), names, loras
+    return BankMeta(family, vpi, template, training, dtype, width if family in FREE_WIDTH_FAMILIES else None,
+                    counts), names, loras
+
+
+def _parse_counts(meta: Mapping[str, str], header: Header, count: int, vpi: int) -> list[int] | None:
+    """Each category's own vector count (schema 2), or None when the file has none (all ``vectors_per_id``)."""
+    fname = header.path.name
+    if META + "vector_counts" not in meta:
+        if meta.get(META + "schema") == str(SCHEMA_VERSION):
+            raise MalformedFileError(f"{fname}: a schema {SCHEMA_VERSION} bank lacks '{META}vector_counts'")
+        return None
+    counts = _json_field(meta, "vector_counts", header)
+    if (not isinstance(counts, list) or len(counts) != count
+            or any(type(c) is not int or not 1 <= c <= vpi for c in counts)):
+        raise MalformedFileError(f"{fname}: bank metadata 'vector_counts' must be a JSON list of {count} integers "
+                                 f"1..{vpi} (vectors_per_id), got {meta[META + 'vector_counts'][:80]!r}")
+    return counts
 
 
 def _json_field(meta: Mapping[str, str], key: str, header: Header, default: Any = None) -> Any:

@@ -89,13 +89,20 @@ def describe_file(path: str | os.PathLike) -> FileReport:
     return _describe_unknown(header)
 
 
+def _vector_counts(bank: CategoryBank) -> str:
+    counts = bank.vector_counts()
+    if not counts or min(counts) == max(counts) == bank.vectors_per_id:
+        return str(bank.vectors_per_id)
+    return f"{min(counts)}..{max(counts)} (each category its own; stored padded to {bank.vectors_per_id})"
+
+
 def _describe_bank(header: Header) -> FileReport:
     with CategoryBank.load(header.path) as bank:
         names = bank.names
         facts = [
             ("categories", str(len(bank))),
             ("names", ", ".join(names[:5]) + (f", ... (+{len(names) - 5})" if len(names) > 5 else "")),
-            ("vectors/identifier", str(bank.vectors_per_id)),
+            ("vectors/identifier", _vector_counts(bank)),
             ("tensors", ", ".join(f"{e} {list(header.tensors[e].shape)} {header.tensors[e].dtype}"
                                   for e in bank.encoders)),
             ("template", bank.template),

@@ -115,7 +115,7 @@ def export_embedding(bank: CategoryBank | str | os.PathLike, category: str, out:
     try:
         name, tensors = embedding_tensors(b, category)
         meta = {"format": "pt", META + "kind": EMBEDDING_KIND, META + "family": b.family, META + "category": name,
-                META + "vectors": str(b.vectors_per_id), META + "template": b.template}
+                META + "vectors": str(b.vector_count(name)), META + "template": b.template}
         if b.path is not None:
             meta[META + "bank"] = b.path.name
         dest = atomic_save(tensors, out, meta)
