@@ -116,3 +116,33 @@ def test_bad_graph_reports_node_error_and_comfy_keeps_working(comfy, files):
 def test_missing_file_says_where_to_put_it(comfy, files):
     with pytest.raises(ValueError, match="models/productbg/banks"):
         comfy.node_class_mappings["ProductBGLoadCategoryBank"]().load("nope.safetensors")
+
+
+def test_from_text_bank_runs_the_category_path_confined(comfy, files, tmp_path):
+    """``productbg bank from-text`` on the full-size random SD1.5-inpainting checkpoint: Category Prompt's
+    conditioning equals the description written as plain words, and the category graph runs confined."""
+    from productbg.cli import main
+
+    ckpt = comfy.folder_paths.get_full_path("checkpoints", comfy.ckpt_inpaint)
+    rows = {"Coffee Mug": "a cozy wooden kitchen counter", "运动鞋": "a clean concrete urban sidewalk at dawn"}
+    csv = tmp_path / "cats.csv"
+    csv.write_text("category,description\n" + "".join(f"{k},{v}\n" for k, v in rows.items()), encoding="utf-8-sig")
+    assert main(["bank", "from-text", str(csv), "--checkpoint", ckpt,
+                 "--out", str(files / "productbg_banks" / "from_text.safetensors")]) == 0
+    nodes = comfy.node_class_mappings
+    _, clip, _ = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(comfy.ckpt_inpaint)[:3]
+    (bank,) = nodes["ProductBGLoadCategoryBank"]().load("from_text.safetensors")
+    assert bank.family == "sd15" and bank.vector_counts() != [bank.vectors_per_id] * 2
+    for name, description in rows.items():
+        cond, spec = nodes["ProductBGCategoryPrompt"]().encode(clip, bank, name, "", "")
+        assert len(spec.token_indices) == bank.vector_count(name) and spec.token_indices[0] == 6
+        plain = clip.encode_from_tokens(clip.tokenize(f"a product photo on a {description} background"))
+        torch.testing.assert_close(cond[0][0].float(), plain.float(), rtol=1e-3, atol=1e-3)
+    probe = comfy.pack_module("attention.probe")
+    graph = _graph(comfy, category="运动鞋", lora=False, prefix="pbg_from_text")
+    graph["bank"]["inputs"]["bank_name"] = "from_text.safetensors"
+    with probe.record() as rec:
+        outputs = comfy.run(graph)
+    assert len(comfy.saved_images(outputs)) == 1
+    assert rec.layers() == set(range(16))
+    assert all(r.max_mass_on_product == 0 for r in rec.identifier)
