@@ -108,3 +108,21 @@ def test_lora_option_changes_the_output(model_files, tmp_path, capsys):
         outs[name] = (tmp_path / name / "raw_0.png").read_bytes()
     capsys.readouterr()
     assert outs["none"] == outs["zero"] and outs["none"] != outs["full"]
+
+
+def test_generate_with_a_bank_made_from_text(model_files, tmp_path, capsys, monkeypatch):
+    """From a CSV to an image: ``bank from-text`` on the checkpoint, then ``generate --bank --category``; the
+    prompt carries the category's own number of identifier vectors (its description's tokens)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    m = model_files
+    csv = tmp_path / "cats.csv"
+    csv.write_text("lamp,a cozy living room corner in the evening\nmug,marble\n", encoding="utf-8")
+    bank = tmp_path / "bank.safetensors"
+    assert main(["bank", "from-text", str(csv), "--checkpoint", str(m / "model.safetensors"), "--out", str(bank)]) == 0
+    for category, count in (("lamp", 8), ("mug", 1)):
+        out = tmp_path / category
+        assert main(["generate", "--product", str(m / "product.png"), "--category", category, "--bank", str(bank),
+                     "--checkpoint", str(m / "model.safetensors"), "--configs", str(m / "configs"), *TINY,
+                     "--out", str(out)]) == 0, capsys.readouterr().err
+        meta = json.loads((out / "result.json").read_text())
+        assert meta["prompt"].count("<pbg_0_") == count and (out / "raw_0.png").is_file()
