@@ -183,6 +183,41 @@ def _sample(comfy, loaded, category, variant, replay=None):
     return rec, model
 
 
+def test_a_from_text_bank_of_the_full_size_sdxl_checkpoint_runs_confined(comfy, comfy_sdxl_checkpoints, loaded,
+                                                                            sdxl_files, tmp_path):
+    """``productbg bank from-text`` on the full-size random SDXL-inpainting checkpoint (CLIP-L + OpenCLIP-G token
+    embeddings): Category Prompt's conditioning equals the description written as plain words in both encoders,
+    and sampling keeps the category's vectors off the product in all 70 layers."""
+    from productbg.cli import main
+
+    model, clip, _, _ = loaded
+    classes = comfy.node_class_mappings
+    ckpt = comfy.folder_paths.get_full_path("checkpoints", comfy_sdxl_checkpoints["inpaint"])
+    rows = {"Coffee Mug": "a cozy wooden kitchen counter", "运动鞋": "a clean concrete urban sidewalk at dawn"}
+    csv = tmp_path / "cats.csv"
+    csv.write_text("".join(f"{k},{v}\n" for k, v in rows.items()), encoding="utf-8")
+    assert main(["bank", "from-text", str(csv), "--checkpoint", ckpt,
+                 "--out", str(sdxl_files / "productbg_banks" / "from_text_sdxl.safetensors")]) == 0
+    (bank,) = classes["ProductBGLoadCategoryBank"]().load("from_text_sdxl.safetensors")
+    assert bank.family == "sdxl" and set(bank.encoders) == {"clip_l", "clip_g"}
+    for name, description in rows.items():
+        cond, spec = classes["ProductBGCategoryPrompt"]().encode(clip, bank, name, "", "")
+        assert len(spec.token_indices) == bank.vector_count(name)
+        plain = clip.encode_from_tokens(clip.tokenize(f"a product photo on a {description} background"))
+        assert cond[0][0].shape == plain.shape and plain.shape[-1] == 2048
+        torch.testing.assert_close(cond[0][0].float(), plain.float(), rtol=1e-3, atol=1e-3)
+    positive, identifier = classes["ProductBGCategoryPrompt"]().encode(clip, bank, "运动鞋", "", "")
+    negative = comfy.nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :32, :32] = 1
+    patched = classes["ProductBGMaskGuidedAttention"]().patch(model, identifier, mask, 1.0, 0.0, 1.0, "context")[0]
+    latent = comfy.nodes.EmptyLatentImage().generate(64, 64, 1)[0]
+    probe = comfy.pack_module("attention.probe")
+    with torch.no_grad(), probe.record() as rec:
+        comfy.nodes.common_ksampler(patched, 1, 1, 5.0, "euler", "normal", positive, negative, latent)
+    assert rec.layers() == set(range(70)) and all(r.max_mass_on_product == 0 for r in rec.identifier)
+
+
 @pytest.mark.parametrize("variant", ["plain", "style", "foreign"])
 def test_product_cells_do_not_depend_on_the_category_on_sdxl(comfy, loaded, variant):
     first, model = _sample(comfy, loaded, "Coffee Mug", variant)
