@@ -107,6 +107,17 @@ def checkpoint_backbone(path: str | os.PathLike):
     return detect_backbone(header.tensors, Path(path).name)
 
 
+def safetensors_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` as a Path when it is an existing ``.safetensors`` file (pickles are refused: they can run code)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such checkpoint file")
+    if p.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{p.name}: only .safetensors checkpoints are read (.ckpt/.pt files are pickles "
+                              "that can run code; convert them first)")
+    return p
+
+
 def token_embeddings(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
     """A ``.safetensors`` checkpoint's family and its text encoders' token input embeddings, ``[vocab, width]``
     per encoder (``clip_l``; SDXL adds ``clip_g``), read from the file alone (no model is built).
@@ -115,12 +126,7 @@ def token_embeddings(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tens
     """
     from ..weights.safefile import SafeReader, read_header
 
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such checkpoint file")
-    if p.suffix.lower() != ".safetensors":
-        raise CheckpointError(f"{p.name}: only .safetensors checkpoints are read (.ckpt/.pt files are pickles "
-                              "that can run code; convert them first)")
+    p = safetensors_checkpoint(path)
     backbone = checkpoint_backbone(p)
     keys = {"sd15": {"clip_l": TEXT_PREFIX + "embeddings.token_embedding.weight"},
             "sdxl": {"clip_l": SDXL_TEXT_PREFIX + "embeddings.token_embedding.weight",
@@ -143,12 +149,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from ..weights.errors import WeightsError
     from ..weights.safefile import load_all
 
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"{p}: no such checkpoint file")
-    if p.suffix.lower() != ".safetensors":
-        raise CheckpointError(f"{p.name}: only .safetensors checkpoints are loaded (.ckpt/.pt files are pickles "
-                              "that can run code; convert them first)")
+    p = safetensors_checkpoint(path)
     try:
         return load_all(p)[0]
     except WeightsError as e:
