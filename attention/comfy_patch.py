@@ -45,7 +45,7 @@ from typing import Any, Callable
 
 import torch
 
-from .guided import (SD15_LAYER_KEYS, CallPlan, Guidance, IdentifierGuidance, LayerContext, _prompt_tokens,
+from .guided import (SD15_LAYER_KEYS, CallPlan, Guidance, IdentifierGuidance, LayerContext, prompt_tokens,
                      extend_context, guided_cross_attention, plan_call)
 from .identifier import AttentionFn, plain_attention
 from .masks import infer_grid
@@ -334,6 +334,7 @@ def copy_on_clone(parent: Any, clone: Any) -> None:
 #: Per sampling run (guidance, latent size, cond uuids): each cond's identifier-free context for ControlNets
 #: ({} without one). Checked and built at the first step, reused by the others; only small tensors are kept.
 _GUARDED: "OrderedDict[tuple, dict[str, torch.Tensor]]" = OrderedDict()
+_WARNED_MISSING: "weakref.WeakSet[IdentifierGuidance]" = weakref.WeakSet()  # warned once per identifier
 
 
 def guard_sampling(executor: Callable, model: Any, conds: list, x_in: torch.Tensor, timestep: Any,
@@ -396,7 +397,7 @@ def _holds_prompt(context: torch.Tensor, g: IdentifierGuidance) -> bool:
     """Whether ``context`` [1, L, width] holds ``g``'s encoded prompt in one of its 77·k periods."""
     prompt = g.prompt(context.device, context.dtype)
     positive = torch.ones(context.shape[0], dtype=torch.bool, device=context.device)
-    return bool(_prompt_tokens(context, g, prompt, positive).any())
+    return bool(prompt_tokens(context, g, prompt, positive).any())
 
 
 def _check_identifier_prompts(guidance: Guidance, positive: list | None) -> None:
@@ -418,8 +419,8 @@ def _check_identifier_prompts(guidance: Guidance, positive: list | None) -> None
                 "conditioning (ConditioningAverage, a rescaling or weighting node...), so its rows can no longer be "
                 "recognised and the identifier would reach the product unconfined. Connect the prompt's "
                 "conditioning to the sampler unchanged (Combine, Concat, SetMask and timestep ranges are fine)")
-        if not found and not g._cache.get("warned_missing"):
-            g._cache["warned_missing"] = True
+        if not found and g not in _WARNED_MISSING:
+            _WARNED_MISSING.add(g)
             log.warning("productbg: Mask-Guided Attention's identifier prompt is not among the sampler's positive "
                         "conditioning, so nothing is confined; connect Category Prompt / Background Words' "
                         "conditioning to the sampler (a node that rebuilt it, e.g. ConditioningAverage, also "

@@ -318,7 +318,7 @@ def plan_call(guidance: Guidance, context: torch.Tensor, cond_or_uncond: tuple[i
     owners = []
     for g in guidance.identifiers:
         prompt = g.prompt(device, context.dtype) if recognise_prompts else None
-        tokens = _prompt_tokens(context, g, prompt, positive)
+        tokens = prompt_tokens(context, g, prompt, positive)
         owners.append(Owner(g, tokens.any(1).to(torch.float32), tokens))
     gates = {}
     if sigmas is not None:
@@ -331,7 +331,7 @@ def plan_call(guidance: Guidance, context: torch.Tensor, cond_or_uncond: tuple[i
     return CallPlan(guidance, len(cond_or_uncond), positive, tuple(owners), length, extended, gates)
 
 
-def _prompt_tokens(context: torch.Tensor, g: IdentifierGuidance, prompt: torch.Tensor | None,
+def prompt_tokens(context: torch.Tensor, g: IdentifierGuidance, prompt: torch.Tensor | None,
                    positive: torch.Tensor) -> torch.Tensor:
     """[rows, L] bool: tokens of ``context`` that belong to ``g``'s prompt."""
     rows, length = context.shape[:2]
