@@ -1,6 +1,13 @@
-"""``productbg bank ...``: make category banks without training.
+"""``productbg bank ...``: make category banks without training, and curate them.
 
     productbg bank from-text categories.csv --checkpoint FILE --out bank.safetensors [--template T] [--force]
+    productbg bank list BANK [--json]
+    productbg bank rename BANK OLD NEW [--out OUT] [--force]
+    productbg bank remove BANK NAME [NAME ...] [--out OUT] [--force]
+    productbg bank merge BANK BANK [BANK ...] --out OUT [--on-conflict error|keep|replace] [--template T] [--force]
+
+Every write is atomic (a temp file beside the destination, then a rename): a failed command leaves every file as
+it was. ``rename`` and ``remove`` rewrite BANK in place unless ``--out`` is given.
 """
 from __future__ import annotations
 
@@ -10,8 +17,9 @@ from pathlib import Path
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``bank`` and its subcommands on the top-level parser."""
-    p = sub.add_parser("bank", help="make category banks (from text, no training)",
-                       description="Make category banks for Load Category Bank / productbg generate --bank.")
+    p = sub.add_parser("bank", help="make category banks (from text, no training) and curate them",
+                       description="Make and curate category banks for Load Category Bank / productbg generate "
+                                   "--bank: from-text, list, rename, remove, merge.")
     bsub = p.add_subparsers(dest="bank_command", metavar="SUBCOMMAND")
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
@@ -30,6 +38,54 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     help="the bank's prompt template, with {id} once (default 'a product photo on a {id} background')")
     ft.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     ft.set_defaults(func=cmd_from_text)
+    _add_curation_parsers(bsub)
+
+
+def _add_curation_parsers(bsub: argparse._SubParsersAction) -> None:
+    ls = bsub.add_parser("list", help="the categories of a bank (reads only the file's header)",
+                         description="Print a bank's family, template and categories (vector count, LoRA, "
+                                     "preview), reading only the file's header.")
+    ls.add_argument("bank", type=Path, metavar="BANK", help="a category bank (.safetensors)")
+    ls.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    ls.set_defaults(func=cmd_list)
+
+    rn = bsub.add_parser("rename", help="rename a category", description="Rename one category of BANK (its "
+                         "vectors, LoRA and preview stay). OLD may differ in letter case; NEW must be free.")
+    rn.add_argument("bank", type=Path, metavar="BANK", help="a category bank (.safetensors)")
+    rn.add_argument("old", metavar="OLD", help="the category's name")
+    rn.add_argument("new", metavar="NEW", help="its new name")
+    _out_options(rn, "the bank to write (default: BANK itself, rewritten atomically)")
+    rn.set_defaults(func=cmd_rename)
+
+    rm = bsub.add_parser("remove", help="remove categories", description="Remove categories from BANK. Every "
+                         "name must be in the bank (else nothing is written).")
+    rm.add_argument("bank", type=Path, metavar="BANK", help="a category bank (.safetensors)")
+    rm.add_argument("names", nargs="+", metavar="NAME", help="categories to remove")
+    _out_options(rm, "the bank to write (default: BANK itself, rewritten atomically)")
+    rm.set_defaults(func=cmd_remove)
+
+    mg = bsub.add_parser(
+        "merge", help="merge banks of one family into a new bank",
+        description="Merge banks of one family (sd15, sdxl, or tiny of one width) into --out: every category of "
+                    "every bank, in order, vectors bit for bit. Families are never mixed. A category in several "
+                    "banks with different vectors, LoRA or preview (or names that differ only in letter case) is "
+                    "a conflict: by default every conflict is listed, the exit status is 1 and nothing is written; "
+                    "--on-conflict keep|replace resolves them (first bank's / last bank's). Different prompt "
+                    "templates need --template.")
+    mg.add_argument("banks", nargs="+", type=Path, metavar="BANK", help="two or more category banks")
+    mg.add_argument("--out", type=Path, required=True, help="the merged bank to write (.safetensors)")
+    mg.add_argument("--on-conflict", choices=("error", "keep", "replace"), default="error",
+                    help="what a conflict does: error (default: nothing written, exit 1), keep (first bank wins), "
+                         "replace (last bank wins)")
+    mg.add_argument("--template", default=None, help="the merged bank's prompt template, with {id} once "
+                    "(default: the banks' common template)")
+    mg.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    mg.set_defaults(func=cmd_merge)
+
+
+def _out_options(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--out", type=Path, default=None, help=out_help)
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
 
 
 def cmd_from_text(args: argparse.Namespace) -> int:
@@ -49,4 +105,117 @@ def cmd_from_text(args: argparse.Namespace) -> int:
     dest = bank.save(args.out)
     counts = bank.vector_counts()
     print(f"wrote {dest} ({bank.family} bank, {len(bank)} categories, {min(counts)}..{max(counts)} vectors each)")
+    return 0
+
+
+def _open(path: Path):
+    from ..weights.bank import load_bank
+    from . import checks
+
+    checks.input_file(path, "BANK")
+    return load_bank(path)
+
+
+def bank_summary(bank, path: Path) -> dict:
+    """The JSON form of ``productbg bank list``: the bank's settings and every category, from the header."""
+    loras, counts = bank.loras, bank.vector_counts()
+    has_preview = getattr(bank, "has_preview", lambda name: False)
+    return {
+        "file": str(path), "family": bank.family, "width": bank.width, "vectors_per_id": bank.vectors_per_id,
+        "template": bank.template, "dtype": str(bank.dtype).replace("torch.", ""), "count": len(bank),
+        "categories": [{"name": n, "vectors": c,
+                        "lora": {"file": loras[n].file, "strength": loras[n].strength} if n in loras else None,
+                        "preview": bool(has_preview(n))}
+                       for n, c in zip(bank.names, counts)],
+    }
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """Print the bank's categories (text or ``--json``); only the header is read."""
+    import json
+
+    with _open(args.bank) as bank:
+        info = bank_summary(bank, args.bank)
+    if args.json:
+        print(json.dumps(info, ensure_ascii=False, indent=1))
+        return 0
+    width = f" width {info['width']}" if info["family"] == "tiny" else ""
+    print(f"{args.bank}: {info['family']}{width} bank, {info['count']} categories, up to {info['vectors_per_id']} "
+          f"vectors each, {info['dtype']}, template {info['template']!r}")
+    for c in info["categories"]:
+        extra = f"\tlora {c['lora']['file']} x{c['lora']['strength']:g}" if c["lora"] else ""
+        extra += "\tpreview" if c["preview"] else ""
+        print(f"{c['name']}\t{c['vectors']} vector{'s' if c['vectors'] != 1 else ''}{extra}")
+    return 0
+
+
+def _destination(args: argparse.Namespace) -> Path:
+    from . import checks
+
+    if args.out is None:
+        return checks.output_file(args.bank, "BANK", force=True)
+    same = args.out.exists() and args.out.resolve() == args.bank.resolve()
+    return checks.output_file(args.out, "--out", force=args.force or same)
+
+
+def cmd_rename(args: argparse.Namespace) -> int:
+    """Rename one category and write the bank atomically."""
+    from ..weights.bank_names import check_name
+
+    bank = _open(args.bank)
+    dest = _destination(args)
+    with bank:
+        stored, new = bank.resolve(args.old), check_name(args.new)
+        bank.rename(stored, new)
+        bank.save(dest)
+    print(f"renamed {stored!r} to {new!r}: wrote {dest} ({len(bank)} categories)")
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    """Remove categories (every one must exist) and write the bank atomically."""
+    bank = _open(args.bank)
+    dest = _destination(args)
+    with bank:
+        stored = [bank.resolve(n) for n in args.names]  # every name first: a miss writes nothing
+        for name in dict.fromkeys(stored):
+            bank.remove(name)
+        bank.save(dest)
+    print(f"removed {', '.join(repr(n) for n in dict.fromkeys(stored))}: wrote {dest} ({len(bank)} categories left)")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge the banks into ``--out``; conflicts are listed on stderr with exit status 1 and nothing written."""
+    import sys
+
+    from ..weights.bank_format import check_template
+    from ..weights.bank_merge import MergeConflictError, merge_banks
+    from . import checks
+    from .errors import CliError
+
+    if len(args.banks) < 2:
+        raise CliError("give at least two banks to merge")
+    if args.template is not None:
+        check_template(args.template)
+    checks.output_file(args.out, "--out", force=args.force)
+    banks = [_open(p) for p in args.banks]
+    try:
+        try:
+            merged, report = merge_banks(banks, args.on_conflict, args.template)
+        except MergeConflictError as e:
+            for line in e.conflicts:
+                print(f"productbg bank merge: conflict: {line}", file=sys.stderr)
+            print(f"productbg bank merge: error: {len(e.conflicts)} conflict(s); nothing written (resolve them with "
+                  "--on-conflict keep|replace, or rename / remove the categories first)", file=sys.stderr)
+            return 1
+        dest = merged.save(args.out)
+    finally:
+        for b in banks:
+            b.close()
+    for line in report.resolved:
+        print(f"resolved: {line}")
+    taken = ", ".join(f"{n} from {label}" for label, n in report.added.items())
+    same = f"; {len(report.identical)} identical duplicates merged" if report.identical else ""
+    print(f"wrote {dest} ({merged.family} bank, {len(merged)} categories: {taken}{same})")
     return 0
