@@ -481,7 +481,7 @@ def check_bank_fit(identifiers: Any, backbone: Any) -> None:
     """PipelineError when a category bank was made for another backbone than the model's (tiny banks and
     seeded identifiers are checked by width when used)."""
     family = getattr(identifiers, "family", None)
-    if family is None or family == "tiny" or family == backbone.family:
+    if family is None or family in ("tiny", "tiny-sdxl") or family == backbone.family:
         return
     from ..attention import backbones
 

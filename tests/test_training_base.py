@@ -72,9 +72,9 @@ def test_caption_dropout_uses_the_empty_prompt_and_confines_nothing_for_those_ro
     seen = {}
     original = module.guidance_call
 
-    def spy(mask, latent_hw, collect):
+    def spy(mask, latent_hw, collect, plain_context=None):
         seen["mask"] = mask
-        return original(mask, latent_hw, collect)
+        return original(mask, latent_hw, collect, plain_context)
 
     module.guidance_call = spy
     original_encoder = module.text_encoder.forward
@@ -85,7 +85,7 @@ def test_caption_dropout_uses_the_empty_prompt_and_confines_nothing_for_those_ro
 
     module.text_encoder.forward = encoder_spy
     module(batch, step_generator(0, 0, 0, 0))
-    assert (seen["ids"] == module.prompt_ids[-1]).all()  # every row dropped: only the empty prompt encoded
+    assert (seen["ids"] == module.prompt_ids[0, -1]).all()  # every row dropped: only the empty prompt encoded
     assert float(seen["mask"].sum()) == 0.0  # no identifier in those rows, nothing to confine
     with pytest.raises(ValueError, match="caption_dropout"):
         CGConfig(data=data, caption_dropout=1.0)

@@ -31,6 +31,7 @@ import torch
 
 from ..attention import CONFINEMENTS, Guidance, IdentifierGuidance, IdentifierSpec, ProductMask
 from ..attention.diffusers_processor import DiffusersCall, install_processors
+from ..pipeline.sampling import upcast_vae
 from ..pipeline.text import DEFAULT_TEMPLATE, identifier_prompt, tokenize_with_identifier, without_positions
 from . import identifiers, outputs
 from .datasets import BG60kIndex, ImageMaskDataset, open_bg60k
@@ -98,6 +99,7 @@ class CGConfig:
     weights_dtype: str = "float32"
     categories: tuple[str, ...] | None = None
     model_configs: Path | None = None
+    buckets: bool = False  # aspect-ratio buckets (multiple-of-64 sides, one bucket per batch): see docs/training.md
 
     def __post_init__(self) -> None:
         if self.mask_mode not in MASK_MODES:
@@ -115,43 +117,81 @@ class CGConfig:
 
 
 class CGModule(DiffusionModule):
-    """UNet (+LoRA, guided processors), frozen VAE, text encoder with trainable identifiers; forward = loss."""
+    """UNet (+LoRA, guided processors), frozen VAE, text encoder(s) with trainable identifiers; forward = loss.
+
+    SDXL: the pooled text embedding comes from the identifier-free prompt (as inference takes it: it reaches
+    every cell through the time embedding), the empty prompt's for caption-dropped rows; the added time ids
+    from each sample's real size and crop.
+    """
 
     def __init__(self, comps: SDComponents, cfg: CGConfig, prompt_ids: torch.Tensor, spec: IdentifierSpec,
-                 embedding: identifiers.IdentifierEmbedding) -> None:
+                 text: identifiers.IdentifierText) -> None:
         super().__init__(comps)
-        self.text_encoder, self.embedding = comps.text_encoder, embedding
-        self.cfg, self.spec = cfg, spec
-        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
+        self.text, self.cfg, self.spec = text, cfg, spec
+        self.register_buffer("prompt_ids", prompt_ids, persistent=False)  # [encoders, categories + 1, 77]
         # The template without the identifier (the same for every category): what product cells attend to.
-        self.register_buffer("plain_ids", without_positions(prompt_ids[:1], spec.token_indices), persistent=False)
+        plain = torch.stack([without_positions(p[:1], spec.token_indices) for p in prompt_ids])
+        self.register_buffer("plain_ids", plain, persistent=False)  # [encoders, 1, 77]
 
-    def identifier_guidance(self, mask: torch.Tensor, strength: float) -> IdentifierGuidance:
+    @property
+    def embedding(self) -> identifiers.IdentifierEmbedding:
+        """The first (CLIP-L) encoder's trainable identifier rows."""
+        return self.text.embeddings[0]
+
+    @property
+    def text_encoder(self) -> torch.nn.Module:
+        """The first (CLIP-L) text encoder."""
+        return self.text.encoders[0]
+
+    def encode_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Context (and pooled embedding) of prompt rows (category indices; the last row is the empty prompt)."""
+        return self.text.encode([p[rows] for p in self.prompt_ids])
+
+    @torch.no_grad()
+    def plain_prompt(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Context ``[1, 77, W]`` and pooled embedding of the identifier-free prompt."""
+        return self.text.encode(list(self.plain_ids))
+
+    def identifier_guidance(self, mask: torch.Tensor, strength: float,
+                            plain_context: torch.Tensor | None = None) -> IdentifierGuidance:
         """The identifier's guidance for a batch of product masks [B, 1, H, W]."""
         spec = self.spec
         if self.cfg.confinement == "context":
-            with torch.no_grad():
-                spec = replace(spec, plain_context=self.text_encoder(self.plain_ids)[0])
+            spec = replace(spec, plain_context=plain_context if plain_context is not None else self.plain_prompt()[0])
         return IdentifierGuidance(spec, ProductMask(mask[:, 0]), strength, confinement=self.cfg.confinement)
 
-    def guidance_call(self, mask: torch.Tensor, latent_hw: tuple[int, int], collect: bool) -> DiffusersCall:
+    def guidance_call(self, mask: torch.Tensor, latent_hw: tuple[int, int], collect: bool,
+                      plain_context: torch.Tensor | None = None) -> DiffusersCall:
         strength = self.cfg.strength if self.cfg.mask_mode in ("hard", "both") else 0.0
-        g = Guidance().with_identifier(self.identifier_guidance(mask, strength))
+        g = Guidance().with_identifier(self.identifier_guidance(mask, strength, plain_context))
         return DiffusersCall(g, latent_hw=latent_hw, cond_or_uncond=(0,), mass_losses=[] if collect else None)
+
+    def pooled_for(self, dropped: torch.Tensor | None, plain_pooled: torch.Tensor) -> torch.Tensor:
+        """[B, W] pooled embeddings: the identifier-free prompt's, the empty prompt's where captions dropped."""
+        rows = dropped.shape[0] if dropped is not None else 1
+        pooled = plain_pooled.expand(rows, -1)
+        if dropped is None or not self.cfg.caption_dropout:
+            return pooled
+        with torch.no_grad():
+            empty = self.encode_rows(self.prompt_ids.new_full((1,), self.prompt_ids.shape[1] - 1))[1]
+        return torch.where(dropped[:, None], empty.expand_as(pooled), pooled)
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         mask, rows = batch["mask"].float(), batch["category"]
-        guided = mask
+        guided, dropped = mask, torch.zeros_like(rows, dtype=torch.bool)
         if self.cfg.caption_dropout > 0:  # the empty prompt (last row of prompt_ids); no identifier to confine
             dropped = (torch.rand(rows.shape[0], generator=generator) < self.cfg.caption_dropout).to(rows.device)
-            rows = torch.where(dropped, self.prompt_ids.shape[0] - 1, rows)
+            rows = torch.where(dropped, self.prompt_ids.shape[1] - 1, rows)
             guided = mask * (~dropped).view(-1, 1, 1, 1)
         # One prompt per row (a row's category is only known on the device: no host read to deduplicate).
-        context = self.text_encoder(self.prompt_ids[rows])[0]
+        context, _ = self.encode_rows(rows)
+        plain_context, plain_pooled = self.plain_prompt()
+        added = self.added_conditions(batch, self.pooled_for(dropped, plain_pooled) if plain_pooled is not None
+                                      else None)
         collect = self.cfg.mask_mode in ("loss", "both") and self.cfg.mass_loss_weight > 0
-        call = self.guidance_call(guided, self.latent_hw(mask), collect)
+        call = self.guidance_call(guided, self.latent_hw(mask), collect, plain_context)
         mse = self.denoising_loss(batch["image"], mask, generator, context, call, self.cfg.mask_jitter,
-                                  self.cfg.background_loss_weight)
+                                  self.cfg.background_loss_weight, added)
         mass = torch.stack(call.mass_losses).float().mean() if collect else mse.new_zeros(())
         return {"loss": mse + self.cfg.mass_loss_weight * mass, "mse": mse.detach(), "mass": mass.detach()}
 
@@ -174,7 +214,7 @@ class CGTask:
         index = open_bg60k(cfg.data, skip_bad=cfg.skip_bad)
         self.index = _restrict(index, cfg.categories)
         self.categories = list(self.index.categories)
-        self._dataset = ImageMaskDataset(self.index, cfg.resolution, flip=cfg.flip)
+        self._dataset = ImageMaskDataset(self.index, cfg.resolution, flip=cfg.flip, buckets=cfg.buckets)
         self.lora_alpha = float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank)
 
     def dataset(self) -> ImageMaskDataset:
@@ -191,13 +231,15 @@ class CGTask:
         comps = self._components()
         comps.freeze()
         dtype = _DTYPES[self.cfg.weights_dtype]
-        for m in (comps.unet, comps.vae, comps.text_encoder):
+        for m in (comps.unet, comps.vae, *comps.text_encoders):
             if m.dtype != dtype:
                 m.to(dtype)
-        init = identifiers.initial_vectors(comps.tokenizer, comps.text_encoder, self.categories,
-                                           self.cfg.vectors_per_id, self.cfg.init)
-        vocab, embedding = identifiers.attach(comps.tokenizer, comps.text_encoder, init)
-        prompt_ids, spec = _prompts(comps.tokenizer, vocab, self.cfg.template, len(self.categories))
+        if comps.vae.dtype == torch.float16:
+            upcast_vae(comps.vae)  # SDXL's VAE overflows in float16 (as at inference)
+        init = [identifiers.initial_vectors(tok, enc, self.categories, self.cfg.vectors_per_id, self.cfg.init)
+                for tok, enc in zip(comps.tokenizers, comps.text_encoders)]
+        text = identifiers.IdentifierText(comps.tokenizers, comps.text_encoders, init)
+        prompt_ids, spec = _prompts(comps.tokenizers, text.vocab, self.cfg.template, len(self.categories))
         install_processors(comps.unet)
         if self.cfg.unet == "full":
             comps.unet.float().requires_grad_(True)
@@ -205,15 +247,18 @@ class CGTask:
             _add_lora(comps.unet, self.cfg.lora_rank, self.lora_alpha)
         if self.cfg.gradient_checkpointing:
             comps.unet.enable_gradient_checkpointing()
-        return CGModule(comps, self.cfg, prompt_ids, spec, embedding)
+        return CGModule(comps, self.cfg, prompt_ids, spec, text)
 
     def param_groups(self, module: CGModule, lr: float) -> list[dict[str, Any]]:
         lora = [p for n, p in module.unet.named_parameters() if p.requires_grad]
+        vectors = [e.vectors for e in module.text.embeddings]
         return [{"params": lora, "lr": lr},
-                {"params": [module.embedding.vectors], "lr": self.cfg.identifier_lr, "weight_decay": 0.0}]
+                {"params": vectors, "lr": self.cfg.identifier_lr, "weight_decay": 0.0}]
 
     def trainable_state(self, module: CGModule) -> dict[str, torch.Tensor]:
-        state = {"identifiers": module.embedding.vectors}
+        state = {"identifiers": module.embedding.vectors}  # clip_l (the only encoder on SD1.5)
+        state.update({f"identifiers.{name}": e.vectors
+                      for name, e in zip(module.text.names[1:], module.text.embeddings[1:])})
         prefix = "unet" if self.cfg.unet == "full" else "lora"
         state.update({f"{prefix}.{n}": p for n, p in module.unet.named_parameters() if p.requires_grad})
         return state
@@ -232,8 +277,9 @@ class CGTask:
 
         training = {"trainer": "train-cg", "steps": step, "dataset": str(self.cfg.data), "model": self.cfg.model,
                     "mask_mode": self.cfg.mask_mode, "confinement": self.cfg.confinement, "categories": len(self.categories), "unet": self.cfg.unet}
-        bank = outputs.save_bank(out_dir / BANK_FILE, self.categories,
-                                 module.embedding.identifier_vectors(), self.cfg.template, training)
+        training["family"] = module.family
+        bank = outputs.save_bank(out_dir / BANK_FILE, self.categories, module.text.identifier_vectors(),
+                                 self.cfg.template, training)
         if self.cfg.unet == "full":
             return [bank, _save_unet(module.unet, out_dir / UNET_DIR)]
         modules = outputs.peft_lora_modules(get_peft_model_state_dict(module.unet), self.lora_alpha)
@@ -256,19 +302,22 @@ def _restrict(index: BG60kIndex, categories: tuple[str, ...] | None) -> BG60kInd
     return BG60kIndex(index.root, index.split, records, sorted(set(categories)), index.problems, index.unlisted)
 
 
-def _prompts(tokenizer, vocab, template: str, count: int) -> tuple[torch.Tensor, IdentifierSpec]:
-    """Token ids [categories + 1, 77]: every category's prompt, then the empty prompt; the (shared) identifier
-    positions."""
-    ids, specs = [], set()
-    for c in range(count):
-        tokens, spec = tokenize_with_identifier(tokenizer, identifier_prompt(template, vocab.words(c)),
-                                                vocab.token_ids[c])
-        ids.append(tokens[0])
-        specs.add(spec)
+def _prompts(tokenizers, vocab, template: str, count: int) -> tuple[torch.Tensor, IdentifierSpec]:
+    """Token ids [encoders, categories + 1, 77]: every category's prompt, then the empty prompt, per tokenizer;
+    the identifier positions (shared by every category and both of SDXL's tokenizations)."""
+    per_tokenizer, specs = [], set()
+    for tokenizer in tokenizers:
+        ids = []
+        for c in range(count):
+            tokens, spec = tokenize_with_identifier(tokenizer, identifier_prompt(template, vocab.words(c)),
+                                                    vocab.token_ids[c])
+            ids.append(tokens[0])
+            specs.add(spec)
+        empty = tokenizer("", padding="max_length", max_length=ids[0].shape[-1], return_tensors="pt").input_ids[0]
+        per_tokenizer.append(torch.stack(ids + [empty]))
     if len(specs) != 1:
-        raise ValueError("identifier positions differ between categories; use one template for all")
-    empty = tokenizer("", padding="max_length", max_length=ids[0].shape[-1], return_tensors="pt").input_ids[0]
-    return torch.stack(ids + [empty]), specs.pop()
+        raise ValueError("identifier positions differ between categories or tokenizers; use one template for all")
+    return torch.stack(per_tokenizer), specs.pop()
 
 
 def _save_unet(unet, dest: Path) -> Path:

@@ -99,6 +99,9 @@ class DiffusionModule(nn.Module):
         super().__init__()
         self.unet, self.vae, self.noise_scheduler = comps.unet, comps.vae, comps.noise_scheduler
         self.vae_scale, self.vae_factor, self.inpaint = comps.vae_scale, comps.vae_factor, comps.inpaint
+        self.family = getattr(comps, "family", "sd15")
+        #: SDXL-style added conditioning (pooled text embedding + 6 time ids) enters through the time embedding.
+        self.text_time = getattr(self.unet.config, "addition_embed_type", None) == "text_time"
 
     def latent_hw(self, image: torch.Tensor) -> tuple[int, int]:
         """Latent (h, w) of a [B,C,H,W] image batch."""
@@ -118,6 +121,25 @@ class DiffusionModule(nn.Module):
         masked = self.encode(image * keep, None)
         return torch.cat([noisy, F.interpolate(1 - keep, size=noisy.shape[-2:]), masked], dim=1)
 
+    def added_conditions(self, batch: dict[str, Any], pooled: torch.Tensor | None) -> dict[str, torch.Tensor] | None:
+        """SDXL's ``added_cond_kwargs`` for a batch: ``pooled`` [B or 1, W] and time ids (original size, crop
+        top-left, target size) from each sample's ``original_size`` / ``crop_top_left`` (the image's own size
+        and no crop when the dataset gives none); None for a UNet without added conditioning."""
+        if not self.text_time:
+            return None
+        if pooled is None:
+            raise ValueError("this UNet takes a pooled text embedding (SDXL): the text encoders gave none")
+        image = batch["image"]
+        n, (h, w), dev = image.shape[0], image.shape[-2:], image.device
+        target = torch.tensor([h, w], device=dev).expand(n, 2)
+        size = batch.get("original_size")
+        crop = batch.get("crop_top_left")
+        size = target if size is None else size.to(dev).view(n, 2)
+        crop = torch.zeros_like(target) if crop is None else crop.to(dev).view(n, 2)
+        dtype = self.unet.dtype
+        return {"text_embeds": pooled.to(dev, dtype).expand(n, -1),
+                "time_ids": torch.cat([size, crop, target], dim=1).to(dtype)}
+
     def target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the UNet should predict (epsilon or v)."""
         kind = self.noise_scheduler.config.prediction_type
@@ -125,7 +147,7 @@ class DiffusionModule(nn.Module):
 
     def denoising_loss(self, image: torch.Tensor, mask: torch.Tensor, generator: torch.Generator,
                        context: torch.Tensor, call: DiffusersCall | None, jitter: tuple[float, float],
-                       background_weight: float) -> torch.Tensor:
+                       background_weight: float, added: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Weighted MSE of one noised batch (see module docstring for the draw order)."""
         dev = image.device
         latents = self.encode(image, generator)
@@ -136,6 +158,6 @@ class DiffusionModule(nn.Module):
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         kwargs = {CALL_KEY: call} if call is not None else None  # None: a plain diffusers step (benchmarks)
         pred = self.unet(self.unet_input(noisy, image, keep).to(self.unet.dtype), t, context.to(self.unet.dtype),
-                         cross_attention_kwargs=kwargs).sample.float()
+                         cross_attention_kwargs=kwargs, added_cond_kwargs=added).sample.float()
         w = loss_weights(mask, tuple(latents.shape[-2:]), background_weight)
         return (((pred - self.target(latents, noise, t)) ** 2) * w).mean() / w.mean()

@@ -1,4 +1,4 @@
-"""Trainable identifier vectors inside a frozen CLIP text encoder (textual-inversion style).
+"""Trainable identifier vectors inside the frozen CLIP text encoder(s) (textual-inversion style).
 
 :func:`productbg.pipeline.text.install_identifiers` adds one placeholder token per vector and writes the initial
 vectors into the text encoder's input-embedding rows. For training, :class:`IdentifierEmbedding` then stands in
@@ -8,7 +8,7 @@ move. :func:`write_back` puts the trained vectors into the embedding rows again.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -81,3 +81,60 @@ def write_back(text_encoder, wrapper: IdentifierEmbedding) -> None:
     with torch.no_grad():
         wrapper.base.weight[wrapper.first:wrapper.first + wrapper.count] = wrapper.vectors.to(wrapper.base.weight)
     text_encoder.set_input_embeddings(wrapper.base)
+
+
+class IdentifierText(nn.Module):
+    """A base model's frozen text encoder(s), each with trainable identifier vectors, encoding as inference does.
+
+    SD1.5: the context is CLIP-L's last hidden state. SDXL: both encoders' penultimate hidden states concatenated
+    (768 + 1280) and the pooled embedding is OpenCLIP-G's projected output, as
+    :class:`productbg.pipeline.prompts.PromptEncoder` encodes them. Every encoder gets the same placeholder
+    token ids, so one set of token ids per encoder addresses one category's identifier in all of them.
+
+    Args:
+        tokenizers, encoders: one per text encoder, in context order.
+        init_vectors: one ``[categories, vectors, width]`` per encoder.
+    """
+
+    def __init__(self, tokenizers: Sequence[Any], encoders: Sequence[nn.Module],
+                 init_vectors: Sequence[torch.Tensor]) -> None:
+        super().__init__()
+        vocabs, embeddings = zip(*(attach(t, e, v) for t, e, v in zip(tokenizers, encoders, init_vectors)))
+        if any(not torch.equal(v.token_ids, vocabs[0].token_ids) for v in vocabs[1:]):
+            raise ValueError("the tokenizers gave the identifier placeholders different token ids")
+        self.encoders = nn.ModuleList(encoders)
+        self.embeddings = nn.ModuleList(embeddings)
+        self.tokenizers = tuple(tokenizers)
+        self.vocab: IdentifierVocab = vocabs[0]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The bank's names of the encoders' vectors (``clip_l``, ``clip_g``)."""
+        return ("clip_l", "clip_g")[:len(self.encoders)]
+
+    def encode(self, ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Context and pooled embedding of one ``[B, 77]`` token-id tensor per encoder (:func:`encode_prompt`)."""
+        return encode_prompt(self.encoders, ids)
+
+    def identifier_vectors(self) -> dict[str, torch.Tensor]:
+        """Encoder name -> ``[categories, vectors, width]`` current vectors."""
+        return {name: e.identifier_vectors() for name, e in zip(self.names, self.embeddings)}
+
+    def write_back(self) -> None:
+        """Trained vectors into every encoder's embedding rows (the plain ``nn.Embedding`` restored)."""
+        for enc, emb in zip(self.encoders, self.embeddings):
+            write_back(enc, emb)
+
+
+def encode_prompt(encoders: Sequence[nn.Module], ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Context ``[B, 77, sum of widths]`` and pooled embedding (SDXL, else None) of one ``[B, 77]`` token-id tensor
+    per encoder: one encoder (SD1.5) gives its last hidden state; two (SDXL) give their penultimate hidden states
+    concatenated and the second one's projected output as the pooled embedding."""
+    dual = len(encoders) > 1
+    hidden, pooled = [], None
+    for enc, x in zip(encoders, ids):
+        out = enc(x.to(enc.device), output_hidden_states=dual)
+        hidden.append(out.hidden_states[-2] if dual else out.last_hidden_state)
+        if getattr(out, "text_embeds", None) is not None:
+            pooled = out.text_embeds
+    return (torch.cat(hidden, dim=-1) if dual else hidden[0]), pooled

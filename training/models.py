@@ -2,14 +2,17 @@
 
 ``source`` is one of
 
-* ``"tiny"`` / ``"tiny-inpaint"``: the random tiny models of :mod:`productbg.pipeline.tiny` (CPU tests);
-* a diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``), read with
+* ``"tiny"`` / ``"tiny-inpaint"``: the random tiny SD1.5-shaped models of :mod:`productbg.pipeline.tiny`;
+* ``"tiny-sdxl"`` / ``"tiny-sdxl-inpaint"``: the tiny SDXL-shaped ones (two text encoders, pooled text
+  embedding and added time ids) — CPU tests;
+* a diffusers folder (``unet/``, ``vae/``, ``text_encoder/``; SDXL also ``text_encoder_2/``), read with
   ``local_files_only``;
-* a single ``.safetensors`` checkpoint in the original (LDM) layout — what ComfyUI users have — loaded by
-  :func:`productbg.pipeline.single_file.load_single_file` with the SD1.5 configs shipped in ``assets/sd15``
-  (never a hub lookup); a 9-channel ``input_blocks.0.0`` makes it the inpainting UNet.
+* a single ``.safetensors`` checkpoint in the original (LDM) layout — what ComfyUI users have — SD1.5 or SDXL
+  (the backbone is told from the keys), loaded with the configs shipped in ``assets/`` (never a hub lookup);
+  a 9-channel ``input_blocks.0.0`` makes it the inpainting UNet.
 
-The tokenizer is always the shipped CLIP tokenizer (:func:`productbg.pipeline.text.clip_tokenizer`).
+Every kind goes through the pipeline's one loader (:mod:`productbg.pipeline.components`), so training and
+inference read a model the same way.
 """
 from __future__ import annotations
 
@@ -20,7 +23,11 @@ from typing import Any
 
 import torch
 
+from ..pipeline.components import Components
+
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "sd15"
+TINY_SOURCES = {"tiny": ("sd15", False), "tiny-inpaint": ("sd15", True),
+                "tiny-sdxl": ("sdxl", False), "tiny-sdxl-inpaint": ("sdxl", True)}
 
 
 class ModelLoadError(Exception):
@@ -35,6 +42,9 @@ class SDComponents:
         unet, vae, text_encoder, tokenizer: the diffusers / transformers components.
         noise_scheduler: a ``DDPMScheduler`` with the model's training schedule.
         source: where they came from (for provenance).
+        text_encoder_2, tokenizer_2: SDXL's second text encoder (``CLIPTextModelWithProjection``) and its
+            tokenizer; None on SD1.5.
+        family: the backbone family (``sd15``, ``sdxl``).
     """
 
     unet: Any
@@ -43,6 +53,9 @@ class SDComponents:
     tokenizer: Any
     noise_scheduler: Any
     source: str
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    family: str = "sd15"
 
     @property
     def inpaint(self) -> bool:
@@ -59,9 +72,19 @@ class SDComponents:
         """Pixels per latent cell."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def text_encoders(self) -> tuple:
+        """The text encoders, in context order (SDXL: CLIP-L, then OpenCLIP-G)."""
+        return tuple(e for e in (self.text_encoder, self.text_encoder_2) if e is not None)
+
+    @property
+    def tokenizers(self) -> tuple:
+        """The tokenizers, one per text encoder."""
+        return tuple(t for t in (self.tokenizer, self.tokenizer_2) if t is not None)
+
     def freeze(self) -> None:
         """No gradients for any base weight (trainers add their own trainable parts)."""
-        for m in (self.unet, self.vae, self.text_encoder):
+        for m in (self.unet, self.vae, *self.text_encoders):
             m.requires_grad_(False)
             m.eval()
 
@@ -78,63 +101,36 @@ def load_components(source: str | Path, dtype: torch.dtype = torch.float32,
     """Load a base model (see the module docstring for accepted sources).
 
     Args:
-        source: ``"tiny"``, ``"tiny-inpaint"``, a diffusers folder or a ``.safetensors`` checkpoint.
+        source: a tiny model's name, a diffusers folder or a ``.safetensors`` checkpoint.
         dtype: dtype for the frozen weights.
-        config_dir: component configs for a single-file checkpoint (default: the shipped SD1.5 set).
+        config_dir: component configs for a single-file checkpoint (default: the shipped set of its backbone).
 
     Raises:
-        ModelLoadError: unknown source, pickle checkpoint, missing files.
+        ModelLoadError: unknown source, pickle checkpoint, missing files, an unsupported backbone.
     """
-    from ..pipeline.text import clip_tokenizer
+    from ..pipeline.components import load_base, tiny_components
+    from ..pipeline.errors import PipelineError
 
     s = str(source)
-    if s in ("tiny", "tiny-inpaint"):
-        parts = _tiny(inpaint=s == "tiny-inpaint")
-    else:
-        path = Path(s)
-        if path.is_dir():
-            parts = _from_folder(path, dtype)
-        elif path.is_file() and path.suffix.lower() == ".safetensors":
-            parts = _from_single_file(path, dtype, Path(config_dir) if config_dir else None)
-        elif path.is_file():
-            raise ModelLoadError(f"{path.name}: only .safetensors checkpoints are loaded (pickle files can run code)")
-        else:
-            raise ModelLoadError(f"{s}: no such model; pass 'tiny', a diffusers folder or a .safetensors checkpoint")
-    unet, vae, text_encoder, scheduler = parts
-    return SDComponents(unet, vae, text_encoder, clip_tokenizer(), scheduler, s)
+    if s in TINY_SOURCES:
+        family, inpaint = TINY_SOURCES[s]
+        return from_pipeline(tiny_components(inpaint=inpaint, style=False, family=family), s)
+    path = Path(s)
+    if path.is_file() and path.suffix.lower() != ".safetensors":
+        raise ModelLoadError(f"{path.name}: only .safetensors checkpoints are loaded (pickle files can run code)")
+    if not path.exists():
+        raise ModelLoadError(f"{s}: no such model; pass {', '.join(TINY_SOURCES)}, a diffusers folder or a "
+                             ".safetensors checkpoint")
+    try:
+        return from_pipeline(load_base(path, config_dir, dtype), s)
+    except PipelineError as e:
+        raise ModelLoadError(str(e)) from None
 
 
-def _tiny(inpaint: bool) -> tuple[Any, Any, Any, Any]:
-    from ..pipeline.tiny import tiny_text_encoder, tiny_unet, tiny_vae
-
-    return tiny_unet(9 if inpaint else 4), tiny_vae(), tiny_text_encoder(), default_scheduler()
-
-
-def _from_folder(path: Path, dtype: torch.dtype) -> tuple[Any, Any, Any, Any]:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    missing = [d for d in ("unet", "vae", "text_encoder") if not (path / d).is_dir()]
-    if missing:
-        raise ModelLoadError(f"{path}: not a diffusers Stable Diffusion folder (missing {', '.join(missing)}/)")
-    kw = dict(local_files_only=True, torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True,
-                                                 dtype=dtype)
-    sched_dir = path / "scheduler"
-    scheduler = (DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True)
-                 if (sched_dir / "scheduler_config.json").is_file() else default_scheduler())
-    return unet, vae, text_encoder, scheduler
-
-
-def _from_single_file(path: Path, dtype: torch.dtype, config_dir: Path | None) -> tuple[Any, Any, Any, Any]:
-    """Through :func:`productbg.pipeline.single_file.load_single_file` (shipped SD1.5 configs, offline)."""
+def from_pipeline(parts: Components, source: str) -> SDComponents:
+    """Training components from the pipeline's :class:`~productbg.pipeline.components.Components`."""
     from diffusers import DDPMScheduler
 
-    try:
-        from ..pipeline.single_file import load_single_file
-    except ImportError as e:  # the pipeline package provides the loader
-        raise ModelLoadError(f"single-file checkpoints need productbg.pipeline.single_file ({e})") from None
-    parts = load_single_file(path, config_dir, dtype)
-    return parts.unet, parts.vae, parts.text_encoder, DDPMScheduler.from_config(parts.scheduler_config)
+    return SDComponents(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer,
+                        DDPMScheduler.from_config(parts.scheduler_config), source, parts.text_encoder_2,
+                        parts.tokenizer_2, parts.family)

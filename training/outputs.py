@@ -16,41 +16,56 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..weights.bank import ENCODER_WIDTHS, TINY_FAMILY, CategoryBank, CategoryLora
+from ..weights.bank_format import TINY_SDXL_FAMILY
 from ..weights.lora import LoraModule, to_kohya
 from ..weights.safefile import atomic_save
 
 
-def save_bank(path: Path, names: Sequence[str], vectors: torch.Tensor, template: str,
-              training: Mapping[str, Any] | None = None, loras: Mapping[str, CategoryLora] | None = None) -> Path:
-    """Write identifier vectors ``[categories, vectors, width]`` as a category bank (atomically).
+def save_bank(path: Path, names: Sequence[str], vectors: torch.Tensor | Mapping[str, torch.Tensor], template: str,
+              training: Mapping[str, Any] | None = None, loras: Mapping[str, CategoryLora] | None = None,
+              counts: Sequence[int] | None = None) -> Path:
+    """Write identifier vectors ``[categories, vectors, width]`` (one per text encoder) as a bank, atomically.
 
-    Width 768 (SD1.5's text encoder) gives an "sd15" bank, any other width a "tiny" bank of that width.
+    The family follows the encoders and their widths: ``clip_l`` alone at 768 is "sd15", ``clip_l`` 768 +
+    ``clip_g`` 1280 is "sdxl"; other widths (small self-trained models) give "tiny" / "tiny-sdxl" banks that
+    record their widths.
 
     Args:
         path: destination ``.safetensors``.
         names: category names, row order.
-        vectors: the trained vectors.
+        vectors: the trained vectors, a tensor (``clip_l``) or encoder name -> tensor.
         template: the prompt template they were trained with.
         training: provenance stored in the bank.
         loras: optional per-category LoRAs.
+        counts: each category's own vector count (its first ``count`` vectors are saved); None = all.
     """
-    vectors = vectors.detach().float().cpu()
-    if vectors.ndim != 3 or vectors.shape[0] != len(names):
-        raise ValueError(f"identifier vectors must be [{len(names)} categories, vectors, width], "
-                         f"got {list(vectors.shape)}")
-    width = int(vectors.shape[-1])
-    family = "sd15" if width == ENCODER_WIDTHS["clip_l"] else TINY_FAMILY
-    bank = CategoryBank(family, vectors_per_id=int(vectors.shape[1]), template=template, training=training,
-                        width=width)
-    for name, v in zip(names, vectors):
-        bank.add(name, v, lora=(loras or {}).get(name))
+    per_encoder = {"clip_l": vectors} if isinstance(vectors, torch.Tensor) else dict(vectors)
+    per_encoder = {k: v.detach().float().cpu() for k, v in per_encoder.items()}
+    for enc, v in per_encoder.items():
+        if v.ndim != 3 or v.shape[0] != len(names):
+            raise ValueError(f"{enc} identifier vectors must be [{len(names)} categories, vectors, width], "
+                             f"got {list(v.shape)}")
+    widths = {enc: int(v.shape[-1]) for enc, v in per_encoder.items()}
+    full_size = all(widths[enc] == ENCODER_WIDTHS[enc] for enc in widths)
+    if set(widths) == {"clip_l"}:
+        family = "sd15" if full_size else TINY_FAMILY
+    elif set(widths) == {"clip_l", "clip_g"}:
+        family = "sdxl" if full_size else TINY_SDXL_FAMILY
+    else:
+        raise ValueError(f"identifier vectors for {sorted(widths)}: expected clip_l, or clip_l and clip_g")
+    per = int(per_encoder["clip_l"].shape[1])
+    bank = CategoryBank(family, vectors_per_id=per, template=template, training=training,
+                        width=widths["clip_l"], width_g=widths.get("clip_g"), varied_counts=counts is not None)
+    for i, name in enumerate(names):
+        n = per if counts is None else int(counts[i])
+        bank.add(name, {enc: v[i, :n] for enc, v in per_encoder.items()}, lora=(loras or {}).get(name))
     return bank.save(path)
 
 
-def read_bank_vectors(path: Path) -> tuple[list[str], torch.Tensor]:
-    """(names, ``[categories, vectors, width]``) of a category bank of any family and width."""
+def read_bank_vectors(path: Path, encoder: str = "clip_l") -> tuple[list[str], torch.Tensor]:
+    """(names, ``[categories, vectors, width]``) of one text encoder's vectors in a bank of any family."""
     with CategoryBank.load(path) as bank:
-        return bank.names, bank.tensors()["clip_l"].clone()
+        return bank.names, bank.tensors()[encoder].clone()
 
 
 def set_category_lora(bank_path: Path, category: str, lora_file: Path | str, strength: float = 1.0) -> Path:

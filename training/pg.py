@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..attention import Guidance, ProductMask, StyleGuidance
 from ..attention.diffusers_processor import DiffusersCall, install_processors
 from ..imaging.fill import fill_product
+from ..pipeline.sampling import upcast_vae
 from ..weights.style_encoder import CLIP_MEAN, NULL_REFERENCE_RGB
 from .datasets import ImageMaskDataset, open_bg60k
 from .diffusion import DiffusionModule
@@ -73,6 +74,7 @@ class PGConfig:
     gradient_checkpointing: bool = False
     weights_dtype: str = "float32"
     model_configs: Path | None = None
+    buckets: bool = False  # aspect-ratio buckets (multiple-of-64 sides, one bucket per batch): see docs/training.md
 
     def __post_init__(self) -> None:
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
@@ -136,10 +138,11 @@ class PGModule(DiffusionModule):
     """Frozen base model + CLIP vision; trainable style encoder; forward = denoising loss with style tokens."""
 
     def __init__(self, comps: SDComponents, vision: torch.nn.Module, encoder: torch.nn.Module, context: torch.Tensor,
-                 cfg: PGConfig) -> None:
+                 cfg: PGConfig, pooled: torch.Tensor | None = None) -> None:
         super().__init__(comps)
         self.vision, self.encoder, self.cfg = vision, encoder, cfg
         self.register_buffer("context", context, persistent=False)
+        self.register_buffer("pooled", pooled, persistent=False)  # SDXL's pooled text embedding, else None
 
     def clip_features(self, reference: torch.Tensor) -> torch.Tensor:
         """Frozen CLIP-vision features of [B,3,H,W] references: image embeds (linear) or penultimate states."""
@@ -171,7 +174,7 @@ class PGModule(DiffusionModule):
         call = DiffusersCall(Guidance().with_style(style), latent_hw=self.latent_hw(mask), cond_or_uncond=(0,))
         context = self.context.expand(mask.shape[0], -1, -1)
         mse = self.denoising_loss(batch["image"], mask, generator, context, call, self.cfg.mask_jitter,
-                                  self.cfg.background_loss_weight)
+                                  self.cfg.background_loss_weight, self.added_conditions(batch, self.pooled))
         return {"loss": mse, "mse": mse.detach()}
 
 
@@ -215,7 +218,7 @@ class PGTask:
     def __init__(self, cfg: PGConfig) -> None:
         self.cfg = cfg
         index = open_bg60k(cfg.data, skip_bad=cfg.skip_bad)
-        self._dataset = PairDataset(ImageMaskDataset(index, cfg.resolution, flip=True), cfg.crop_scale)
+        self._dataset = PairDataset(ImageMaskDataset(index, cfg.resolution, flip=True, buckets=cfg.buckets), cfg.crop_scale)
 
     def dataset(self) -> PairDataset:
         return self._dataset
@@ -233,9 +236,11 @@ class PGTask:
         comps.freeze()
         dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(self.cfg.weights_dtype, torch.float32)
         vision = load_vision(self.cfg.vision_model).requires_grad_(False).eval()
-        for m in (comps.unet, comps.vae, comps.text_encoder, vision):
+        for m in (comps.unet, comps.vae, *comps.text_encoders, vision):
             if m.dtype != dtype:
                 m.to(dtype)
+        if comps.vae.dtype == torch.float16:
+            upcast_vae(comps.vae)  # SDXL's VAE overflows in float16 (as at inference)
         install_processors(comps.unet)
         if self.cfg.gradient_checkpointing:
             comps.unet.enable_gradient_checkpointing()
@@ -250,7 +255,8 @@ class PGTask:
             encoder = StyleEncoder(StyleEncoderConfig.for_target(target, variant=self.cfg.variant, tokens=self.cfg.tokens,
                                                                  clip_width=int(width), **shape))
         encoder.train().requires_grad_(True)
-        return PGModule(comps, vision, encoder, _prompt_context(comps, self.cfg.prompt), self.cfg)
+        context, pooled = _prompt_context(comps, self.cfg.prompt)
+        return PGModule(comps, vision, encoder, context, self.cfg, pooled)
 
     def param_groups(self, module: PGModule, lr: float) -> list[dict[str, Any]]:
         return [{"params": list(module.encoder.parameters()), "lr": lr}]
@@ -276,6 +282,12 @@ class PGTask:
 
 
 @torch.no_grad()
-def _prompt_context(comps: SDComponents, prompt: str) -> torch.Tensor:
-    ids = comps.tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    return comps.text_encoder(ids)[0].float()
+def _prompt_context(comps: SDComponents, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The prompt's context (SD1.5: CLIP-L's last hidden state; SDXL: both penultimate states concatenated) and
+    SDXL's pooled embedding (else None), encoded as inference encodes them."""
+    from .identifiers import encode_prompt
+
+    ids = [tok(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+           for tok in comps.tokenizers]
+    context, pooled = encode_prompt(comps.text_encoders, ids)
+    return context.float(), None if pooled is None else pooled.float()

@@ -21,9 +21,21 @@ PREVIEW_EROSION = 0.04  # inference recipe: repaint mask = background dilated by
 
 
 def _pick(dataset, count: int) -> list[int]:
-    """First item of each of the first ``count`` categories (fixed across previews)."""
+    """First item of each of the first ``count`` categories (fixed across previews).
+
+    With aspect-ratio buckets the items come from one bucket (they are stacked into one batch): the bucket that
+    holds the most categories, the earliest such bucket on a tie.
+    """
+    ids = getattr(dataset, "bucket_ids", None)
+    if ids is not None:
+        held: dict[int, set[int]] = {}
+        for c, b in zip(dataset._cat, ids):
+            held.setdefault(b, set()).add(c)
+        best = max(held, key=lambda b: len(held[b]))
     seen: dict[int, int] = {}
     for i, c in enumerate(dataset._cat):
+        if ids is not None and ids[i] != best:
+            continue
         seen.setdefault(c, i)
         if len(seen) == count:
             break
@@ -37,11 +49,15 @@ def cg_preview(module, dataset, out_dir: Path, step: int, count: int = 4, steps:
     items = [dataset[(i, 0)] for i in _pick(dataset, count)]
     image, mask = _stack(items, "image", module), _stack(items, "mask", module)
     cats = torch.tensor([it["category"] for it in items], device=image.device)
-    cond = module.text_encoder(module.prompt_ids[cats])[0]
-    uncond = module.text_encoder(module.prompt_ids[-1:])[0].expand_as(cond)  # the last row is the empty prompt
-    g = module.identifier_guidance(mask, 1.0)
-    composite = _generate(module, image, mask, torch.cat([uncond, cond]), Guidance().with_identifier(g), steps,
-                          guidance_scale)
+    cond, _ = module.encode_rows(cats)
+    empty_row = cats.new_full((1,), module.prompt_ids.shape[1] - 1)  # the last row is the empty prompt
+    uncond, uncond_pooled = module.encode_rows(empty_row)
+    plain_context, plain_pooled = module.plain_prompt()
+    g = module.identifier_guidance(mask, 1.0, plain_context)
+    pooled = None if plain_pooled is None else torch.cat([uncond_pooled.expand(len(items), -1),
+                                                          plain_pooled.expand(len(items), -1)])
+    composite = _generate(module, image, mask, torch.cat([uncond.expand_as(cond), cond]),
+                          Guidance().with_identifier(g), steps, guidance_scale, pooled)
     return save_rows(out_dir, step, [image, composite])
 
 
@@ -55,7 +71,8 @@ def pg_preview(module, dataset, out_dir: Path, step: int, count: int = 4, steps:
     empty = module.style_tokens(ref, torch.Generator().manual_seed(0), drop=1.0)  # the null reference
     style = StyleGuidance(tokens, empty, module.encoder.layer_kv, product=ProductMask(mask[:, 0]))
     context = module.context.expand(2 * image.shape[0], -1, -1)
-    composite = _generate(module, image, mask, context, Guidance().with_style(style), steps, guidance_scale)
+    pooled = None if module.pooled is None else module.pooled.expand(2 * image.shape[0], -1)
+    composite = _generate(module, image, mask, context, Guidance().with_style(style), steps, guidance_scale, pooled)
     return save_rows(out_dir, step, [ref, image, composite])
 
 
@@ -63,8 +80,10 @@ def _stack(items: list[dict], key: str, module) -> torch.Tensor:
     return torch.stack([it[key] for it in items]).to(next(module.unet.parameters()).device)
 
 
-def _generate(module, image, mask, context, guidance, steps: int, scale: float) -> torch.Tensor:
-    """DDIM with CFG (rows: uncond, cond), the inference recipe's keep-mask, product pasted back."""
+def _generate(module, image, mask, context, guidance, steps: int, scale: float,
+              pooled: torch.Tensor | None = None) -> torch.Tensor:
+    """DDIM with CFG (rows: uncond, cond), the inference recipe's keep-mask, product pasted back (SDXL:
+    ``pooled`` [2B, W] in the same row order)."""
     from diffusers import DDIMScheduler
 
     from .diffusion import morph
@@ -75,12 +94,13 @@ def _generate(module, image, mask, context, guidance, steps: int, scale: float) 
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(image.shape[0], 4, h, w, generator=gen).to(image.device) * scheduler.init_noise_sigma
     call = DiffusersCall(guidance, latent_hw=(h, w), cond_or_uncond=(1, 0))
+    added = module.added_conditions({"image": torch.cat([image, image])}, pooled)
     scheduler.set_timesteps(steps)
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         inp = module.unet_input(x, torch.cat([image, image]), torch.cat([keep, keep]))
         eps = module.unet(inp.to(module.unet.dtype), t, context.to(module.unet.dtype),
-                          cross_attention_kwargs={CALL_KEY: call}).sample
+                          cross_attention_kwargs={CALL_KEY: call}, added_cond_kwargs=added).sample
         u, c = eps.float().chunk(2)
         latents = scheduler.step(u + scale * (c - u), t, latents).prev_sample
     decoded = module.vae.decode(latents.to(module.vae.dtype) / module.vae_scale).sample.float().clamp(-1, 1)

@@ -98,15 +98,17 @@ class CategoryBank:
 
     def __init__(self, family: str = "sd15", vectors_per_id: int = 1, template: str = DEFAULT_TEMPLATE,
                  training: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float32,
-                 width: int | None = None, varied_counts: bool = False) -> None:
+                 width: int | None = None, varied_counts: bool = False, width_g: int | None = None) -> None:
         check_family(family)
         check_vectors_per_id(vectors_per_id)
         check_template(template)
         check_width(family, width)
+        check_width(family, width_g, "clip_g")
         if dtype not in FLOAT_DTYPES.values():
             raise WeightsError(f"bank dtype must be a float dtype, got {dtype}")
+        free = family in FREE_WIDTH_FAMILIES
         self._meta = BankMeta(family, vectors_per_id, template, dict(training or {}), dtype,
-                           width if family in FREE_WIDTH_FAMILIES else None)
+                              width if free else None, width_g if free and "clip_g" in FAMILY_ENCODERS[family] else None)
         self._names: list[str] = []
         self._rows: list[_Row] = []
         self._loras: dict[str, CategoryLora] = {}
@@ -133,7 +135,7 @@ class CategoryBank:
         header = read_header(path)
         meta, names, loras = parse_bank_header(header)
         bank = cls(meta.family, meta.vectors_per_id, meta.template, meta.training, meta.dtype, meta.width,
-                   varied_counts=meta.counts is not None)
+                   varied_counts=meta.counts is not None, width_g=meta.width_g)
         bank._loras = loras
         bank._attach(SafeReader(header.path, header), names, meta.counts)
         return bank
@@ -169,7 +171,7 @@ class CategoryBank:
 
     def _width(self, encoder: str) -> int | None:
         if self._meta.family in FREE_WIDTH_FAMILIES:
-            return self._meta.width
+            return self._meta.width_g if encoder == "clip_g" else self._meta.width
         return ENCODER_WIDTHS[encoder]
 
     @property
@@ -311,6 +313,8 @@ class CategoryBank:
             raise WeightsError(f"category '{name}' already exists (pass replace=True to overwrite)")
         if self.family in FREE_WIDTH_FAMILIES and self._meta.width is None:
             self._meta.width = int(tensors["clip_l"].shape[-1])  # the first vectors fix a tiny bank's width
+        if "clip_g" in tensors and self.family in FREE_WIDTH_FAMILIES and self._meta.width_g is None:
+            self._meta.width_g = int(tensors["clip_g"].shape[-1])
         if name in self._index:
             self._rows[self._index[name]] = _Row(tensors=tensors)
         else:
@@ -379,11 +383,14 @@ class CategoryBank:
                 f"cannot merge a {other.family} bank with {other.vectors_per_id} vectors per identifier into a "
                 f"{self.family} bank with {self.vectors_per_id}"
             )
-        if self.width is not None and other.width is not None and other.width != self.width:
-            raise WeightsError(
-                f"cannot merge a {other.family} bank of width {other.width} into a {self.family} bank of width "
-                f"{self.width}: identifier vectors only fit the text encoder they were trained for"
-            )
+        for enc in self.encoders:
+            mine, theirs = self._width(enc), other._width(enc)
+            if mine is not None and theirs is not None and mine != theirs:
+                what = f"{enc} width" if len(self.encoders) > 1 else "width"
+                raise WeightsError(
+                    f"cannot merge a {other.family} bank of {what} {theirs} into a {self.family} bank of "
+                    f"{what} {mine}: identifier vectors only fit the text encoder they were trained for"
+                )
         clash = [n for n in other._names if n in self._index]
         if clash and on_conflict == "error":
             raise WeightsError(f"both banks have {len(clash)} categories of the same name (e.g. '{clash[0]}'); "

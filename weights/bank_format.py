@@ -52,10 +52,13 @@ UNIFORM_SCHEMA = 1
 DEFAULT_TEMPLATE = "a product photo on a {id} background"
 ENCODER_WIDTHS: dict[str, int] = {"clip_l": 768, "clip_g": 1280}
 TINY_FAMILY = "tiny"
+#: Small self-trained SDXL-shaped models (two text encoders of free widths): tests and experiments.
+TINY_SDXL_FAMILY = "tiny-sdxl"
 FAMILY_ENCODERS: dict[str, tuple[str, ...]] = {"sd15": ("clip_l",), "sdxl": ("clip_l", "clip_g"),
-                                               TINY_FAMILY: ("clip_l",)}
-#: Families whose text width is not fixed: it is recorded in the file (``productbg.width``).
-FREE_WIDTH_FAMILIES = frozenset({TINY_FAMILY})
+                                               TINY_FAMILY: ("clip_l",), TINY_SDXL_FAMILY: ("clip_l", "clip_g")}
+#: Families whose text widths are not fixed: they are recorded in the file (``productbg.width`` for clip_l,
+#: ``productbg.width_clip_g`` for clip_g).
+FREE_WIDTH_FAMILIES = frozenset({TINY_FAMILY, TINY_SDXL_FAMILY})
 MAX_WIDTH = 16384
 MAX_VECTORS = 75  # a CLIP prompt chunk holds 77 tokens, two of them start/end
 META = "productbg."
@@ -71,6 +74,7 @@ class BankMeta:
     training: dict[str, Any] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
     width: int | None = None  # clip_l width of a free-width family; None until known
+    width_g: int | None = None  # clip_g width of a free-width two-encoder family (tiny-sdxl); None until known
     counts: list[int] | None = None  # each category's own vector count (schema 2); None = all vectors_per_id
 
 
@@ -85,15 +89,17 @@ def check_family(family: str) -> None:
         raise WeightsError(f"unknown base family {family!r}; known: {', '.join(FAMILY_ENCODERS)}")
 
 
-def check_width(family: str, width: Any) -> None:
+def check_width(family: str, width: Any, encoder: str = "clip_l") -> None:
     if width is None:
         return
     if type(width) is not int or not 1 <= width <= MAX_WIDTH:
         raise WeightsError(f"bank width must be an integer 1..{MAX_WIDTH}, got {width!r}")
-    fixed = ENCODER_WIDTHS["clip_l"]
+    fixed = ENCODER_WIDTHS[encoder]
     if family not in FREE_WIDTH_FAMILIES and width != fixed:
-        raise WeightsError(f"{family} banks have width {fixed}, not {width}; vectors of a small self-trained "
-                           f"model go in a '{TINY_FAMILY}' bank")
+        what = "width" if encoder == "clip_l" else f"{encoder} width"
+        small = TINY_SDXL_FAMILY if "clip_g" in FAMILY_ENCODERS.get(family, ()) else TINY_FAMILY
+        raise WeightsError(f"{family} banks have {what} {fixed}, not {width}; vectors of a small self-trained "
+                           f"model go in a '{small}' bank")
 
 
 def check_vectors_per_id(n: Any) -> None:
@@ -125,6 +131,8 @@ def bank_metadata(meta: BankMeta, names: list[str], loras: Mapping[str, Category
         out[META + "vector_counts"] = json.dumps(list(counts))
     if meta.family in FREE_WIDTH_FAMILIES and meta.width is not None:
         out[META + "width"] = str(meta.width)
+    if meta.family in FREE_WIDTH_FAMILIES and meta.width_g is not None:
+        out[META + "width_clip_g"] = str(meta.width_g)
     if loras:
         out[META + "loras"] = loras_json(loras)
     if meta.training:
@@ -152,6 +160,8 @@ def parse_bank_header(header: Header) -> tuple[BankMeta, list[str], dict[str, Ca
         check_vectors_per_id(vpi)
         width = _int_field(meta, "width", fname) if META + "width" in meta else None
         check_width(family, width)
+        width_g = _int_field(meta, "width_clip_g", fname) if META + "width_clip_g" in meta else None
+        check_width(family, width_g, "clip_g")
         template = meta.get(META + "template", DEFAULT_TEMPLATE)
         check_template(template)
         names = _parse_names(_json_field(meta, "categories", header), fname)
@@ -160,13 +170,15 @@ def parse_bank_header(header: Header) -> tuple[BankMeta, list[str], dict[str, Ca
         training = _json_field(meta, "training", header, default={})
         if not isinstance(training, dict):
             raise MalformedFileError(f"{fname}: bank metadata 'training' must be a JSON object")
-        dtype, width = _check_bank_tensors(header, family, len(names), vpi, width)
+        dtype, widths = _check_bank_tensors(header, family, len(names), vpi,
+                                            {"clip_l": width, "clip_g": width_g})
     except (MalformedFileError, FormatMismatchError):
         raise
     except WeightsError as e:
         raise MalformedFileError(f"{fname}: {e}") from None
-    return BankMeta(family, vpi, template, training, dtype, width if family in FREE_WIDTH_FAMILIES else None,
-                    counts), names, loras
+    free = family in FREE_WIDTH_FAMILIES
+    return BankMeta(family, vpi, template, training, dtype, widths.get("clip_l") if free else None,
+                    widths.get("clip_g") if free else None, counts), names, loras
 
 
 def _parse_counts(meta: Mapping[str, str], header: Header, count: int, vpi: int) -> list[int] | None:
@@ -221,16 +233,19 @@ def _parse_names(names: Any, fname: str) -> list[str]:
 
 
 def _check_bank_tensors(header: Header, family: str, count: int, vpi: int,
-                        width: int | None) -> tuple[torch.dtype, int | None]:
-    """The tensors' dtype, and a free-width family's width (from metadata, or the tensor when it has none)."""
+                        meta_widths: Mapping[str, int | None]) -> tuple[torch.dtype, dict[str, int | None]]:
+    """The tensors' dtype, and a free-width family's widths per encoder (from metadata, or the tensor when it
+    has none)."""
     fname = header.path.name
     wanted = FAMILY_ENCODERS[family]
     if set(header.tensors) != set(wanted):
         raise MalformedFileError(f"{fname}: a {family} bank holds tensors {list(wanted)}, this file has "
                                  f"{sorted(header.tensors)}")
     dtypes = set()
-    from_meta = width is not None
+    widths: dict[str, int | None] = {}
     for enc in wanted:
+        width = meta_widths.get(enc)
+        from_meta = width is not None
         info = header.tensors[enc]
         if info.dtype not in FLOAT_DTYPES:
             raise MalformedFileError(f"{fname}: '{enc}' has dtype {info.dtype}; expected F16, BF16, F32 or F64")
@@ -240,7 +255,9 @@ def _check_bank_tensors(header: Header, family: str, count: int, vpi: int,
                     raise MalformedFileError(f"{fname}: '{enc}' has shape {list(info.shape)}; a {family} bank "
                                              f"holds [categories, vectors, width] with width 1..{MAX_WIDTH}")
                 width = int(info.shape[2])
-            enc_width, source = width, f" (metadata '{META}width')" if from_meta else ""
+            key = "width" if enc == "clip_l" else f"width_{enc}"
+            enc_width, source = width, f" (metadata '{META}{key}')" if from_meta else ""
+            widths[enc] = width
         else:
             enc_width, source = ENCODER_WIDTHS[enc], ""
         expect = (count, vpi, enc_width)
@@ -250,4 +267,4 @@ def _check_bank_tensors(header: Header, family: str, count: int, vpi: int,
         dtypes.add(FLOAT_DTYPES[info.dtype])
     if len(dtypes) > 1:
         raise MalformedFileError(f"{fname}: bank tensors have different dtypes")
-    return dtypes.pop(), width
+    return dtypes.pop(), widths
