@@ -10,9 +10,12 @@ import sys as _sys
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
 if "folder_paths" in _sys.modules:  # loaded by ComfyUI: make models/productbg/... known right away
+    from .nodes.bank_routes import register_routes
     from .nodes.folders import register_model_folders
 
     register_model_folders()
+    register_routes()  # the category list's routes, when a PromptServer is running (not in plain Python)
 
-WEB_DIRECTORY = None
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "__version__"]
+#: The frontend extension (web/productbg.js): the category widgets become a searchable list of the bank's names.
+WEB_DIRECTORY = "./web"
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "__version__"]

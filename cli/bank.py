@@ -5,6 +5,7 @@
     productbg bank rename BANK OLD NEW [--out OUT] [--force]
     productbg bank remove BANK NAME [NAME ...] [--out OUT] [--force]
     productbg bank merge BANK BANK [BANK ...] --out OUT [--on-conflict error|keep|replace] [--template T] [--force]
+    productbg bank preview BANK CATEGORY IMAGE | --remove
 
 Every write is atomic (a temp file beside the destination, then a rename): a failed command leaves every file as
 it was. ``rename`` and ``remove`` rewrite BANK in place unless ``--out`` is given.
@@ -82,6 +83,16 @@ def _add_curation_parsers(bsub: argparse._SubParsersAction) -> None:
     mg.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     mg.set_defaults(func=cmd_merge)
 
+    pv = bsub.add_parser("preview", help="set (or remove) a category's preview thumbnail",
+                         description="Set the preview thumbnail the ComfyUI category list shows for CATEGORY: IMAGE "
+                                     "is shrunk to fit 128 px and written as PNG into the folder beside the bank "
+                                     "(BANK.previews/). The bank file itself is not changed.")
+    pv.add_argument("bank", type=Path, metavar="BANK", help="a category bank (.safetensors)")
+    pv.add_argument("category", metavar="CATEGORY", help="the category's name")
+    pv.add_argument("image", type=Path, nargs="?", metavar="IMAGE", help="any image PIL reads")
+    pv.add_argument("--remove", action="store_true", help="remove the category's preview instead")
+    pv.set_defaults(func=cmd_preview)
+
 
 def _out_options(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--out", type=Path, default=None, help=out_help)
@@ -118,15 +129,17 @@ def _open(path: Path):
 
 def bank_summary(bank, path: Path) -> dict:
     """The JSON form of ``productbg bank list``: the bank's settings and every category, from the header."""
+    from ..weights.bank_previews import has_previews
+
     loras, counts = bank.loras, bank.vector_counts()
-    has_preview = getattr(bank, "has_preview", lambda name: False)
+    previews = has_previews(path, bank.names)
     return {
         "file": str(path), "family": bank.family, "width": bank.width, "vectors_per_id": bank.vectors_per_id,
         "template": bank.template, "dtype": str(bank.dtype).replace("torch.", ""), "count": len(bank),
         "categories": [{"name": n, "vectors": c,
                         "lora": {"file": loras[n].file, "strength": loras[n].strength} if n in loras else None,
-                        "preview": bool(has_preview(n))}
-                       for n, c in zip(bank.names, counts)],
+                        "preview": p}
+                       for n, c, p in zip(bank.names, counts, previews)],
     }
 
 
@@ -168,6 +181,7 @@ def cmd_rename(args: argparse.Namespace) -> int:
         stored, new = bank.resolve(args.old), check_name(args.new)
         bank.rename(stored, new)
         bank.save(dest)
+        _carry_previews(args.bank, dest, {n: (n if n != new else stored) for n in bank.names}, [stored])
     print(f"renamed {stored!r} to {new!r}: wrote {dest} ({len(bank)} categories)")
     return 0
 
@@ -181,6 +195,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
         for name in dict.fromkeys(stored):
             bank.remove(name)
         bank.save(dest)
+        _carry_previews(args.bank, dest, {n: n for n in bank.names}, stored)
     print(f"removed {', '.join(repr(n) for n in dict.fromkeys(stored))}: wrote {dest} ({len(bank)} categories left)")
     return 0
 
@@ -210,6 +225,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
                   "--on-conflict keep|replace, or rename / remove the categories first)", file=sys.stderr)
             return 1
         dest = merged.save(args.out)
+        from ..weights.bank_previews import copy_previews
+
+        copy_previews([(b.path, old, new) for new, (b, old) in report.origin.items()], dest)
     finally:
         for b in banks:
             b.close()
@@ -218,4 +236,39 @@ def cmd_merge(args: argparse.Namespace) -> int:
     taken = ", ".join(f"{n} from {label}" for label, n in report.added.items())
     same = f"; {len(report.identical)} identical duplicates merged" if report.identical else ""
     print(f"wrote {dest} ({merged.family} bank, {len(merged)} categories: {taken}{same})")
+    return 0
+
+
+def _carry_previews(src: Path, dest: Path, kept: dict[str, str], dropped: list[str]) -> None:
+    """After ``rename`` / ``remove`` wrote ``dest``: its previews are those of ``src`` for the kept categories
+    (new name -> name in ``src``); in place, the previews of renamed-away or removed names go."""
+    from ..weights.bank_previews import copy_previews, remove_preview
+
+    moved = {new: old for new, old in kept.items() if new != old or src.resolve() != dest.resolve()}
+    copy_previews([(src, old, new) for new, old in moved.items()], dest)
+    if src.resolve() == dest.resolve():
+        for name in dropped:
+            if name not in kept:
+                remove_preview(dest, name)
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    """Write (or ``--remove``) a category's preview thumbnail beside the bank."""
+    from ..weights.bank_previews import remove_preview, write_preview
+    from . import checks
+    from .errors import CliError
+
+    if (args.image is None) == (not args.remove):
+        raise CliError("give IMAGE, or --remove (not both)")
+    with _open(args.bank) as bank:
+        name = bank.resolve(args.category)
+    if args.remove:
+        print(f"{'removed' if remove_preview(args.bank, name) else 'there was no'} preview of {name!r}")
+        return 0
+    checks.input_image(args.image, "IMAGE")
+    from PIL import Image
+
+    with Image.open(args.image) as im:
+        dest = write_preview(args.bank, name, im)
+    print(f"wrote the preview of {name!r}: {dest}")
     return 0

@@ -1,6 +1,6 @@
 """ComfyUI nodes. Node modules import ComfyUI only inside methods, so this package imports without it."""
 from .attention_nodes import BackgroundWords, MaskGuidedAttention
-from .category_nodes import CategoryPrompt, LoadCategoryBank
+from .category_nodes import CategoryName, CategoryPrompt, LoadCategoryBank
 from .export_nodes import ExportProduct
 from .imaging_nodes import (CompositeProduct, LoadProductsFromFolder, PlaceProduct, PreservationReport,
                             SegmentProduct)
@@ -13,6 +13,7 @@ _NODES = {
     "ProductBGLoadCategoryBank": (LoadCategoryBank, "Load Category Bank (productbg)"),
     "ProductBGCategoryPrompt": (CategoryPrompt, "Category Prompt (productbg)"),
     "ProductBGCategoryLora": (CategoryLoraNode, "Category LoRA (productbg)"),
+    "ProductBGCategory": (CategoryName, "Category (productbg)"),
     "ProductBGLoadStyleEncoder": (LoadStyleEncoder, "Load Style Encoder (productbg)"),
     "ProductBGReferenceStyle": (ReferenceStyle, "Reference Style (productbg)"),
     "ProductBGSegmentProduct": (SegmentProduct, "Segment Product (productbg)"),

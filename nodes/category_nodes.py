@@ -32,6 +32,31 @@ class LoadCategoryBank:
             raise NodeInputError(f"{bank_name}: {e}") from None
 
 
+class CategoryName:
+    """One place to switch: a category of the bank, fed to every node that needs it (Category Prompt, Category LoRA)."""
+
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("category",)
+    FUNCTION = "pick"
+    DESCRIPTION = ("One category for the whole workflow: connect its output to the category input of Category Prompt "
+                   "and Category LoRA, and switch every node here. Click the category to pick from the bank's list.")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "bank": (BANK, {"tooltip": "From Load Category Bank: the names to pick from, and the check."}),
+            "category": ("STRING", {"default": "", "tooltip": "Category name as stored in the bank (click to pick from "
+                                    "the bank's list; type to filter). Latin names are case-insensitive."}),
+        }}
+
+    def pick(self, bank: CategoryBank, category: str):
+        try:
+            return (bank.resolve(category),)
+        except WeightsError as e:
+            raise NodeInputError(str(e)) from None
+
+
 def _slot_positions(tokens: dict, slot_id: int) -> list[int]:
     """Flat positions (chunk·77 + index) of the slot word, the same in every token list (``l``; SDXL's ``g``)."""
     found = {key: [c * len(ids) + i for c, ids in enumerate(token_ids(tokens, key)) for i, t in enumerate(ids)

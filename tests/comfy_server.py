@@ -21,10 +21,12 @@ from comfy_env import child_env, format_status_messages
 COMFY_SERVER_ARGS = ["--cpu", "--database-url", "sqlite:///:memory:", "--disable-auto-launch"]
 
 
-def prepare_instance_dir(workdir: str | os.PathLike, pack_dir: str | os.PathLike, link_name: str) -> list[str]:
+def prepare_instance_dir(workdir: str | os.PathLike, pack_dir: str | os.PathLike, link_name: str,
+                         model_paths: dict[str, str] | None = None) -> list[str]:
     """Lay out a private instance (custom_nodes/<link_name> -> pack, output, input, temp, user) under
     ``workdir`` and return main.py's arguments for it. The ComfyUI tree's own folders stay untouched except
-    models/ (read); the tree's own custom_nodes/ is still scanned too (it ships only examples)."""
+    models/ (read); the tree's own custom_nodes/ is still scanned too (it ships only examples).
+    ``model_paths`` (folder name -> path, e.g. ``{"productbg_banks": ...}``) go into extra_model_paths.yaml."""
     work = Path(workdir).resolve()
     for d in ("custom_nodes", "output", "input", "temp", "user"):
         (work / d).mkdir(parents=True, exist_ok=True)
@@ -33,7 +35,8 @@ def prepare_instance_dir(workdir: str | os.PathLike, pack_dir: str | os.PathLike
         link.unlink()
     link.symlink_to(Path(pack_dir).resolve(), target_is_directory=True)
     yaml_path = work / "extra_model_paths.yaml"
-    yaml_path.write_text(f"productbg_test:\n    custom_nodes: {json.dumps(str(work / 'custom_nodes'))}\n")
+    extra = "".join(f"    {k}: {json.dumps(str(v))}\n" for k, v in (model_paths or {}).items())
+    yaml_path.write_text(f"productbg_test:\n    custom_nodes: {json.dumps(str(work / 'custom_nodes'))}\n{extra}")
     return [*COMFY_SERVER_ARGS, "--extra-model-paths-config", str(yaml_path),
             "--output-directory", str(work / "output"), "--input-directory", str(work / "input"),
             "--temp-directory", str(work / "temp"), "--user-directory", str(work / "user")]
@@ -65,8 +68,10 @@ class ComfyServer:
     ``run(prompt) -> outputs``, ``view(image) -> bytes``, ``upload_image(path)``, ``log_tail()``, ``stop()``.
     """
 
-    def __init__(self, comfyui_dir, pack_dir, workdir, link_name: str = "productbg", python: str = sys.executable):
+    def __init__(self, comfyui_dir, pack_dir, workdir, link_name: str = "productbg", python: str = sys.executable,
+                 model_paths: dict[str, str] | None = None):
         self.comfyui_dir, self.pack_dir, self.python = str(comfyui_dir), str(pack_dir), python
+        self.model_paths = dict(model_paths or {})
         self.workdir = Path(workdir).resolve()
         self.link_name = link_name
         self.output_dir, self.input_dir = self.workdir / "output", self.workdir / "input"
@@ -84,7 +89,7 @@ class ComfyServer:
         return f"custom_nodes.{self.link_name}"
 
     def start(self, timeout: float = 300) -> "ComfyServer":
-        args = prepare_instance_dir(self.workdir, self.pack_dir, self.link_name)
+        args = prepare_instance_dir(self.workdir, self.pack_dir, self.link_name, self.model_paths)
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         with open(self.log_path, "wb") as log:

@@ -235,3 +235,62 @@ def test_merge_needs_two_banks_and_refuses_existing_out(capsys, bank_a, bank_b, 
     assert code == 2 and "at least two banks" in err
     code, _, err = run(capsys, "bank", "merge", bank_a, bank_b, "--out", bank_a, "--on-conflict", "keep")
     assert code == 2 and "--force" in err
+
+
+# ---------------------------------------------------------------------- previews travel with their category
+def _png(colour) -> "object":
+    from PIL import Image
+
+    return Image.new("RGB", (300, 200), colour)
+
+
+def test_preview_set_list_rename_remove_merge(capsys, bank_a, bank_b, tmp_path):
+    from productbg.weights.bank_previews import preview_names, previews_dir, read_preview
+
+    image = tmp_path / "red.png"
+    _png((200, 10, 10)).save(image)
+    code, _, err = run(capsys, "bank", "preview", bank_a, "运动鞋", image)
+    assert code == 0, err
+    red = read_preview(bank_a, "运动鞋")
+    from PIL import Image
+    import io
+
+    assert Image.open(io.BytesIO(red)).size == (128, 85)           # shrunk to fit 128 px
+    code, out, _ = run(capsys, "bank", "list", bank_a, "--json")
+    assert [c["preview"] for c in json.loads(out)["categories"]] == [True, False, False]
+    assert "运动鞋\t2 vectors\tlora cat0.safetensors x0.8\tpreview" in run(capsys, "bank", "list", bank_a)[1]
+
+    code, _, err = run(capsys, "bank", "rename", bank_a, "运动鞋", "跑鞋")
+    assert code == 0, err
+    assert read_preview(bank_a, "跑鞋") == red and read_preview(bank_a, "运动鞋") is None
+
+    code, _, err = run(capsys, "bank", "merge", bank_a, bank_b, "--out", tmp_path / "m.safetensors",
+                       "--on-conflict", "keep")
+    assert code == 0, err
+    assert read_preview(tmp_path / "m.safetensors", "跑鞋") == red and len(preview_names(tmp_path / "m.safetensors")) == 1
+
+    code, _, err = run(capsys, "bank", "remove", bank_a, "跑鞋")
+    assert code == 0, err
+    assert read_preview(bank_a, "跑鞋") is None and not previews_dir(bank_a).exists()
+
+
+def test_merge_conflict_on_preview_alone(capsys, tmp_path):
+    from productbg.weights.bank_previews import write_preview
+
+    for name, colour in (("a", (0, 0, 255)), ("b", (0, 255, 0))):
+        example_bank(("mug",), seed=0).save(tmp_path / f"{name}.safetensors")
+        write_preview(tmp_path / f"{name}.safetensors", "mug", _png(colour))
+    code, _, err = run(capsys, "bank", "merge", tmp_path / "a.safetensors", tmp_path / "b.safetensors",
+                       "--out", tmp_path / "m.safetensors")
+    assert code == 1 and "have different preview" in err and not (tmp_path / "m.safetensors").exists()
+    assert not (tmp_path / "m.previews").exists()
+
+
+def test_preview_errors(capsys, bank_a, tmp_path):
+    code, _, err = run(capsys, "bank", "preview", bank_a, "nope", tmp_path / "x.png")
+    assert code == 2 and "no category 'nope'" in err
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    code, _, err = run(capsys, "bank", "preview", bank_a, "shoes", tmp_path / "bad.png")
+    assert code == 2 and "bad.png" in err
+    code, _, err = run(capsys, "bank", "preview", bank_a, "shoes")
+    assert code == 2 and "--remove" in err

@@ -12,6 +12,8 @@ in letter case, which lookup could not tell apart) with different vectors, LoRA 
 with ``on_conflict="error"`` (the default) :class:`MergeConflictError` lists every one and nothing is built.
 ``"keep"`` keeps the first bank's category, ``"replace"`` takes the last one's. The same category with the
 same contents in two banks is not a conflict. Banks with different prompt templates need ``template=``.
+Previews (:mod:`.bank_previews`) are compared here; the caller copies them (``MergeReport.origin`` says from
+where) once the merged bank is written.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Sequence
 import torch
 
 from .bank import CategoryBank
+from .bank_previews import read_preview
 from .errors import WeightsError
 
 ON_CONFLICT = ("error", "keep", "replace")
@@ -42,6 +45,7 @@ class MergeReport:
     added: dict[str, int] = field(default_factory=dict)  # bank label -> categories it contributed
     identical: list[str] = field(default_factory=list)
     resolved: list[str] = field(default_factory=list)
+    origin: dict[str, tuple[CategoryBank, str]] = field(default_factory=dict)  # merged name -> (bank, its name)
 
 
 def _label(bank: CategoryBank, i: int) -> str:
@@ -55,9 +59,11 @@ def _check_family(banks: Sequence[CategoryBank], labels: list[str]) -> None:
             raise WeightsError(f"cannot merge {label} ({bank.family} bank) with {labels[0]} ({first.family} bank): "
                                "identifier vectors only fit the text encoder they were made for; banks of different "
                                "families are never mixed")
-        if bank.width is not None and first.width is not None and bank.width != first.width:
-            raise WeightsError(f"cannot merge {label} (width {bank.width}) with {labels[0]} (width {first.width}): "
-                               "identifier vectors only fit the text encoder they were made for")
+        for enc in first.encoders:
+            mine, theirs = first._width(enc), bank._width(enc)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise WeightsError(f"cannot merge {label} ({enc} width {theirs}) with {labels[0]} ({enc} width "
+                                   f"{mine}): identifier vectors only fit the text encoder they were made for")
 
 
 def _dtype(banks: Sequence[CategoryBank]) -> torch.dtype:
@@ -75,15 +81,13 @@ def _difference(a: CategoryBank, name_a: str, b: CategoryBank, name_b: str) -> s
         return "vectors"
     if ca.lora != cb.lora:
         return "LoRA"
-    pa, pb = _preview(a, name_a), _preview(b, name_b)
-    if (pa is None) != (pb is None) or (pa is not None and (pa.shape != pb.shape or not torch.equal(pa, pb))):
+    if _preview(a, name_a) != _preview(b, name_b):
         return "preview"
     return None
 
 
-def _preview(bank: CategoryBank, name: str) -> torch.Tensor | None:
-    get = getattr(bank, "preview", None)
-    return get(name) if get is not None else None
+def _preview(bank: CategoryBank, name: str) -> bytes | None:
+    return read_preview(bank.path, name) if bank.path is not None else None
 
 
 def merge_banks(banks: Sequence[CategoryBank], on_conflict: str = "error",
@@ -148,8 +152,6 @@ def merge_banks(banks: Sequence[CategoryBank], on_conflict: str = "error",
         bank, name, label = owner[key]
         category = bank.get(name)
         merged.add(name, dict(category.vectors), lora=category.lora)
-        preview = _preview(bank, name)
-        if preview is not None:
-            merged.set_preview(name, preview)
+        report.origin[name] = (bank, name)
         report.added[label] = report.added.get(label, 0) + 1
     return merged, report
