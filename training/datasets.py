@@ -7,6 +7,7 @@ dropping the bad entries). The folder builder lives in :mod:`.folder`.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,12 +40,17 @@ class Problem:
 
 @dataclass(frozen=True)
 class Record:
-    """One usable entry: file name, category name and the two paths."""
+    """One usable entry: file name, category name, the two paths and the image's (width, height).
+
+    ``size`` is what the header said when the entry was checked (``None`` for a record made elsewhere), so
+    aspect-ratio buckets are assigned without opening 60k files a second time.
+    """
 
     file: str
     category: str
     image: Path
     mask: Path
+    size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -124,7 +130,7 @@ def _check_record(root: Path, split: str, name: str, category: str, decode: bool
         return Problem(f"{why.split(' ')[0]} mask", name, why)
     if img_size != mask_size:
         return Problem("size mismatch", name, f"image {img_size[0]}x{img_size[1]}, mask {mask_size[0]}x{mask_size[1]}")
-    return Record(name, category, img_p, mask_p)
+    return Record(name, category, img_p, mask_p, tuple(img_size))
 
 
 def _count_unlisted(root: Path, split: str, listed: set[str]) -> int:
@@ -208,27 +214,128 @@ def _report(root: Path, split: str, listed: int, records: list[Record], problems
     warnings.warn(f"{message}; skipped, training on {len(records)} entries", stacklevel=3)
 
 
+# ---------------------------------------------------------------------------------------------- buckets
+BUCKET_STEP = 64  # bucket sides are multiples of this: SD1.5's UNet needs latents divisible by 8 (pixels by 64)
+MAX_ASPECT = 4.0  # buckets span 1:4 .. 4:1, SDXL's range
+
+
+def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets ``(height, width)`` for training at ``resolution``² pixels, widest first.
+
+    SDXL's bucket list, for any multiple of 64: one side steps through the multiples of 64 and the other is the
+    largest multiple of 64 that keeps ``height * width <= resolution²`` (a bucket never costs more memory or
+    compute than the square, which is always in the list), in both orientations, aspects from 1:4 to 4:1. At
+    1024 this is 512×2048, 512×1984, ..., 960×1088, 1024×1024, 1088×960, ..., 2048×512; at 512 it is 256×1024
+    ... 512×512 ... 1024×256.
+
+    Raises:
+        ValueError: ``resolution`` is not a positive multiple of 64 (no square bucket could be formed).
+    """
+    if resolution < BUCKET_STEP or resolution % BUCKET_STEP:
+        raise ValueError(f"aspect-ratio buckets need a resolution that is a multiple of {BUCKET_STEP}, "
+                         f"got {resolution}")
+    area, found = resolution * resolution, set()
+    for side in range(BUCKET_STEP, int(MAX_ASPECT * resolution) + 1, BUCKET_STEP):
+        other = area // side // BUCKET_STEP * BUCKET_STEP
+        if other < BUCKET_STEP:
+            break
+        for h, w in ((side, other), (other, side)):
+            if h <= MAX_ASPECT * w and w <= MAX_ASPECT * h:
+                found.add((h, w))
+    return sorted(found, key=lambda hw: (hw[0] / hw[1], -hw[0]))
+
+
+def nearest_bucket(height: int, width: int, buckets: Sequence[tuple[int, int]]) -> int:
+    """Index in ``buckets`` of the ``(h, w)`` whose aspect is closest to ``height / width`` in log space.
+
+    Log space makes 1:2 and 2:1 equally far from 1:1, so tall and wide images are treated alike; ties go to the
+    earlier bucket (deterministic).
+    """
+    if not buckets:
+        raise ValueError("no buckets to choose from")
+    target = math.log(height / width)
+    return min(range(len(buckets)), key=lambda k: (abs(math.log(buckets[k][0] / buckets[k][1]) - target), k))
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Where a training sample comes from in its source image, and what SDXL's added time ids say about it.
+
+    The source region ``box`` is cropped and resized to the target in one resample (cheaper and sharper than
+    resizing the whole image first); geometrically that is the diffusers SDXL convention — resize the image so
+    it covers the target, then centre-crop — and ``resized`` / ``top_left`` describe it in those terms.
+
+    Attributes:
+        original: ``(height, width)`` of the source image (SDXL's ``original_size``).
+        box: ``(left, top, right, bottom)`` of the source region (a PIL crop box).
+        target: ``(height, width)`` of the sample.
+        resized: ``(height, width)`` of the whole source resized to cover the target.
+        top_left: ``(top, left)`` of the target inside the resized image (SDXL's ``crops_coords_top_left``).
+    """
+
+    original: tuple[int, int]
+    box: tuple[int, int, int, int]
+    target: tuple[int, int]
+    resized: tuple[int, int]
+    top_left: tuple[int, int]
+
+    def flipped_top_left(self) -> tuple[int, int]:
+        """``top_left`` of the horizontally flipped sample: the crop mirrored inside the resized image,
+        ``left' = resized_width - left - target_width`` (the sample shows that region of the flipped image)."""
+        return self.top_left[0], self.resized[1] - self.top_left[1] - self.target[1]
+
+
+def crop_geometry(height: int, width: int, target: tuple[int, int]) -> Crop:
+    """The centre crop of a ``height``×``width`` image with the aspect of ``target`` = ``(H, W)``.
+
+    The side that is too long is cut equally on both ends (the extra pixel of an odd cut goes to the right /
+    bottom); for a square target this is exactly the square centre crop training has always used.
+    """
+    th, tw = target
+    if width * th >= height * tw:  # wider than the target (or equal): keep the full height, cut the width
+        cw = (2 * height * tw + th) // (2 * th)  # round(height * tw / th), in integers
+        left = (width - cw) // 2
+        rw = max(tw, (2 * width * th + height) // (2 * height))
+        box, resized = (left, 0, left + cw, height), (th, rw)
+        top_left = (0, min((2 * left * th + height) // (2 * height), rw - tw))
+    else:  # taller: keep the full width, cut the height
+        ch = (2 * width * th + tw) // (2 * tw)
+        top = (height - ch) // 2
+        rh = max(th, (2 * height * tw + width) // (2 * width))
+        box, resized = (0, top, width, top + ch), (rh, tw)
+        top_left = (min((2 * top * tw + width) // (2 * width), rh - th), 0)
+    return Crop((height, width), box, (th, tw), resized, top_left)
+
+
 # ---------------------------------------------------------------------------------------------- torch side
-def load_pair(record: Record, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """Image uint8 [R, R, 3] and mask float [R, R] in {0, 1}: centre-cropped to square, resized."""
+def _decode_error(record: Record, e: Exception) -> DatasetError:
+    return DatasetError(f"cannot decode {record.image.name} or its mask in {record.image.parent.parent} "
+                        f"({type(e).__name__}: {' '.join(str(e).split())}); find every such file with "
+                        "`productbg dataset check DIR --decode`, or pass --skip-bad to train without them")
+
+
+def load_sample(record: Record, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, Crop]:
+    """Image uint8 [H, W, 3], mask float [H, W] in {0, 1} and the :class:`Crop`, for a target ``size`` = (H, W).
+
+    The mask is cut from the same box as the image and resized to the same size, so it stays on its product.
+    """
     try:
         with Image.open(record.image) as im:
-            img = _square(im.convert("RGB"), resolution, Image.BICUBIC)
+            crop = crop_geometry(im.height, im.width, size)
+            img = im.convert("RGB").crop(crop.box).resize((size[1], size[0]), Image.BICUBIC)
         with Image.open(record.mask) as m:
-            mask = _square(m.convert("L"), resolution, Image.BILINEAR)
+            if (m.height, m.width) != crop.original:
+                raise ValueError(f"mask is {m.width}x{m.height}, image {crop.original[1]}x{crop.original[0]}")
+            mask = m.convert("L").crop(crop.box).resize((size[1], size[0]), Image.BILINEAR)
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt although its header was fine
-        raise DatasetError(f"cannot decode {record.image.name} or its mask in {record.image.parent.parent} "
-                           f"({type(e).__name__}: {' '.join(str(e).split())}); find every such file with "
-                           "`productbg dataset check DIR --decode`, or pass --skip-bad to train without them") \
-            from None
-    return np.asarray(img), (np.asarray(mask, dtype=np.float32) >= 127.5).astype(np.float32)
+        raise _decode_error(record, e) from None
+    return np.asarray(img), (np.asarray(mask, dtype=np.float32) >= 127.5).astype(np.float32), crop
 
 
-def _square(im: Image.Image, size: int, resample: int) -> Image.Image:
-    w, h = im.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    return im.crop((left, top, left + side, top + side)).resize((size, size), resample)
+def load_pair(record: Record, resolution: int) -> tuple[np.ndarray, np.ndarray]:
+    """Image uint8 [R, R, 3] and mask float [R, R] in {0, 1}: centre-cropped to square, resized."""
+    img, mask, _ = load_sample(record, (resolution, resolution))
+    return img, mask
 
 
 def to_tensor(img: np.ndarray) -> torch.Tensor:
@@ -236,21 +343,43 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
+def _source_size(record: Record) -> tuple[int, int]:
+    """(height, width) of a record's image: from the index when it knows it, else a header read (no decode)."""
+    if record.size is not None:
+        return record.size[1], record.size[0]
+    try:
+        with Image.open(record.image) as im:
+            return im.height, im.width
+    except (OSError, ValueError, SyntaxError) as e:
+        raise _decode_error(record, e) from None
+
+
 class ImageMaskDataset(torch.utils.data.Dataset):
     """(image, mask, category) samples of a :class:`BG60kIndex` at one training resolution.
 
-    Items may be indexed by ``int`` or by ``(index, sample_seed)`` (what :class:`~.engine.StepSampler` yields);
-    the seed drives the optional horizontal flip so augmentation does not depend on worker RNG.
+    Items may be indexed by ``int`` or by ``(index, sample_seed)`` (what :class:`~.engine.StepSampler` and
+    :class:`~.engine.BucketBatchSampler` yield); the seed drives the optional horizontal flip so augmentation
+    does not depend on worker RNG.
+
+    Every item is a dict: ``image`` float [3, H, W] in [-1, 1], ``mask`` float [1, H, W] in {0, 1},
+    ``category`` (int), ``seed`` (int), and SDXL's added time ids in the diffusers training convention:
+    ``original_size`` int64 [2] = (height, width) of the source image, ``crop_top_left`` int64 [2] = (top, left)
+    of the sample in the source resized to cover it (mirrored with the flip: see :meth:`Crop.flipped_top_left`).
 
     Args:
         index: the checked split.
-        resolution: side of the square training images (a multiple of 8).
+        resolution: side of the square training images (a multiple of 8), or with ``buckets`` the side of the
+            square whose pixel count every bucket keeps (a multiple of 64).
         flip: random horizontal flips.
         categories: category order for the returned indices (default ``index.categories``).
+        buckets: aspect-ratio buckets: each image is assigned once, from its header size, to the bucket of
+            :func:`bucket_sizes` nearest its aspect (:attr:`buckets`, :attr:`bucket_ids`) and centre-cropped to
+            that bucket's (H, W) instead of a square. Batches must then come from one bucket each: the engine
+            uses :class:`~.engine.BucketBatchSampler` when :attr:`bucket_ids` is not ``None``.
     """
 
     def __init__(self, index: BG60kIndex, resolution: int, flip: bool = False,
-                 categories: Sequence[str] | None = None) -> None:
+                 categories: Sequence[str] | None = None, buckets: bool = False) -> None:
         if resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {resolution}")
         self.index, self.resolution, self.flip = index, resolution, flip
@@ -260,17 +389,32 @@ class ImageMaskDataset(torch.utils.data.Dataset):
         if missing:
             raise DatasetError(f"categories {missing[:5]} are not in the given category list")
         self._cat = [lookup[r.category] for r in index.records]
+        #: the (H, W) sizes items may have, or ``None`` without buckets
+        self.buckets: list[tuple[int, int]] | None = bucket_sizes(resolution) if buckets else None
+        #: each record's index in :attr:`buckets`, or ``None`` without buckets
+        self.bucket_ids: list[int] | None = None
+        if self.buckets is not None:
+            self.bucket_ids = [nearest_bucket(*_source_size(r), self.buckets) for r in index.records]
 
     def __len__(self) -> int:
         return len(self.index.records)
 
+    def item_size(self, i: int) -> tuple[int, int]:
+        """(H, W) of item ``i``: its bucket's, or resolution × resolution without buckets."""
+        if self.bucket_ids is None:
+            return self.resolution, self.resolution
+        return self.buckets[self.bucket_ids[i]]
+
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         i, seed = item if isinstance(item, tuple) else (item, 0)
-        img, mask = load_pair(self.index.records[i], self.resolution)
+        img, mask, crop = load_sample(self.index.records[i], self.item_size(i))
+        top_left = crop.top_left
         if self.flip and np.random.default_rng(seed).random() < 0.5:
-            img, mask = img[:, ::-1], mask[:, ::-1]
+            img, mask, top_left = img[:, ::-1], mask[:, ::-1], crop.flipped_top_left()
         return {"image": to_tensor(img), "mask": torch.from_numpy(np.array(mask))[None],
-                "category": self._cat[i], "seed": seed}
+                "category": self._cat[i], "seed": seed,
+                "original_size": torch.tensor(crop.original, dtype=torch.int64),
+                "crop_top_left": torch.tensor(top_left, dtype=torch.int64)}
 
 
 from .folder import BuildReport, build_from_folder  # noqa: E402  (re-exported: the folder builder)

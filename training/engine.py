@@ -8,9 +8,11 @@ resumption.
 
 Exact resumption: every random draw of a training step comes from :func:`~.state.step_generator` (a function of
 seed, step, micro-batch and process), and the data order from :class:`StepSampler` (a function of seed and
-position). A checkpoint stores the trainable tensors, optimizer, LR scheduler, grad scaler, the data position,
-the byte length of the loss log and each process's global RNG states; ``--resume latest`` restores all of them,
-truncates the loss log to the checkpoint and continues — on CPU, bit-identical to a run never interrupted.
+position) — or, when the dataset has aspect-ratio buckets (``dataset.bucket_ids``), from
+:class:`BucketBatchSampler` (single-bucket batches, a function of seed and batch position). A checkpoint
+stores the trainable tensors, optimizer, LR scheduler, grad scaler, the data position, the byte length of the
+loss log and each process's global RNG states; ``--resume latest`` restores all of them, truncates the loss log
+to the checkpoint and continues — on CPU, bit-identical to a run never interrupted.
 
 Several processes means DDP (``accelerate launch --multi_gpu``, torchrun): the optimizer is built before
 ``prepare`` and the trained tensors are read from the unwrapped module on the main process, which holds only a
@@ -23,7 +25,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol
+from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -157,8 +159,89 @@ class StepSampler(torch.utils.data.Sampler):
                 if epoch not in cache:
                     cache.clear()
                     cache[epoch] = self._perm(epoch)
-                yield int(cache[epoch][p % self.size]), int(np.random.SeedSequence([self.seed, p]).generate_state(1)[0])
+                yield int(cache[epoch][p % self.size]), _item_seed(self.seed, p)
             batch += 1
+
+
+def _item_seed(seed: int, position: int) -> int:
+    """The augmentation seed of stream position ``position`` (shared by both samplers)."""
+    return int(np.random.SeedSequence([seed, position]).generate_state(1)[0])
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """An endless, resumable order of single-bucket batches (a DataLoader ``batch_sampler``).
+
+    Epoch ``e`` is formed from (seed, e) alone: each bucket's indices are shuffled with an RNG of
+    (seed, e, bucket) and cut into batches of ``batch_size`` — a bucket's last batch is short when its image
+    count is not a multiple of ``batch_size`` (nothing is dropped: every image is seen once per epoch, and a
+    bucket smaller than a batch is one short batch, never skipped) — then the list of batches is shuffled with an
+    RNG of (seed, e). Every epoch has the same number of batches ``per_epoch``; global batch ``g`` is batch
+    ``g mod per_epoch`` of epoch ``g div per_epoch``, and a process of ``world`` takes global batches
+    ``b * world + rank`` (as :class:`StepSampler` does). Item seeds are :func:`_item_seed` of the global position
+    ``e * N + (items in earlier batches of epoch e) + k``, so any batch can be produced from (seed, g) without
+    replaying the stream: ``start_batch`` resumes exactly.
+
+    Args:
+        bucket_ids: each dataset item's bucket (any hashable ints; equal ids = same image size).
+        batch_size, seed, start_batch, rank, world: as for :class:`StepSampler`.
+    """
+
+    def __init__(self, bucket_ids: Sequence[int], batch_size: int, seed: int, start_batch: int = 0, rank: int = 0,
+                 world: int = 1) -> None:
+        if not bucket_ids:
+            raise ValueError("the dataset is empty")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.size, self.batch_size, self.seed = len(bucket_ids), batch_size, seed
+        self.start_batch, self.rank, self.world = start_batch, rank, world
+        members: dict[int, list[int]] = {}
+        for i, b in enumerate(bucket_ids):
+            members.setdefault(int(b), []).append(i)
+        self.members = {b: np.asarray(members[b]) for b in sorted(members)}
+        #: batches per epoch, and how many of them are short (a bucket's remainder)
+        self.per_epoch = sum(-(-len(m) // batch_size) for m in self.members.values())
+        self.short_per_epoch = sum(1 for m in self.members.values() if len(m) % batch_size)
+
+    def epoch(self, e: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """Epoch ``e``'s batches (index arrays, in order) and each batch's first global position."""
+        batches = []
+        for b, idx in self.members.items():
+            perm = idx[np.random.default_rng([self.seed, 0xB0C7, e, b]).permutation(len(idx))]
+            batches.extend(perm[k:k + self.batch_size] for k in range(0, len(perm), self.batch_size))
+        order = np.random.default_rng([self.seed, 0xB0C7, e]).permutation(len(batches))
+        batches = [batches[k] for k in order]
+        starts = e * self.size + np.concatenate([[0], np.cumsum([len(x) for x in batches])[:-1]])
+        return batches, starts
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        cached: tuple[int, tuple[list[np.ndarray], np.ndarray]] | None = None
+        batch = self.start_batch
+        while True:
+            g = batch * self.world + self.rank
+            e, j = divmod(g, self.per_epoch)
+            if cached is None or cached[0] != e:
+                cached = (e, self.epoch(e))
+            idx, first = cached[1][0][j], int(cached[1][1][j])
+            yield [(int(i), _item_seed(self.seed, first + k)) for k, i in enumerate(idx)]
+            batch += 1
+
+    def summary(self, sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:
+        """What training will see per epoch (recorded in ``train_config.json``): images per bucket (keyed
+        ``HxW`` when ``sizes`` — the dataset's ``buckets`` — are given), batches, short batches, dropped (0)."""
+        name = (lambda b: f"{sizes[b][0]}x{sizes[b][1]}") if sizes is not None else str
+        return {"images": {name(b): len(m) for b, m in self.members.items()}, "batches_per_epoch": self.per_epoch,
+                "short_batches_per_epoch": self.short_per_epoch, "dropped": 0}
+
+
+def dataset_buckets(dataset: Any) -> tuple[list[int] | None, list[tuple[int, int]] | None]:
+    """``(bucket_ids, buckets)`` of a dataset, or of the dataset it wraps (``base``, as PG's pair dataset does);
+    ``(None, None)`` when it has no buckets."""
+    while dataset is not None:
+        ids = getattr(dataset, "bucket_ids", None)
+        if ids is not None:
+            return list(ids), getattr(dataset, "buckets", None)
+        dataset = getattr(dataset, "base", None)
+    return None, None
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -211,6 +294,7 @@ class _Run:
         self.model, self.optimizer = self.acc.prepare(module, self.optimizer)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.step = 0
+        self.bucket_summary: dict[str, Any] | None = None  # set by batches() when the dataset has buckets
         self.ckpt_root = self.out / "checkpoints"
         self.log_path = self.out / LOG_FILE
 
@@ -273,12 +357,21 @@ class _Run:
 
     # ------------------------------------------------------------------ steps
     def batches(self) -> Iterator[Any]:
-        sampler = StepSampler(len(self.task.dataset()), self.cfg.batch_size, self.cfg.seed,
-                              start_batch=self.step * self.cfg.grad_accum, rank=self.acc.process_index,
-                              world=self.acc.num_processes)
-        loader = torch.utils.data.DataLoader(self.task.dataset(), batch_size=self.cfg.batch_size, sampler=sampler,
-                                             num_workers=self.cfg.num_workers,
-                                             persistent_workers=self.cfg.num_workers > 0)
+        """The data stream from the current step: :class:`StepSampler` batches, or with a bucketed dataset
+        :class:`BucketBatchSampler` batches (one image size each); both a function of (seed, position)."""
+        dataset, workers = self.task.dataset(), self.cfg.num_workers
+        where = dict(start_batch=self.step * self.cfg.grad_accum, rank=self.acc.process_index,
+                     world=self.acc.num_processes)
+        ids, sizes = dataset_buckets(dataset)
+        if ids is None:
+            sampler = StepSampler(len(dataset), self.cfg.batch_size, self.cfg.seed, **where)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler,
+                                                 num_workers=workers, persistent_workers=workers > 0)
+        else:
+            batch_sampler = BucketBatchSampler(ids, self.cfg.batch_size, self.cfg.seed, **where)
+            self.bucket_summary = batch_sampler.summary(sizes)
+            loader = torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers,
+                                                 persistent_workers=workers > 0)
         return iter(loader)
 
     def train_step(self, batches: Iterator[Any]) -> dict[str, float]:
@@ -337,11 +430,13 @@ def fit(task: TrainTask, cfg: EngineConfig) -> FitResult:
     start = run.resume() if cfg.resume else 0
     if start == 0 and run.acc.is_main_process:
         run.log_path.unlink(missing_ok=True)  # a fresh run (or one killed before its first checkpoint)
-    if run.acc.is_main_process:
-        (run.out / CONFIG_FILE).write_text(json.dumps({"engine": cfg.to_json(), "task": task.fingerprint()},
-                                                      indent=1, ensure_ascii=False, default=str))
-    result = FitResult(step=start, resumed_from=start, main_process=run.acc.is_main_process)
     batches = run.batches()
+    if run.acc.is_main_process:
+        config = {"engine": cfg.to_json(), "task": task.fingerprint()}
+        if run.bucket_summary is not None:
+            config["buckets"] = run.bucket_summary
+        (run.out / CONFIG_FILE).write_text(json.dumps(config, indent=1, ensure_ascii=False, default=str))
+    result = FitResult(step=start, resumed_from=start, main_process=run.acc.is_main_process)
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and run.acc.is_main_process),
                desc="train", dynamic_ncols=True)
     run.model.train()
