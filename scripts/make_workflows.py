@@ -4,7 +4,8 @@
     python scripts/make_workflows.py --ui URL        # also UI format + PNG thumbnail through the real web
                                                       # frontend of a ComfyUI server running this pack
 The UI step runs scripts/ui_roundtrip.js (headless Chromium + playwright-core; see that file), so the UI files
-are exactly what the frontend itself saves. Defaults follow the paper's recipe: 512², 40 DDIM steps, CFG 7.5,
+are exactly what the frontend itself saves. The category workflows have one Category node feeding every Category
+Prompt / Category LoRA (one place to switch; added last so the other nodes keep their ids). Defaults follow the paper's recipe: 512², 40 DDIM steps, CFG 7.5,
 fill 0.74, inpaint mask grown 20 px, product pasted back. The ``*_sdxl`` twins run at SDXL's 1024² with
 ``attention.backbones.SDXL.sampler`` (30 steps dpmpp_2m karras, CFG 6) and the SDXL model files.
 """
@@ -121,7 +122,18 @@ def category_background(with_style: bool = False, with_lora: bool = False, prefi
     if with_style:
         model = _style(g, model, place, setup)
     _back_end(g, ckpt, model, out(prompt, 0), place, prefix, setup=setup)
+    _one_category(g, bank, "shoes")
     return g.nodes
+
+
+def _one_category(g: Graph, bank: str, name: str) -> str:
+    """One place to switch: a Category node (added last, so every other node keeps its id) whose output is the
+    category of every Category Prompt and Category LoRA of the graph."""
+    cat = g.add("ProductBGCategory", "Category (switch it here)", bank=out(bank), category=name)
+    for node in g.nodes.values():
+        if node["class_type"] in ("ProductBGCategoryPrompt", "ProductBGCategoryLora"):
+            node["inputs"]["category"] = out(cat)
+    return cat
 
 
 def _style(g: Graph, model: list, place: str, setup: Setup = SD15_SETUP) -> list:
@@ -210,6 +222,30 @@ def thumbnail(png: Path) -> None:
     png.unlink()
 
 
+def keep_ids(previous: dict, workflow: dict) -> dict:
+    """``workflow`` (UI format) with every node given the id it had in ``previous``, the UI file it replaces:
+    nodes are matched by type, in id order; nodes the previous file lacked get ids after its last one. Links
+    follow their nodes, so workflows saved from the previous file keep their node ids."""
+    old_by_type: dict[str, list[int]] = {}
+    for node in sorted(previous.get("nodes", []), key=lambda n: n["id"]):
+        old_by_type.setdefault(node["type"], []).append(node["id"])
+    next_id = max([previous.get("last_node_id", 0)] + [n["id"] for n in previous.get("nodes", [])]) + 1
+    mapping: dict[int, int] = {}
+    for node in sorted(workflow["nodes"], key=lambda n: n["id"]):
+        free = old_by_type.get(node["type"], [])
+        if free:
+            mapping[node["id"]] = free.pop(0)
+        else:
+            mapping[node["id"]], next_id = next_id, next_id + 1
+    for node in workflow["nodes"]:
+        node["id"] = mapping[node["id"]]
+    for link in workflow["links"]:
+        link[1], link[3] = mapping[link[1]], mapping[link[3]]
+    workflow["nodes"].sort(key=lambda n: n["id"])
+    workflow["last_node_id"] = max(mapping.values(), default=0)
+    return workflow
+
+
 def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -226,8 +262,11 @@ def main() -> None:
         api_path = OUT / "api" / f"{name}.json"
         write_json(api_path, build())
         if args.ui:
+            ui_path = OUT / f"{name}.json"
+            previous = json.loads(ui_path.read_text(encoding="utf-8")) if ui_path.is_file() else {}
             subprocess.run(["node", str(REPO / "scripts" / "ui_roundtrip.js"), args.ui, str(api_path),
-                            str(OUT / f"{name}.json"), str(OUT / f"{name}.png")], check=True)
+                            str(ui_path), str(OUT / f"{name}.png")], check=True)
+            write_json(ui_path, keep_ids(previous, json.loads(ui_path.read_text(encoding="utf-8"))))
             thumbnail(OUT / f"{name}.png")
         print("wrote", api_path)
 
