@@ -16,9 +16,12 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 exports=$(bash "$REPO/scripts/setup_env.sh")
 eval "$exports"
+# The real-browser test's Debian chromium + npm playwright-core (cached; only checked once installed).
+browser_exports=$(bash "$REPO/scripts/setup_browser.sh") || browser_exports=""
+eval "$browser_exports"
 cd "$REPO"
 unset PYTHONPATH
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 COMFYUI_DIR PRODUCTBG_VENV PRODUCTBG_PY
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 COMFYUI_DIR PRODUCTBG_VENV PRODUCTBG_PY PRODUCTBG_CHROMIUM PRODUCTBG_NODE_PATH
 PYTEST=("$PRODUCTBG_VENV/bin/pytest" --confcutdir="$REPO/tests")
 if [ "$#" -gt 0 ]; then
   exec "${PYTEST[@]}" "$@"
