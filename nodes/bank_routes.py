@@ -172,10 +172,9 @@ def preview_png(query: Any) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------- aiohttp
-def _handler(make: Callable[[Any], Any]):
+def _handler(web: Any, make: Callable[[Any], Any]):
+    """An aiohttp handler around ``make(query)`` (``web`` is the ``aiohttp.web`` module ComfyUI's server runs on)."""
     async def handle(request):
-        from aiohttp import web
-
         try:
             result = make(request.rel_url.query)
             if isinstance(result, bytes):
@@ -189,10 +188,10 @@ def _handler(make: Callable[[Any], Any]):
     return handle
 
 
-async def _not_found(request):
-    from aiohttp import web
-
-    return web.json_response({"error": f"no such productbg route: {request.rel_url.path[:120]}"}, status=404)
+def _not_found(web: Any):
+    async def handle(request):
+        return web.json_response({"error": f"no such productbg route: {request.rel_url.path[:120]}"}, status=404)
+    return handle
 
 
 def register_routes() -> bool:
@@ -201,11 +200,12 @@ def register_routes() -> bool:
     server = sys.modules.get("server")
     instance = getattr(getattr(server, "PromptServer", None), "instance", None)
     routes = getattr(instance, "routes", None)
-    if routes is None or getattr(instance, "_productbg_routes", False):
+    web = getattr(server, "web", None) or sys.modules.get("aiohttp.web")  # the server's own aiohttp, no import
+    if routes is None or web is None or getattr(instance, "_productbg_routes", False):
         return False
-    routes.get(PREFIX)(_handler(banks_payload))
-    routes.get(PREFIX + "/categories")(_handler(categories_payload))
-    routes.get(PREFIX + "/preview")(_handler(preview_png))
-    routes.get("/productbg/{tail:.*}")(_not_found)
+    routes.get(PREFIX)(_handler(web, banks_payload))
+    routes.get(PREFIX + "/categories")(_handler(web, categories_payload))
+    routes.get(PREFIX + "/preview")(_handler(web, preview_png))
+    routes.get("/productbg/{tail:.*}")(_not_found(web))
     instance._productbg_routes = True
     return True
