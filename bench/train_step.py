@@ -9,10 +9,12 @@ Steps alternate so machine drift hits both alike. Prints a table, then as its LA
 median step times and their ratio (target ≤ 1.05).
 
 Models: ``tiny`` (the test UNet), ``small`` (3 levels, width 64-256), ``sd15`` (full-size SD1.5-inpainting UNet and
-CLIP ViT-L, random weights; ~4 GB in fp32). One base model is shared by both steps (the UNet's attention
+CLIP ViT-L, random weights; ~4 GB in fp32), ``sdxl`` (SDXL-inpainting's topology — 70 cross-attention layers, two
+text encoders, pooled embedding and time ids — at reduced width, CPU-sized), ``sdxl-full`` (full-size SDXL-inpainting
+UNet, CLIP-L and OpenCLIP-G; a GPU). One base model is shared by both steps (the UNet's attention
 processors are swapped per step), so memory is that of one model.
 
-Usage: python bench/train_step.py [--model tiny|small|sd15] [--resolution 64] [--batch 4] [--steps 20]
+Usage: python bench/train_step.py [--model tiny|small|sd15|sdxl|sdxl-full] [--resolution 64] [--batch 4] [--steps 20]
                                   [--mask-mode hard|loss|both] [--device cpu]
 """
 from __future__ import annotations
@@ -29,10 +31,12 @@ import torch
 from productbg.training import bgsynth
 from productbg.training.cg import CGConfig, CGTask
 from productbg.training.diffusion import DiffusionModule
+from productbg.training.identifiers import encode_prompt
 from productbg.training.models import SDComponents, default_scheduler, load_components
 from productbg.training.state import step_generator
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "sd15"
+SDXL_ASSETS = ASSETS.parent / "sdxl"
 
 
 def _sd_components(unet, text_config: dict, name: str) -> SDComponents:
@@ -70,21 +74,73 @@ def sd15_components() -> SDComponents:
     return _sd_components(unet, json.loads((ASSETS / "text_encoder_config.json").read_text()), "sd15")
 
 
-BUILDERS = {"tiny": lambda: load_components("tiny-inpaint"), "small": small_components, "sd15": sd15_components}
+def _sdxl_parts(unet, widths: tuple[int, int], layers: tuple[int, int], name: str) -> SDComponents:
+    """An SDXL-shaped component set: ``unet`` with CLIP-L- and OpenCLIP-G-shaped text encoders of ``widths``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from productbg.pipeline.text import clip_tokenizer, open_clip_tokenizer
+    from productbg.pipeline.tiny import tiny_vae
+
+    common = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407)
+    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=widths[0], intermediate_size=4 * widths[0],
+                                       num_hidden_layers=layers[0], num_attention_heads=max(1, widths[0] // 64),
+                                       pad_token_id=49407, hidden_act="quick_gelu", **common)).eval()
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=widths[1], intermediate_size=4 * widths[1],
+                                                     num_hidden_layers=layers[1], projection_dim=widths[1],
+                                                     num_attention_heads=max(1, widths[1] // 64), pad_token_id=0,
+                                                     hidden_act="gelu", **common)).eval()
+    from diffusers import DDPMScheduler
+
+    sched = DDPMScheduler.from_config(json.loads((SDXL_ASSETS / "scheduler_config.json").read_text()))
+    return SDComponents(unet.eval(), tiny_vae(), te1, clip_tokenizer(), sched, name, te2, open_clip_tokenizer(),
+                        "sdxl")
+
+
+def sdxl_components() -> SDComponents:
+    """SDXL's inpainting UNet topology (depths 1/2/10: 70 cross-attention layers, added time ids) at reduced width
+    (64–256 channels), with 128- and 192-wide 4-layer text encoders: what a CPU can step."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    widths = (128, 192)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=9, out_channels=4, layers_per_block=2, block_out_channels=(64, 128, 256),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(2, 4, 8), norm_num_groups=16,
+        cross_attention_dim=sum(widths), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=32, projection_class_embeddings_input_dim=widths[1] + 6 * 32)
+    return _sdxl_parts(unet, widths, (4, 4), "sdxl")
+
+
+def sdxl_full_components() -> SDComponents:
+    """Full-size SDXL-inpainting UNet, CLIP-L and OpenCLIP-G (random weights; ~14 GB in fp32: a GPU)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    config = json.loads((SDXL_ASSETS / "unet_config.json").read_text())
+    unet = UNet2DConditionModel.from_config({**config, "in_channels": 9})
+    return _sdxl_parts(unet, (768, 1280), (12, 32), "sdxl-full")
+
+
+BUILDERS = {"tiny": lambda: load_components("tiny-inpaint"), "small": small_components, "sd15": sd15_components,
+            "sdxl": sdxl_components, "sdxl-full": sdxl_full_components}
 
 
 class PlainLoraStep(DiffusionModule):
-    """The reference: diffusers' default attention, frozen text encoder, UNet LoRA only."""
+    """The reference: diffusers' default attention, frozen text encoder(s), UNet LoRA only (SDXL: the prompt's
+    own pooled embedding and the same time ids)."""
 
     def __init__(self, comps: SDComponents, prompt_ids: torch.Tensor, jitter: tuple[float, float]) -> None:
         super().__init__(comps)
-        self.text_encoder, self.jitter = comps.text_encoder, jitter
-        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
+        self.text_encoders, self.jitter = torch.nn.ModuleList(comps.text_encoders), jitter
+        self.register_buffer("prompt_ids", prompt_ids, persistent=False)  # [encoders, prompts, 77]
 
     def forward(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            context = self.text_encoder(self.prompt_ids[batch["category"]])[0]
-        mse = self.denoising_loss(batch["image"], batch["mask"].float(), generator, context, None, self.jitter, 1.0)
+            context, pooled = encode_prompt(self.text_encoders, [p[batch["category"]] for p in self.prompt_ids])
+        mse = self.denoising_loss(batch["image"], batch["mask"].float(), generator, context, None, self.jitter, 1.0,
+                                  self.added_conditions(batch, pooled))
         return {"loss": mse}
 
 

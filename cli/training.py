@@ -134,11 +134,16 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--data", type=Path, help="BG60k-layout dataset folder")
     g.add_argument("--model", default="tiny-inpaint",
-                   help="base model: a .safetensors checkpoint, a diffusers folder, or tiny / tiny-inpaint")
+                   help="base model: an SD1.5 or SDXL .safetensors checkpoint (inpainting or not), a diffusers "
+                        "folder, or tiny / tiny-inpaint / tiny-sdxl / tiny-sdxl-inpaint (random test models)")
     g.add_argument("--model-configs", type=Path,
-                   help="component configs for a single-file --model (default: the shipped SD1.5 set)")
+                   help="component configs for a single-file --model (default: the shipped set of its backbone)")
     g.add_argument("--output", type=Path, required=True, help="output folder (logs, checkpoints, weights)")
-    g.add_argument("--resolution", type=I(16, 2048, multiple=8), default=512)
+    g.add_argument("--resolution", type=I(16, 2048, multiple=8), default=512,
+                   help="training side; with buckets the pixel count each bucket keeps (a multiple of 64)")
+    g.add_argument("--buckets", default="auto", choices=["auto", "on", "off"],
+                   help="aspect-ratio buckets: images grouped by aspect at the trained pixel count, one bucket per "
+                        "batch (auto: on for SDXL when --resolution is a multiple of 64, off for SD1.5)")
     g.add_argument("--max-steps", type=I(1, 100_000_000), default=1000)
     g.add_argument("--batch-size", type=I(1, 1024), default=1, help="per process")
     g.add_argument("--grad-accum", type=I(1, 1024), default=1)
@@ -165,6 +170,9 @@ def _cg_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vectors-per-id", type=I(1, 75), default=4)
     g.add_argument("--template", default="a product photo on a {id} background")
     g.add_argument("--init", default="name", choices=["name", "background"])
+    g.add_argument("--init-bank", type=Path, metavar="BANK",
+                   help="start each category's identifier from this bank's vectors (e.g. `productbg bank "
+                        "from-text`); its categories must cover the dataset's, its family the model's")
     g.add_argument("--unet", default="lora", choices=["lora", "full"],
                    help="lora: one shared UNet LoRA (the paper); full: train every UNet weight (writes unet/)")
     g.add_argument("--lora-rank", type=I(1, 1024), default=8)
@@ -207,12 +215,16 @@ def _check_run_args(args: argparse.Namespace) -> None:
         checks.input_dir(args.data, "--data")
     if getattr(args, "images", None) is not None:
         checks.input_dir(args.images, "--images")
-    if args.model not in ("tiny", "tiny-inpaint") and not Path(args.model).is_dir():
+    from ..training.models import TINY_SOURCES
+
+    if args.model not in TINY_SOURCES and not Path(args.model).is_dir():
         checks.input_file(args.model, "--model")
     if args.model_configs is not None:
         checks.input_dir(args.model_configs, "--model-configs")
     if getattr(args, "init_from", None) is not None:
         checks.input_file(args.init_from, "--init-from")
+    if getattr(args, "init_bank", None) is not None:
+        checks.input_file(args.init_bank, "--init-bank")
     for option in ("mask_jitter", "crop_scale"):
         pair = getattr(args, option, None)
         if pair is not None and pair[0] > pair[1]:
@@ -284,7 +296,8 @@ def _train_cg(args: argparse.Namespace) -> int:
                        flip=not args.no_flip, skip_bad=args.skip_bad,
                        gradient_checkpointing=args.gradient_checkpointing,
                        weights_dtype=_weights_dtype(args.mixed_precision),
-                       categories=(args.category,) if args.category else None, model_configs=args.model_configs)
+                       categories=(args.category,) if args.category else None, model_configs=args.model_configs,
+                       buckets=_buckets(args), init_bank=args.init_bank)
         result = fit(CGTask(cfg), _engine_config(args))
     except (DatasetError, ModelLoadError, ValueError, FileNotFoundError) as e:
         raise _error(str(e)) from None
@@ -306,6 +319,34 @@ def _name_category_lora(written: list[Path], category: str) -> None:
     set_category_lora(bank, category, lora)
     print(f"the bank names {lora.name} as the LoRA of '{category}': copy it into ComfyUI/models/loras "
           "under that name")
+
+
+def _buckets(args: argparse.Namespace) -> bool:
+    """``--buckets``: ``auto`` is on for SDXL (trained on many aspects) at a resolution buckets can keep."""
+    if args.buckets == "on":
+        if args.resolution % 64:
+            raise _error(f"argument --buckets on: --resolution {args.resolution} is not a multiple of 64 (bucket "
+                         "sides are multiples of 64); use e.g. 512 or 1024")
+        return True
+    return args.buckets == "auto" and args.resolution % 64 == 0 and _model_family(args.model) == "sdxl"
+
+
+def _model_family(model: str) -> str:
+    """The backbone family of ``--model`` without loading it (the header of a checkpoint; a folder's parts)."""
+    from ..training.models import TINY_SOURCES
+
+    if model in TINY_SOURCES:
+        return TINY_SOURCES[model][0]
+    path = Path(model)
+    if path.is_dir():
+        return "sdxl" if (path / "text_encoder_2").is_dir() else "sd15"
+    from ..pipeline.errors import PipelineError
+    from ..pipeline.single_file import checkpoint_backbone
+
+    try:
+        return checkpoint_backbone(path).family
+    except PipelineError as e:
+        raise _error(str(e)) from None
 
 
 def _weights_dtype(mixed_precision: str) -> str:
@@ -358,7 +399,7 @@ def _train_pg(args: argparse.Namespace) -> int:
                        init_from=args.init_from, prompt=args.prompt, crop_scale=tuple(args.crop_scale),
                        drop_reference=args.drop_reference, skip_bad=args.skip_bad,
                        gradient_checkpointing=args.gradient_checkpointing,
-                       weights_dtype=_weights_dtype(args.mixed_precision))
+                       weights_dtype=_weights_dtype(args.mixed_precision), buckets=_buckets(args))
         result = fit(PGTask(cfg), _engine_config(args))
     except (DatasetError, ModelLoadError, ValueError, FileNotFoundError) as e:
         raise _error(str(e)) from None

@@ -1,4 +1,5 @@
-"""Exact resumption: 20 steps straight == 10 steps, SIGKILL mid-checkpoint, ``--resume latest`` to 20."""
+"""Exact resumption: 20 steps straight == 10 steps, SIGKILL mid-checkpoint, ``--resume latest`` to 20 — on the
+SD1.5-shaped and the SDXL-shaped (two text encoders, pooled embedding, time ids) tiny inpainting models."""
 import json
 import os
 import signal
@@ -15,8 +16,8 @@ from productbg.training.engine import FAULT_ENV
 RUN = "import sys; from productbg.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def _args(data, out, *extra):
-    return ["train-cg", "--data", str(data), "--model", "tiny-inpaint", "--output", str(out), "--resolution", "32",
+def _args(data, out, *extra, model="tiny-inpaint"):
+    return ["train-cg", "--data", str(data), "--model", model, "--output", str(out), "--resolution", "32",
             "--max-steps", "20", "--batch-size", "2", "--vectors-per-id", "2", "--lora-rank", "4",
             "--checkpoint-every", "5", "--keep-checkpoints", "5", "--seed", "7", "--mask-mode", "both",
             "--no-progress", *extra]
@@ -60,13 +61,14 @@ def _wait_for(path, proc, stall=900):
 
 
 @pytest.mark.slow
-def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("model", ["tiny-inpaint", "tiny-sdxl-inpaint"])
+def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path, model):
     data = tmp_path / "data"
     bgsynth.generate(data, bgsynth.SynthSpec(categories=4, per_category=2, held_out=1, size=32, seed=1,
                                              names=("运动鞋", "手提包", "咖啡杯", "台灯")))
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    a = _start(_args(data, straight), tmp_path)
-    b = _start(_args(data, killed), tmp_path, fault="hold-in-checkpoint:15")
+    a = _start(_args(data, straight, model=model), tmp_path)
+    b = _start(_args(data, killed, model=model), tmp_path, fault="hold-in-checkpoint:15")
     _wait_for(killed / ".fault-held", b)
     os.kill(b.pid, signal.SIGKILL)
     b.wait(30)
@@ -75,7 +77,7 @@ def test_sigkill_and_resume_equals_uninterrupted_run(tmp_path):
     assert (roots / "step-000015.tmp").is_dir() and not (roots / "step-000015").exists()
     assert len(_log(killed)) == 15                           # steps 11-15 were logged before the kill
 
-    resumed = subprocess.run([sys.executable, "-c", RUN, *_args(data, killed, "--resume", "latest")], cwd=tmp_path,
+    resumed = subprocess.run([sys.executable, "-c", RUN, *_args(data, killed, "--resume", "latest", model=model)], cwd=tmp_path,
                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "skipping checkpoint step-000015.tmp" in resumed.stderr and "resumed from step 10" in resumed.stdout

@@ -99,6 +99,7 @@ class CGConfig:
     weights_dtype: str = "float32"
     categories: tuple[str, ...] | None = None
     model_configs: Path | None = None
+    init_bank: Path | None = None  # start from this bank's vectors (its per-category counts decide the vectors)
     buckets: bool = False  # aspect-ratio buckets (multiple-of-64 sides, one bucket per batch): see docs/training.md
 
     def __post_init__(self) -> None:
@@ -114,6 +115,8 @@ class CGConfig:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
         if self.mask_jitter[0] > self.mask_jitter[1]:
             raise ValueError(f"mask_jitter min {self.mask_jitter[0]} exceeds max {self.mask_jitter[1]}")
+        if self.init_bank is not None:
+            self.init_bank = Path(self.init_bank)
 
 
 class CGModule(DiffusionModule):
@@ -210,12 +213,18 @@ class CGTask:
 
     def __init__(self, cfg: CGConfig, components: Callable[[], SDComponents] | None = None) -> None:
         self.cfg = cfg
-        self._components = components or (lambda: load_components(cfg.model, config_dir=cfg.model_configs))
+        # loaded in the frozen weights' dtype: a float32 copy of SDXL first would double the peak memory
+        self._components = components or (lambda: load_components(cfg.model, _DTYPES[cfg.weights_dtype],
+                                                                  config_dir=cfg.model_configs))
         index = open_bg60k(cfg.data, skip_bad=cfg.skip_bad)
         self.index = _restrict(index, cfg.categories)
         self.categories = list(self.index.categories)
         self._dataset = ImageMaskDataset(self.index, cfg.resolution, flip=cfg.flip, buckets=cfg.buckets)
         self.lora_alpha = float(cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank)
+        self.start = _start_bank(cfg, self.categories) if cfg.init_bank is not None else None
+        #: each category's own vector count (a from-text bank's descriptions differ in length); None = all alike
+        self.counts = self.start.counts if self.start is not None and len(set(self.start.counts)) > 1 else None
+        self.vectors_per_id = max(self.start.counts) if self.start is not None else cfg.vectors_per_id
 
     def dataset(self) -> ImageMaskDataset:
         return self._dataset
@@ -225,6 +234,7 @@ class CGTask:
         d["mask_jitter"] = list(self.cfg.mask_jitter)
         d["categories"] = self.categories
         d["dataset_size"] = len(self._dataset)
+        d["vector_counts"] = self.start.counts if self.start is not None else None
         return d
 
     def build(self, device: torch.device) -> CGModule:
@@ -236,10 +246,13 @@ class CGTask:
                 m.to(dtype)
         if comps.vae.dtype == torch.float16:
             upcast_vae(comps.vae)  # SDXL's VAE overflows in float16 (as at inference)
-        init = [identifiers.initial_vectors(tok, enc, self.categories, self.cfg.vectors_per_id, self.cfg.init)
-                for tok, enc in zip(comps.tokenizers, comps.text_encoders)]
+        if self.start is not None:
+            init = self.start.for_encoders(comps)
+        else:
+            init = [identifiers.initial_vectors(tok, enc, self.categories, self.cfg.vectors_per_id, self.cfg.init)
+                    for tok, enc in zip(comps.tokenizers, comps.text_encoders)]
         text = identifiers.IdentifierText(comps.tokenizers, comps.text_encoders, init)
-        prompt_ids, spec = _prompts(comps.tokenizers, text.vocab, self.cfg.template, len(self.categories))
+        prompt_ids, spec = _prompts(comps.tokenizers, text.vocab, self.cfg.template, len(self.categories), self.counts)
         install_processors(comps.unet)
         if self.cfg.unet == "full":
             comps.unet.float().requires_grad_(True)
@@ -278,8 +291,10 @@ class CGTask:
         training = {"trainer": "train-cg", "steps": step, "dataset": str(self.cfg.data), "model": self.cfg.model,
                     "mask_mode": self.cfg.mask_mode, "confinement": self.cfg.confinement, "categories": len(self.categories), "unet": self.cfg.unet}
         training["family"] = module.family
+        if self.start is not None:
+            training["init_bank"] = self.cfg.init_bank.name
         bank = outputs.save_bank(out_dir / BANK_FILE, self.categories, module.text.identifier_vectors(),
-                                 self.cfg.template, training)
+                                 self.cfg.template, training, counts=self.counts)
         if self.cfg.unet == "full":
             return [bank, _save_unet(module.unet, out_dir / UNET_DIR)]
         modules = outputs.peft_lora_modules(get_peft_model_state_dict(module.unet), self.lora_alpha)
@@ -302,22 +317,90 @@ def _restrict(index: BG60kIndex, categories: tuple[str, ...] | None) -> BG60kInd
     return BG60kIndex(index.root, index.split, records, sorted(set(categories)), index.problems, index.unlisted)
 
 
-def _prompts(tokenizers, vocab, template: str, count: int) -> tuple[torch.Tensor, IdentifierSpec]:
+def _prompts(tokenizers, vocab, template: str, count: int,
+             counts: list[int] | None = None) -> tuple[torch.Tensor, IdentifierSpec]:
     """Token ids [encoders, categories + 1, 77]: every category's prompt, then the empty prompt, per tokenizer;
-    the identifier positions (shared by every category and both of SDXL's tokenizations)."""
-    per_tokenizer, specs = [], set()
+    the identifier positions (shared by every category and both of SDXL's tokenizations).
+
+    With per-category ``counts`` category c's prompt holds its first ``counts[c]`` placeholders, so positions
+    after the identifier differ between categories; the returned spec is the first category's. That is exact for
+    ``context`` confinement — every prompt without its identifier is the same identifier-free prompt, and
+    product cells attend to that — which is why varied counts are refused with the column-based modes."""
+    per_tokenizer, specs = [], []
     for tokenizer in tokenizers:
         ids = []
         for c in range(count):
-            tokens, spec = tokenize_with_identifier(tokenizer, identifier_prompt(template, vocab.words(c)),
-                                                    vocab.token_ids[c])
+            n = vocab.token_ids.shape[1] if counts is None else counts[c]
+            words = " ".join(tokenizer.convert_ids_to_tokens(vocab.token_ids[c, :n].tolist()))
+            tokens, spec = tokenize_with_identifier(tokenizer, identifier_prompt(template, words),
+                                                    vocab.token_ids[c, :n])
             ids.append(tokens[0])
-            specs.add(spec)
+            specs.append(spec)
         empty = tokenizer("", padding="max_length", max_length=ids[0].shape[-1], return_tensors="pt").input_ids[0]
         per_tokenizer.append(torch.stack(ids + [empty]))
-    if len(specs) != 1:
+    if counts is None and len(set(specs)) != 1:
         raise ValueError("identifier positions differ between categories or tokenizers; use one template for all")
-    return torch.stack(per_tokenizer), specs.pop()
+    if any(s != specs[i % count] for i, s in enumerate(specs)):
+        raise ValueError("the identifier sits at different positions in the two tokenizations of the template")
+    return torch.stack(per_tokenizer), specs[0]
+
+
+@dataclass
+class StartBank:
+    """``--init-bank``: every trained category's vectors in a bank, padded to the most any of them has."""
+
+    family: str
+    counts: list[int]
+    vectors: dict[str, torch.Tensor]  # encoder -> [categories, most, width]
+
+    def for_encoders(self, comps: SDComponents) -> list[torch.Tensor]:
+        """The start vectors in the model's encoder order; refuses a bank for another backbone."""
+        names = ("clip_l", "clip_g")[:len(comps.text_encoders)]
+        if set(names) != set(self.vectors):
+            raise ValueError(f"--init-bank: a {self.family} bank (vectors for {', '.join(self.vectors)}) cannot "
+                             f"start training on a {comps.family} model (text encoders {', '.join(names)})")
+        out = []
+        for name, enc in zip(names, comps.text_encoders):
+            width = int(enc.get_input_embeddings().weight.shape[1])
+            if self.vectors[name].shape[-1] != width:
+                raise ValueError(f"--init-bank: the bank's {name} vectors are {self.vectors[name].shape[-1]} wide, "
+                                 f"this model's text encoder {width} (a bank for another model)")
+            out.append(self.vectors[name])
+        return out
+
+
+def _start_bank(cfg: CGConfig, categories: list[str]) -> StartBank:
+    """Read ``cfg.init_bank`` for ``categories`` (names resolved as Category Prompt resolves them)."""
+    from ..weights.bank import CategoryBank
+    from ..weights.errors import WeightsError
+
+    try:
+        with CategoryBank.load(cfg.init_bank) as bank:
+            missing = []
+            rows: dict[str, dict[str, torch.Tensor]] = {}
+            for name in categories:
+                try:
+                    stored = bank.resolve(name)
+                except WeightsError:
+                    missing.append(name)
+                    continue
+                rows[name] = {enc: bank.vectors(stored, enc).float().clone() for enc in bank.encoders}
+            family, encoders = bank.family, bank.encoders
+    except WeightsError as e:
+        raise ValueError(f"--init-bank: {e}") from None
+    if missing:
+        raise ValueError(f"--init-bank {cfg.init_bank.name} lacks {len(missing)} of the dataset's categories (e.g. "
+                         f"{', '.join(repr(m) for m in missing[:3])}); add them (`productbg bank from-text`) or train "
+                         "without --init-bank")
+    counts = [int(rows[n][encoders[0]].shape[0]) for n in categories]
+    if len(set(counts)) > 1 and (cfg.confinement != "context" or cfg.mask_mode != "hard"):
+        raise ValueError(f"--init-bank: its categories have different vector counts ({min(counts)}–{max(counts)}), "
+                         "which trains with --confinement context and --mask-mode hard only (the column-based modes "
+                         "need one identifier position for every category)")
+    most = max(counts)
+    vectors = {enc: torch.stack([torch.cat([rows[n][enc], rows[n][enc].new_zeros(most - c, rows[n][enc].shape[1])])
+                                 for n, c in zip(categories, counts)]) for enc in encoders}
+    return StartBank(family, counts, vectors)
 
 
 def _save_unet(unet, dest: Path) -> Path:

@@ -126,8 +126,13 @@ class PairDataset(torch.utils.data.Dataset):
 
 # ---------------------------------------------------------------------------------------------- model
 def clip_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
-    """[B,3,H,W] in [-1,1] → CLIP-normalised [B,3,size,size] (resized, no crop: references are square)."""
-    x = F.interpolate((images.float() + 1) / 2, size=(size, size), mode="bicubic", align_corners=False,
+    """[B,3,H,W] in [-1,1] → CLIP-normalised [B,3,size,size]: the centre square (a bucket's non-square reference
+    is cropped as CLIP preprocessing crops at inference, never squashed), resized."""
+    h, w = images.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = images[..., top:top + side, left:left + side]
+    x = F.interpolate((square.float() + 1) / 2, size=(size, size), mode="bicubic", align_corners=False,
                       antialias=True).clamp(0, 1)
     mean = torch.tensor(CLIP_MEAN, device=x.device)[:, None, None]
     std = torch.tensor(CLIP_STD, device=x.device)[:, None, None]
@@ -232,9 +237,9 @@ class PGTask:
     def build(self, device: torch.device) -> PGModule:
         from ..weights.style_encoder import StyleEncoder, StyleEncoderConfig, load_style_encoder
 
-        comps = load_components(self.cfg.model, config_dir=self.cfg.model_configs)
-        comps.freeze()
         dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(self.cfg.weights_dtype, torch.float32)
+        comps = load_components(self.cfg.model, dtype, config_dir=self.cfg.model_configs)
+        comps.freeze()
         vision = load_vision(self.cfg.vision_model).requires_grad_(False).eval()
         for m in (comps.unet, comps.vae, *comps.text_encoders, vision):
             if m.dtype != dtype:
