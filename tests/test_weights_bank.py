@@ -409,3 +409,22 @@ def test_newer_schema_and_other_files_are_mismatches(tmp_path):
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 2)}, str(other))
     with pytest.raises(FormatMismatchError, match="not a category bank.*inspect"):
         load_bank(other)
+
+
+def test_a_tiny_sdxl_bank_records_both_widths_and_reads_back(tmp_path):
+    """Small self-trained SDXL-shaped models: two encoders of free widths, each recorded and checked."""
+    bank = CategoryBank("tiny-sdxl", vectors_per_id=2)
+    vectors = {"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 48)}
+    bank.add("lamp", vectors)
+    path = bank.save(tmp_path / "xl.safetensors")
+    with CategoryBank.load(path) as back:
+        assert back.family == "tiny-sdxl" and back.encoders == ("clip_l", "clip_g")
+        assert all(torch.equal(back.vectors("lamp", enc), vectors[enc]) for enc in vectors)
+        with pytest.raises(WeightsError, match=r"clip_g vectors must be a float tensor of shape \[2, 48\]"):
+            back.add("mug", {"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 40)})
+    other = CategoryBank("tiny-sdxl", vectors_per_id=2)
+    other.add("mug", {"clip_l": torch.randn(2, 32), "clip_g": torch.randn(2, 64)})
+    with CategoryBank.load(path) as back, pytest.raises(WeightsError, match="clip_g width 64 into .* clip_g width 48"):
+        back.merge(other)
+    with pytest.raises(WeightsError, match="sdxl banks have clip_g width 1280, not 48.*'tiny-sdxl' bank"):
+        CategoryBank("sdxl", vectors_per_id=2, width_g=48)
