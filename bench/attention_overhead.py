@@ -12,6 +12,8 @@ live-tensor peak of the forward, without the weights, and beside it the same wit
 CUDA's allocator peak counts them).
 
 Usage: python bench/attention_overhead.py [--model sd15|sdxl] [--repeats 5] [--device cpu]
+``--model flux``: Flux.1's joint attention instead (full-width double + single blocks, the identifier-free text
+stream and its confinement vs unpatched; its own options: ``bench/flux_overhead.py``).
 (``--model sdxl`` on a CPU: about 10 GiB of fp32 weights and minutes per forward; the column ablation is
 skipped there unless ``--columns``, and time and peak memory come from the same forward — the live-tensor
 tracker's per-op cost is far below 0.1 % of a multi-minute forward and hits every variant alike.)
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -125,6 +128,10 @@ def peak_memory(fn, device: str) -> int:
 
 
 def main() -> None:
+    argv = sys.argv[1:]
+    if "--model=flux" in argv or any(a == "--model" and b == "flux" for a, b in zip(argv, argv[1:])):
+        from flux_overhead import main as flux_main  # beside this script (on sys.path when run as one)
+        return flux_main(argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
