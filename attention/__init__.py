@@ -1,6 +1,6 @@
 """Pure-torch attention math (no ComfyUI, no diffusers import): mask grids, identifier and style attention,
 and the one guided cross-attention call both adapters run."""
-from .backbones import BACKBONES, SD15, SDXL, Backbone, BackboneError, CrossAttnLayer
+from ..backbones import BACKBONES, SD15, SDXL, Backbone, BackboneError, CrossAttnLayer
 from .guided import (CONFINEMENTS, NUM_SD15_LAYERS, SD15_LAYER_KEYS, STYLE_LAYER_PRESETS, CallPlan, Guidance,
                      IdentifierGuidance, LayerContext, ProductMask, StyleGuidance, extend_context,
                      guided_cross_attention, plan_call, positive_rows_from)

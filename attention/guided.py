@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from . import probe
-from .backbones import SD15
+from ..backbones import SD15
 from .identifier import AttentionFn, IdentifierSpec, context_attention, identifier_columns, plain_attention
 from .masks import DEFAULT_THRESHOLD, background_weights, product_coverage, rows_for_batch
 from .style import style_attention

@@ -32,7 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from productbg.attention import backbones
+from productbg import backbones
 from productbg.attention import Guidance, IdentifierGuidance, IdentifierSpec, ProductMask, StyleGuidance
 from productbg.attention.diffusers_processor import DiffusersCall, install_processors
 

@@ -47,7 +47,7 @@ def main() -> None:
                                               comfy_args={"bf16_unet": True} if xl else None)
     nodes, pack = comfy.nodes, comfy.node_class_mappings
     samples = comfy.pack_module("weights.samples")
-    backbone = comfy.pack_module("attention.backbones").BACKBONES[args.model]
+    backbone = comfy.pack_module("backbones").BACKBONES[args.model]
     ckpt = comfy_harness.ensure_sdxl_checkpoints(comfyui_dir)["sdxl"] if xl else comfy.ckpt_sd15
     model, clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt)[:3]
 
@@ -70,7 +70,7 @@ def main() -> None:
 
     identifier_model = pack["ProductBGMaskGuidedAttention"]().patch(model, identifier, mask, 1.0, 0.0, 1.0)[0]
     columns_model = pack["ProductBGMaskGuidedAttention"]().patch(model, identifier, mask, 1.0, 0.0, 1.0, "columns")[0]
-    targets = comfy.pack_module("weights.targets")
+    targets = comfy.pack_module("backbones.targets")
     encoder = samples.example_style_encoder("ip-adapter_sdxl_vit-h" if xl else "ip-adapter_sd15",
                                             targets.TARGETS[args.model])
     tokens = encoder(torch.randn(1, 1024)).detach()

@@ -157,7 +157,7 @@ def model_backbone(args: argparse.Namespace):
     Raises:
         CheckpointError: a checkpoint of a family productbg does not support (named).
     """
-    from ..attention import backbones
+    from .. import backbones
     from ..pipeline.single_file import checkpoint_backbone
 
     if uses_tiny(args):

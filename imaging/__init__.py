@@ -22,7 +22,7 @@ from .folder import (IMAGE_EXTENSIONS, ProductEntry, ProductFolderError, check_i
 from .layout import Layout, render_layout
 from .reading import LoadedImage, read_image_file, srgb_icc_bytes
 from .metrics import Thresholds, ciede2000, color_drift, masked_psnr, object_expansion, preservation_report
-from .place import (ANCHORS, DEFAULT_FILL_RATIO, PRESETS, Placement, canvas_size, inpaint_grow_pixels, place_at, plan_layout,
+from .place import (ANCHORS, DEFAULT_FILL_RATIO, Placement, inpaint_grow_pixels, place_at, plan_layout,
                     inpaint_mask, parse_hex_color, place_product)
 from .segment import (METHODS, BackgroundEstimate, Segmentation, alpha_of, clean_edge_colors,
                       decontaminate_foreground, estimate_background, feather_mask, fill_holes, grabcut,

@@ -20,9 +20,6 @@ from ._arrays import Array, check_image, check_mask, like, to_numpy
 from .layout import Layout, render_layout
 from .segment import grow_mask
 
-PRESETS: dict[str, tuple[int, int]] = {"1:1": (1, 1), "4:5": (4, 5), "3:4": (3, 4), "16:9": (16, 9), "9:16": (9, 16)}
-"""Marketplace aspect ratios, width:height (square listings, portrait feeds, landscape banners, stories)."""
-
 ANCHORS = ("center", "bottom", "top", "left", "right", "bottom-left", "bottom-right", "top-left", "top-right")
 DEFAULT_FILL_RATIO = 0.74
 DEFAULT_MARGIN = 0.05
@@ -51,25 +48,6 @@ class Placement:
     box: tuple[int, int, int, int]
     scale: float
     layout: Layout | None = None
-
-
-def canvas_size(preset: str, long_side: int = 512, multiple: int = SIZE_MULTIPLE) -> tuple[int, int]:
-    """Width and height of a preset canvas whose longer side is ``long_side`` (rounded to ``multiple``).
-
-    Args:
-        preset: A key of ``PRESETS`` (``"1:1"``, ``"4:5"``, ``"3:4"``, ``"16:9"``, ``"9:16"``).
-        long_side: Length of the longer side in pixels.
-        multiple: Both sides are rounded to a multiple of this (at least one multiple).
-
-    Returns:
-        ``(width, height)``.
-    """
-    if preset not in PRESETS:
-        raise ValueError(f"unknown canvas preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    rw, rh = PRESETS[preset]
-    long_side = max(multiple, round(long_side / multiple) * multiple)
-    short = max(multiple, round(long_side * min(rw, rh) / max(rw, rh) / multiple) * multiple)
-    return (long_side, short) if rw >= rh else (short, long_side)
 
 
 def parse_hex_color(text: str) -> tuple[float, float, float]:

@@ -119,7 +119,7 @@ class CategoryPrompt:
 def _bank_vectors(bank: CategoryBank, category: str, backbone) -> dict:
     """ComfyUI token-list key -> the category's ``[n, width]`` vectors for that text encoder."""
     if bank.family != backbone.family:
-        from ..attention.backbones import BACKBONES
+        from ..backbones import BACKBONES
 
         use = "an SDXL bank (clip_l + clip_g vectors)" if backbone.family == "sdxl" else "an SD1.5 bank"
         other = BACKBONES[bank.family].label if bank.family in BACKBONES else None

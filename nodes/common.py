@@ -19,7 +19,7 @@ class NodeInputError(ValueError):
 
 def backbone_of_clip(tokens: dict):
     """The backbone of a ComfyUI CLIP from its ``clip.tokenize`` output (``l``: SD1.5; ``g`` + ``l``: SDXL)."""
-    from ..attention.backbones import BackboneError, from_token_keys
+    from ..backbones import BackboneError, from_token_keys
 
     try:
         return from_token_keys(tokens.keys())
@@ -30,7 +30,7 @@ def backbone_of_clip(tokens: dict):
 def backbone_of(model):
     """The backbone of a ComfyUI MODEL (from its ``model_config`` class and ``unet_config``); NodeInputError
     naming the family for anything else (SD2, SD3, Flux, an SDXL refiner...)."""
-    from ..attention.backbones import BackboneError, from_comfy_config
+    from ..backbones import BackboneError, from_comfy_config
 
     config = model.model.model_config
     try:
@@ -146,7 +146,7 @@ def confined_prompt(clip, tokens: dict, positions: list[int], backbone) -> tuple
 
 def check_bank_fits(bank, backbone) -> None:
     """Refuse a bank (its identifiers and LoRAs) trained for another backbone; tiny banks are not checked."""
-    from ..attention.backbones import BACKBONES
+    from ..backbones import BACKBONES
 
     if bank.family in BACKBONES and bank.family != backbone.family:
         raise NodeInputError(f"this is an {BACKBONES[bank.family].label} bank but the MODEL is {backbone.label}: "
@@ -158,7 +158,7 @@ def check_identifier_fits(identifier, backbone) -> None:
     """Refuse an identifier encoded by another backbone's CLIP (its context width differs)."""
     ctx = identifier.plain_context if identifier.plain_context is not None else identifier.prompt_context
     if ctx is not None and ctx.shape[-1] != backbone.context_dim:
-        from ..attention.backbones import BACKBONES
+        from ..backbones import BACKBONES
 
         other = next((b.label for b in BACKBONES.values() if b.context_dim == ctx.shape[-1]), f"{ctx.shape[-1]}-wide")
         raise NodeInputError(f"the identifier comes from an {other} CLIP but the MODEL is {backbone.label}: encode "

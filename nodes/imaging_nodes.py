@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import imaging
+from ..backbones import RATIOS, canvas_multiple_for, canvas as canvas_size
 from ..pipeline.outputs import json_safe
 from .common import NodeInputError
 from .export_nodes import PlacementBatch
 
 CATEGORY = "productbg/image"
-CANVAS_CHOICES = ["custom", *imaging.PRESETS, *imaging.EXPORT_PRESETS]
+CANVAS_CHOICES = ["custom", *RATIOS, *imaging.EXPORT_PRESETS]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -202,14 +203,15 @@ class PlaceProduct:
             "image": ("IMAGE", {"tooltip": "The product image (e.g. Segment Product's image)."}),
             "mask": ("MASK", {"tooltip": "The product mask, 1 = product (resized when its size differs)."}),
             "canvas": (CANVAS_CHOICES, {"default": "1:1", "tooltip":
-                       "Aspect ratio preset (width:height; longer side = the larger of width and height, "
-                       "rounded to a multiple of 8), an export preset (placed in the export's frame, canvas "
-                       "of its aspect), or custom to use width × height as given."}),
+                       "Aspect ratio (width:height) at the pixel count width × height — the same table as the "
+                       "CLI's --canvas, so 4:5 at 512 × 512 is 464×576 and at 1024 × 1024 928×1152 —, an export "
+                       "preset (placed in the export's frame, canvas of its aspect), or custom to use width × "
+                       "height as given."}),
             "width": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8, "tooltip":
-                      "Canvas width for custom; for presets the larger of width/height is the longer side. "
+                      "Canvas width for custom; for aspect ratios width × height is the pixel count. "
                       "512 for SD1.5, 1024 for SDXL (their trained size)."}),
             "height": ("INT", {"default": 512, "min": 64, "max": 8192, "step": 8, "tooltip":
-                       "Canvas height for custom; for presets the larger of width/height is the longer side. "
+                       "Canvas height for custom; for aspect ratios width × height is the pixel count. "
                        "512 for SD1.5, 1024 for SDXL."}),
             "fill_ratio": ("FLOAT", {"default": imaging.DEFAULT_FILL_RATIO, "min": 0.05, "max": 1.0, "step": 0.01,
                            "tooltip": "Share of the canvas the product's bounding box spans (the paper's "
@@ -249,14 +251,18 @@ class PlaceProduct:
 
 
 def canvas_frame(canvas: str, width: int, height: int) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(frame the product is placed in, generation canvas): the same for canvas presets and custom; for an
-    export preset the export's size and a canvas of its aspect with the longer side ``max(width, height)``."""
+    """(frame the product is placed in, generation canvas): the same for aspect ratios and custom; for an
+    export preset the export's size and a canvas of its aspect with the longer side ``max(width, height)``.
+
+    An aspect ratio is resolved by the backbone table (:func:`productbg.backbones.canvas`) at the pixel count
+    ``width × height``, rounded as the backbone trained at that size rounds: one answer with the CLI."""
     if canvas == "custom":
         return (width, height), (width, height)
     if canvas in imaging.EXPORT_PRESETS:
         frame = imaging.EXPORT_PRESETS[canvas]
         return frame, imaging.generation_size(frame, max(width, height))
-    size = library_call(imaging.canvas_size, canvas, max(width, height))
+    pixels = width * height
+    size = library_call(canvas_size, canvas, pixels, canvas_multiple_for(pixels))
     return size, size
 
 

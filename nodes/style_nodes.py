@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from ..attention import STYLE_LAYER_PRESETS, ProductMask, StyleGuidance
-from ..attention.backbones import BACKBONES
+from ..backbones import BACKBONES
 from ..attention import comfy_patch
 from ..imaging.fill import fill_product_hwc
 from ..weights.errors import WeightsError
-from ..weights import targets
+from ..backbones import targets
 from ..weights.style_encoder import StyleEncoder, load_style_encoder, read_style_encoder_info, reference_tokens
 from .common import STYLE, NodeInputError, backbone_of, check_mask_batch
 from .folders import full_path, list_files

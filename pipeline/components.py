@@ -56,7 +56,7 @@ class Components:
         source: where the base model came from (for reports).
         text_encoder_2, tokenizer_2: SDXL's second text encoder (``CLIPTextModelWithProjection``) and its
             tokenizer; None on SD1.5.
-        family: the backbone family (``sd15``, ``sdxl``; see :mod:`productbg.attention.backbones`).
+        family: the backbone family (``sd15``, ``sdxl``; see :mod:`productbg.backbones`).
     """
 
     unet: Any
@@ -74,8 +74,8 @@ class Components:
 
     @property
     def backbone(self):
-        """The :class:`~productbg.attention.backbones.Backbone` of these components."""
-        from ..attention import backbones
+        """The :class:`~productbg.backbones.Backbone` of these components."""
+        from .. import backbones
 
         return backbones.backbone(self.family)
 

@@ -466,7 +466,7 @@ def check_placement(mask: np.ndarray, layout: imaging.Layout, s: GenerateSetting
 def style_target(components: Components):
     """What a style encoder must fit: the backbone's table when the UNet has its shapes (messages then name
     SD1.5 / SDXL), else this UNet's own layers (tiny and custom models)."""
-    from ..weights.targets import TARGETS, TargetModel
+    from ..backbones.targets import TARGETS, TargetModel
     from .components import cross_attention_widths
 
     unet = components.unet
@@ -483,7 +483,7 @@ def check_bank_fit(identifiers: Any, backbone: Any) -> None:
     family = getattr(identifiers, "family", None)
     if family is None or family in ("tiny", "tiny-sdxl") or family == backbone.family:
         return
-    from ..attention import backbones
+    from .. import backbones
 
     other = backbones.BACKBONES.get(family)
     label = other.label if other is not None else family

@@ -40,10 +40,6 @@ CONFIG_FILES = {"unet": "unet_config.json", "unet_inpaint": "unet_inpaint_config
 #: SDXL's second text encoder (OpenCLIP ViT-bigG/14 text model, with projection).
 TEXT2_CONFIG = "text_encoder_2_config.json"
 #: Key prefixes of families we refuse, in the order they are checked (first match names the family).
-_FOREIGN = (("conditioner.embedders.0.model.", "SDXLRefiner"), ("cond_stage_model.model.", "SD20"),
-            ("text_encoders.", "SD3"), ("model.diffusion_model.joint_blocks.", "SD3"),
-            ("model.diffusion_model.double_blocks.", "Flux"), ("double_blocks.", "Flux"),
-            ("model.diffusion_model.transformer_blocks.", "a diffusion-transformer (DiT)"))
 _RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("time_emb_proj", "emb_layers.1"),
            ("norm2", "out_layers.0"), ("conv2", "out_layers.3"), ("conv_shortcut", "skip_connection"))
 _VAE_ATTN = (("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out"))
@@ -71,28 +67,21 @@ class SingleFileParts:
 
 
 def detect_backbone(keys, name: str = "checkpoint"):
-    """The :class:`~productbg.attention.backbones.Backbone` of an LDM-layout checkpoint from its tensor names.
+    """The :class:`~productbg.backbones.Backbone` of an LDM-layout checkpoint from its tensor names (the
+    registry's :func:`~productbg.backbones.from_checkpoint_keys`).
 
     Raises:
         CheckpointError: another family (named: SDXL refiner, SD2, SD3, Flux ...). Files without any text
             encoder are taken as SD1.5, whose loader then names what is missing.
     """
-    from ..attention import backbones
+    from .. import backbones
 
-    keys = list(keys)
-
-    def has(prefix: str) -> bool:
-        return any(k.startswith(prefix) for k in keys)
-
-    if has("cond_stage_model.transformer."):
-        return backbones.SD15
-    if has("conditioner.embedders.0.transformer.") and has(SDXL_TEXT2_PREFIX):
-        return backbones.SDXL
-    for prefix, family in _FOREIGN:
-        if has(prefix):
-            raise CheckpointError(f"{name}: {backbones.unsupported(family)}") from None
+    try:
+        found = backbones.from_checkpoint_keys(keys, host="diffusers")
+    except backbones.BackboneError as e:
+        raise CheckpointError(f"{name}: {e}") from None
     # No text encoder we know and no foreign family: SD1.5's loader says what is missing (a LoRA, a UNet ...).
-    return backbones.SD15
+    return found if found is not None else backbones.SD15
 
 
 def checkpoint_backbone(path: str | os.PathLike):

@@ -7,7 +7,7 @@ The UI step runs scripts/ui_roundtrip.js (headless Chromium + playwright-core; s
 are exactly what the frontend itself saves. The category workflows have one Category node feeding every Category
 Prompt / Category LoRA (one place to switch; added last so the other nodes keep their ids). Defaults follow the paper's recipe: 512², 40 DDIM steps, CFG 7.5,
 fill 0.74, inpaint mask grown 20 px, product pasted back. The ``*_sdxl`` twins run at SDXL's 1024² with
-``attention.backbones.SDXL.sampler`` (30 steps dpmpp_2m karras, CFG 6) and the SDXL model files.
+``backbones.SDXL.sampler`` (30 steps dpmpp_2m karras, CFG 6) and the SDXL model files.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ SD15_SETUP = Setup("SD1.5", CHECKPOINT, BANK, STYLE_ENCODER, 512, 40, 7.5, "ddim
 
 
 def sdxl_setup() -> Setup:
-    from productbg.attention.backbones import SDXL
+    from productbg.backbones import SDXL
 
     d = SDXL.sampler
     return Setup("SDXL", SDXL_CHECKPOINT, SDXL_BANK, SDXL_STYLE_ENCODER, SDXL.default_size, d.steps, d.cfg,

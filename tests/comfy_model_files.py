@@ -60,7 +60,7 @@ def write_sdxl_model_files(comfy, root: Path) -> Path:
     from productbg.weights.bank import CategoryBank
     from productbg.weights.samples import example_style_encoder
     from productbg.weights.style_encoder import save_style_encoder
-    from productbg.weights.targets import SDXL
+    from productbg.backbones.targets import SDXL
 
     for folder in ("productbg_banks", "productbg_style_encoders"):
         (root / folder).mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,12 @@
-"""The backbone table (attention/backbones.py): layer structure, ComfyUI keys, presets, detection, canvases."""
+"""The backbone table (backbones/): layer structure, ComfyUI keys, presets, detection, canvases."""
 import math
 from collections import Counter
 
 import pytest
 
-from productbg.attention import backbones as bb
+from productbg import backbones as bb
 from productbg.attention.masks import infer_grid
-from productbg.weights import targets
+from productbg.backbones import targets
 
 
 def test_sd15_layers_are_the_ones_the_pack_always_patched():
@@ -80,8 +80,10 @@ def test_clip_token_keys_tell_the_text_encoders_apart():
     assert bb.from_token_keys({"l", "g"}) is bb.SDXL
     with pytest.raises(bb.BackboneError, match="refiner"):
         bb.from_token_keys({"g"})
-    with pytest.raises(bb.BackboneError, match="SD3 or Flux"):
+    with pytest.raises(bb.BackboneError, match="SD3"):
         bb.from_token_keys({"l", "g", "t5xxl"})
+    with pytest.raises(bb.BackboneError, match="Flux.1 is in productbg's backbone table but its comfyui adapter"):
+        bb.from_token_keys({"l", "t5xxl"})  # Flux's CLIP: known, refused until its adapter lands
 
 
 @pytest.mark.parametrize("b", [bb.SD15, bb.SDXL], ids=lambda b: b.family)
@@ -106,3 +108,45 @@ def test_the_grid_rule_finds_every_sdxl_attention_level(width, height):
         for _ in range(level):
             h, w = math.ceil(h / 2), math.ceil(w / 2)
         assert infer_grid(h * w, latent_hw=(lh, lw)) == (h, w)
+
+
+def test_flux_is_an_entry_of_the_table_with_joint_attention_blocks():
+    """A DiT is data too: 19 double- then 38 single-stream blocks at ComfyUI's dit keys, T5 feeding the text,
+    CLIP-L only pooled, a 16-channel latent, Redux for style; detected by name everywhere, refused until its
+    adapters exist."""
+    flux = bb.FLUX
+    assert flux.kind == "dit" and flux.layers == () and len(flux.blocks) == 57
+    assert [b.comfy_key for b in flux.blocks[:2]] == [("double_block", 0), ("double_block", 1)]
+    assert flux.blocks[19].comfy_key == ("single_block", 0) and flux.blocks[19].diffusers_name == \
+        "single_transformer_blocks.0"
+    assert flux.context_dim == 4096 and [t.name for t in flux.text_encoders if t.pooled] == ["clip_l"]
+    assert flux.latent.channels == 16 and flux.style == "redux" and flux.canvases["1:1"] == (1024, 1024)
+    assert "19 double-stream and 38 single-stream blocks" in flux.describe()
+    for call in (lambda: bb.from_comfy_config("FluxInpaint", {"context_dim": 4096}),
+                 lambda: bb.from_checkpoint_keys(["model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
+                                                  "model.diffusion_model.single_blocks.0.linear1.weight"])):
+        with pytest.raises(bb.BackboneError, match="Flux.1 is in productbg's backbone table") as e:
+            call()
+        assert "supports SD1.5, SDXL" in str(e.value)
+    with pytest.raises(bb.BackboneError, match="Kontext.*Flux.1 Fill"):
+        bb.from_comfy_config("FluxKontext", {})
+    for relative, name in (("distilled_guidance_layer.in_proj.weight", "Chroma"),
+                           ("double_stream_modulation_img.lin.weight", "FLUX.2")):
+        with pytest.raises(bb.BackboneError, match=name):
+            bb.from_checkpoint_keys(["double_blocks.0.img_attn.qkv.weight", relative])
+    assert bb.from_checkpoint_keys(["cond_stage_model.transformer.text_model.x"]) is bb.SD15
+    assert bb.from_checkpoint_keys(["lora_unet_x.lora_down.weight"]) is None
+
+
+def test_one_canvas_table_for_the_cli_and_place_product():
+    """Place Product and the CLI resolve an aspect ratio by the same function: 4:5 at SD1.5's 512² is 464×576
+    in both (Place Product used to say 408×512), at SDXL's 1024² 928×1152."""
+    from productbg.nodes.imaging_nodes import canvas_frame
+
+    for b in (bb.SD15, bb.SDXL):
+        for ratio in bb.RATIOS:
+            side = b.default_size
+            assert canvas_frame(ratio, side, side) == (b.canvases[ratio], b.canvases[ratio]), (b.family, ratio)
+    assert bb.SD15.canvases["4:5"] == (464, 576) and bb.SDXL.canvases["4:5"] == (928, 1152)
+    with pytest.raises(ValueError, match="1:1"):
+        bb.canvas("2:1", 512 * 512)

@@ -69,7 +69,7 @@ def _meta_state_dict(path: Path) -> dict:
 def test_comfyui_detects_both_random_checkpoints_as_sdxl(comfy, comfy_sdxl_checkpoints):
     import comfy.model_detection as detection
 
-    backbones = comfy.pack_module("attention.backbones")
+    backbones = comfy.pack_module("backbones")
     for kind, inpaint in (("sdxl", False), ("inpaint", True)):
         path = Path(comfy.folder_paths.get_full_path("checkpoints", comfy_sdxl_checkpoints[kind]))
         config = detection.model_config_from_unet(_meta_state_dict(path), "model.diffusion_model.")
@@ -89,7 +89,7 @@ def inputs(comfy, tmp_path_factory):
 def test_sdxl_api_workflow_runs_end_to_end(comfy, comfy_sdxl_checkpoints, sdxl_files, inputs, name):
     prompt = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
     sampler = next(n["inputs"] for n in prompt.values() if n["class_type"] == "KSampler")
-    backbones = comfy.pack_module("attention.backbones")
+    backbones = comfy.pack_module("backbones")
     assert (sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == \
         tuple(vars(backbones.SDXL.sampler).values())
     place = next(n["inputs"] for n in prompt.values() if n["class_type"] == "ProductBGPlaceProduct")

@@ -76,7 +76,7 @@ def test_one_layout_has_no_half_pixel_drift_between_resolutions():
 def test_comfy_flow_placed_small_exported_big():
     """Place Product's small-canvas layout, re-expressed at the export size, lines up with the small canvas."""
     rgb, mask = photo(900, 1300)
-    small = imaging.place_product(rgb, mask, (408, 512))                 # the 4:5 canvas preset
+    small = imaging.place_product(rgb, mask, (464, 576))                 # the 4:5 canvas at 512²
     big = small.layout.at((1080, 1350), keep_aspect=True)
     sx, sy = big.scale
     assert sx == pytest.approx(sy, rel=1e-9)                            # never stretched at export

@@ -42,8 +42,8 @@ def test_segment_place_composite_report_chain():
     seg_images, masks = SegmentProduct().segment(images, **SEGMENT_DEFAULTS)
     assert seg_images.shape == (2, 64, 64, 3) and masks.shape == (2, 64, 64)
     placed, product_mask, inpaint, _ = PlaceProduct().place(seg_images, masks, **{**PLACE_DEFAULTS, "canvas": "4:5"})
-    assert placed.shape == (2, 128, 104, 3) and product_mask.shape == inpaint.shape == (2, 128, 104)
-    generated = torch.rand(2, 128, 104, 3)
+    assert placed.shape == (2, 144, 112, 3) and product_mask.shape == inpaint.shape == (2, 144, 112)  # 4:5 at 128²
+    generated = torch.rand(2, 144, 112, 3)
     (out,) = CompositeProduct().composite(generated, placed, product_mask, 2.0)
     core = product_mask >= 0.999
     assert torch.equal(out[core], placed[core])

@@ -14,18 +14,7 @@ def product(h: int = 60, w: int = 40) -> tuple[np.ndarray, np.ndarray]:
     return image.astype(np.float32), alpha
 
 
-@pytest.mark.parametrize("preset, long_side, expected", [
-    ("1:1", 512, (512, 512)), ("4:5", 512, (408, 512)), ("3:4", 640, (480, 640)),
-    ("16:9", 768, (768, 432)), ("9:16", 1024, (576, 1024)),
-])
-def test_canvas_presets_are_multiples_of_8(preset, long_side, expected):
-    """Presets keep the aspect ratio on the longer side and round both sides to multiples of 8."""
-    assert pl.canvas_size(preset, long_side) == expected
-
-
-def test_unknown_preset_and_colour_errors():
-    with pytest.raises(ValueError, match="1:1"):
-        pl.canvas_size("2:1")
+def test_unknown_colour_errors():
     assert pl.parse_hex_color("#fff") == (1.0, 1.0, 1.0)
     assert pl.parse_hex_color("102030") == pytest.approx((16 / 255, 32 / 255, 48 / 255))
     with pytest.raises(ValueError, match="#RRGGBB"):

@@ -3,7 +3,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("fileio", "attention", "weights", "nodes", "imaging", "pipeline", "training", "cli")
+PACKAGES = ("fileio", "backbones", "attention", "weights", "nodes", "imaging", "pipeline", "training", "cli")
 
 
 def _modules() -> dict[str, Path]:

@@ -249,7 +249,7 @@ def test_bank_of_the_other_backbone_refused():
 def test_style_encoder_of_the_other_backbone_refused(tmp_path):
     """An SD1.5 IP-Adapter file on SDXL (and the reverse) is refused in one line by the file loader's target check."""
     from productbg.weights.style_encoder import StyleEncoder, StyleEncoderConfig
-    from productbg.weights.targets import SD15, SDXL as XL
+    from productbg.backbones.targets import SD15, SDXL as XL
 
     for made, used in ((SD15, "sdxl"), (XL, "sd15")):
         cfg = StyleEncoderConfig(variant="linear", tokens=4, clip_width=1024, context_dim=made.context_dim,

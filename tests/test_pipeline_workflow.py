@@ -13,7 +13,7 @@ import torch
 
 from productbg.imaging import load_image
 from productbg.nodes.imaging_nodes import CompositeProduct, PlaceProduct, PreservationReport, SegmentProduct
-from productbg.attention.backbones import SD15, SDXL
+from productbg.backbones import SD15, SDXL
 from productbg.pipeline.pipeline import (REFERENCE_GROW, REPORT_THRESHOLDS, GenerateSettings, ProductBGPipeline,
                                          defaults_for)
 

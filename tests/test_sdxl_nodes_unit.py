@@ -204,7 +204,7 @@ def test_an_sdxl_bank_gives_both_encoders_their_vectors():
 
 def test_an_ip_adapter_of_the_other_backbone_is_refused_naming_the_right_files():
     from productbg.nodes.style_nodes import check_encoder_fits
-    from productbg.weights import targets
+    from productbg.backbones import targets
     from productbg.weights.style_encoder import StyleEncoder, StyleEncoderConfig
 
     with torch.device("meta"):

@@ -110,7 +110,7 @@ def test_comfy_clip_vision_widths_feed_the_check(comfy, tmp_path):
     from productbg.weights.ip_adapters import check_clip_vision, clip_vision_widths
     from productbg.weights.samples import RELEASES
     from productbg.weights.style_encoder import StyleEncoderConfig
-    from productbg.weights.targets import SDXL
+    from productbg.backbones.targets import SDXL
 
     config = {"hidden_act": "gelu", "hidden_size": 1664, "image_size": 28, "intermediate_size": 64,
               "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 16,

@@ -9,14 +9,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from productbg.attention import backbones
+from productbg import backbones
 from productbg.weights.errors import FormatMismatchError
 from productbg.weights.ip_adapters import (VIT_BIGG, VIT_H, check_clip_vision, clip_vision_problem,
                                            clip_vision_widths, release_of)
 from productbg.weights.samples import RELEASES, example_style_encoder, release_shapes, write_release_sample
 from productbg.weights.style_encoder import (Resampler, StyleEncoderConfig, check_target, load_style_encoder,
                                              read_style_encoder_info, reference_tokens)
-from productbg.weights.targets import SD15, SDXL, SDXL_LAYERS
+from productbg.backbones.targets import SD15, SDXL, SDXL_LAYERS
 
 SDXL_RELEASES = ("ip-adapter_sdxl_vit-h", "ip-adapter-plus_sdxl_vit-h", "ip-adapter_sdxl")
 SDXL_USE = ("use an SDXL IP-Adapter (ip-adapter_sdxl_vit-h.safetensors, ip-adapter-plus_sdxl_vit-h.safetensors "
@@ -150,7 +150,7 @@ def test_loaded_encoder_checked_against_the_model_it_patches():
 
 def test_auto_target_refuses_unsupported_families(tmp_path):
     from productbg.weights.samples import write_header_only
-    from productbg.weights.targets import SD2
+    from productbg.backbones.targets import SD2
 
     shapes = {"image_proj.proj.weight": (4096, 1024), "image_proj.proj.bias": (4096,),
               "image_proj.norm.weight": (1024,), "image_proj.norm.bias": (1024,)}

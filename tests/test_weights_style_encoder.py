@@ -14,7 +14,7 @@ from productbg.weights.samples import (example_style_encoder, ip_adapter_file_di
                                        tiny_style_encoder, write_header_only)
 from productbg.weights.style_encoder import (StyleEncoder, load_style_encoder, read_style_encoder_info,
                                              save_style_encoder)
-from productbg.weights.targets import SD15, SD15_LAYERS, SD2
+from productbg.backbones.targets import SD15, SD15_LAYERS, SD2
 
 SD15_UNET_CONFIG = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,

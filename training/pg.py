@@ -207,8 +207,8 @@ def cross_attention_widths(unet: torch.nn.Module) -> tuple[int, ...]:
 
 
 def target_for(unet: torch.nn.Module):
-    """The :class:`~productbg.weights.targets.TargetModel` a style encoder for ``unet`` must fit."""
-    from ..weights.targets import TargetModel, guess_target
+    """The :class:`~productbg.backbones.targets.TargetModel` a style encoder for ``unet`` must fit."""
+    from ..backbones.targets import TargetModel, guess_target
 
     widths, ctx = cross_attention_widths(unet), int(unet.config.cross_attention_dim)
     known = guess_target(ctx, len(widths))

@@ -19,7 +19,7 @@ from .lora import (LoraFile, LoraModule, convert_lora_file, diffusers_path, kohy
 from .safefile import atomic_save, read_header
 from .style_encoder import (StyleEncoder, StyleEncoderConfig, StyleEncoderInfo, check_target, load_style_encoder,
                             read_style_encoder_info, save_style_encoder)
-from .targets import SD15, SD15_LAYERS, SDXL, CrossAttnLayer, TargetModel
+from ..backbones.targets import SD15, SD15_LAYERS, SDXL, CrossAttnLayer, TargetModel
 
 __all__ = [
     "DEFAULT_TEMPLATE", "Category", "CategoryBank", "CategoryLora", "load_bank",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..attention.backbones import BACKBONES
+from ..backbones import BACKBONES
 from .bank import CategoryBank, is_bank
 from .embedding import EMBEDDING_KEYS, embedding_family, is_embedding
 from .errors import WeightsError
@@ -19,11 +19,11 @@ from .ip_adapters import features_name
 from .lora import detect_layout, is_lora
 from .safefile import Header, read_header
 from .style_encoder import check_target, is_style_encoder, read_style_encoder_info
-from .targets import target_of
+from ..backbones import family_by_context_width
+from ..backbones.targets import target_of
 
 KINDS = ("category bank", "style encoder", "embedding", "LoRA", "unknown")
 _MAX_VALUE_CHARS = 160
-_FAMILY_BY_CONTEXT = {768: "sd15", 1024: "sd2", 2048: "sdxl"}
 
 
 @dataclass
@@ -188,7 +188,7 @@ def _component(key: str) -> str:
 def _lora_family(header: Header) -> str | None:
     for k, v in header.tensors.items():
         if "attn2" in k and ("to_k" in k) and ("lora_down" in k or "lora_A" in k) and len(v.shape) == 2:
-            return _FAMILY_BY_CONTEXT.get(v.shape[1])
+            return family_by_context_width(int(v.shape[1]))
     return None
 
 

@@ -28,7 +28,7 @@ from .lora import LoraModule, read_lora, to_kohya, to_peft
 from .safefile import atomic_save
 from .samples import example_bank, ip_adapter_file_dict, tiny_style_encoder
 from .style_encoder import load_style_encoder
-from .targets import TargetModel
+from ..backbones.targets import TargetModel
 
 JSON_DTYPES = ["F16", "F32", "BF16", "F64", "I64", "I32", "U8", "BOOL", "F8_E4M3", "Q4", "", None, 3]
 

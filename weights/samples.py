@@ -18,7 +18,7 @@ from .bank import CategoryBank, CategoryLora
 from .lora import LoraModule
 from .style_encoder import StyleEncoder, StyleEncoderConfig
 from .safefile import DTYPE_SIZES
-from .targets import SD15, SD15_LAYERS, SDXL, TargetModel
+from ..backbones.targets import SD15, SD15_LAYERS, SDXL, TargetModel
 
 #: A mix of BG60k-like Chinese and Latin category names.
 EXAMPLE_NAMES = ("运动鞋", "手提包", "咖啡杯", "Running Shoes", "Leather Bag", "Coffee Mug", "wool scarf", "台灯")

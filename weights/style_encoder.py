@@ -32,12 +32,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..attention.backbones import BACKBONES, Backbone
+from ..backbones import BACKBONES, Backbone
 from .errors import FormatMismatchError, MalformedFileError, WeightsError
 from .ip_adapters import (ClipVision, Release, check_clip_vision, clip_vision_problem, clip_vision_widths,
                           release_of, releases_for, required_clip_vision, use_instead)
 from .safefile import Header, SafeReader, atomic_save, parse_json_value, read_header, require_float
-from .targets import SD15, TargetModel, guess_target, target_of
+from ..backbones.targets import SD15, TargetModel, guess_target, target_of
 
 STYLE_KIND = "style_encoder"
 SCHEMA_VERSION = 1
@@ -440,7 +440,7 @@ def _training(meta: Mapping[str, str], fname: str) -> dict[str, Any]:
 
 
 def as_target(target: TargetModel | Backbone) -> TargetModel:
-    """The :class:`TargetModel` of a target or of an ``attention.backbones`` :class:`Backbone`."""
+    """The :class:`TargetModel` of a target or of an ``backbones`` :class:`Backbone`."""
     return target_of(target) if isinstance(target, Backbone) else target
 
 
@@ -458,7 +458,7 @@ def check_target(info: "StyleEncoderInfo | StyleEncoderConfig | StyleEncoder", t
     Args:
         info: a file's :class:`StyleEncoderInfo`, or a loaded encoder / its config (a node checking the
             encoder it was given against the MODEL it patches).
-        target: the model (a :class:`TargetModel`, or an ``attention.backbones`` :class:`Backbone`).
+        target: the model (a :class:`TargetModel`, or an ``backbones`` :class:`Backbone`).
         fname: what to call the encoder in the message (its file name).
 
     Raises:
@@ -483,7 +483,7 @@ def check_target(info: "StyleEncoderInfo | StyleEncoderConfig | StyleEncoder", t
 def _auto_target(info: StyleEncoderInfo, fname: str) -> TargetModel:
     if info.config.family in BACKBONES:
         return target_of(BACKBONES[info.config.family])
-    supported = " and ".join(b.label for b in BACKBONES.values())
+    supported = " and ".join(b.label for b in BACKBONES.values() if b.style == "ip-adapter")
     examples = ", ".join(releases_for(f)[0].file for f in BACKBONES if releases_for(f))
     raise FormatMismatchError(f"{fname}: this style encoder / IP-Adapter is made for {info.detected}; productbg "
                               f"reads {supported} IP-Adapters (e.g. {examples})")

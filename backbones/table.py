@@ -1,10 +1,17 @@
-"""The base models productbg patches, as data: one :class:`Backbone` per family.
+"""The base models productbg patches, as data: one :class:`Backbone` per family, UNets and diffusion transformers.
 
 Everything that depends on the base model reads it from here — the attention adapters (which cross-attention
 layers exist and the ComfyUI keys they sit at), the weight formats (text encoders and their widths, the
 IP-Adapter layer order), the nodes (what a MODEL or CLIP is, what to refuse, style-layer presets) and the
-diffusers pipeline (default canvas, sampler defaults). Adding a backbone is a new entry in :data:`BACKBONES`,
-not a branch in every module. Pure data and small pure functions: no torch, ComfyUI or diffusers import.
+diffusers pipeline (default canvas, sampler defaults, latent format), single-file detection (the key prefixes
+that tell a family) and the one canvas table (:func:`canvas`). Adding a backbone is a new entry in
+:data:`BACKBONES`, not a branch in every module; ``adapters`` says where productbg can already run it (a family
+in the table without an adapter for a host is detected by name and refused there). Pure data and small pure
+functions: no torch, ComfyUI or diffusers import.
+
+Layers are addressed by host kind: a UNet's cross-attention layers (:class:`CrossAttnLayer`, below); a DiT's
+double-stream and single-stream blocks (:class:`DitBlock`), where image tokens attend jointly to the text tokens
+and the image, keyed as ComfyUI's ``patches_replace["dit"]`` keys them (``("double_block", i)``).
 
 Layer order is the IP-Adapter / diffusers ``unet.attn_processors`` order — down blocks, up blocks, mid block,
 and inside a block its attentions and their transformer blocks in order — so layer ``i`` is IP-Adapter file
@@ -51,6 +58,35 @@ class CrossAttnLayer:
 
 
 @dataclass(frozen=True)
+class DitBlock:
+    """One joint-attention block of a diffusion transformer.
+
+    Attributes:
+        index: position among all the model's blocks (double-stream first, then single-stream).
+        kind: ``"double"`` (separate text and image streams, joint attention) or ``"single"`` (one sequence).
+        number: the block's number among blocks of its kind.
+        diffusers_name: module path, e.g. ``transformer_blocks.3`` / ``single_transformer_blocks.0``.
+        comfy_key: ComfyUI ``patches_replace["dit"]`` key, ``("double_block", 3)`` / ``("single_block", 0)``.
+    """
+
+    index: int
+    kind: str
+    number: int
+    diffusers_name: str
+    comfy_key: ComfyKey
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """How the VAE's latents are laid out and scaled (``z = (x - shift) * scale`` as ComfyUI's latent formats)."""
+
+    channels: int
+    factor: int
+    scale: float
+    shift: float = 0.0
+
+
+@dataclass(frozen=True)
 class TextEncoder:
     """One text encoder of a backbone.
 
@@ -58,8 +94,11 @@ class TextEncoder:
         name: the name its vectors take in embedding / bank files (``clip_l``, ``clip_g``).
         comfy_key: its key in ComfyUI's ``clip.tokenize`` output (``l``, ``g``).
         width: hidden width (the slice of the cross-attention context it fills, in order).
-        layer: hidden layer the UNet reads (-1 last, -2 penultimate).
-        pooled: whether its pooled, projected output conditions the UNet (SDXL's ``text_embeds``).
+        layer: hidden layer the model reads (-1 last, -2 penultimate).
+        pooled: whether its pooled, projected output modulates every token (SDXL's ``text_embeds``, Flux's
+            CLIP-L vector): taken from the identifier-free prompt whenever something is confined.
+        in_context: whether its hidden states are (part of) the text the model attends to (Flux's CLIP-L only
+            pools).
     """
 
     name: str
@@ -67,6 +106,7 @@ class TextEncoder:
     width: int
     layer: int = -1
     pooled: bool = False
+    in_context: bool = True
 
 
 @dataclass(frozen=True)
@@ -77,6 +117,7 @@ class SamplerDefaults:
     cfg: float
     sampler_name: str
     scheduler: str
+    guidance: float | None = None  # distilled guidance (Flux dev's FluxGuidance), with cfg 1
 
 
 @dataclass(frozen=True)
@@ -92,7 +133,14 @@ class Backbone:
         sampler: default sampling settings.
         presets: reference-style layer presets, name -> layer indices the style acts in (others get weight 0).
         comfy_configs: ComfyUI ``supported_models`` class names of this family.
-        canvases: named aspect ratios at the trained pixel count, ``"4:5" -> (width, height)``.
+        canvas_multiple: canvas sides are multiples of this (the latent grid's coarsest level divides them).
+        kind: ``"unet"`` (cross-attention layers) or ``"dit"`` (joint-attention blocks).
+        blocks: a DiT's double- and single-stream blocks (empty for UNets).
+        latent: the VAE latent format.
+        style: how a reference image's style enters: ``"ip-adapter"`` (per-layer K/V) or ``"redux"`` (style-model
+            tokens appended to the text).
+        checkpoint_prefixes: tensor-name prefixes that all occur in a single-file checkpoint of this family.
+        adapters: the hosts productbg runs this family on (``comfyui``, ``diffusers``, ``training``).
     """
 
     family: str
@@ -103,12 +151,23 @@ class Backbone:
     sampler: SamplerDefaults
     presets: Mapping[str, frozenset[int]]
     comfy_configs: frozenset[str]
-    canvases: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    canvas_multiple: int = 16
+    kind: str = "unet"
+    blocks: tuple[DitBlock, ...] = ()
+    latent: LatentFormat = LatentFormat(4, 8, 0.18215)
+    style: str = "ip-adapter"
+    checkpoint_prefixes: tuple[str, ...] = ()
+    adapters: frozenset[str] = frozenset({"comfyui", "diffusers", "training"})
+
+    @property
+    def canvases(self) -> dict[str, tuple[int, int]]:
+        """Named aspect ratios at the trained pixel count, ``"4:5" -> (width, height)`` (:func:`canvas`)."""
+        return {name: canvas(name, self.default_size ** 2, self.canvas_multiple) for name in RATIOS}
 
     @property
     def context_dim(self) -> int:
-        """Width of the cross-attention context (the text encoders' widths, concatenated)."""
-        return sum(t.width for t in self.text_encoders)
+        """Width of the text the model attends to (the context-feeding encoders' widths, concatenated)."""
+        return sum(t.width for t in self.text_encoders if t.in_context)
 
     @property
     def num_layers(self) -> int:
@@ -142,7 +201,15 @@ class Backbone:
 
     def describe(self) -> str:
         """E.g. ``"SD1.5 (context width 768, 16 cross-attention layers)"``."""
+        if self.kind == "dit":
+            double = sum(b.kind == "double" for b in self.blocks)
+            return (f"{self.label} (text width {self.context_dim}, {double} double-stream and "
+                    f"{len(self.blocks) - double} single-stream blocks)")
         return f"{self.label} (context width {self.context_dim}, {self.num_layers} cross-attention layers)"
+
+    def runs_on(self, host: str) -> bool:
+        """Whether productbg has an adapter for this family on ``host`` (``comfyui``, ``diffusers``, ``training``)."""
+        return host in self.adapters
 
 
 # ---------------------------------------------------------------------- the UNet structures
@@ -181,17 +248,38 @@ _SDXL_LAYERS = _layers(down=[(1, 2, 2, 640), (2, 2, 10, 1280)],
                        up=[(0, 3, 10, 1280), (1, 3, 2, 640)], mid=(10, 1280), comfy_index=True)
 
 
-def _canvases(pixels: int, multiple: int, ratios: tuple[tuple[int, int], ...]) -> dict[str, tuple[int, int]]:
-    """Named aspect ratios at about ``pixels`` pixels, sides rounded to ``multiple`` (fine enough that 4:5 and
-    3:4 stay apart; the UNets round odd grids up, which the attention's grid rule follows)."""
-    out = {}
-    for w, h in ratios:
-        scale = (pixels / (w * h)) ** 0.5
-        out[f"{w}:{h}"] = (round(w * scale / multiple) * multiple, round(h * scale / multiple) * multiple)
-    return out
+#: The named aspect ratios (width:height) every canvas option offers: square listings, portrait feeds, landscape
+#: banners, stories.
+RATIOS: tuple[str, ...] = ("1:1", "4:5", "3:4", "2:3", "16:9", "9:16", "5:4", "4:3", "3:2")
 
 
-_RATIOS = ((1, 1), (4, 5), (3, 4), (2, 3), (16, 9), (9, 16), (5, 4), (4, 3), (3, 2))
+def canvas(ratio: str, pixels: int, multiple: int = 16) -> tuple[int, int]:
+    """``(width, height)`` of a named aspect ratio at about ``pixels`` pixels, sides rounded to ``multiple``.
+
+    The one canvas table: the CLI's ``--canvas``, the pipeline and Place Product all resolve ratios here, so
+    "4:5" at SD1.5's 512² is 464×576 everywhere (fine enough that 4:5 and 3:4 stay apart; the UNets round odd
+    grids up, which the attention's grid rule follows).
+    """
+    if ratio not in RATIOS:
+        raise ValueError(f"unknown aspect ratio {ratio!r}; choose one of {', '.join(RATIOS)}")
+    w, h = (int(x) for x in ratio.split(":"))
+    scale = (pixels / (w * h)) ** 0.5
+    return (max(multiple, round(w * scale / multiple) * multiple), max(multiple, round(h * scale / multiple) * multiple))
+
+
+def canvas_multiple_for(pixels: int) -> int:
+    """The canvas multiple of the supported backbone whose trained pixel count is nearest ``pixels`` (what a
+    node without a MODEL input uses: 512×512 canvases round as SD1.5's, 1024×1024 as SDXL's)."""
+    candidates = [b for b in BACKBONES.values() if b.kind == "unet"]
+    return min(candidates, key=lambda b: abs(b.default_size ** 2 - pixels)).canvas_multiple
+
+
+def _dit_blocks(double: int, single: int) -> tuple[DitBlock, ...]:
+    """Flux-style blocks: ``double`` double-stream then ``single`` single-stream, diffusers and ComfyUI names."""
+    out = [DitBlock(i, "double", i, f"transformer_blocks.{i}", ("double_block", i)) for i in range(double)]
+    out += [DitBlock(double + i, "single", i, f"single_transformer_blocks.{i}", ("single_block", i))
+            for i in range(single)]
+    return tuple(out)
 
 SD15 = Backbone(
     family="sd15", label="SD1.5", layers=_SD15_LAYERS,
@@ -204,7 +292,8 @@ SD15 = Backbone(
              "style": _indices(_SD15_LAYERS, "up_blocks."),
              "composition": _indices(_SD15_LAYERS, "down_blocks.", "mid_block.")},
     comfy_configs=frozenset({"SD15"}),
-    canvases=_canvases(512 * 512, 16, _RATIOS),
+    canvas_multiple=16,
+    checkpoint_prefixes=("cond_stage_model.transformer.",),
 )
 
 SDXL = Backbone(
@@ -220,10 +309,29 @@ SDXL = Backbone(
              "style": _indices(_SDXL_LAYERS, "up_blocks.0.attentions.1."),
              "composition": _indices(_SDXL_LAYERS, "down_blocks.2.attentions.1.")},
     comfy_configs=frozenset({"SDXL"}),
-    canvases=_canvases(1024 * 1024, 32, _RATIOS),
+    canvas_multiple=32,
+    latent=LatentFormat(4, 8, 0.13025),
+    checkpoint_prefixes=("conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."),
 )
 
-BACKBONES: dict[str, Backbone] = {b.family: b for b in (SD15, SDXL)}
+FLUX = Backbone(
+    family="flux", label="Flux.1", layers=(), kind="dit", blocks=_dit_blocks(19, 38),
+    # T5-XXL's last hidden states are the text every block attends to; CLIP-L's pooled vector modulates every
+    # token (AdaLN), so under confinement it comes from the identifier-free prompt, as SDXL's pooled embedding.
+    text_encoders=(TextEncoder("t5xxl", "t5xxl", 4096), TextEncoder("clip_l", "l", 768, pooled=True, in_context=False)),
+    default_size=1024,
+    # Flux dev's published settings: distilled guidance 3.5 with CFG 1, Euler, 20 steps (schnell: 4 steps).
+    sampler=SamplerDefaults(steps=20, cfg=1.0, sampler_name="euler", scheduler="simple", guidance=3.5),
+    presets={"all": frozenset(range(57))},
+    comfy_configs=frozenset({"Flux", "FluxInpaint", "FluxSchnell"}),
+    canvas_multiple=16,  # 8× VAE, then 2×2 patches
+    latent=LatentFormat(16, 8, 0.3611, 0.1159),
+    style="redux",
+    checkpoint_prefixes=("double_blocks.",),
+    adapters=frozenset(),  # in the table; its joint-attention adapters are being built (issue 23)
+)
+
+BACKBONES: dict[str, Backbone] = {b.family: b for b in (SD15, SDXL, FLUX)}
 
 #: Families we recognise but do not support: ComfyUI config class (or family key) -> what to tell the user.
 _UNSUPPORTED: dict[str, str] = {
@@ -234,41 +342,91 @@ _UNSUPPORTED: dict[str, str] = {
     "Segmind_Vega": "Segmind Vega (a distilled SDXL with other cross-attention layers)",
     "KOALA_700M": "KOALA (a distilled SDXL)", "KOALA_1B": "KOALA (a distilled SDXL)",
     "SD15_instructpix2pix": "SD1.5 InstructPix2Pix", "SDXL_instructpix2pix": "SDXL InstructPix2Pix",
-    "SD3": "SD3", "Flux": "Flux", "FluxInpaint": "Flux", "FluxSchnell": "Flux", "Chroma": "Chroma (Flux-based)",
+    "SD3": "SD3", "Chroma": "Chroma (Flux-based, with another modulation)", "Flux2": "FLUX.2",
+    "FluxKontext": "Flux.1 Kontext (an editing model: it regenerates the whole image from a reference, so the "
+                   "product's pixels are not kept; use Flux.1 Fill for product backgrounds)",
     "AuraFlow": "AuraFlow", "PixArtAlpha": "PixArt", "PixArtSigma": "PixArt", "HunyuanDiT": "HunyuanDiT",
     "HunyuanDiT1": "HunyuanDiT", "Lumina2": "Lumina 2", "HiDream": "HiDream", "QwenImage": "Qwen-Image",
     "Stable_Cascade_C": "Stable Cascade", "Stable_Cascade_B": "Stable Cascade",
 }
 
-SUPPORTED = "SD1.5, SDXL and their inpainting checkpoints (and fine-tunes of them)"
+#: Single-file key prefixes of Flux relatives, checked before the table (they have Flux's blocks too).
+_RELATIVE_PREFIXES = (("distilled_guidance_layer.", "Chroma"), ("double_stream_modulation_img.", "Flux2"))
+#: Single-file key prefixes of families not in the table (checked after every table entry's).
+_FOREIGN_PREFIXES = (("conditioner.embedders.0.model.", "SDXLRefiner"), ("cond_stage_model.model.", "SD20"),
+                     ("text_encoders.", "SD3"), ("model.diffusion_model.joint_blocks.", "SD3"),
+                     ("model.diffusion_model.transformer_blocks.", "a diffusion-transformer (DiT)"))
 
 
-def unsupported(name: str) -> BackboneError:
+def supported(host: str = "comfyui") -> str:
+    """The families productbg runs on ``host``, for messages."""
+    names = [b.label for b in BACKBONES.values() if b.runs_on(host)]
+    return f"{', '.join(names)} and their inpainting checkpoints (and fine-tunes of them)"
+
+
+SUPPORTED = supported()
+
+
+def unsupported(name: str, host: str = "comfyui") -> BackboneError:
     """The error for a model of family ``name`` (a ComfyUI config class or a plain description)."""
     what = _UNSUPPORTED.get(name, name)
     return BackboneError(f"this is {'' if what.startswith(('an ', 'a ')) else 'a '}{what} model; productbg "
-                         f"supports {SUPPORTED}")
+                         f"supports {supported(host)}")
+
+
+def require(b: Backbone, host: str) -> Backbone:
+    """``b`` when productbg has an adapter for it on ``host``; else a one-line BackboneError naming it."""
+    if not b.runs_on(host):
+        raise BackboneError(f"this is a {b.label} model: {b.label} is in productbg's backbone table but its "
+                            f"{host} adapter is not built yet; there productbg supports {supported(host)}")
+    return b
 
 
 def backbone(family: str) -> Backbone:
-    """The backbone of a family name (``sd15``, ``sdxl``)."""
+    """The backbone of a family name (``sd15``, ``sdxl``, ``flux``)."""
     if family not in BACKBONES:
-        raise BackboneError(f"unknown backbone {family!r}; productbg supports {', '.join(BACKBONES)}")
+        raise BackboneError(f"unknown backbone {family!r}; productbg knows {', '.join(BACKBONES)}")
     return BACKBONES[family]
 
 
-def from_comfy_config(config_name: str, unet_config: Mapping) -> Backbone:
+def from_comfy_config(config_name: str, unet_config: Mapping, host: str = "comfyui") -> Backbone:
     """The backbone of a ComfyUI model, from its ``model_config`` class name and ``unet_config``.
 
     Raises:
-        BackboneError: another family (named), or a fine-tune whose cross-attention layers differ.
+        BackboneError: another family (named), a family without a ComfyUI adapter yet, or a fine-tune whose
+            cross-attention layers differ.
     """
     for b in BACKBONES.values():
         if config_name in b.comfy_configs:
+            require(b, host)
             _check_comfy_structure(b, unet_config)
             return b
     raise unsupported(config_name if config_name in _UNSUPPORTED else
                       f"{config_name} (text context {unet_config.get('context_dim')})")
+
+
+def from_checkpoint_keys(keys, host: str = "diffusers") -> Backbone | None:
+    """The backbone of a single-file checkpoint from its tensor names (None: no family's text encoder or blocks
+    found — a LoRA, a bare UNet ...; the caller's loader says what is missing).
+
+    Raises:
+        BackboneError: a family not in the table or without an adapter on ``host`` (named).
+    """
+    keys = list(keys)
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) or k.startswith("model.diffusion_model." + prefix) for k in keys)
+
+    for prefix, family in _RELATIVE_PREFIXES:
+        if has(prefix):
+            raise unsupported(family, host)
+    for b in BACKBONES.values():
+        if b.checkpoint_prefixes and all(has(p) for p in b.checkpoint_prefixes):
+            return require(b, host)
+    for prefix, family in _FOREIGN_PREFIXES:
+        if has(prefix):
+            raise unsupported(family, host)
+    return None
 
 
 def _check_comfy_structure(b: Backbone, unet_config: Mapping) -> None:
@@ -285,15 +443,16 @@ def _check_comfy_structure(b: Backbone, unet_config: Mapping) -> None:
                                 "a distilled SDXL (SSD-1B, Vega...) is not supported")
 
 
-def from_token_keys(keys) -> Backbone:
-    """The backbone of a ComfyUI CLIP from the keys of its ``clip.tokenize`` output (``l``; ``g`` and ``l``)."""
+def from_token_keys(keys, host: str = "comfyui") -> Backbone:
+    """The backbone of a ComfyUI CLIP from the keys of its ``clip.tokenize`` output (``l``; ``g`` and ``l``;
+    ``l`` and ``t5xxl``)."""
     keys = set(keys)
     for b in BACKBONES.values():
         if keys == {t.comfy_key for t in b.text_encoders}:
-            return b
+            return require(b, host)
     if keys == {"g"}:
         raise unsupported("SDXLRefiner")
-    named = {"t5xxl": "SD3 or Flux", "h": "SD2.x"}
+    named = {"t5xxl": "SD3", "h": "SD2.x"}
     for k, what in named.items():
         if k in keys:
             raise unsupported(f"{what} (text encoders {', '.join(sorted(keys))})")
@@ -303,6 +462,12 @@ def from_token_keys(keys) -> Backbone:
 def from_context(context_dim: int, num_layers: int) -> Backbone | None:
     """The backbone with this cross-attention context width and layer count, if any (file detection)."""
     for b in BACKBONES.values():
-        if (b.context_dim, b.num_layers) == (context_dim, num_layers):
+        if b.kind == "unet" and (b.context_dim, b.num_layers) == (context_dim, num_layers):
             return b
     return None
+
+
+def family_by_context_width(width: int) -> str | None:
+    """The family whose cross-attention context is ``width`` wide (SD2's 1024 too: recognised, not supported)."""
+    known = {b.context_dim: b.family for b in BACKBONES.values() if b.kind == "unet"}
+    return {**known, 1024: "sd2"}.get(width)

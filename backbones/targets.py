@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..attention import backbones
-from ..attention.backbones import CrossAttnLayer
+from .. import backbones
+from ..backbones import CrossAttnLayer
 
 
 @dataclass(frozen=True)
