@@ -61,7 +61,7 @@ class TimedPipeline:
 def make_items(folder: Path, count: int) -> Path:
     """``count`` synthetic packshots and a CSV manifest (categories alternate) in ``folder``."""
     from productbg.imaging.synthetic import packshot
-    from productbg.pipeline.outputs import save_png
+    from productbg.fileio.png import save_png
 
     lines = ["product,category,seed"]
     for i in range(count):

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO / "tests"))
 import comfy_harness  # noqa: E402
 from foreign_attn2 import ForeignAttn2  # noqa: E402
+import weight_samples  # noqa: E402  (test-only sample files)
 
 
 def main() -> None:
@@ -46,7 +47,7 @@ def main() -> None:
     comfy = comfy_harness.ComfyInProcess.load(comfyui_dir, REPO, work, comfy_harness.ensure_checkpoints(comfyui_dir),
                                               comfy_args={"bf16_unet": True} if xl else None)
     nodes, pack = comfy.nodes, comfy.node_class_mappings
-    samples = comfy.pack_module("weights.samples")
+
     backbone = comfy.pack_module("backbones").BACKBONES[args.model]
     ckpt = comfy_harness.ensure_sdxl_checkpoints(comfyui_dir)["sdxl"] if xl else comfy.ckpt_sd15
     model, clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(ckpt)[:3]
@@ -55,11 +56,11 @@ def main() -> None:
     bank_dir.mkdir(), lora_dir.mkdir()
     comfy.folder_paths.add_model_folder_path("productbg_banks", str(bank_dir))
     comfy.folder_paths.add_model_folder_path("loras", str(lora_dir))
-    samples.example_bank(("bottle", "mug", "shoe"), family=args.model).save(bank_dir / "bench.safetensors")
+    weight_samples.example_bank(("bottle", "mug", "shoe"), family=args.model).save(bank_dir / "bench.safetensors")
     from safetensors.torch import save_file
     lora_mod = comfy.pack_module("weights.lora")
     for i in range(2):
-        tensors, meta = lora_mod.to_kohya(samples.sd15_lora_modules(rank=8, seed=i, text_encoder=False, conv=False))
+        tensors, meta = lora_mod.to_kohya(weight_samples.sd15_lora_modules(rank=8, seed=i, text_encoder=False, conv=False))
         save_file(tensors, str(lora_dir / f"bench{i}.safetensors"), metadata=meta)
     (bank,) = pack["ProductBGLoadCategoryBank"]().load("bench.safetensors")
     positive, identifier = pack["ProductBGCategoryPrompt"]().encode(clip, bank, "bottle", "", "")
@@ -71,7 +72,7 @@ def main() -> None:
     identifier_model = pack["ProductBGMaskGuidedAttention"]().patch(model, identifier, mask, 1.0, 0.0, 1.0)[0]
     columns_model = pack["ProductBGMaskGuidedAttention"]().patch(model, identifier, mask, 1.0, 0.0, 1.0, "columns")[0]
     targets = comfy.pack_module("backbones.targets")
-    encoder = samples.example_style_encoder("ip-adapter_sdxl_vit-h" if xl else "ip-adapter_sd15",
+    encoder = weight_samples.example_style_encoder("ip-adapter_sdxl_vit-h" if xl else "ip-adapter_sd15",
                                             targets.TARGETS[args.model])
     tokens = encoder(torch.randn(1, 1024)).detach()
     guided = comfy.pack_module("attention.guided")

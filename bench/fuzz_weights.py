@@ -14,7 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from productbg.weights.fuzz import run_fuzz
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))  # the fuzzer is test-only code
+from weight_fuzz import run_fuzz  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

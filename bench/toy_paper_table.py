@@ -8,7 +8,7 @@ every test item: a product with its exact mask, and a category. Three measuremen
 
 1. **Category-style accuracy** — each item's product is placed on a plain canvas and generated with its own
    category's identifier; a simple classifier (colour/layout/texture features + logistic regression,
-   :mod:`productbg.training.style_classifier`) trained on BG-synth *training* images judges which category the
+   :mod:`tests/style_classifier.py`) trained on BG-synth *training* images judges which category the
    generated background belongs to. Target ≥ 95 %. The classifier's accuracy on real held-out images is
    printed as its own ceiling.
 2. **Product leakage before paste-back** — the same generations with mask-guided attention on (strength 1)
@@ -206,7 +206,8 @@ def run(model: Path, per_category: int, steps: int, cfg: float | None = None, lo
     from productbg import imaging
     from productbg.pipeline.embedded import STYLE_ONLY_TEMPLATE, demo_recipe, load_demo_pipeline
     from productbg.training.bgsynth import SynthSpec, generate
-    from productbg.training.style_classifier import train_classifier
+    sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))  # test-only classifier
+    from style_classifier import train_classifier
 
     recipe = demo_recipe(model)
     start = time.perf_counter()

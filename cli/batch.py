@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from ..pipeline.manifest import read_manifest
     from .options import (build_pipeline, check_generation, check_model_args, describe_run, max_exports,
                           max_images, settings_from_args)
-    from ..pipeline.outputs import dumps
+    from ..fileio.jsonfile import dumps
 
     shard = _shard(args.shard)
     check_model_args(args)

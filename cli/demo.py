@@ -235,7 +235,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def _cmd(args: argparse.Namespace) -> int:
     import torch
 
-    from ..pipeline.outputs import save_png
+    from ..fileio.png import save_png
 
     _check_args(args)
     if args.threads:

@@ -63,7 +63,7 @@ def _embedder(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the table and the summary JSON line."""
     from ..pipeline.evaluate import collect_items, evaluate, format_table, jsonable
-    from ..pipeline.outputs import dumps, write_json
+    from ..fileio.jsonfile import dumps, write_json
 
     check_args(args)
     items = collect_items(args.results)

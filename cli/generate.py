@@ -97,7 +97,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _write(results: list, out: Path, meta: dict) -> list[Path]:
-    from ..pipeline.outputs import export_meta, save_result_image, write_item, write_json
+    from ..fileio.jsonfile import write_json
+    from ..pipeline.outputs import export_meta, save_result_image, write_item
 
     if out.suffix.lower() not in FILE_SUFFIXES:
         data = write_item(out, results, meta)
@@ -115,7 +116,7 @@ def _write(results: list, out: Path, meta: dict) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     """Generate, write, print one JSON line per image (path, seed, preservation pass)."""
     from .options import build_pipeline, describe_run
-    from ..pipeline.outputs import dumps
+    from ..fileio.jsonfile import dumps
 
     check_args(args)
     pipe = build_pipeline(args)

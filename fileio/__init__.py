@@ -1,11 +1,13 @@
-"""File helpers: temporary files for atomic writes (written beside the destination, then ``os.replace``-d over
-it), and what a path that is not a readable file is instead."""
+"""File helpers: the one atomic writer (a temporary file beside the destination, then ``os.replace``-d over
+it: a reader never sees a half-written file, a crash leaves the previous one intact), and what a path that is
+not a readable file is instead. JSON and PNG writing on top of it: :mod:`.jsonfile`, :mod:`.png`."""
 from __future__ import annotations
 
 import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 TMP_SUFFIX = ".tmp"
 
@@ -43,3 +45,39 @@ def not_a_file(path: str | os.PathLike) -> str | None:
     kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
     return f"is {kind}, not a regular file"
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any], fsync: bool = False) -> Path:
+    """``write(tmp)`` into a temp file beside ``path``, then rename it over ``path``; no partial file either way.
+
+    Args:
+        path: the destination.
+        write: fills the temp file (it may recreate it: the permissions are set again afterwards).
+        fsync: flush the file to disk before the rename (weights: a power cut keeps the old file or the new).
+
+    Returns:
+        The destination path.
+    """
+    dest = Path(path)
+    tmp = temp_beside(dest)
+    try:
+        write(tmp)
+        os.chmod(tmp, default_file_mode())  # writers that recreate the file (safetensors) make it 0600
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def write_bytes_atomically(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`write_atomically`)."""
+    return write_atomically(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (:func:`write_atomically`)."""
+    return write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

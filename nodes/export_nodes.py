@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .. import imaging
-from ..pipeline.outputs import json_safe, save_bytes
+from ..fileio import write_bytes_atomically as save_bytes
+from ..fileio.jsonfile import json_safe
 from .common import NodeInputError
 
 PLACEMENT = "PRODUCTBG_PLACEMENT"

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .. import imaging
 from ..backbones import RATIOS, canvas_multiple_for, canvas as canvas_size
-from ..pipeline.outputs import json_safe
+from ..fileio.jsonfile import json_safe
 from .common import NodeInputError
 from .export_nodes import PlacementBatch
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from .manifest import Row, Shard
-from .outputs import read_result, remove_stale_temps, write_item, write_json
+from ..fileio.jsonfile import write_json
+from .outputs import read_result, remove_stale_temps, write_item
 
 PipelineFactory = Callable[[], Any]
 

@@ -26,7 +26,7 @@ def write_model_files(comfy, root: Path) -> Path:
     from comfy.clip_vision import ClipVisionModel
     from productbg.weights.bank import CategoryLora
     from productbg.weights.lora import to_kohya
-    from productbg.weights.samples import example_bank, example_style_encoder, sd15_lora_modules
+    from weight_samples import example_bank, example_style_encoder, sd15_lora_modules
     from productbg.weights.style_encoder import save_style_encoder
 
     fp = comfy.folder_paths
@@ -58,7 +58,7 @@ def write_sdxl_model_files(comfy, root: Path) -> Path:
     """An SDXL bank (clip_l + clip_g vectors) and SDXL-shaped linear IP-Adapters (ViT-L- and ViT-H-wide embeds),
     registered with ``folder_paths`` (the SD1.5 files of :func:`write_model_files` give the CLIP vision)."""
     from productbg.weights.bank import CategoryBank
-    from productbg.weights.samples import example_style_encoder
+    from weight_samples import example_style_encoder
     from productbg.weights.style_encoder import save_style_encoder
     from productbg.backbones.targets import SDXL
 

@@ -8,7 +8,7 @@ import torch
 from productbg.cli import main
 from productbg.weights.bank import CategoryBank, CategoryLora, load_bank
 from productbg.weights.safefile import SafeReader
-from productbg.weights.samples import example_bank
+from weight_samples import example_bank
 
 NAMES = ("运动鞋", "Coffee Mug", "shoes")
 

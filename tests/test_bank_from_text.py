@@ -20,7 +20,7 @@ from productbg.pipeline.tiny import (TINY_XL_WIDTHS, tiny_sdxl_unet, tiny_text_e
                                      tiny_unet, tiny_vae)
 from productbg.weights.bank import CategoryBank, load_bank
 from productbg.weights.errors import FormatMismatchError, MalformedFileError, WeightsError
-from productbg.weights.samples import example_bank
+from weight_samples import example_bank
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEMPLATE = "a product photo on a {id} background"

@@ -15,7 +15,8 @@ from productbg.imaging.synthetic import packshot
 from productbg.pipeline.batch import run_batch
 from productbg.pipeline.errors import PipelineError
 from productbg.pipeline.manifest import Shard, read_manifest, shard_from_env
-from productbg.pipeline.outputs import read_result, save_png
+from productbg.fileio.png import save_png
+from productbg.pipeline.outputs import read_result
 from productbg.pipeline.pipeline import GenerateSettings, ProductBGPipeline
 
 TINY_ARGS = ["--size", "32", "--steps", "2", "--no-progress"]

@@ -8,7 +8,7 @@ import pytest
 
 from productbg.cli import build_parser, main
 from productbg.imaging.synthetic import packshot
-from productbg.pipeline.outputs import save_png
+from productbg.fileio.png import save_png
 
 TINY = ["--size", "32", "--steps", "2"]
 

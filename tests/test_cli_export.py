@@ -8,7 +8,8 @@ from PIL import Image
 from productbg import imaging
 from productbg.cli import main
 from productbg.imaging.synthetic import packshot
-from productbg.pipeline.outputs import read_result, save_png
+from productbg.fileio.png import save_png
+from productbg.pipeline.outputs import read_result
 
 TINY = ["--size", "32", "--steps", "2"]
 

@@ -9,7 +9,7 @@ from productbg.cli import main
 from productbg.imaging.synthetic import packshot
 from productbg.pipeline.components import ClipVision, load_clip_vision, tiny_style_encoder
 from productbg.pipeline.errors import CheckpointError
-from productbg.pipeline.outputs import save_png
+from productbg.fileio.png import save_png
 from productbg.pipeline.single_file import save_single_file, write_config_dir
 from productbg.pipeline.tiny import tiny_text_encoder, tiny_unet, tiny_vae, tiny_vision_encoder
 

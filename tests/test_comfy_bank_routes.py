@@ -22,7 +22,7 @@ def setup(comfyui_dir, tmp_path_factory):
     import torch
 
     from productbg.weights.bank_previews import write_preview
-    from productbg.weights.samples import example_bank, example_style_encoder
+    from weight_samples import example_bank, example_style_encoder
     from productbg.weights.style_encoder import save_style_encoder
 
     root = tmp_path_factory.mktemp("routes")
@@ -137,7 +137,7 @@ def test_unknown_productbg_paths_are_json_404(setup):
 
 def test_a_changed_bank_is_listed_again(setup):
     """The list follows the file (ComfyUI's refresh re-reads it): a rewritten bank shows its new names."""
-    from productbg.weights.samples import example_bank
+    from weight_samples import example_bank
 
     server, banks, _ = setup
     path = banks / "changing.safetensors"

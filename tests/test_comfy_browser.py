@@ -57,7 +57,7 @@ def browser_server(comfyui_dir, comfy_checkpoints, comfy_model_files, tmp_path_f
     from comfy_model_files import LORA_FILE
     from productbg.weights.bank import CategoryLora
     from productbg.weights.bank_previews import write_preview
-    from productbg.weights.samples import example_bank
+    from weight_samples import example_bank
 
     root = tmp_path_factory.mktemp("browser")
     banks = root / "banks"

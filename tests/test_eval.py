@@ -12,7 +12,7 @@ from productbg.pipeline.errors import PipelineError
 from productbg.pipeline.evaluate import ColourHistogram, category_consistency, collect_items, evaluate
 from productbg.pipeline.fid import compute_fid
 from productbg.pipeline.image_files import load_rgb
-from productbg.pipeline.outputs import save_png
+from productbg.fileio.png import save_png
 
 S = 128
 LO, HI = 32, 96
@@ -82,7 +82,7 @@ def test_category_consistency():
 
 def test_results_folder_items(tmp_path):
     """A folder of batch items yields one eval item per image; an unfinished item is an item that failed."""
-    from productbg.pipeline.outputs import write_json
+    from productbg.fileio.jsonfile import write_json
 
     item = tmp_path / "x"
     for name in ("image_0.png", "image_1.png", "raw_0.png", "raw_1.png", "placed.png", "mask.png"):
@@ -187,7 +187,7 @@ def test_bad_manifest_rows_fail_alone(fixture_set):
 def test_results_folder_lists_unfinished_items_and_failed_batch_rows(tmp_path):
     """A results folder's unfinished item (result.json naming a missing file) and the rows its batch summary lists
     as failed are items that failed; the finished item is evaluated."""
-    from productbg.pipeline.outputs import write_json
+    from productbg.fileio.jsonfile import write_json
 
     for name in ("done", "partial"):
         for f in ("image_0.png", "raw_0.png", "placed.png", "mask.png"):

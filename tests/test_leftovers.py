@@ -10,7 +10,7 @@ import pytest
 from productbg.cli import main
 from productbg.fileio import TMP_SUFFIX
 from productbg.imaging.synthetic import packshot
-from productbg.pipeline.outputs import save_png
+from productbg.fileio.png import save_png
 from productbg.training import bgsynth
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -319,7 +319,7 @@ def test_full_size_sdxl_single_file_loads_offline(no_network, capsys):
 def xl_files(tmp_path_factory):
     """A tiny SDXL-shaped inpainting checkpoint in SDXL's LDM layout, its configs and a product photo."""
     from productbg.imaging.synthetic import packshot
-    from productbg.pipeline.outputs import save_png
+    from productbg.fileio.png import save_png
 
     root = tmp_path_factory.mktemp("xl")
     unet, vae = tiny_sdxl_unet(9), tiny_vae()
@@ -382,7 +382,7 @@ def test_cli_refuses_sdxl_refiner(tmp_path, capsys):
     """A refiner checkpoint (OpenCLIP-G only) is refused before loading, in one line naming what to use."""
     from productbg.cli import main
     from productbg.imaging.synthetic import packshot
-    from productbg.pipeline.outputs import save_png
+    from productbg.fileio.png import save_png
     from productbg.weights.safefile import atomic_save
 
     path = atomic_save({"conditioner.embedders.0.model.positional_embedding": torch.zeros(77, 8),

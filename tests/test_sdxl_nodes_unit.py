@@ -261,7 +261,7 @@ def test_sdxl_comfyui_modules_run_after_every_other_comfyui_module():
 def test_category_lora_from_the_bank_refuses_a_bank_of_the_other_backbone():
     """A bank's LoRAs are trained for its backbone: on the other one ComfyUI would silently drop their keys."""
     from productbg.nodes.lora_nodes import CategoryLoraNode
-    from productbg.weights.samples import example_bank
+    from weight_samples import example_bank
 
     sdxl_model = _model("SDXL", **SDXL_UNET)
     with pytest.raises(NodeInputError, match="SD1.5 bank but the MODEL is SDXL.*use an SDXL bank"):

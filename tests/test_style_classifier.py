@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from productbg.training import bgsynth
-from productbg.training.style_classifier import features, train_classifier
+from style_classifier import features, train_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from productbg.weights.bank import (DEFAULT_TEMPLATE, CategoryBank, CategoryLora, load_bank)
 from productbg.weights.errors import FormatMismatchError, MalformedFileError, NameLookupError, WeightsError
 from productbg.weights.safefile import SafeReader
-from productbg.weights.samples import EXAMPLE_NAMES, example_bank
+from weight_samples import EXAMPLE_NAMES, example_bank
 
 
 @pytest.fixture

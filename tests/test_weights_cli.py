@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from productbg.cli import main
 from productbg.weights.lora import read_lora, to_kohya, to_peft
 from productbg.weights.safefile import atomic_save
-from productbg.weights.samples import (example_bank, example_style_encoder, ip_adapter_file_dict,
+from weight_samples import (example_bank, example_style_encoder, ip_adapter_file_dict,
                                        sd15_lora_modules, sdxl_ip_adapter_shapes, write_header_only)
 
 
@@ -65,7 +65,7 @@ def test_inspect_sdxl_style_encoder_says_it_does_not_fit(capsys, files):
     ("ip-adapter_sdxl", "ViT-bigG: clip_vision_g.safetensors (CLIP-ViT-bigG-14-laion2B-39B-b160k)"),
 ])
 def test_inspect_names_the_sdxl_release_and_its_clip_vision(capsys, tmp_path, release, clip):
-    from productbg.weights.samples import write_release_sample
+    from weight_samples import write_release_sample
 
     path = write_release_sample(tmp_path / "renamed.safetensors", release)   # told apart by shapes, not name
     code, out, _ = run(capsys, "inspect", path)

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.comfyui
 
 def _modules():
     """UNet attention/ff/conv (3×3, 1×1 proj_in, conv_shortcut) and text-encoder modules, mixed alphas."""
-    from productbg.weights.samples import sd15_lora_modules
+    from weight_samples import sd15_lora_modules
 
     mods = sd15_lora_modules(rank=4, alpha=2.0, text_encoder=True, conv=True, seed=3)
     for i, m in enumerate(mods):

@@ -11,7 +11,7 @@ from productbg.cli import main
 from productbg.weights.embedding import (check_prompt_name, export_embedding, is_embedding, read_embedding)
 from productbg.weights.errors import FormatMismatchError, NameLookupError, WeightsError
 from productbg.weights.safefile import atomic_save, read_header
-from productbg.weights.samples import example_bank, example_style_encoder, ip_adapter_file_dict
+from weight_samples import example_bank, example_style_encoder, ip_adapter_file_dict
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ PROMPT = "a photo of embedding:{name} on a wooden table"
 def exported(comfy, tmp_path_factory):
     """An embeddings folder with one SD1.5 and one SDXL export, and the banks' vectors."""
     from productbg.weights.embedding import export_embedding
-    from productbg.weights.samples import example_bank
+    from weight_samples import example_bank
 
     folder = tmp_path_factory.mktemp("embeddings")
     sd15 = example_bank(seed=4, vectors_per_id=3)
@@ -108,7 +108,7 @@ def test_comfy_clip_vision_widths_feed_the_check(comfy, tmp_path):
 
     from productbg.weights.errors import FormatMismatchError
     from productbg.weights.ip_adapters import check_clip_vision, clip_vision_widths
-    from productbg.weights.samples import RELEASES
+    from weight_samples import RELEASES
     from productbg.weights.style_encoder import StyleEncoderConfig
     from productbg.backbones.targets import SDXL
 

@@ -2,7 +2,7 @@
 
 The long run is ``python bench/fuzz_weights.py --cases 10000``.
 """
-from productbg.weights.fuzz import MUTATIONS, run_fuzz
+from weight_fuzz import MUTATIONS, run_fuzz
 
 CASES = 1200
 

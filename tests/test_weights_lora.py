@@ -10,7 +10,7 @@ from productbg.weights.errors import FormatMismatchError, MalformedFileError, We
 from productbg.weights.lora import (LoraModule, convert_lora_file, detect_layout, diffusers_path, kohya_name,
                                     parse_lora, read_lora, to_kohya, to_peft)
 from productbg.weights.safefile import atomic_save
-from productbg.weights.samples import sd15_lora_modules
+from weight_samples import sd15_lora_modules
 
 TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=32,
                  attention_head_dim=8, block_out_channels=(32, 64), norm_num_groups=8,

@@ -211,8 +211,8 @@ def test_atomic_writers_give_files_the_usual_permissions(tmp_path):
     mkstemp's 0600 — a ComfyUI server running as another user must be able to load a trained bank."""
     import numpy as np
 
-    from productbg.pipeline.outputs import save_png
-    from productbg.training.layout import atomic_write_bytes
+    from productbg.fileio.png import save_png
+    from productbg.fileio import write_bytes_atomically as atomic_write_bytes
 
     umask = os.umask(0o022)
     try:

@@ -13,7 +13,7 @@ from productbg import backbones
 from productbg.weights.errors import FormatMismatchError
 from productbg.weights.ip_adapters import (VIT_BIGG, VIT_H, check_clip_vision, clip_vision_problem,
                                            clip_vision_widths, release_of)
-from productbg.weights.samples import RELEASES, example_style_encoder, release_shapes, write_release_sample
+from weight_samples import RELEASES, example_style_encoder, release_shapes, write_release_sample
 from productbg.weights.style_encoder import (Resampler, StyleEncoderConfig, check_target, load_style_encoder,
                                              read_style_encoder_info, reference_tokens)
 from productbg.backbones.targets import SD15, SDXL, SDXL_LAYERS
@@ -149,7 +149,7 @@ def test_loaded_encoder_checked_against_the_model_it_patches():
 
 
 def test_auto_target_refuses_unsupported_families(tmp_path):
-    from productbg.weights.samples import write_header_only
+    from weight_samples import write_header_only
     from productbg.backbones.targets import SD2
 
     shapes = {"image_proj.proj.weight": (4096, 1024), "image_proj.proj.bias": (4096,),
@@ -164,7 +164,7 @@ def test_auto_target_refuses_unsupported_families(tmp_path):
 def test_wrong_hidden_size_names_the_sdxl_layer(tmp_path):
     shapes = release_shapes("ip-adapter_sdxl_vit-h")
     shapes["ip_adapter.11.to_k_ip.weight"] = shapes["ip_adapter.11.to_v_ip.weight"] = (640, 2048)
-    from productbg.weights.samples import write_header_only
+    from weight_samples import write_header_only
 
     path = write_header_only(tmp_path / "bad.safetensors", shapes)
     with pytest.raises(FormatMismatchError, match=r"ip_adapter\.11\.to_k_ip\.weight is \[640, 2048\] but SDXL layer 5 "

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from productbg.weights.errors import FormatMismatchError, MalformedFileError, UnsafeFormatError, WeightsError
 from productbg.weights.safefile import atomic_save
-from productbg.weights.samples import (example_style_encoder, ip_adapter_file_dict, sdxl_ip_adapter_shapes,
+from weight_samples import (example_style_encoder, ip_adapter_file_dict, sdxl_ip_adapter_shapes,
                                        tiny_style_encoder, write_header_only)
 from productbg.weights.style_encoder import (StyleEncoder, load_style_encoder, read_style_encoder_info,
                                              save_style_encoder)
@@ -290,7 +290,7 @@ def test_pickle_ip_adapter_refused(tmp_path):
 
 
 def test_bank_is_not_a_style_encoder(tmp_path):
-    from productbg.weights.samples import example_bank
+    from weight_samples import example_bank
 
     path = example_bank().save(tmp_path / "bank.safetensors")
     with pytest.raises(FormatMismatchError, match="not a style encoder"):

@@ -20,15 +20,15 @@ from typing import Any, Callable
 
 import torch
 
-from .bank import CategoryBank
-from .describe import describe_file
-from .embedding import export_embedding, read_embedding
-from .errors import WeightsError
-from .lora import LoraModule, read_lora, to_kohya, to_peft
-from .safefile import atomic_save
-from .samples import example_bank, ip_adapter_file_dict, tiny_style_encoder
-from .style_encoder import load_style_encoder
-from ..backbones.targets import TargetModel
+from productbg.weights.bank import CategoryBank
+from productbg.weights.describe import describe_file
+from productbg.weights.embedding import export_embedding, read_embedding
+from productbg.weights.errors import WeightsError
+from productbg.weights.lora import LoraModule, read_lora, to_kohya, to_peft
+from productbg.weights.safefile import atomic_save
+from weight_samples import example_bank, ip_adapter_file_dict, tiny_style_encoder
+from productbg.weights.style_encoder import load_style_encoder
+from productbg.backbones.targets import TargetModel
 
 JSON_DTYPES = ["F16", "F32", "BF16", "F64", "I64", "I32", "U8", "BOOL", "F8_E4M3", "Q4", "", None, 3]
 

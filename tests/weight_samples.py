@@ -14,11 +14,11 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .bank import CategoryBank, CategoryLora
-from .lora import LoraModule
-from .style_encoder import StyleEncoder, StyleEncoderConfig
-from .safefile import DTYPE_SIZES
-from ..backbones.targets import SD15, SD15_LAYERS, SDXL, TargetModel
+from productbg.weights.bank import CategoryBank, CategoryLora
+from productbg.weights.lora import LoraModule
+from productbg.weights.style_encoder import StyleEncoder, StyleEncoderConfig
+from productbg.weights.safefile import DTYPE_SIZES
+from productbg.backbones.targets import SD15, SD15_LAYERS, SDXL, TargetModel
 
 #: A mix of BG60k-like Chinese and Latin category names.
 EXAMPLE_NAMES = ("运动鞋", "手提包", "咖啡杯", "Running Shoes", "Leather Bag", "Coffee Mug", "wool scarf", "台灯")

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from ..fileio import write_bytes_atomically, write_text_atomically
 from . import layout
 
 DEFAULT_NAMES = (
@@ -307,12 +308,12 @@ def generate(out: str | Path, spec: SynthSpec = SynthSpec(), overwrite: bool = F
             counts["written"] += _write_one(root, spec, split, number, cat, overwrite)
         counts[split] = len(rows[split])
     for split in layout.SPLITS:
-        layout.atomic_write_text(layout.info_path(root, split), layout.info_text(rows[split]))
+        write_text_atomically(layout.info_path(root, split), layout.info_text(rows[split]))
     pairs = _pairs(spec, rows, names)
-    layout.atomic_write_text(root / layout.PAIRS_FILE, layout.info_text(pairs))
+    write_text_atomically(root / layout.PAIRS_FILE, layout.info_text(pairs))
     counts["pairs"] = len(pairs)
     _remove_unlisted(root, rows)
-    layout.atomic_write_text(root / SPEC_FILE, _spec_json(spec))
+    write_text_atomically(root / SPEC_FILE, _spec_json(spec))
     return counts
 
 
@@ -347,8 +348,8 @@ def _write_one(root: Path, spec: SynthSpec, split: str, number: int, cat: int, o
     if not overwrite and img_p.is_file() and mask_p.is_file():
         return 0
     img, mask = render(spec, split, number, cat)
-    layout.atomic_write_bytes(mask_p, png_bytes(mask))
-    layout.atomic_write_bytes(img_p, png_bytes(img))
+    write_bytes_atomically(mask_p, png_bytes(mask))
+    write_bytes_atomically(img_p, png_bytes(img))
     return 1
 
 

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from .layout import atomic_write_text
+from ..fileio import write_text_atomically
 from .model_folder import staged_dir
 
 RESOLUTION = 64
@@ -175,7 +175,7 @@ def train(work: Path, dest: Path, recipe: Recipe = Recipe(), progress: bool = Tr
         log(f"[demo-model] stage {name} ...")
         out = fn()
         timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - start, 1)
-        atomic_write_text(timings_file, json.dumps(timings))
+        write_text_atomically(timings_file, json.dumps(timings))
         log(f"[demo-model] stage {name} done ({timings[name]:.0f} s in all)")
         return out
 

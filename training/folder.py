@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from ..fileio import write_bytes_atomically, write_text_atomically
 from . import layout
 from .bgsynth import png_bytes
 
@@ -285,8 +286,8 @@ def _build_one(out: Path, path: Path, category: str, src_root: Path, state: dict
     split = _split_of(key, held_out)
     entry.update(split=split, file=f"{next_n[split]}.png", mask_source=origin)
     next_n[split] += 1
-    layout.atomic_write_bytes(layout.mask_path(out, split, entry["file"]), png_bytes((mask * 255).astype(np.uint8)))
-    layout.atomic_write_bytes(layout.image_path(out, split, entry["file"]), png_bytes(np.asarray(rgb)))
+    write_bytes_atomically(layout.mask_path(out, split, entry["file"]), png_bytes((mask * 255).astype(np.uint8)))
+    write_bytes_atomically(layout.image_path(out, split, entry["file"]), png_bytes(np.asarray(rgb)))
     _append_state(out, entry)
     report.written += 1
     return entry
@@ -304,9 +305,9 @@ def _finish(out: Path, done: list[dict], report: BuildReport) -> None:
     for split in layout.SPLITS:
         rows = sorted(((e["file"], e["category"]) for e in done if e["split"] == split),
                       key=lambda r: int(r[0].split(".")[0]))
-        layout.atomic_write_text(layout.info_path(out, split), layout.info_text(rows))
+        write_text_atomically(layout.info_path(out, split), layout.info_text(rows))
     for e in done:
         report.categories[e["category"]] = report.categories.get(e["category"], 0) + 1
         report.mask_sources[e["mask_source"]] = report.mask_sources.get(e["mask_source"], 0) + 1
-    layout.atomic_write_text(out / REPORT_FILE, json.dumps(report.to_json(), ensure_ascii=False, indent=1))
+    write_text_atomically(out / REPORT_FILE, json.dumps(report.to_json(), ensure_ascii=False, indent=1))
 

@@ -11,12 +11,10 @@
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Iterable
 
-from ..fileio import temp_beside
 
 SPLITS = ("bg60k", "bg1k")
 PAIRS_FILE = "bgpair_info.txt"
@@ -49,23 +47,6 @@ def _bucket(name: str) -> int:
     if n is None:
         raise ValueError(f"file name {name!r} does not follow the BG60k layout 'N.png'")
     return n % 10
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path = Path(path)
-    tmp = temp_beside(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """UTF-8 text version of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def info_text(rows: Iterable[tuple[str, ...]]) -> str:

@@ -15,7 +15,7 @@ import torch
 from ..attention import Guidance, ProductMask, StyleGuidance
 from ..attention.diffusers_processor import CALL_KEY, DiffusersCall
 from .bgsynth import png_bytes
-from .layout import atomic_write_bytes
+from ..fileio import write_bytes_atomically
 
 PREVIEW_EROSION = 0.04  # inference recipe: repaint mask = background dilated by ≈20 px at 512²
 
@@ -110,7 +110,7 @@ def _generate(module, image, mask, context, guidance, steps: int, scale: float,
 def save_rows(out_dir: Path, step: int, rows: list[torch.Tensor]) -> Path:
     """One PNG of image rows ([B,3,H,W] in -1..1 each), ``out_dir/step-NNNNNN.png``."""
     path = Path(out_dir) / f"step-{step:06d}.png"
-    atomic_write_bytes(path, png_bytes(_grid(rows)))
+    write_bytes_atomically(path, png_bytes(_grid(rows)))
     return path
 
 

@@ -75,20 +75,9 @@ def read_preview(bank_path: str | os.PathLike, name: str) -> bytes | None:
 
 
 def _write_bytes(dest: Path, data: bytes) -> None:
-    from ..fileio import default_file_mode, temp_beside
+    from ..fileio import write_atomically
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_beside(dest)
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(dest, lambda tmp: tmp.write_bytes(data), fsync=True)
 
 
 def encode_preview(image, side: int = PREVIEW_SIDE) -> bytes:

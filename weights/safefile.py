@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ..fileio import default_file_mode, temp_beside
+from ..fileio import write_atomically
 
 from .errors import MalformedFileError, UnsafeFormatError, WeightsError
 
@@ -363,15 +363,5 @@ def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
     dest = Path(path)
     if dest.suffix.lower() != ".safetensors":
         raise WeightsError(f"{dest.name}: weight files are written as .safetensors only")
-    tmp = temp_beside(dest)
-    try:
-        clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-        save_file(clean, tmp, metadata=dict(metadata or {}))
-        os.chmod(tmp, default_file_mode())  # safetensors recreates the file as 0600
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return write_atomically(dest, lambda tmp: save_file(clean, tmp, metadata=dict(metadata or {})), fsync=True)
