@@ -410,7 +410,7 @@ def guided_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     k_text, v_text = plan.text(k), plan.text(v)
     blend, bias = plan.weights(ctx.grid, q.shape[0], q.device, q.dtype)
     if probe.active():
-        _record(q, k_text, heads, ctx, blend, bias)
+        probe.record_layer(q, k_text, heads, ctx, blend, bias)
 
     def text_attention(query: torch.Tensor) -> torch.Tensor:
         if blend is not None:
@@ -425,7 +425,7 @@ def guided_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
     if not include_base and (blend is not None or bias is not None or plan.extended):
         out = out - attention(q, k, v, heads, None)  # what the foreign object computed on the same k / v
     if probe.wants_outputs():
-        probe.record_output(ctx.layer_index, text_attention, q, _product_cells(ctx, q))
+        probe.record_output(ctx.layer_index, text_attention, q, probe.product_cells(ctx, q))
     for s in plan.guidance.styles:
         weight = s.weight * (1.0 if s.layer_weights is None else s.layer_weights[ctx.layer_index])
         if weight == 0:
@@ -439,27 +439,3 @@ def guided_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, he
             background = gate.to(q.device)[:, None] if background is None else background * gate.to(q.device)[:, None]
         out = out + style_attention(q, k_style, v_style, heads, weight, background, attention)
     return out
-
-
-def _product_cells(ctx: LayerContext, q: torch.Tensor) -> torch.Tensor | None:
-    """[rows, N] bool: product cells of the first identifier's rows (for the probe)."""
-    plan = ctx.plan
-    if not plan.owners:
-        return None
-    o = plan.owners[0]
-    cov = plan.coverage(o.guidance, ctx.grid, q.shape[0], q.device)
-    return (cov >= o.guidance.product.threshold) & (o.rows.to(q.device)[:, None] > 0)
-
-
-def _record(q, k_text, heads, ctx: LayerContext, blend, bias) -> None:
-    """Probe: the identifier's attention mass per position, as the layer really weighs it."""
-    plan = ctx.plan
-    for o in plan.owners:
-        g = o.guidance
-        cols = g.columns(plan.text_len, q.device)
-        if cols.numel() == 0:
-            continue
-        coverage = plan.coverage(g, ctx.grid, q.shape[0], q.device)
-        scale = None if g.confinement != "context" or blend is None else 1.0 - blend[:, :, 0]
-        probe.record_identifier(ctx.layer_index, q, k_text, heads, bias if g.confinement == "columns" else None,
-                                cols, o.rows.to(q.device) > 0, coverage, g.product.threshold, scale)

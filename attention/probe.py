@@ -108,3 +108,29 @@ def record_output(layer_index: int, attend: Callable[[torch.Tensor], torch.Tenso
         with torch.enable_grad():
             out = attend(q)
         rec.outputs.append(OutputRecord(layer_index, q, out, product))
+
+
+# ------------------------------------------------------------- what a guided layer hands the probe
+# Kept here, out of attention/guided.py's hot path: a layer calls these only while a recording is active.
+def product_cells(ctx, q: torch.Tensor) -> torch.Tensor | None:
+    """[rows, N] bool: product cells of the first identifier's rows (for the probe)."""
+    plan = ctx.plan
+    if not plan.owners:
+        return None
+    o = plan.owners[0]
+    cov = plan.coverage(o.guidance, ctx.grid, q.shape[0], q.device)
+    return (cov >= o.guidance.product.threshold) & (o.rows.to(q.device)[:, None] > 0)
+
+
+def record_layer(q, k_text, heads, ctx, blend, bias) -> None:
+    """Probe: the identifier's attention mass per position, as the layer really weighs it."""
+    plan = ctx.plan
+    for o in plan.owners:
+        g = o.guidance
+        cols = g.columns(plan.text_len, q.device)
+        if cols.numel() == 0:
+            continue
+        coverage = plan.coverage(g, ctx.grid, q.shape[0], q.device)
+        scale = None if g.confinement != "context" or blend is None else 1.0 - blend[:, :, 0]
+        record_identifier(ctx.layer_index, q, k_text, heads, bias if g.confinement == "columns" else None,
+                                cols, o.rows.to(q.device) > 0, coverage, g.product.threshold, scale)
