@@ -109,3 +109,42 @@ def test_lower_floors_import_neither_comfyui_nor_diffusers():
                          [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
                 bad += [f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in banned]
     assert not bad, bad
+
+
+def _documented_imports() -> dict[str, set[str] | None]:
+    """docs/architecture.md's floor table: folder -> the package folders its "imports" column allows (None for
+    "everything below")."""
+    import re
+
+    table = {}
+    for line in (REPO / "docs" / "architecture.md").read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        folder = re.fullmatch(r"`(\w+)/`", cells[0]) if len(cells) == 3 else None
+        if folder and folder.group(1) in PACKAGES:
+            allowed = cells[2]
+            table[folder.group(1)] = None if "everything below" in allowed else \
+                {w for w in re.findall(r"`(\w+)`", allowed) if w in PACKAGES}
+    return table
+
+
+def test_every_folder_imports_only_what_the_architecture_doc_says():
+    """The floors are documented once (docs/architecture.md) and this holds the code to them: a folder imports
+    only the package folders its row names (cli/: everything below), and the rows run in floor order — no row
+    names a folder listed above it."""
+    documented = _documented_imports()
+    assert set(documented) == set(PACKAGES), sorted(set(PACKAGES) ^ set(documented))
+    known = _modules()
+    order = list(documented)
+    bad = []
+    for name, path in known.items():
+        top = name.split(".")[0]
+        if top not in documented or documented[top] is None:
+            continue
+        for target in _imports(name, path, known):
+            used = target.split(".")[0]
+            if used != top and used in PACKAGES and used not in documented[top]:
+                bad.append(f"{name} imports {target}: docs/architecture.md lets {top}/ import "
+                           f"{sorted(documented[top]) or 'nothing of the package'}")
+        for allowed in documented[top]:
+            assert order.index(allowed) < order.index(top), f"{top}/ may import {allowed}/, listed above it"
+    assert not bad, bad
