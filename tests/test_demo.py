@@ -95,7 +95,7 @@ def test_recipe_runs_end_to_end_at_tiny_scale_and_resumes(tmp_path):
 
 def test_train_script_cg_steps_changes_only_the_cg_stage(tmp_path, monkeypatch):
     """``scripts/train_demo_model.py --cg-steps N`` trains the shipped recipe with N CG steps (the variant the
-    README's toy-table notes compare against)."""
+    toy-table notes in docs/benchmarks.md compare against)."""
     import importlib.util
 
     import productbg.training.demo_model as demo_model
