@@ -478,17 +478,13 @@ def style_target(components: Components):
 
 
 def check_bank_fit(identifiers: Any, backbone: Any) -> None:
-    """PipelineError when a category bank was made for another backbone than the model's (tiny banks and
-    seeded identifiers are checked by width when used)."""
-    family = getattr(identifiers, "family", None)
-    if family is None or family in ("tiny", "tiny-sdxl") or family == backbone.family:
-        return
-    from .. import backbones
+    """PipelineError when a category bank was made for another backbone than the model's
+    (:func:`productbg.weights.bank_fit.bank_fit_problem`, the check every host shares)."""
+    from ..weights.bank_fit import bank_fit_problem
 
-    other = backbones.BACKBONES.get(family)
-    label = other.label if other is not None else family
-    raise PipelineError(f"this is a category bank for {label} (family {family}) and the model is {backbone.label}: "
-                        f"use a bank trained for {backbone.label} (family {backbone.family}), or a {label} checkpoint")
+    problem = bank_fit_problem(getattr(identifiers, "family", None), backbone, "checkpoint")
+    if problem is not None:
+        raise PipelineError(problem)
 
 
 def read_image(image: ImageInput, with_info: bool = False):

@@ -238,11 +238,11 @@ def test_bank_of_the_other_backbone_refused():
 
     xl = tiny_components(style=False, family="sdxl")
     xl.identifiers = CategoryBank("sd15")
-    with pytest.raises(PipelineError, match="bank for SD1.5.*use a bank trained for SDXL"):
+    with pytest.raises(PipelineError, match="an SD1.5 bank but the checkpoint is SDXL: use an SDXL bank"):
         ProductBGPipeline(xl, device="cpu")
     sd = tiny_components(style=False)
     sd.identifiers = CategoryBank("sdxl")
-    with pytest.raises(PipelineError, match="bank for SDXL.*use a bank trained for SD1.5"):
+    with pytest.raises(PipelineError, match="an SDXL bank but the checkpoint is SD1.5: use an SD1.5 bank"):
         ProductBGPipeline(sd, device="cpu")
 
 

@@ -184,14 +184,14 @@ def _bank(family):
 
 
 @pytest.mark.parametrize("bank_family,clip_keys,expected", [
-    ("sdxl", ("l",), "this is an SDXL bank but the CLIP is SD1.5: use an SD1.5 bank, or the CLIP of an SDXL checkpoint"),
+    ("sdxl", ("l",), "this is an SDXL bank but the CLIP is SD1.5: use an SD1.5 bank (clip_l vectors), or the CLIP of an SDXL checkpoint"),
     ("sd15", ("g", "l"), "this is an SD1.5 bank but the CLIP is SDXL: use an SDXL bank (clip_l + clip_g vectors), or the CLIP "
                          "of an SD1.5 checkpoint")])
 def test_a_bank_of_the_other_family_is_refused_before_encoding(bank_family, clip_keys, expected):
     from productbg.nodes.category_nodes import CategoryPrompt
 
     with pytest.raises(NodeInputError) as e:
-        CategoryPrompt().encode(FakeClip(clip_keys, {"sks": 5}), _bank(bank_family), "shoes", "", "")
+        CategoryPrompt.execute(FakeClip(clip_keys, {"sks": 5}), _bank(bank_family), "shoes", "", "")
     assert str(e.value) == expected
 
 
@@ -236,7 +236,7 @@ def test_a_custom_canvas_off_the_grid_of_8_is_refused():
     mask = torch.zeros(1, 32, 32)
     mask[:, 8:24, 8:24] = 1
     with pytest.raises(NodeInputError, match="multiple of 8.*use 1000x1024"):
-        PlaceProduct().place(torch.rand(1, 32, 32, 3), mask, "custom", 1001, 1020, 0.74, "center", 0.05, "#FFFFFF", 20)
+        PlaceProduct.execute(torch.rand(1, 32, 32, 3), mask, "custom", 1001, 1020, 0.74, "center", 0.05, "#FFFFFF", 20)
     assert PlaceProduct.INPUT_TYPES()["required"]["width"][1]["default"] == 512  # saved workflows keep theirs
 
 
@@ -265,7 +265,7 @@ def test_category_lora_from_the_bank_refuses_a_bank_of_the_other_backbone():
 
     sdxl_model = _model("SDXL", **SDXL_UNET)
     with pytest.raises(NodeInputError, match="SD1.5 bank but the MODEL is SDXL.*use an SDXL bank"):
-        CategoryLoraNode().apply(sdxl_model, None, example_bank(), "bottle", "(from bank)", 1.0, 1.0)
+        CategoryLoraNode.execute(sdxl_model, None, example_bank(), "bottle", "(from bank)", 1.0, 1.0)
     with pytest.raises(NodeInputError, match="SDXL bank but the MODEL is SD1.5"):
-        CategoryLoraNode().apply(_model("SD15", context_dim=768, model_channels=320), None, example_bank(family="sdxl"), "bottle",
+        CategoryLoraNode.execute(_model("SD15", context_dim=768, model_channels=320), None, example_bank(family="sdxl"), "bottle",
                                  "(from bank)", 1.0, 1.0)

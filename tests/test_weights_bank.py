@@ -428,3 +428,17 @@ def test_a_tiny_sdxl_bank_records_both_widths_and_reads_back(tmp_path):
         back.merge(other)
     with pytest.raises(WeightsError, match="sdxl banks have clip_g width 1280, not 48.*'tiny-sdxl' bank"):
         CategoryBank("sdxl", vectors_per_id=2, width_g=48)
+
+
+def test_one_bank_fit_rule_for_every_host():
+    """weights.bank_fit: the same family fits, the small self-trained families fit the backbone with their text
+    encoders, another family is one line naming what to use."""
+    from productbg.backbones import SD15, SDXL
+    from productbg.weights.bank_fit import bank_fit_problem
+
+    assert bank_fit_problem("sd15", SD15) is None and bank_fit_problem("sdxl", SDXL) is None
+    assert bank_fit_problem(None, SDXL) is None
+    assert bank_fit_problem("tiny", SD15) is None and bank_fit_problem("tiny-sdxl", SDXL) is None
+    assert "whose text encoders are clip_l, clip_g" in bank_fit_problem("tiny", SDXL)
+    assert bank_fit_problem("sd15", SDXL, "CLIP") == ("this is an SD1.5 bank but the CLIP is SDXL: use an SDXL bank "
+                                                      "(clip_l + clip_g vectors), or the CLIP of an SD1.5 checkpoint")
