@@ -11,8 +11,9 @@
 # Environment (all optional):
 #   PRODUCTBG_ENV_DIR  cache folder (default ~/.cache/productbg): venvs, ComfyUI tree (with the test
 #                      checkpoints that tests build into it), logs
-#   PRODUCTBG_VENV     use this venv instead of <env dir>/venv-<hash>; the hash covers pyproject.toml,
-#                      requirements.txt and this script, so editing any of them builds a fresh venv
+#   PRODUCTBG_VENV     use this venv instead of <env dir>/venv-<hash>; the hash covers pyproject.toml's
+#                      dependencies, scripts and package list, requirements.txt and this script, so editing
+#                      any of them builds a fresh venv
 #   COMFYUI_DIR        use this ComfyUI 0.3.75 tree (fetched there when absent) instead of
 #                      <env dir>/comfyui-0.3.75
 #   PYTHON             interpreter for new venvs (default python3.11: the local torch wheels are cp311)
@@ -35,7 +36,14 @@ TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 COMFYUI_VERSION=0.3.75
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 ENV_DIR=$(realpath -m "${PRODUCTBG_ENV_DIR:-${HOME:-/tmp}/.cache/productbg}")
-KEY=$(cat "$REPO/pyproject.toml" "$REPO/requirements.txt" "$REPO/scripts/setup_env.sh" | sha256sum | cut -c1-12)
+# What the venv is built from: pyproject's dependencies, scripts and package list (not its version or the
+# registry metadata, so a release or a [tool.comfy] edit reuses the venv), requirements.txt and this script.
+KEY=$( { "${PYTHON:-python3.11}" -c 'import json, sys, tomllib
+d = tomllib.load(open(sys.argv[1], "rb"))
+p = d["project"]
+print(json.dumps([p.get(k) for k in ("requires-python", "dependencies", "optional-dependencies", "scripts")]
+                 + [d.get("tool", {}).get("setuptools")], sort_keys=True))' "$REPO/pyproject.toml"
+         cat "$REPO/requirements.txt" "$REPO/scripts/setup_env.sh"; } | sha256sum | cut -c1-12)
 VENV=$(realpath -m "${PRODUCTBG_VENV:-$ENV_DIR/venv-$KEY}")
 COMFYUI_DIR=$(realpath -m "${COMFYUI_DIR:-$ENV_DIR/comfyui-$COMFYUI_VERSION}")
 PYTHON=${PYTHON:-python3.11}
