@@ -1,21 +1,22 @@
 """productbg: e-commerce product backgrounds (ComfyUI node pack and Python package).
 
-Importing this package never imports ComfyUI: node classes import ComfyUI lazily, inside their methods,
-so ``import productbg`` works in plain Python and the same folder loads as a ComfyUI custom node pack.
+Inside ComfyUI (0.3.64 and later) the pack registers its nodes on ComfyUI's V3 schema: ComfyUI finds
+:func:`comfy_entrypoint` (there is no ``NODE_CLASS_MAPPINGS``, which ComfyUI would prefer) and gets the
+``ComfyExtension`` listing every node. The node classes subclass ``comfy_api`` types, so they are imported only
+when ComfyUI calls it: ``import productbg`` — the CLI, the diffusers pipeline, training — never imports ComfyUI.
 """
 __version__ = "0.1.0"
 
-import sys as _sys
-
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
-
-if "folder_paths" in _sys.modules:  # loaded by ComfyUI: make models/productbg/... known right away
-    from .nodes.bank_routes import register_routes
-    from .nodes.folders import register_model_folders
-
-    register_model_folders()
-    register_routes()  # the category list's routes, when a PromptServer is running (not in plain Python)
-
 #: The frontend extension (web/productbg.js): the category widgets become a searchable list of the bank's names.
 WEB_DIRECTORY = "./web"
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "__version__"]
+
+
+def comfy_entrypoint():
+    """ComfyUI's V3 entry point: the pack's ``ComfyExtension`` (every node, the model folders, the category list's
+    routes). Called by ComfyUI when it loads the pack."""
+    from .nodes.extension import ProductBGExtension  # lazy: comfy_api exists only inside ComfyUI
+
+    return ProductBGExtension()
+
+
+__all__ = ["WEB_DIRECTORY", "__version__", "comfy_entrypoint"]

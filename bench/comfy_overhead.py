@@ -62,15 +62,15 @@ def main() -> None:
     for i in range(2):
         tensors, meta = lora_mod.to_kohya(weight_samples.sd15_lora_modules(rank=8, seed=i, text_encoder=False, conv=False))
         save_file(tensors, str(lora_dir / f"bench{i}.safetensors"), metadata=meta)
-    (bank,) = pack["ProductBGLoadCategoryBank"]().load("bench.safetensors")
-    positive, identifier = pack["ProductBGCategoryPrompt"]().encode(clip, bank, "bottle", "", "")
+    (bank,) = pack["ProductBGLoadCategoryBank"].execute("bench.safetensors")
+    positive, identifier = pack["ProductBGCategoryPrompt"].execute(clip, bank, "bottle", "", "")
     negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
     mask = torch.zeros(1, args.size, args.size)
     lo, hi = args.size // 4, 3 * args.size // 4
     mask[:, lo:hi, lo:hi] = 1
 
-    identifier_model = pack["ProductBGMaskGuidedAttention"]().patch(model, identifier, mask, 1.0, 0.0, 1.0)[0]
-    columns_model = pack["ProductBGMaskGuidedAttention"]().patch(model, identifier, mask, 1.0, 0.0, 1.0, "columns")[0]
+    identifier_model = pack["ProductBGMaskGuidedAttention"].execute(model, identifier, mask, 1.0, 0.0, 1.0)[0]
+    columns_model = pack["ProductBGMaskGuidedAttention"].execute(model, identifier, mask, 1.0, 0.0, 1.0, "columns")[0]
     targets = comfy.pack_module("backbones.targets")
     encoder = weight_samples.example_style_encoder("ip-adapter_sdxl_vit-h" if xl else "ip-adapter_sd15",
                                             targets.TARGETS[args.model])
@@ -102,10 +102,10 @@ def main() -> None:
             times[name].append(step_time(m))
     med = {k: statistics.median(v) for k, v in times.items()}
 
-    prompt_node, lora_node = pack["ProductBGCategoryPrompt"](), pack["ProductBGCategoryLora"]()
-    switch_prompt = _median_ms(lambda i: prompt_node.encode(clip, bank, ("mug", "shoe")[i % 2], "", ""))
+    prompt_node, lora_node = pack["ProductBGCategoryPrompt"], pack["ProductBGCategoryLora"]
+    switch_prompt = _median_ms(lambda i: prompt_node.execute(clip, bank, ("mug", "shoe")[i % 2], "", ""))
     switch_lora = math.nan if xl else _median_ms(
-        lambda i: lora_node.apply(model, clip, bank, "mug", f"bench{i % 2}.safetensors", 1.0, 1.0))
+        lambda i: lora_node.execute(model, clip, bank, "mug", f"bench{i % 2}.safetensors", 1.0, 1.0))
 
     print(f"ComfyUI 0.3.75, random {backbone.label}{' (bf16 UNet)' if xl else ''}, {args.size}², {args.steps} steps "
           f"x {args.repeats} interleaved repeats, {'cuda' if torch.cuda.is_available() else 'cpu'}")

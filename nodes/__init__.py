@@ -1,28 +1,25 @@
-"""ComfyUI nodes. Node modules import ComfyUI only inside methods, so this package imports without it."""
-from .attention_nodes import BackgroundWords, MaskGuidedAttention
-from .category_nodes import CategoryName, CategoryPrompt, LoadCategoryBank
-from .export_nodes import ExportProduct
-from .imaging_nodes import (CompositeProduct, LoadProductsFromFolder, PlaceProduct, PreservationReport,
-                            SegmentProduct)
-from .lora_nodes import CategoryLoraNode
-from .style_nodes import LoadStyleEncoder, ReferenceStyle
+"""ComfyUI nodes, on ComfyUI's V3 schema (``comfy_api.latest``).
 
-_NODES = {
-    "ProductBGBackgroundWords": (BackgroundWords, "Background Words (productbg)"),
-    "ProductBGMaskGuidedAttention": (MaskGuidedAttention, "Mask-Guided Attention (productbg)"),
-    "ProductBGLoadCategoryBank": (LoadCategoryBank, "Load Category Bank (productbg)"),
-    "ProductBGCategoryPrompt": (CategoryPrompt, "Category Prompt (productbg)"),
-    "ProductBGCategoryLora": (CategoryLoraNode, "Category LoRA (productbg)"),
-    "ProductBGCategory": (CategoryName, "Category (productbg)"),
-    "ProductBGLoadStyleEncoder": (LoadStyleEncoder, "Load Style Encoder (productbg)"),
-    "ProductBGReferenceStyle": (ReferenceStyle, "Reference Style (productbg)"),
-    "ProductBGSegmentProduct": (SegmentProduct, "Segment Product (productbg)"),
-    "ProductBGPlaceProduct": (PlaceProduct, "Place Product (productbg)"),
-    "ProductBGCompositeProduct": (CompositeProduct, "Composite Product (productbg)"),
-    "ProductBGPreservationReport": (PreservationReport, "Preservation Report (productbg)"),
-    "ProductBGExportProduct": (ExportProduct, "Export for Marketplace (productbg)"),
-    "ProductBGLoadProductsFromFolder": (LoadProductsFromFolder, "Load Products From Folder (productbg)"),
+The node modules (``*_nodes.py``, ``schema.py``, ``extension.py``) subclass ``comfy_api`` types, which exist only
+inside ComfyUI, so nothing here imports them: ComfyUI calls ``productbg.comfy_entrypoint``, which imports
+``extension.py`` and through it every node. ``common.py``, ``folders.py`` and ``bank_routes.py`` import without
+ComfyUI. :data:`NODE_IDS` lists the node ids and display names as plain data.
+"""
+
+#: Node id -> display name, in menu order. Ids are what saved workflows refer to: never rename one.
+NODE_IDS = {
+    "ProductBGBackgroundWords": "Background Words (productbg)",
+    "ProductBGMaskGuidedAttention": "Mask-Guided Attention (productbg)",
+    "ProductBGLoadCategoryBank": "Load Category Bank (productbg)",
+    "ProductBGCategoryPrompt": "Category Prompt (productbg)",
+    "ProductBGCategoryLora": "Category LoRA (productbg)",
+    "ProductBGCategory": "Category (productbg)",
+    "ProductBGLoadStyleEncoder": "Load Style Encoder (productbg)",
+    "ProductBGReferenceStyle": "Reference Style (productbg)",
+    "ProductBGSegmentProduct": "Segment Product (productbg)",
+    "ProductBGPlaceProduct": "Place Product (productbg)",
+    "ProductBGCompositeProduct": "Composite Product (productbg)",
+    "ProductBGPreservationReport": "Preservation Report (productbg)",
+    "ProductBGExportProduct": "Export for Marketplace (productbg)",
+    "ProductBGLoadProductsFromFolder": "Load Products From Folder (productbg)",
 }
-
-NODE_CLASS_MAPPINGS = {key: cls for key, (cls, _) in _NODES.items()}
-NODE_DISPLAY_NAME_MAPPINGS = {key: name for key, (_, name) in _NODES.items()}

@@ -1,58 +1,61 @@
-"""Category bank nodes: load a bank, build a category prompt with the identifier spliced in."""
+"""Category bank nodes: load a bank, pick a category, build a category prompt with the identifier spliced in."""
 from __future__ import annotations
+
+from comfy_api.latest import io
 
 from ..weights.bank import CategoryBank, load_bank
 from ..weights.errors import WeightsError
-from .common import BANK, IDENTIFIER, NodeInputError, backbone_of_clip, confined_prompt, token_ids
+from .common import NodeInputError, backbone_of_clip, check_bank_fits, confined_prompt, token_ids
 from .folders import full_path, list_files
+from .schema import Bank, Identifier
 
 CATEGORY = "productbg/category"
 # A word that CLIP tokenizes as one token; each identifier vector takes the place of one copy of it.
 SLOT_WORD = "sks"
 
 
-class LoadCategoryBank:
+class LoadCategoryBank(io.ComfyNode):
     """Load a category bank (.safetensors) from models/productbg/banks."""
 
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (BANK,)
-    RETURN_NAMES = ("bank",)
-    FUNCTION = "load"
-    DESCRIPTION = "Loads a category bank: learned identifier vectors for many product categories."
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ProductBGLoadCategoryBank", display_name="Load Category Bank (productbg)", category=CATEGORY,
+            description="Loads a category bank: learned identifier vectors for many product categories.",
+            inputs=[io.Combo.Input("bank_name", options=list_files("productbg_banks"),
+                                   tooltip="Files in ComfyUI/models/productbg/banks (.safetensors).")],
+            outputs=[Bank.Output(display_name="bank", tooltip="The bank, for Category, Category Prompt and "
+                                 "Category LoRA (names from the header; vectors read on lookup).")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {"bank_name": (list_files("productbg_banks"), {
-            "tooltip": "Files in ComfyUI/models/productbg/banks (.safetensors)."})}}
-
-    def load(self, bank_name: str):
+    def execute(cls, bank_name: str) -> io.NodeOutput:
         try:
-            return (load_bank(full_path("productbg_banks", bank_name)),)
+            return io.NodeOutput(load_bank(full_path("productbg_banks", bank_name)))
         except WeightsError as e:
             raise NodeInputError(f"{bank_name}: {e}") from None
 
 
-class CategoryName:
+class CategoryName(io.ComfyNode):
     """One place to switch: a category of the bank, fed to every node that needs it (Category Prompt, Category LoRA)."""
 
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("category",)
-    FUNCTION = "pick"
-    DESCRIPTION = ("One category for the whole workflow: connect its output to the category input of Category Prompt "
-                   "and Category LoRA, and switch every node here. Click the category to pick from the bank's list.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ProductBGCategory", display_name="Category (productbg)", category=CATEGORY,
+            description=("One category for the whole workflow: connect its output to the category input of Category "
+                         "Prompt and Category LoRA, and switch every node here. Click the category to pick from the "
+                         "bank's list."),
+            inputs=[
+                Bank.Input("bank", tooltip="From Load Category Bank: the names to pick from, and the check."),
+                io.String.Input("category", default="", tooltip="Category name as stored in the bank (click to pick "
+                                "from the bank's list; type to filter). Latin names are case-insensitive."),
+            ],
+            outputs=[io.String.Output(display_name="category", tooltip="The category's name as stored in the bank.")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "bank": (BANK, {"tooltip": "From Load Category Bank: the names to pick from, and the check."}),
-            "category": ("STRING", {"default": "", "tooltip": "Category name as stored in the bank (click to pick from "
-                                    "the bank's list; type to filter). Latin names are case-insensitive."}),
-        }}
-
-    def pick(self, bank: CategoryBank, category: str):
+    def execute(cls, bank: CategoryBank, category: str) -> io.NodeOutput:
         try:
-            return (bank.resolve(category),)
+            return io.NodeOutput(bank.resolve(category))
         except WeightsError as e:
             raise NodeInputError(str(e)) from None
 
@@ -76,29 +79,33 @@ def _splice(tokens: dict, positions: list[int], vectors: dict) -> None:
             tokens[key][c][i] = (vector,) + tuple(tokens[key][c][i][1:])
 
 
-class CategoryPrompt:
+class CategoryPrompt(io.ComfyNode):
     """Encode the category's prompt: template with the identifier vectors in place of {id}, plus free words."""
 
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("CONDITIONING", IDENTIFIER)
-    RETURN_NAMES = ("conditioning", "identifier")
-    FUNCTION = "encode"
-    DESCRIPTION = "One model for every category: the bank's identifier for this category replaces {id}."
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ProductBGCategoryPrompt", display_name="Category Prompt (productbg)", category=CATEGORY,
+            description="One model for every category: the bank's identifier for this category replaces {id}.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="CLIP of an SD1.5 or SDXL checkpoint (the bank's family)."),
+                Bank.Input("bank", tooltip="From Load Category Bank."),
+                io.String.Input("category", default="", tooltip="Category name as stored in the bank "
+                                "(case-insensitive for Latin scripts)."),
+                io.String.Input("template", default="", tooltip="Prompt with {id}; empty = the bank's template. "
+                                "Weighting like ({id}:1.2) works."),
+                io.String.Input("extra_text", default="", multiline=True,
+                                tooltip="Free words appended to the prompt (lighting, mood...)."),
+            ],
+            outputs=[
+                io.Conditioning.Output(display_name="conditioning", tooltip="The prompt with the category's "
+                                       "identifier vectors spliced in: the sampler's positive."),
+                Identifier.Output(display_name="identifier", tooltip="Where the identifier's tokens sit: for "
+                                  "Mask-Guided Attention, which keeps them off the product."),
+            ])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "clip": ("CLIP", {"tooltip": "CLIP of an SD1.5 or SDXL checkpoint (the bank's family)."}),
-            "bank": (BANK, {"tooltip": "From Load Category Bank."}),
-            "category": ("STRING", {"default": "", "tooltip": "Category name as stored in the bank "
-                                    "(case-insensitive for Latin scripts)."}),
-            "template": ("STRING", {"default": "", "tooltip": "Prompt with {id}; empty = the bank's template. "
-                                    "Weighting like ({id}:1.2) works."}),
-            "extra_text": ("STRING", {"default": "", "multiline": True,
-                                      "tooltip": "Free words appended to the prompt (lighting, mood...)."}),
-        }}
-
-    def encode(self, clip, bank: CategoryBank, category: str, template: str, extra_text: str):
+    def execute(cls, clip, bank: CategoryBank, category: str, template: str, extra_text: str) -> io.NodeOutput:
         template = template.strip() or bank.template
         if template.count("{id}") != 1:
             raise NodeInputError(f"the template must contain {{id}} exactly once: {template!r}")
@@ -113,19 +120,12 @@ class CategoryPrompt:
         if len(positions) != count:
             raise NodeInputError(f"do not use the word {SLOT_WORD!r} in the template or extra text")
         _splice(tokens, positions, vectors)
-        return confined_prompt(clip, tokens, positions, backbone)
+        return io.NodeOutput(*confined_prompt(clip, tokens, positions, backbone))
 
 
 def _bank_vectors(bank: CategoryBank, category: str, backbone) -> dict:
     """ComfyUI token-list key -> the category's ``[n, width]`` vectors for that text encoder."""
-    if bank.family != backbone.family:
-        from ..backbones import BACKBONES
-
-        use = "an SDXL bank (clip_l + clip_g vectors)" if backbone.family == "sdxl" else "an SD1.5 bank"
-        other = BACKBONES[bank.family].label if bank.family in BACKBONES else None
-        raise NodeInputError(f"this is {f'an {other}' if other else f'a {bank.family}'} bank but the CLIP is "
-                             f"{backbone.label}: use {use}"
-                             + (f", or the CLIP of an {other} checkpoint" if other else ""))
+    check_bank_fits(bank, backbone, "CLIP")
     try:
         return {t.comfy_key: bank.vectors(category, t.name) for t in backbone.text_encoders}
     except WeightsError as e:

@@ -1,4 +1,5 @@
-"""Shared bits of the node classes: custom type names, errors, token helpers. No ComfyUI import."""
+"""Shared bits of the node classes: custom type names, errors, token helpers. No ComfyUI import (the V3 types
+built from these names are in ``schema.py``)."""
 from __future__ import annotations
 
 import uuid
@@ -9,6 +10,7 @@ from ..attention.comfy_patch import PROMPT_TAG_KEY
 IDENTIFIER = "PRODUCTBG_IDENTIFIER"
 BANK = "PRODUCTBG_BANK"
 STYLE = "PRODUCTBG_STYLE"
+PLACEMENT = "PRODUCTBG_PLACEMENT"
 CLIP_END_TOKEN = 49407
 CLIP_START_TOKEN = 49406
 
@@ -144,14 +146,13 @@ def confined_prompt(clip, tokens: dict, positions: list[int], backbone) -> tuple
     return conditioning, spec
 
 
-def check_bank_fits(bank, backbone) -> None:
-    """Refuse a bank (its identifiers and LoRAs) trained for another backbone; tiny banks are not checked."""
-    from ..backbones import BACKBONES
+def check_bank_fits(bank, backbone, model: str = "MODEL") -> None:
+    """Refuse a bank (its identifiers and LoRAs) made for another backbone (the one check every host shares)."""
+    from ..weights.bank_fit import bank_fit_problem
 
-    if bank.family in BACKBONES and bank.family != backbone.family:
-        raise NodeInputError(f"this is an {BACKBONES[bank.family].label} bank but the MODEL is {backbone.label}: "
-                             f"its LoRAs and identifiers are for {BACKBONES[bank.family].label}; use an "
-                             f"{backbone.label} bank")
+    problem = bank_fit_problem(bank.family, backbone, model)
+    if problem is not None:
+        raise NodeInputError(problem)
 
 
 def check_identifier_fits(identifier, backbone) -> None:

@@ -14,15 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import folder_paths
 import numpy as np
 import torch
+from comfy_api.latest import io
 
 from .. import imaging
 from ..fileio import write_bytes_atomically as save_bytes
 from ..fileio.jsonfile import json_safe
 from .common import NodeInputError
+from .schema import Placement, check_choices
 
-PLACEMENT = "PRODUCTBG_PLACEMENT"
 CATEGORY = "productbg/image"
 SIZE_CHOICES = ["placement", *imaging.EXPORT_PRESETS, "custom"]
 
@@ -49,47 +51,55 @@ class PlacementBatch:
                 self.masks[j].float().cpu().numpy())
 
 
-class ExportProduct:
+class ExportProduct(io.ComfyNode):
     """Resize the generated background to the export size, composite the native product, encode and save."""
 
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE", "MASK", "STRING")
-    RETURN_NAMES = ("image", "product_mask", "report")
-    FUNCTION = "export"
-    OUTPUT_NODE = True
-    DESCRIPTION = ("Delivers a marketplace-ready image: the generated background resized up to the export size "
-                   "(Lanczos, or a connected upscale model first) and the ORIGINAL product pixels composited at "
-                   "their own resolution, from Place Product's placement — inside the product's core the export "
-                   "equals the input bit for bit. Saves PNG/JPEG/WebP with an embedded sRGB profile and reports "
-                   "preservation (ΔE2000, PSNR) measured on the saved file.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ProductBGExportProduct", display_name="Export for Marketplace (productbg)", category=CATEGORY,
+            description=("Delivers a marketplace-ready image: the generated background resized up to the export size "
+                         "(Lanczos, or a connected upscale model first) and the ORIGINAL product pixels composited "
+                         "at their own resolution, from Place Product's placement — inside the product's core the "
+                         "export equals the input bit for bit. Saves PNG/JPEG/WebP with an embedded sRGB profile "
+                         "and reports preservation (ΔE2000, PSNR) measured on the saved file."),
+            is_output_node=True,
+            inputs=[
+                io.Image.Input("generated", tooltip="The generated image (VAE Decode), at the canvas size."),
+                Placement.Input("placement", tooltip="Place Product's placement output (layout + native product)."),
+                io.Combo.Input("size", options=SIZE_CHOICES, default="placement", tooltip="Export size: "
+                               "'placement' = the frame Place Product placed in (an export preset there), a preset, "
+                               "or custom (width × height). Must have the canvas's aspect (±2 %)."),
+                io.Int.Input("width", default=2000, min=64, max=imaging.export.MAX_EXPORT_SIDE,
+                             tooltip="Export width for custom."),
+                io.Int.Input("height", default=2000, min=64, max=imaging.export.MAX_EXPORT_SIDE,
+                             tooltip="Export height for custom."),
+                io.Combo.Input("format", options=list(imaging.FORMATS), default="png",
+                               tooltip="File format (sRGB profile embedded)."),
+                io.Int.Input("quality", default=imaging.export.DEFAULT_QUALITY, min=1, max=100, tooltip="JPEG / "
+                             "WebP quality (WebP 100 = lossless; JPEG ≥ 90 keeps full colour resolution)."),
+                io.Float.Input("feather", default=2.0, min=0.0, max=64.0, step=0.5,
+                               tooltip="Outward seam softening, in canvas pixels (scaled to the export)."),
+                io.String.Input("filename_prefix", default="productbg/export",
+                                tooltip="Saved in ComfyUI's output folder under this prefix."),
+                io.Boolean.Input("save", default=True, tooltip="Write the file (off: only return the image)."),
+                io.UpscaleModel.Input("upscale_model", optional=True, tooltip="Optional ESRGAN-class model (Load "
+                                      "Upscale Model) run on the background before the exact resize."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="image", tooltip="The export at its export size."),
+                io.Mask.Output(display_name="product_mask", tooltip="The product mask at the export size."),
+                io.String.Output(display_name="report", tooltip="Preservation report (JSON) measured on the "
+                                 "encoded file; also shown on the node."),
+            ])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "generated": ("IMAGE", {"tooltip": "The generated image (VAE Decode), at the canvas size."}),
-            "placement": (PLACEMENT, {"tooltip": "Place Product's placement output (layout + native product)."}),
-            "size": (SIZE_CHOICES, {"default": "placement", "tooltip":
-                     "Export size: 'placement' = the frame Place Product placed in (an export preset there), a "
-                     "preset, or custom (width × height). Must have the canvas's aspect (±2 %)."}),
-            "width": ("INT", {"default": 2000, "min": 64, "max": imaging.export.MAX_EXPORT_SIDE, "tooltip":
-                      "Export width for custom."}),
-            "height": ("INT", {"default": 2000, "min": 64, "max": imaging.export.MAX_EXPORT_SIDE, "tooltip":
-                       "Export height for custom."}),
-            "format": (list(imaging.FORMATS), {"default": "png", "tooltip": "File format (sRGB profile embedded)."}),
-            "quality": ("INT", {"default": imaging.export.DEFAULT_QUALITY, "min": 1, "max": 100, "tooltip":
-                        "JPEG / WebP quality (WebP 100 = lossless; JPEG ≥ 90 keeps full colour resolution)."}),
-            "feather": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 64.0, "step": 0.5, "tooltip":
-                        "Outward seam softening, in canvas pixels (scaled to the export)."}),
-            "filename_prefix": ("STRING", {"default": "productbg/export", "tooltip":
-                                "Saved in ComfyUI's output folder under this prefix."}),
-            "save": ("BOOLEAN", {"default": True, "tooltip": "Write the file (off: only return the image)."}),
-        }, "optional": {
-            "upscale_model": ("UPSCALE_MODEL", {"tooltip": "Optional ESRGAN-class model (Load Upscale Model) run "
-                                                           "on the background before the exact resize."}),
-        }}
+    def validate_inputs(cls, size: str | None = None, format: str | None = None) -> bool | str:
+        return check_choices(size=(size, SIZE_CHOICES), format=(format, imaging.FORMATS))
 
-    def export(self, generated, placement, size, width, height, format, quality, feather, filename_prefix, save,
-               upscale_model=None):
+    @classmethod
+    def execute(cls, generated, placement, size, width, height, format, quality, feather, filename_prefix, save,
+                upscale_model=None) -> io.NodeOutput:
         if not isinstance(placement, PlacementBatch):
             raise NodeInputError("placement must come from Place Product's placement output")
         if generated.ndim != 4:
@@ -109,8 +119,8 @@ class ExportProduct:
         files = [save_file(r, filename_prefix) for r in results] if save else []
         text = json.dumps(json_safe({"pass": all(r.report["pass"] for r in results),
                                      "images": [dict(r.report, export=r.describe()) for r in results]}), indent=2)
-        return {"ui": {"images": files, "text": [text]},
-                "result": (stack([r.image for r in results]), stack([r.mask for r in results]), text)}
+        return io.NodeOutput(stack([r.image for r in results]), stack([r.mask for r in results]), text,
+                             ui={"images": files, "text": [text]})
 
 
 def export_size(size: str, width: int, height: int, layout) -> tuple[int, int]:
@@ -148,10 +158,11 @@ class ComfyUpscaler:
         self.model, self.scale = model, int(model.scale)
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
+        # lazy: it imports comfy.model_management (device picked at first import) and the spandrel loader
         from comfy_extras.nodes_upscale_model import ImageUpscaleWithModel
 
         pixels = torch.from_numpy(np.ascontiguousarray(image[..., :3], np.float32))[None]
-        if hasattr(ImageUpscaleWithModel, "execute"):  # V3 node (ComfyUI 0.3.6x and later)
+        if hasattr(ImageUpscaleWithModel, "execute"):  # a V3 node in ComfyUI 0.3.75; V1 in 0.3.64
             (out,) = ImageUpscaleWithModel.execute(self.model, pixels).result
         else:
             (out,) = ImageUpscaleWithModel().upscale(self.model, pixels)
@@ -160,8 +171,6 @@ class ComfyUpscaler:
 
 def save_file(export: imaging.Export, prefix: str) -> dict[str, str]:
     """Write the encoded export into ComfyUI's output folder (atomically); its UI entry."""
-    import folder_paths
-
     w, h = export.layout.frame
     folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory(),
                                                                            w, h)

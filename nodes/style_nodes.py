@@ -7,6 +7,7 @@ import weakref
 from typing import Any
 
 import torch
+from comfy_api.latest import io
 
 from ..attention import STYLE_LAYER_PRESETS, ProductMask, StyleGuidance
 from ..backbones import BACKBONES
@@ -15,8 +16,9 @@ from ..imaging.fill import fill_product_hwc
 from ..weights.errors import WeightsError
 from ..backbones import targets
 from ..weights.style_encoder import StyleEncoder, load_style_encoder, read_style_encoder_info, reference_tokens
-from .common import STYLE, NodeInputError, backbone_of, check_mask_batch
+from .common import NodeInputError, backbone_of, check_mask_batch
 from .folders import full_path, list_files
+from .schema import Style, check_choices
 
 CATEGORY = "productbg/style"
 LAYER_PRESETS = STYLE_LAYER_PRESETS  # names (all / style / composition); the weights come from the backbone
@@ -49,6 +51,7 @@ def managed_encoder(encoder: StyleEncoder, dtype: torch.dtype) -> Any:
     Its load device is ComfyUI's torch device: sampling loads it with the UNet (memory accounted, offloaded like
     a ControlNet), so the style K/V run on the UNet's device.
     """
+    # lazy: comfy.model_management picks ComfyUI's device when first imported (after ComfyUI has set its args)
     import comfy.model_management as mm
     import comfy.model_patcher
 
@@ -65,7 +68,7 @@ def managed_encoder(encoder: StyleEncoder, dtype: torch.dtype) -> Any:
 def managed_style_tokens(patcher, clip_vision, reference) -> tuple[torch.Tensor, torch.Tensor]:
     """(cond, uncond) style tokens, the image projection run where ComfyUI loads the encoder — whole, on its load
     device (a low-VRAM partial load would split the projection across devices) — kept on the intermediate device."""
-    import comfy.model_management as mm
+    import comfy.model_management as mm  # lazy, as in managed_encoder
 
     mm.load_models_gpu([patcher], force_full_load=True)
     cond, uncond = style_tokens(patcher.model, clip_vision, reference)
@@ -73,24 +76,25 @@ def managed_style_tokens(patcher, clip_vision, reference) -> tuple[torch.Tensor,
     return cond.to(device), uncond.to(device)
 
 
-class LoadStyleEncoder:
+class LoadStyleEncoder(io.ComfyNode):
     """Load a productbg style encoder or an IP-Adapter SD1.5 / SDXL file (.safetensors); its backbone is
     told from its shapes and checked against the MODEL by Reference Style."""
 
-    CATEGORY = CATEGORY
-    RETURN_TYPES = (STYLE,)
-    RETURN_NAMES = ("style_encoder",)
-    FUNCTION = "load"
-    DESCRIPTION = ("Style encoders from models/productbg/style_encoders; IP-Adapter SD1.5 and SDXL files from "
-                   "models/ipadapter.")
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ProductBGLoadStyleEncoder", display_name="Load Style Encoder (productbg)", category=CATEGORY,
+            description=("Style encoders from models/productbg/style_encoders; IP-Adapter SD1.5 and SDXL files from "
+                         "models/ipadapter."),
+            inputs=[io.Combo.Input("encoder_name", options=list_files("productbg_style_encoders", "ipadapter"),
+                                   tooltip="ip-adapter_sd15 / ip-adapter-plus_sd15, ip-adapter_sdxl_vit-h / "
+                                   "ip-adapter-plus_sdxl_vit-h / ip-adapter_sdxl (.safetensors) or a file trained by "
+                                   "productbg.")],
+            outputs=[Style.Output(display_name="style_encoder", tooltip="The style encoder, for Reference Style "
+                                  "(its backbone is checked against the MODEL there).")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {"encoder_name": (list_files("productbg_style_encoders", "ipadapter"), {
-            "tooltip": "ip-adapter_sd15 / ip-adapter-plus_sd15, ip-adapter_sdxl_vit-h / "
-            "ip-adapter-plus_sdxl_vit-h / ip-adapter_sdxl (.safetensors) or a file trained by productbg."})}}
-
-    def load(self, encoder_name: str):
+    def execute(cls, encoder_name: str) -> io.NodeOutput:
         path = full_path("productbg_style_encoders", encoder_name, "ipadapter")
         try:
             family = read_style_encoder_info(path).config.family
@@ -98,7 +102,7 @@ class LoadStyleEncoder:
             if family not in BACKBONES or target is None:
                 raise NodeInputError(f"{encoder_name}: a style encoder for {family}; productbg supports SD1.5 "
                                      "and SDXL IP-Adapter files")
-            return (load_style_encoder(path, target=target),)
+            return io.NodeOutput(load_style_encoder(path, target=target))
         except WeightsError as e:
             raise NodeInputError(f"{encoder_name}: {e}") from None
 
@@ -124,34 +128,43 @@ def style_tokens(encoder: StyleEncoder, clip_vision, reference):
         raise NodeInputError(f"{e}" + (f"; this encoder needs {want}" if want else "")) from None
 
 
-class ReferenceStyle:
+class ReferenceStyle(io.ComfyNode):
     """Take the background style of a reference image and apply it to the background of the product."""
 
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "apply"
-    DESCRIPTION = "Personality-Wise Generator: style tokens from one reference image, confined to the background."
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="ProductBGReferenceStyle", display_name="Reference Style (productbg)", category=CATEGORY,
+            description="Personality-Wise Generator: style tokens from one reference image, confined to the background.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to patch (left untouched; a patched copy is returned)."),
+                Style.Input("style_encoder", tooltip="From Load Style Encoder."),
+                io.ClipVision.Input("clip_vision", tooltip="The CLIP vision model of the style encoder: ViT-H for the "
+                                    "SD1.5 and *_sdxl_vit-h IP-Adapters, ViT-bigG for ip-adapter_sdxl."),
+                io.Image.Input("reference", tooltip="An image whose background style you want."),
+                io.Float.Input("weight", default=0.8, min=0.0, max=2.0, step=0.05, tooltip="Style strength."),
+                io.Combo.Input("layer_preset", options=list(LAYER_PRESETS), tooltip="all; style = SD1.5 output "
+                               "blocks / SDXL up_blocks.0.attentions.1 (texture, colour); composition = SD1.5 input "
+                               "+ middle blocks / SDXL down_blocks.2.attentions.1 (layout)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Sampling progress where the style starts."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Sampling progress where the style ends."),
+                io.Mask.Input("reference_mask", optional=True, tooltip="The reference's own product (1 = product): "
+                              "removed before encoding."),
+                io.Mask.Input("product_mask", optional=True, tooltip="Your product (1 = product): the style stays "
+                              "off it."),
+            ],
+            outputs=[io.Model.Output(tooltip="The model with the reference's style tokens in its cross-attention "
+                                     "(a patched copy).")])
 
     @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to patch (left untouched; a patched copy is returned)."}),
-            "style_encoder": (STYLE, {"tooltip": "From Load Style Encoder."}),
-            "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP vision model of the style encoder: ViT-H for the SD1.5 and *_sdxl_vit-h IP-Adapters, ViT-bigG for ip-adapter_sdxl."}),
-            "reference": ("IMAGE", {"tooltip": "An image whose background style you want."}),
-            "weight": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 2.0, "step": 0.05, "tooltip": "Style strength."}),
-            "layer_preset": (list(LAYER_PRESETS), {"tooltip": "all; style = SD1.5 output blocks / SDXL up_blocks.0.attentions.1 "
-                                                   "(texture, colour); composition = SD1.5 input + middle blocks / SDXL "
-                                                   "down_blocks.2.attentions.1 (layout)."}),
-            "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-            "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}),
-        }, "optional": {
-            "reference_mask": ("MASK", {"tooltip": "The reference's own product (1 = product): removed before encoding."}),
-            "product_mask": ("MASK", {"tooltip": "Your product (1 = product): the style stays off it."}),
-        }}
+    def validate_inputs(cls, layer_preset: str | None = None) -> bool | str:
+        return check_choices(layer_preset=(layer_preset, LAYER_PRESETS))
 
-    def apply(self, model, style_encoder: StyleEncoder, clip_vision, reference, weight: float, layer_preset: str,
-              start_percent: float, end_percent: float, reference_mask=None, product_mask=None):
+    @classmethod
+    def execute(cls, model, style_encoder: StyleEncoder, clip_vision, reference, weight: float, layer_preset: str,
+                start_percent: float, end_percent: float, reference_mask=None, product_mask=None) -> io.NodeOutput:
         backbone = backbone_of(model)
         check_encoder_fits(style_encoder, backbone)
         if clip_vision is None:
@@ -172,4 +185,4 @@ class ReferenceStyle:
         guidance = comfy_patch.current_guidance(m.model_options).with_style(style)
         comfy_patch.patch_model(m, guidance, backbone.layer_keys)
         m.set_additional_models(ADDITIONAL_MODELS_KEY, [p for s in guidance.styles for p in s.models])
-        return (m,)
+        return io.NodeOutput(m)

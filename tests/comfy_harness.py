@@ -101,8 +101,9 @@ class ComfyInProcess:
         if clash is not None and not str(getattr(clash, "__file__", "")).startswith(self.comfyui_dir):
             raise RuntimeError(f"a module named 'nodes' is already imported from {clash.__file__}; "
                                "run pytest as `bash scripts/test.sh` (never `python -m pytest`)")
-        if self.comfyui_dir not in sys.path:
-            sys.path.insert(0, self.comfyui_dir)
+        if self.comfyui_dir in sys.path:         # conftest appends it for the V3 node classes: first from here on
+            sys.path.remove(self.comfyui_dir)
+        sys.path.insert(0, self.comfyui_dir)
         from comfy.cli_args import args           # parses [] (ComfyUI parses argv only when run as main.py)
 
         if "comfy.model_management" in sys.modules and args.cpu != cpu:

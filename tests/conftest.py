@@ -18,6 +18,13 @@ import pytest
 sys.path.append(os.path.dirname(os.path.abspath(__file__)))   # helper modules; appended, so they shadow nothing
 import comfy_harness  # noqa: E402
 
+# The node classes subclass ComfyUI's V3 types (comfy_api), so tests that call a node's ``execute`` directly need
+# ComfyUI's tree importable. Appended, so its flat modules (nodes, utils, server...) shadow nothing installed;
+# importing comfy_api loads no model code (comfy.model_management stays unimported until the `comfy` fixture).
+# Without COMFYUI_DIR (the plain pip venv) the node modules do not import (tests/test_dependencies.py).
+if not comfy_harness.comfyui_dir_problem(os.environ.get("COMFYUI_DIR")):
+    sys.path.append(os.path.realpath(os.environ["COMFYUI_DIR"]))
+
 COMFY_FIXTURES = ("comfyui_dir", "comfy_checkpoints", "comfy", "comfy_server", "comfy_sdxl_checkpoints")
 
 

@@ -291,7 +291,7 @@ def test_load_products_from_folder_bad_input_is_a_node_error(kind, folder, index
             (world / name / src).write_bytes((world / src).read_bytes())
     folder = folder.format(w=world)
     with pytest.raises(NodeInputError) as e:
-        LoadProductsFromFolder().load(folder, index, "missing.csv" if kind == "csv" else "")
+        LoadProductsFromFolder.execute(folder, index, "missing.csv" if kind == "csv" else "")
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -316,7 +316,7 @@ def test_preservation_report_never_raises_and_says_why(case):
         image = torch.rand(2, 32, 32, 3)
     else:
         output = torch.ones(1, 32, 32, 3)
-    text, passed = PreservationReport().report(image, mask, output, 2.0, 20.0, 0.05)["result"]
+    text, passed = PreservationReport.execute(image, mask, output, 2.0, 20.0, 0.05).result
     report = json.loads(text)
     if case == "flat output":
         assert "delta_e2000" in report["images"][0]["metrics"]

@@ -83,16 +83,16 @@ def test_strength_zero_matches_unpatched_sampling(comfy):
 def _model_and_identifier(comfy):
     nodes = comfy.nodes
     model, clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(comfy.ckpt_sd15)[:3]
-    words = comfy.node_class_mappings["ProductBGBackgroundWords"]()
-    _, identifier = words.encode(clip, "a bottle on a marble table", "marble table")
+    words = comfy.node_class_mappings["ProductBGBackgroundWords"]
+    _, identifier = words.execute(clip, "a bottle on a marble table", "marble table")
     mask = torch.zeros(1, 64, 64)
     mask[:, 16:48, 16:48] = 1
     return model, identifier, mask
 
 
 def _apply(comfy, model, identifier, mask, strength=1.0):
-    node = comfy.node_class_mappings["ProductBGMaskGuidedAttention"]()
-    return node.patch(model, identifier, mask, strength, 0.0, 1.0)[0]
+    node = comfy.node_class_mappings["ProductBGMaskGuidedAttention"]
+    return node.execute(model, identifier, mask, strength, 0.0, 1.0)[0]
 
 
 def test_input_model_untouched_and_clone_shares_tensors(comfy, clone_semantics):
@@ -113,13 +113,13 @@ def test_input_model_untouched_and_clone_shares_tensors(comfy, clone_semantics):
 def test_identifier_tokens_found_across_chunks(comfy):
     """Background words in the second 77-token chunk of a long prompt get positions ≥ 77 and period 154."""
     model, clip, _ = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(comfy.ckpt_sd15)[:3]
-    words = comfy.node_class_mappings["ProductBGBackgroundWords"]()
+    words = comfy.node_class_mappings["ProductBGBackgroundWords"]
     long_text = " ".join(["studio"] * 80) + ", marble table"
-    cond, spec = words.encode(clip, long_text, "marble table")
+    cond, spec = words.execute(clip, long_text, "marble table")
     assert spec.context_length == 154 and min(spec.token_indices) >= 77
     assert cond[0][0].shape[1] == 154
     with pytest.raises(ValueError, match="does not occur"):
-        words.encode(clip, "a bottle", "marble table")
+        words.execute(clip, "a bottle", "marble table")
 
 
 FOREIGN_CALLS: dict[str, list] = {"a": [], "b": []}  # module-level: ModelPatcher.clone() deep-copies kwargs
@@ -170,8 +170,8 @@ def test_stacks_with_ipadapter_style_objects_both_ways(comfy, clone_semantics):
 def _sample(comfy, model, identifier):
     nodes = comfy.nodes
     _, clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(comfy.ckpt_sd15)[:3]
-    words = comfy.node_class_mappings["ProductBGBackgroundWords"]()
-    positive, _ = words.encode(clip, "a bottle on a marble table", "marble table")
+    words = comfy.node_class_mappings["ProductBGBackgroundWords"]
+    positive, _ = words.execute(clip, "a bottle on a marble table", "marble table")
     negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
     latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
     return nodes.common_ksampler(model, 1, 1, 5.0, "euler", "normal", positive, negative, latent)
@@ -179,8 +179,8 @@ def _sample(comfy, model, identifier):
 
 def test_bad_inputs_give_clear_errors(comfy):
     model, identifier, mask = _model_and_identifier(comfy)
-    node = comfy.node_class_mappings["ProductBGMaskGuidedAttention"]()
+    node = comfy.node_class_mappings["ProductBGMaskGuidedAttention"]
     with pytest.raises(ValueError, match="empty"):
-        node.patch(model, identifier, torch.zeros(1, 64, 64), 1.0, 0.0, 1.0)
+        node.execute(model, identifier, torch.zeros(1, 64, 64), 1.0, 0.0, 1.0)
     with pytest.raises(ValueError, match="start_percent"):
-        node.patch(model, identifier, mask, 1.0, 0.8, 0.2)
+        node.execute(model, identifier, mask, 1.0, 0.8, 0.2)

@@ -82,14 +82,14 @@ def test_category_prompt_splices_vectors(comfy, files):
     """The identifier positions hold the bank's vectors: the conditioning changes when the vectors change."""
     nodes = comfy.node_class_mappings
     _, clip, _ = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(comfy.ckpt_sd15)[:3]
-    (bank,) = nodes["ProductBGLoadCategoryBank"]().load(BANK_FILE)
-    prompt = nodes["ProductBGCategoryPrompt"]()
-    cond_a, spec = prompt.encode(clip, bank, "coffee mug", "", "")
-    cond_b, spec_b = prompt.encode(clip, bank, "Leather Bag", "", "")
+    (bank,) = nodes["ProductBGLoadCategoryBank"].execute(BANK_FILE)
+    prompt = nodes["ProductBGCategoryPrompt"]
+    cond_a, spec = prompt.execute(clip, bank, "coffee mug", "", "")
+    cond_b, spec_b = prompt.execute(clip, bank, "Leather Bag", "", "")
     assert spec.token_indices == spec_b.token_indices and len(spec.token_indices) == 2
     assert spec.token_indices[0] == 6  # <start> a product photo on a {id}...
     assert not torch.allclose(cond_a[0][0], cond_b[0][0])
-    weighted, _ = prompt.encode(clip, bank, "Coffee Mug", "a product photo on a ({id}:1.3) background", "")
+    weighted, _ = prompt.execute(clip, bank, "Coffee Mug", "a product photo on a ({id}:1.3) background", "")
     assert not torch.allclose(weighted[0][0], cond_a[0][0])
 
 
@@ -101,10 +101,10 @@ def test_category_prompt_splices_vectors(comfy, files):
 def test_category_prompt_errors(comfy, files, inputs, message):
     nodes = comfy.node_class_mappings
     _, clip, _ = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(comfy.ckpt_sd15)[:3]
-    (bank,) = nodes["ProductBGLoadCategoryBank"]().load(BANK_FILE)
+    (bank,) = nodes["ProductBGLoadCategoryBank"].execute(BANK_FILE)
     args = {"category": "Coffee Mug", "template": "", "extra_text": "", **inputs}
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        nodes["ProductBGCategoryPrompt"]().encode(clip, bank, **args)
+        nodes["ProductBGCategoryPrompt"].execute(clip, bank, **args)
 
 
 def test_bad_graph_reports_node_error_and_comfy_keeps_working(comfy, files):
@@ -115,7 +115,7 @@ def test_bad_graph_reports_node_error_and_comfy_keeps_working(comfy, files):
 
 def test_missing_file_says_where_to_put_it(comfy, files):
     with pytest.raises(ValueError, match="models/productbg/banks"):
-        comfy.node_class_mappings["ProductBGLoadCategoryBank"]().load("nope.safetensors")
+        comfy.node_class_mappings["ProductBGLoadCategoryBank"].execute("nope.safetensors")
 
 
 def test_from_text_bank_runs_the_category_path_confined(comfy, files, tmp_path):
@@ -131,10 +131,10 @@ def test_from_text_bank_runs_the_category_path_confined(comfy, files, tmp_path):
                  "--out", str(files / "productbg_banks" / "from_text.safetensors")]) == 0
     nodes = comfy.node_class_mappings
     _, clip, _ = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(comfy.ckpt_inpaint)[:3]
-    (bank,) = nodes["ProductBGLoadCategoryBank"]().load("from_text.safetensors")
+    (bank,) = nodes["ProductBGLoadCategoryBank"].execute("from_text.safetensors")
     assert bank.family == "sd15" and bank.vector_counts() != [bank.vectors_per_id] * 2
     for name, description in rows.items():
-        cond, spec = nodes["ProductBGCategoryPrompt"]().encode(clip, bank, name, "", "")
+        cond, spec = nodes["ProductBGCategoryPrompt"].execute(clip, bank, name, "", "")
         assert len(spec.token_indices) == bank.vector_count(name) and spec.token_indices[0] == 6
         plain = clip.encode_from_tokens(clip.tokenize(f"a product photo on a {description} background"))
         torch.testing.assert_close(cond[0][0].float(), plain.float(), rtol=1e-3, atol=1e-3)

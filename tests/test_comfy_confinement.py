@@ -25,7 +25,7 @@ def files(comfy_model_files):
 def loaded(comfy, files):
     """Checkpoint and bank loaded once (every test clones the model; nothing mutates these)."""
     model, clip, _ = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(comfy.ckpt_sd15)[:3]
-    (bank,) = comfy.node_class_mappings["ProductBGLoadCategoryBank"]().load(BANK_FILE)
+    (bank,) = comfy.node_class_mappings["ProductBGLoadCategoryBank"].execute(BANK_FILE)
     return model, clip, bank
 
 
@@ -46,18 +46,18 @@ def _sample(comfy, loaded, category, confinement, variant, replay=None):
     nodes, classes = comfy.nodes, comfy.node_class_mappings
     probe = comfy.pack_module("attention.probe")
     model, clip, bank = loaded
-    positive, identifier = classes["ProductBGCategoryPrompt"]().encode(clip, bank, category, "", "soft light")
+    positive, identifier = classes["ProductBGCategoryPrompt"].execute(clip, bank, category, "", "soft light")
     negative = nodes.CLIPTextEncode().encode(clip, LONG_NEGATIVE if variant == "long_negative" else "blurry")[0]
     mask = torch.zeros(1, 64, 64)
     mask[:, :48, :48] = 1  # product cells on every grid down to the 1×1 middle block, background on all others
     if variant == "foreign":
         model = _foreign(model)
-    model = classes["ProductBGMaskGuidedAttention"]().patch(model, identifier, mask, 1.0, 0.0, 1.0, confinement)[0]
+    model = classes["ProductBGMaskGuidedAttention"].execute(model, identifier, mask, 1.0, 0.0, 1.0, confinement)[0]
     if variant == "style":
-        (encoder,) = classes["ProductBGLoadStyleEncoder"]().load(STYLE_FILE)
+        (encoder,) = classes["ProductBGLoadStyleEncoder"].execute(STYLE_FILE)
         (vision,) = nodes.CLIPVisionLoader().load_clip(VISION_FILE)
         reference = torch.rand(1, 96, 96, 3, generator=torch.Generator().manual_seed(0))
-        model = classes["ProductBGReferenceStyle"]().apply(model, encoder, vision, reference, 0.8, "all", 0.0, 1.0,
+        model = classes["ProductBGReferenceStyle"].execute(model, encoder, vision, reference, 0.8, "all", 0.0, 1.0,
                                                              product_mask=mask)[0]
     latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
     with torch.no_grad(), probe.record(keep_outputs=True, replay=replay) as rec:

@@ -10,11 +10,11 @@ pytestmark = pytest.mark.comfyui
 def _styled(comfy):
     nodes, mappings = comfy.nodes, comfy.node_class_mappings
     model = nodes.CheckpointLoaderSimple().load_checkpoint(comfy.ckpt_sd15)[0]
-    encoder = mappings["ProductBGLoadStyleEncoder"]().load(STYLE_FILE)[0]
+    encoder = mappings["ProductBGLoadStyleEncoder"].execute(STYLE_FILE)[0]
     vision = nodes.CLIPVisionLoader().load_clip(VISION_FILE)[0]
     reference = torch.full((1, 64, 64, 3), 0.4)
-    node = mappings["ProductBGReferenceStyle"]()
-    return model, encoder, node.apply(model, encoder, vision, reference, 0.8, "all", 0.0, 1.0)[0]
+    node = mappings["ProductBGReferenceStyle"]
+    return model, encoder, node.execute(model, encoder, vision, reference, 0.8, "all", 0.0, 1.0)[0]
 
 
 def test_sampling_loads_the_style_encoder_with_the_unet(comfy, comfy_model_files):
@@ -55,7 +55,7 @@ def test_model_patches_to_reaches_our_attn2_objects(comfy, comfy_model_files):
 
 def test_a_float16_unet_gets_a_float16_copy_and_the_loaded_encoder_is_untouched(comfy, comfy_model_files):
     style_nodes = comfy.pack_module("nodes.style_nodes")
-    encoder = comfy.node_class_mappings["ProductBGLoadStyleEncoder"]().load(STYLE_FILE)[0]
+    encoder = comfy.node_class_mappings["ProductBGLoadStyleEncoder"].execute(STYLE_FILE)[0]
     dtype = next(encoder.parameters()).dtype
     other = torch.float16 if dtype != torch.float16 else torch.bfloat16
     half = style_nodes.managed_encoder(encoder, other)

@@ -45,8 +45,8 @@ def test_pack_loaded_in_process_as_its_own_copy(comfy):
     assert comfy.pack.__file__.endswith("__init__.py")
     assert comfy.pack_module("nodes") is not productbg.nodes
     assert comfy.pack_module("nodes").__file__ == productbg.nodes.__file__
-    for name in comfy.pack.NODE_CLASS_MAPPINGS:
-        assert comfy.node_class_mappings[name] is comfy.pack.NODE_CLASS_MAPPINGS[name]
+    for node in comfy.pack_module("nodes.extension").NODES:   # registered through comfy_entrypoint (V3)
+        assert comfy.node_class_mappings[node.GET_SCHEMA().node_id] is node
 
 
 @comfyui
@@ -84,9 +84,9 @@ def test_http_server_object_info(comfy_server, comfy_checkpoints):
     assert {comfy_checkpoints["sd15"], comfy_checkpoints["inpaint"]} <= set(ckpts)
     mine = {k for k, v in info.items() if v.get("python_module") == comfy_server.python_module}
     assert "IMPORT FAILED" not in "\n".join(l for l in comfy_server.log_tail(400).splitlines() if "productbg" in l)
-    from productbg import NODE_CLASS_MAPPINGS
+    from productbg.nodes import NODE_IDS
 
-    assert mine == set(NODE_CLASS_MAPPINGS)
+    assert mine == set(NODE_IDS)
 
 
 def test_comfyui_tests_are_moved_last_and_marked():

@@ -134,7 +134,7 @@ def loaded(comfy, comfy_sdxl_checkpoints, sdxl_files):
     mm.unload_all_models()
     gc.collect()
     model, clip, vae = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(comfy_sdxl_checkpoints["inpaint"])[:3]
-    (bank,) = comfy.node_class_mappings["ProductBGLoadCategoryBank"]().load(SDXL_BANK)
+    (bank,) = comfy.node_class_mappings["ProductBGLoadCategoryBank"].execute(SDXL_BANK)
     return model, clip, vae, bank
 
 
@@ -164,18 +164,18 @@ def _sample(comfy, loaded, category, variant, replay=None):
     nodes, classes = comfy.nodes, comfy.node_class_mappings
     probe = comfy.pack_module("attention.probe")
     model, clip, _, bank = loaded
-    positive, identifier = classes["ProductBGCategoryPrompt"]().encode(clip, bank, category, "", "soft light")
+    positive, identifier = classes["ProductBGCategoryPrompt"].execute(clip, bank, category, "", "soft light")
     negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
     mask = torch.zeros(1, 64, 64)
     mask[:, :32, :32] = 1  # a product cell and background cells on every SDXL grid (4×4 and 2×2 at 64 px)
     if variant == "foreign":
         model = _foreign(model)
-    patched = classes["ProductBGMaskGuidedAttention"]().patch(model, identifier, mask, 1.0, 0.0, 1.0, "context")[0]
+    patched = classes["ProductBGMaskGuidedAttention"].execute(model, identifier, mask, 1.0, 0.0, 1.0, "context")[0]
     if variant == "style":
-        (encoder,) = classes["ProductBGLoadStyleEncoder"]().load(SDXL_STYLE)
+        (encoder,) = classes["ProductBGLoadStyleEncoder"].execute(SDXL_STYLE)
         (vision,) = nodes.CLIPVisionLoader().load_clip(VISION_FILE)
         reference = torch.rand(1, 96, 96, 3, generator=torch.Generator().manual_seed(0))
-        patched = classes["ProductBGReferenceStyle"]().apply(patched, encoder, vision, reference, 0.8, "style", 0.0,
+        patched = classes["ProductBGReferenceStyle"].execute(patched, encoder, vision, reference, 0.8, "style", 0.0,
                                                              1.0, product_mask=mask)[0]
     latent = nodes.EmptyLatentImage().generate(64, 64, 1)[0]
     with torch.no_grad(), probe.record(keep_outputs=True, replay=replay) as rec:
@@ -198,19 +198,19 @@ def test_a_from_text_bank_of_the_full_size_sdxl_checkpoint_runs_confined(comfy, 
     csv.write_text("".join(f"{k},{v}\n" for k, v in rows.items()), encoding="utf-8")
     assert main(["bank", "from-text", str(csv), "--checkpoint", ckpt,
                  "--out", str(sdxl_files / "productbg_banks" / "from_text_sdxl.safetensors")]) == 0
-    (bank,) = classes["ProductBGLoadCategoryBank"]().load("from_text_sdxl.safetensors")
+    (bank,) = classes["ProductBGLoadCategoryBank"].execute("from_text_sdxl.safetensors")
     assert bank.family == "sdxl" and set(bank.encoders) == {"clip_l", "clip_g"}
     for name, description in rows.items():
-        cond, spec = classes["ProductBGCategoryPrompt"]().encode(clip, bank, name, "", "")
+        cond, spec = classes["ProductBGCategoryPrompt"].execute(clip, bank, name, "", "")
         assert len(spec.token_indices) == bank.vector_count(name)
         plain = clip.encode_from_tokens(clip.tokenize(f"a product photo on a {description} background"))
         assert cond[0][0].shape == plain.shape and plain.shape[-1] == 2048
         torch.testing.assert_close(cond[0][0].float(), plain.float(), rtol=1e-3, atol=1e-3)
-    positive, identifier = classes["ProductBGCategoryPrompt"]().encode(clip, bank, "运动鞋", "", "")
+    positive, identifier = classes["ProductBGCategoryPrompt"].execute(clip, bank, "运动鞋", "", "")
     negative = comfy.nodes.CLIPTextEncode().encode(clip, "blurry")[0]
     mask = torch.zeros(1, 64, 64)
     mask[:, :32, :32] = 1
-    patched = classes["ProductBGMaskGuidedAttention"]().patch(model, identifier, mask, 1.0, 0.0, 1.0, "context")[0]
+    patched = classes["ProductBGMaskGuidedAttention"].execute(model, identifier, mask, 1.0, 0.0, 1.0, "context")[0]
     latent = comfy.nodes.EmptyLatentImage().generate(64, 64, 1)[0]
     probe = comfy.pack_module("attention.probe")
     with torch.no_grad(), probe.record() as rec:
@@ -243,11 +243,11 @@ def test_the_pooled_embedding_is_the_identifier_free_prompts_on_sdxl(comfy, load
     cross-attention context differs; and it is the plain prompt's own pooled output."""
     _, clip, _, bank = loaded
     classes = comfy.node_class_mappings
-    (mug, _), (bag, _) = (classes["ProductBGCategoryPrompt"]().encode(clip, bank, c, "", "soft light")
+    (mug, _), (bag, _) = (classes["ProductBGCategoryPrompt"].execute(clip, bank, c, "", "soft light")
                           for c in ("Coffee Mug", "Leather Bag"))
     assert not torch.equal(mug[0][0], bag[0][0])
     assert torch.equal(mug[0][1]["pooled_output"], bag[0][1]["pooled_output"])
-    words, _ = classes["ProductBGBackgroundWords"]().encode(clip, "a mug on a marble table, soft light", "marble table")
+    words, _ = classes["ProductBGBackgroundWords"].execute(clip, "a mug on a marble table, soft light", "marble table")
     _, plain_pooled = clip.encode_from_tokens(clip.tokenize("a mug on a, soft light"), return_pooled=True)
     _, full_pooled = clip.encode_from_tokens(clip.tokenize("a mug on a marble table, soft light"), return_pooled=True)
     assert torch.allclose(words[0][1]["pooled_output"], plain_pooled, atol=1e-5)
@@ -257,8 +257,8 @@ def test_the_pooled_embedding_is_the_identifier_free_prompts_on_sdxl(comfy, load
 def test_the_input_model_is_untouched(comfy, loaded):
     model, clip, _, bank = loaded
     before = json.dumps(model.model_options, default=repr, sort_keys=True)
-    _, identifier = comfy.node_class_mappings["ProductBGCategoryPrompt"]().encode(clip, bank, "shoes", "", "")
-    patched = comfy.node_class_mappings["ProductBGMaskGuidedAttention"]().patch(
+    _, identifier = comfy.node_class_mappings["ProductBGCategoryPrompt"].execute(clip, bank, "shoes", "", "")
+    patched = comfy.node_class_mappings["ProductBGMaskGuidedAttention"].execute(
         model, identifier, torch.ones(1, 64, 64), 1.0, 0.0, 1.0)[0]
     attn2 = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
     assert len(attn2) == 70 and all(len(k) == 3 for k in attn2)
@@ -275,20 +275,20 @@ def _box():
 def test_bad_inputs_on_sdxl_are_one_line_messages(comfy, loaded, sdxl_files):
     nodes, classes = comfy.nodes, comfy.node_class_mappings
     model, clip, _, bank = loaded
-    (sd15_bank,) = classes["ProductBGLoadCategoryBank"]().load(BANK_FILE)
-    (sd15_style,) = classes["ProductBGLoadStyleEncoder"]().load(STYLE_FILE)
-    (vit_h_style,) = classes["ProductBGLoadStyleEncoder"]().load(SDXL_STYLE_VIT_H)
+    (sd15_bank,) = classes["ProductBGLoadCategoryBank"].execute(BANK_FILE)
+    (sd15_style,) = classes["ProductBGLoadStyleEncoder"].execute(STYLE_FILE)
+    (vit_h_style,) = classes["ProductBGLoadStyleEncoder"].execute(SDXL_STYLE_VIT_H)
     (vision,) = nodes.CLIPVisionLoader().load_clip(VISION_FILE)
     reference = torch.rand(1, 64, 64, 3)
     cases = [
         ("SD1.5 bank but the CLIP is SDXL: use an SDXL bank",
-         lambda: classes["ProductBGCategoryPrompt"]().encode(clip, sd15_bank, "shoes", "", "")),
+         lambda: classes["ProductBGCategoryPrompt"].execute(clip, sd15_bank, "shoes", "", "")),
         ("is for SD1.5 but the MODEL is SDXL: use ip-adapter_sdxl_vit-h",
-         lambda: classes["ProductBGReferenceStyle"]().apply(model, sd15_style, vision, reference, 0.8, "all", 0.0, 1.0)),
+         lambda: classes["ProductBGReferenceStyle"].execute(model, sd15_style, vision, reference, 0.8, "all", 0.0, 1.0)),
         ("needs CLIP ViT-H",
-         lambda: classes["ProductBGReferenceStyle"]().apply(model, vit_h_style, vision, reference, 0.8, "all", 0.0, 1.0)),
+         lambda: classes["ProductBGReferenceStyle"].execute(model, vit_h_style, vision, reference, 0.8, "all", 0.0, 1.0)),
         ("multiple of 8",
-         lambda: classes["ProductBGPlaceProduct"]().place(reference, _box(), "custom", 100, 96, 0.74, "center", 0.05,
+         lambda: classes["ProductBGPlaceProduct"].execute(reference, _box(), "custom", 100, 96, 0.74, "center", 0.05,
                                                           "#FFFFFF", 20)),
     ]
     for expected, call in cases:

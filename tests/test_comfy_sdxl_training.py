@@ -78,9 +78,9 @@ def test_the_trained_sdxl_lora_patches_every_key(comfy, trained, loaded, caplog)
         patched, _ = load_lora_for_models(model, clip, lora, 1.0, 0.0)
     assert not [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()]
     assert len(patched.patches) == len(modules)  # one UNet weight per LoRA module
-    (bank,) = comfy.node_class_mappings["ProductBGLoadCategoryBank"]().load(TRAINED_BANK)
+    (bank,) = comfy.node_class_mappings["ProductBGLoadCategoryBank"].execute(TRAINED_BANK)
     with caplog.at_level(logging.WARNING):
-        via_node, _ = comfy.node_class_mappings["ProductBGCategoryLora"]().apply(model, clip, bank, bank.names[0],
+        via_node, _ = comfy.node_class_mappings["ProductBGCategoryLora"].execute(model, clip, bank, bank.names[0],
                                                                                  TRAINED_LORA, 1.0, 0.0)
     assert not [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()]
     assert via_node.patches.keys() == patched.patches.keys()
@@ -89,7 +89,7 @@ def test_the_trained_sdxl_lora_patches_every_key(comfy, trained, loaded, caplog)
 def test_category_prompt_uses_the_trained_sdxl_vectors(comfy, trained, loaded):
     model, clip = loaded
     classes = comfy.node_class_mappings
-    (bank,) = classes["ProductBGLoadCategoryBank"]().load(TRAINED_BANK)
+    (bank,) = classes["ProductBGLoadCategoryBank"].execute(TRAINED_BANK)
     assert bank.family == "sdxl" and set(bank.encoders) == {"clip_l", "clip_g"} and len(bank) == 2
     ckpt_dir = max((trained / "cg" / "checkpoints").iterdir())
     state = load_file(str(ckpt_dir / "trainable.safetensors"))
@@ -99,8 +99,8 @@ def test_category_prompt_uses_the_trained_sdxl_vectors(comfy, trained, loaded):
         torch.testing.assert_close(bank.vectors(name, "clip_g").float(),
                                    state["identifiers.clip_g"].view(2, 2, 1280)[row], rtol=0, atol=0)
     first, second = bank.names
-    cond_a, spec = classes["ProductBGCategoryPrompt"]().encode(clip, bank, first, "", "")
-    cond_b, _ = classes["ProductBGCategoryPrompt"]().encode(clip, bank, second, "", "")
+    cond_a, spec = classes["ProductBGCategoryPrompt"].execute(clip, bank, first, "", "")
+    cond_b, _ = classes["ProductBGCategoryPrompt"].execute(clip, bank, second, "", "")
     assert cond_a[0][0].shape[-1] == 2048 and len(spec.token_indices) == 2
     assert not torch.equal(cond_a[0][0], cond_b[0][0])  # each category's own trained vectors
     # the conditioning is a function of exactly the bank's vectors: give the first name the second's vectors
@@ -108,15 +108,15 @@ def test_category_prompt_uses_the_trained_sdxl_vectors(comfy, trained, loaded):
 
     swapped = CategoryBank("sdxl", vectors_per_id=2)
     swapped.add(first, {enc: bank.vectors(second, enc) for enc in ("clip_l", "clip_g")})
-    cond_swapped, _ = classes["ProductBGCategoryPrompt"]().encode(clip, swapped, first, "", "")
+    cond_swapped, _ = classes["ProductBGCategoryPrompt"].execute(clip, swapped, first, "", "")
     assert torch.equal(cond_swapped[0][0], cond_b[0][0])
 
 
 def test_the_trained_sdxl_style_encoder_loads_and_samples(comfy, trained, loaded):
     nodes, classes = comfy.nodes, comfy.node_class_mappings
     model, clip = loaded
-    (encoder,) = classes["ProductBGLoadStyleEncoder"]().load(TRAINED_STYLE)
-    (start,) = classes["ProductBGLoadStyleEncoder"]().load(SDXL_STYLE)
+    (encoder,) = classes["ProductBGLoadStyleEncoder"].execute(TRAINED_STYLE)
+    (start,) = classes["ProductBGLoadStyleEncoder"].execute(SDXL_STYLE)
     trained_sd, start_sd = encoder.state_dict(), start.state_dict()
     assert trained_sd.keys() == start_sd.keys()
     assert any(not torch.equal(trained_sd[k].float(), start_sd[k].float()) for k in trained_sd)
@@ -124,7 +124,7 @@ def test_the_trained_sdxl_style_encoder_loads_and_samples(comfy, trained, loaded
     mask = torch.zeros(1, 64, 64)
     mask[:, :32, :32] = 1
     reference = torch.rand(1, 96, 96, 3, generator=torch.Generator().manual_seed(0))
-    patched = classes["ProductBGReferenceStyle"]().apply(model, encoder, vision, reference, 0.8, "style", 0.0, 1.0,
+    patched = classes["ProductBGReferenceStyle"].execute(model, encoder, vision, reference, 0.8, "style", 0.0, 1.0,
                                                          product_mask=mask)[0]
     positive = nodes.CLIPTextEncode().encode(clip, "a product photo")[0]
     negative = nodes.CLIPTextEncode().encode(clip, "blurry")[0]

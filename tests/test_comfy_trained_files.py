@@ -78,7 +78,7 @@ def _render(comfy, *args) -> np.ndarray:
 
 
 def test_trained_bank_and_lora_load_and_change_the_output(comfy, trained, caplog):
-    (bank,) = comfy.node_class_mappings["ProductBGLoadCategoryBank"]().load("trained_bank.safetensors")
+    (bank,) = comfy.node_class_mappings["ProductBGLoadCategoryBank"].execute("trained_bank.safetensors")
     assert bank.family == "sd15" and len(bank) == 2
     first, second = bank.names
     with caplog.at_level(logging.WARNING):
@@ -150,7 +150,7 @@ def test_trained_style_encoder_loads_and_changes_the_background_only(comfy, trai
     from safetensors.torch import load_file
 
     written, start = trained_style
-    (encoder,) = comfy.node_class_mappings["ProductBGLoadStyleEncoder"]().load(TRAINED_STYLE)
+    (encoder,) = comfy.node_class_mappings["ProductBGLoadStyleEncoder"].execute(TRAINED_STYLE)
     assert encoder.config.variant == "linear" and encoder.config.clip_width == 768 and encoder.num_layers == 16
     new, old = load_file(str(written)), load_file(str(start))
     assert new.keys() == old.keys() and any(not (new[k].float() == old[k].float()).all() for k in new)  # it trained

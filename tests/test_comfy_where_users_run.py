@@ -32,7 +32,7 @@ def _as_comfyui_executes():
 def loaded(comfy, comfy_model_files):
     """Checkpoint, bank and CLIP vision loaded once (a CLIP vision per test would pile up gigabytes)."""
     model, clip, vae = comfy.nodes.CheckpointLoaderSimple().load_checkpoint(comfy.ckpt_sd15)[:3]
-    (bank,) = comfy.node_class_mappings["ProductBGLoadCategoryBank"]().load(BANK_FILE)
+    (bank,) = comfy.node_class_mappings["ProductBGLoadCategoryBank"].execute(BANK_FILE)
     (vision,) = comfy.nodes.CLIPVisionLoader().load_clip(VISION_FILE)
     return model, clip, bank, vision
 
@@ -45,20 +45,20 @@ def _mask() -> torch.Tensor:
 
 def _category(comfy, loaded, category, extra=""):
     model, clip, bank, _ = loaded
-    return comfy.node_class_mappings["ProductBGCategoryPrompt"]().encode(clip, bank, category, "", extra)
+    return comfy.node_class_mappings["ProductBGCategoryPrompt"].execute(clip, bank, category, "", extra)
 
 
 def _confined(comfy, model, identifier, confinement="context"):
-    node = comfy.node_class_mappings["ProductBGMaskGuidedAttention"]()
-    return node.patch(model, identifier, _mask(), 1.0, 0.0, 1.0, confinement)[0]
+    node = comfy.node_class_mappings["ProductBGMaskGuidedAttention"]
+    return node.execute(model, identifier, _mask(), 1.0, 0.0, 1.0, confinement)[0]
 
 
 def _styled(comfy, loaded, model, encoder=None):
     mappings = comfy.node_class_mappings
-    encoder = encoder or mappings["ProductBGLoadStyleEncoder"]().load(STYLE_FILE)[0]
+    encoder = encoder or mappings["ProductBGLoadStyleEncoder"].execute(STYLE_FILE)[0]
     vision = loaded[3]
     reference = torch.full((1, 64, 64, 3), 0.4)
-    return mappings["ProductBGReferenceStyle"]().apply(model, encoder, vision, reference, 0.8, "all", 0.0, 1.0,
+    return mappings["ProductBGReferenceStyle"].execute(model, encoder, vision, reference, 0.8, "all", 0.0, 1.0,
                                                          product_mask=_mask())[0]
 
 
@@ -198,7 +198,7 @@ def test_a_reloaded_style_encoder_is_freed(comfy, loaded):
     positive, identifier = _category(comfy, loaded, "Coffee Mug")
     alive = []
     for _ in range(5):
-        (encoder,) = comfy.node_class_mappings["ProductBGLoadStyleEncoder"]().load(STYLE_FILE)
+        (encoder,) = comfy.node_class_mappings["ProductBGLoadStyleEncoder"].execute(STYLE_FILE)
         styled = _styled(comfy, loaded, loaded[0], encoder)
         _sample(comfy, styled, positive, _negative(comfy, loaded))
         alive.append(weakref.ref(encoder))

@@ -65,9 +65,37 @@ def test_the_scan_sees_lazy_imports_and_skips_optional_ones(tmp_path):
     assert third_party_imports(sample) == {"not_installed_pkg"}
 
 
+def comfyui_at_top(path: Path) -> set[str]:
+    """ComfyUI modules ``path`` imports at module level: the V3 node modules (their classes subclass comfy_api
+    types), importable only inside ComfyUI."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            names.add(node.module.split(".")[0])
+    return names & COMFYUI_MODULES
+
+
+def test_only_node_modules_need_comfyui_at_import():
+    """``import productbg`` and every module outside nodes/ import without ComfyUI; in nodes/ the V3 modules do
+    need it, and the rest (common, folders, bank_routes, the package) do not."""
+    needs = {str(p.relative_to(REPO)) for p in _package_files() if comfyui_at_top(p)}
+    assert needs and all(n.startswith("nodes/") for n in needs), needs
+    assert not needs & {"nodes/__init__.py", "nodes/common.py", "nodes/folders.py", "nodes/bank_routes.py"}, needs
+    assert {"nodes/extension.py", "nodes/schema.py"} <= needs
+
+
 @pytest.mark.parametrize("path", _package_files(), ids=lambda p: str(p.relative_to(REPO)))
 def test_module_imports_and_its_dependencies_are_installed(path):
     missing = sorted(n for n in third_party_imports(path) if importlib.util.find_spec(n) is None)
     assert not missing, f"{path.relative_to(REPO)} imports {missing}, which `pip install -e .[test]` does not install"
-    if path.name != "__main__.py":  # it runs the CLI when imported
-        importlib.import_module(_module_name(path))
+    if path.name == "__main__.py":  # it runs the CLI when imported
+        return
+    if comfyui_at_top(path) and importlib.util.find_spec("comfy_api") is None:
+        # A V3 node module outside ComfyUI (the plain pip venv): it must fail for ComfyUI's absence only.
+        with pytest.raises(ModuleNotFoundError) as e:
+            importlib.import_module(_module_name(path))
+        assert e.value.name.split(".")[0] in COMFYUI_MODULES, e.value
+        return
+    importlib.import_module(_module_name(path))

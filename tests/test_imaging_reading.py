@@ -154,6 +154,6 @@ def test_dataset_build_and_folder_node_read_upright_srgb(tmp_path):
     with Image.open(open_bg60k(tmp_path / "out").records[0].image) as im:
         built = np.asarray(im.convert("RGB"))
     assert built.shape == (30, 50, 3) and np.abs(built[15, 25].astype(int) - (200, 40, 30)).max() <= 2
-    image, mask, category, _, count = LoadProductsFromFolder().load(str(tmp_path / "src"), 0, "")
+    image, mask, category, _, count = LoadProductsFromFolder.execute(str(tmp_path / "src"), 0, "")
     assert tuple(image.shape) == (1, 30, 50, 3) and category == "cups" and count == 1
     assert np.abs(image[0, 15, 25].numpy() * 255 - (200, 40, 30)).max() <= 2

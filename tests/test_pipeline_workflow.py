@@ -78,9 +78,9 @@ def comfy_placement():
     image = torch.as_tensor(rgb)[None]
     transparency = torch.zeros(1, *rgb.shape[:2]) if alpha is None else torch.as_tensor(1 - alpha)[None]
     segment = next(n for n in graph.values() if n["class_type"] == "ProductBGSegmentProduct")
-    seg_image, seg_mask = SegmentProduct().segment(image, transparency=transparency, **_values(segment["inputs"]))
+    seg_image, seg_mask = SegmentProduct.execute(image, transparency=transparency, **_values(segment["inputs"]))
     place = next(n for n in graph.values() if n["class_type"] == "ProductBGPlaceProduct")
-    return PlaceProduct().place(seg_image, seg_mask, **_values(place["inputs"]))
+    return PlaceProduct.execute(seg_image, seg_mask, **_values(place["inputs"]))
 
 
 def test_prepare_equals_comfy_nodes(pipe, comfy_placement):
@@ -101,11 +101,11 @@ def test_paste_back_and_report_equal_comfy_nodes(pipe, comfy_placement):
     result = pipe._finish(raw, prep, seed=0, category="shoes", prompt="", s=settings)
     placed, mask, _, _ = comfy_placement
     generated = raw.permute(1, 2, 0)[None]
-    (final,) = CompositeProduct().composite(generated, placed, mask, pipe.settings.feather)
+    (final,) = CompositeProduct.execute(generated, placed, mask, pipe.settings.feather)
     np.testing.assert_array_equal(result.image, final[0].numpy())
     t = REPORT_THRESHOLDS
-    node = PreservationReport().report(placed, mask, final, t.max_delta_e_mean, t.min_psnr_db,
-                                       t.max_expansion_ratio, generated_image=generated)["result"]
+    node = PreservationReport.execute(placed, mask, final, t.max_delta_e_mean, t.min_psnr_db,
+                                       t.max_expansion_ratio, generated_image=generated).result
     report = json.loads(node[0])["images"][0]
     ours, theirs = dict(result.report["metrics"]), dict(report["metrics"])
     # expansion: both find the output's product by GrabCut seeded with the product mask; GrabCut's k-means start
