@@ -20,7 +20,7 @@ import torch
 from comfy_api.latest import io
 
 from .. import imaging
-from ..fileio import write_bytes_atomically as save_bytes
+from ..fileio import write_bytes_atomically
 from ..fileio.jsonfile import json_safe
 from .common import NodeInputError
 from .schema import Placement, check_choices
@@ -175,5 +175,5 @@ def save_file(export: imaging.Export, prefix: str) -> dict[str, str]:
     folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory(),
                                                                            w, h)
     path = Path(folder) / f"{name}_{counter:05}_{export.extension}"
-    save_bytes(export.data, path)
+    write_bytes_atomically(path, export.data)
     return {"filename": path.name, "subfolder": subfolder, "type": "output"}
