@@ -162,3 +162,42 @@ def test_a_name_the_bank_lacks_says_did_you_mean(browser_server):
     assert entry["status"]["status_str"] == "error"
     message = comfy_harness.format_status_messages(entry["status"]["messages"])
     assert "ProductBGCategory" in message and "did you mean 'Coffee Mug'" in message
+
+
+PRE_V3 = REPO / "tests" / "fixtures" / "pre_v3_workflows"
+
+
+def test_workflows_saved_by_the_v1_nodes_load_and_run_in_the_frontend(browser_server, tmp_path):
+    """The UI files saved before the move to V3 (all 14 node types), dropped on the real frontend: every node type
+    is known, no widget value changes on load, and each queues as the Run button does and runs to its images."""
+    chromium, node_path = _tools()
+    server, _, checkpoints, root = browser_server
+    products = root / "pre_v3_products" / "shoes"
+    products.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "workflows" / "inputs" / "productbg_example_product.png", products / "a.png")
+    workflows = sorted(PRE_V3.glob("*.json"))
+    plan = {"url": server.url, "chromium": chromium, "workflows": [str(p) for p in workflows],
+            "widgets": _widgets(checkpoints) + [["ProductBGLoadProductsFromFolder", "folder", str(products.parent)]]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan, ensure_ascii=False), encoding="utf-8")
+    proc = subprocess.run(["node", str(REPO / "tests" / "browser_load_workflows.js"), str(tmp_path / "plan.json")],
+                          env=dict(os.environ, NODE_PATH=node_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stderr[-4000:]}\n{server.log_tail()}"
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    print("browser:", json.dumps([{k: w[k] for k in ("unknown", "changed", "queue_status")} | {
+        "file": Path(w["path"]).name, "nodes": len(w["types"])} for w in seen["workflows"]]))
+    assert not seen["errors"], seen["errors"]
+    assert [w["path"] for w in seen["workflows"]] == [str(p) for p in workflows]
+    types = set()
+    for w in seen["workflows"]:
+        name = Path(w["path"]).name
+        assert not w["unknown"], (name, w["unknown"])
+        assert not w["changed"], (name, w["changed"])              # the frontend migrated nothing
+        assert w["queue_status"] == 200, (name, w["queue_error"])
+        entry = server.wait(w["prompt_id"], timeout=900)
+        assert entry["status"]["status_str"] == "success", \
+            (name, comfy_harness.format_status_messages(entry["status"]["messages"]))
+        assert any(o.get("images") for o in entry["outputs"].values()), name
+        types |= {n["class_type"] for n in entry["prompt"][2].values()}
+    from productbg.nodes import NODE_IDS
+
+    assert set(NODE_IDS) <= types                                   # every node ran from a V1-saved file
