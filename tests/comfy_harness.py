@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -127,8 +128,9 @@ class ComfyInProcess:
         failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
         self.core_import_failures = list(failed or [])   # comfy_extras audio modules: no torchaudio, expected
         self.nodes, self.execution, self.folder_paths = nodes, execution, folder_paths
-        self.executor = execution.PromptExecutor(_NullServer(), cache_type=execution.CacheType.CLASSIC,
-                                                 cache_args={"lru": 0, "ram": 0})
+        caching = ({"cache_args": {"lru": 0, "ram": 0}}            # 0.3.75; 0.3.64 takes cache_size
+                   if "cache_args" in inspect.signature(execution.PromptExecutor).parameters else {"cache_size": 0})
+        self.executor = execution.PromptExecutor(_NullServer(), cache_type=execution.CacheType.CLASSIC, **caching)
         ComfyInProcess.current = self  # conftest clears the executor's cached outputs between test modules
 
     def _load_pack(self) -> None:
