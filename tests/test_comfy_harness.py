@@ -106,3 +106,12 @@ def test_comfyui_tests_are_moved_last_and_marked():
     comfy_harness.move_comfyui_tests_last(items, "comfyui", ("comfy",))
     assert [i.name for i in items] == ["b", "d", "a", "c"]
     assert items[-1].marks == ["comfyui"]
+
+
+@pytest.mark.parametrize("version, ok", [("0.3.64", True), ("0.3.75", True), ("0.3.52", False), ("0.3.7", False)])
+def test_comfyui_dir_accepts_the_supported_releases(tmp_path, version, ok):
+    """COMFYUI_DIR may be a 0.3.75 tree (what CI installs) or a 0.3.64 one (the oldest supported); nothing else."""
+    (tmp_path / "main.py").write_text("")
+    (tmp_path / "comfyui_version.py").write_text(f'__version__ = "{version}"\n')
+    problem = comfy_harness.comfyui_dir_problem(str(tmp_path))
+    assert (problem is None) is ok, problem
