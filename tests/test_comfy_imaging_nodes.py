@@ -109,12 +109,12 @@ def test_load_products_from_folder_in_comfyui(comfy, tmp_path):
         "folder": {"class_type": "ProductBGLoadProductsFromFolder", "inputs": {
             "folder": str(tmp_path), "index": 0, "csv_file": ""}},
         "place": {"class_type": "ProductBGPlaceProduct", "inputs": {
-            "image": ["folder", 0], "mask": ["folder", 1], "canvas": "16:9", "width": 128, "height": 64,
+            "image": ["folder", 0], "mask": ["folder", 1], "canvas": "16:9", "width": 512, "height": 288,
             "fill_ratio": 0.74, "anchor": "bottom", "margin": 0.05, "fill_color": "#F0F0F0", "inpaint_grow": 20}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["place", 0], "filename_prefix": "pbg_folder"}},
     }
     (path,) = comfy.saved_images(comfy.run(g))
-    assert Image.open(path).size == (128, 72)          # 16:9 on a 128 px long side
+    assert Image.open(path).size == (512, 288)  # 16:9 at 512 × 288 px (the one canvas table, as the CLI)
     g["folder"]["inputs"]["index"] = 1
     with pytest.raises(AssertionError, match="index 1 is past the last product"):
         comfy.run(g)
