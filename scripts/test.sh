@@ -7,9 +7,9 @@
 # --confcutdir=tests keeps pytest from collecting the repo root as a Package: the root has an __init__.py, and
 # pytest would import it as a test package, which fails when the checkout folder's name is not an identifier
 # (CI clones anywhere) and otherwise loads a second copy of productbg under the folder's name.
-# With no arguments (the whole suite, what CI runs) pytest runs twice: everything but the real-ComfyUI SDXL
-# modules, then those (tests/test_comfy_sdxl*.py) in a fresh process, so that SD1.5 and SDXL models never share
-# one process's memory (an SDXL ComfyUI model peaks at ~16 GiB RSS on the CPU). Both closing summary lines show.
+# With no arguments (the whole suite, what CI runs) pytest runs everything but the real-ComfyUI SDXL modules,
+# then each of those (tests/test_comfy_sdxl*.py) in a fresh process of its own, so that SD1.5 and SDXL models never share
+# one process's memory (an SDXL ComfyUI model peaks at ~16 GiB RSS on the CPU). Every closing summary line shows.
 # Exits with pytest's status (the first failing run's). Environment: see scripts/setup_env.sh (PRODUCTBG_ENV_DIR, PRODUCTBG_VENV,
 # COMFYUI_DIR, PYTHON).
 set -euo pipefail
@@ -29,6 +29,10 @@ fi
 sdxl=(tests/test_comfy_sdxl*.py)
 status=0
 "${PYTEST[@]}" $(printf -- '--ignore=%s ' "${sdxl[@]}") || status=$?
-echo "[test.sh] the real-ComfyUI SDXL modules, in their own process: ${sdxl[*]}"
-"${PYTEST[@]}" "${sdxl[@]}" || { s=$?; [ "$status" -ne 0 ] || status=$s; }
+# Each SDXL module in a process of its own: an SDXL ComfyUI model peaks at ~15 GiB, and the training module's
+# full-size SDXL train-cg child needs ~15 GiB more, which must not meet a parent still holding the first.
+for module in "${sdxl[@]}"; do
+  echo "[test.sh] a real-ComfyUI SDXL module, in its own process: $module"
+  "${PYTEST[@]}" "$module" || { s=$?; [ "$status" -ne 0 ] || status=$s; }
+done
 exit "$status"
