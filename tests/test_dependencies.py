@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("fileio", "attention", "weights", "nodes", "imaging", "pipeline", "training", "cli")
+PACKAGES = ("fileio", "backbones", "attention", "weights", "nodes", "imaging", "pipeline", "training", "cli")
 #: ComfyUI's own top-level modules: only there when the pack runs inside ComfyUI (imported by nodes/ only: at the
 #: top of its V3 node modules, which only comfy_entrypoint imports, and lazily in its ComfyUI-free helpers).
 COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes", "server",

@@ -81,6 +81,9 @@ def test_pooled_embedding_is_the_identifier_free_prompts_and_time_ids_follow_the
     _, plain_pooled = module.plain_prompt()
     assert torch.equal(first["text_embeds"], plain_pooled.expand(2, -1))
     assert torch.equal(first["text_embeds"], second["text_embeds"])
+    with torch.no_grad():  # encoded afresh with the moved identifiers (not the step's cached encoding): the same
+        fresh = module.text.encode(list(module.plain_ids))[1]
+    assert torch.equal(fresh, plain_pooled)
     assert first["time_ids"].tolist() == [[300, 200, 10, 0, 32, 32], [48, 64, 0, 8, 32, 32]]
     context_a, _ = module.encode_rows(torch.tensor([0]))
     assert not torch.equal(context_a, module.plain_prompt()[0])  # while the context does carry the identifier

@@ -135,6 +135,9 @@ class CGModule(DiffusionModule):
         # The template without the identifier (the same for every category): what product cells attend to.
         plain = torch.stack([without_positions(p[:1], spec.token_indices) for p in prompt_ids])
         self.register_buffer("plain_ids", plain, persistent=False)  # [encoders, 1, 77]
+        # Encodings with no identifier in them (the identifier-free and the empty prompt) do not change while
+        # training (frozen encoders, no placeholder token): encoded once per device / precision, not every step.
+        self._fixed: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @property
     def embedding(self) -> identifiers.IdentifierEmbedding:
@@ -150,10 +153,20 @@ class CGModule(DiffusionModule):
         """Context (and pooled embedding) of prompt rows (category indices; the last row is the empty prompt)."""
         return self.text.encode([p[rows] for p in self.prompt_ids])
 
-    @torch.no_grad()
     def plain_prompt(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Context ``[1, 77, W]`` and pooled embedding of the identifier-free prompt."""
-        return self.text.encode(list(self.plain_ids))
+        return self._fixed_encoding("plain", list(self.plain_ids))
+
+    def empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Context and pooled embedding of the empty prompt (the last row of ``prompt_ids``)."""
+        return self._fixed_encoding("empty", [p[-1:] for p in self.prompt_ids])
+
+    @torch.no_grad()
+    def _fixed_encoding(self, name: str, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        key = (name, self.plain_ids.device, self.text_encoder.dtype, torch.is_autocast_enabled())
+        if key not in self._fixed:
+            self._fixed[key] = self.text.encode(ids)
+        return self._fixed[key]
 
     def identifier_guidance(self, mask: torch.Tensor, strength: float,
                             plain_context: torch.Tensor | None = None) -> IdentifierGuidance:
@@ -169,15 +182,12 @@ class CGModule(DiffusionModule):
         g = Guidance().with_identifier(self.identifier_guidance(mask, strength, plain_context))
         return DiffusersCall(g, latent_hw=latent_hw, cond_or_uncond=(0,), mass_losses=[] if collect else None)
 
-    def pooled_for(self, dropped: torch.Tensor | None, plain_pooled: torch.Tensor) -> torch.Tensor:
+    def pooled_for(self, dropped: torch.Tensor, plain_pooled: torch.Tensor) -> torch.Tensor:
         """[B, W] pooled embeddings: the identifier-free prompt's, the empty prompt's where captions dropped."""
-        rows = dropped.shape[0] if dropped is not None else 1
-        pooled = plain_pooled.expand(rows, -1)
-        if dropped is None or not self.cfg.caption_dropout:
+        pooled = plain_pooled.expand(dropped.shape[0], -1)
+        if not self.cfg.caption_dropout:
             return pooled
-        with torch.no_grad():
-            empty = self.encode_rows(self.prompt_ids.new_full((1,), self.prompt_ids.shape[1] - 1))[1]
-        return torch.where(dropped[:, None], empty.expand_as(pooled), pooled)
+        return torch.where(dropped[:, None], self.empty_prompt()[1].expand_as(pooled), pooled)
 
     def forward(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, torch.Tensor]:
         mask, rows = batch["mask"].float(), batch["category"]

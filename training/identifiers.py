@@ -120,11 +120,6 @@ class IdentifierText(nn.Module):
         """Encoder name -> ``[categories, vectors, width]`` current vectors."""
         return {name: e.identifier_vectors() for name, e in zip(self.names, self.embeddings)}
 
-    def write_back(self) -> None:
-        """Trained vectors into every encoder's embedding rows (the plain ``nn.Embedding`` restored)."""
-        for enc, emb in zip(self.encoders, self.embeddings):
-            write_back(enc, emb)
-
 
 def encode_prompt(encoders: Sequence[nn.Module], ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Context ``[B, 77, sum of widths]`` and pooled embedding (SDXL, else None) of one ``[B, 77]`` token-id tensor

@@ -50,8 +50,7 @@ def cg_preview(module, dataset, out_dir: Path, step: int, count: int = 4, steps:
     image, mask = _stack(items, "image", module), _stack(items, "mask", module)
     cats = torch.tensor([it["category"] for it in items], device=image.device)
     cond, _ = module.encode_rows(cats)
-    empty_row = cats.new_full((1,), module.prompt_ids.shape[1] - 1)  # the last row is the empty prompt
-    uncond, uncond_pooled = module.encode_rows(empty_row)
+    uncond, uncond_pooled = module.empty_prompt()
     plain_context, plain_pooled = module.plain_prompt()
     g = module.identifier_guidance(mask, 1.0, plain_context)
     pooled = None if plain_pooled is None else torch.cat([uncond_pooled.expand(len(items), -1),

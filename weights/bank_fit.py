@@ -12,7 +12,8 @@ from .bank_format import FAMILY_ENCODERS, FREE_WIDTH_FAMILIES
 
 
 def _a(label: str) -> str:
-    return f"an {label}" if label[:1] in "AEFHILMNORSX" and not label.startswith("Flux") else f"a {label}"
+    """The article for a model label as read aloud ("an SD1.5", "an SDXL", "a Flux.1")."""
+    return f"an {label}" if label[:1] in "AEIOUS" else f"a {label}"
 
 
 def bank_fit_problem(family: str | None, backbone: Backbone, model: str = "MODEL") -> str | None:
