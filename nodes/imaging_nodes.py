@@ -21,7 +21,7 @@ from comfy_api.latest import io
 from .. import imaging
 from ..backbones import RATIOS, canvas_multiple_for, canvas as canvas_size
 from ..fileio.jsonfile import json_safe
-from .common import NodeInputError
+from .common import NodeInputError, as_mask_batch, as_masks
 from .export_nodes import PlacementBatch
 from .schema import Placement, check_choices
 
@@ -30,31 +30,6 @@ CANVAS_CHOICES = ["custom", *RATIOS, *imaging.EXPORT_PRESETS]
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def as_masks(mask: torch.Tensor, hw: tuple[int, int], name: str) -> torch.Tensor:
-    """A MASK as ``[N, H, W]`` float of size ``hw`` (resized bilinearly when its size differs)."""
-    mask = mask.float()
-    if mask.ndim == 2:
-        mask = mask[None]
-    if mask.ndim != 3:
-        raise NodeInputError(f"{name} must be a MASK [B, H, W], got shape {tuple(mask.shape)}")
-    if tuple(mask.shape[1:]) != tuple(hw):
-        mask = F.interpolate(mask[:, None], size=tuple(hw), mode="bilinear", align_corners=False)[:, 0]
-    return mask.clamp(0.0, 1.0)
-
-
-def as_mask_batch(mask: Optional[torch.Tensor], images: torch.Tensor, name: str) -> Optional[torch.Tensor]:
-    """``mask`` as ``[B, H, W]`` matching ``images`` ``[B, H, W, C]``: resized when its size differs, a batch of
-    1 repeated; any other batch size is a NodeInputError. None stays None."""
-    if mask is None:
-        return None
-    mask = as_masks(mask, tuple(images.shape[1:3]), name)
-    batch = images.shape[0]
-    if mask.shape[0] not in (1, batch):
-        raise NodeInputError(f"{name} has {mask.shape[0]} masks but there are {batch} images; give one mask, "
-                             f"or one per image")
-    return mask.expand(batch, *mask.shape[1:])
-
-
 def pick(batch: Optional[torch.Tensor], i: int) -> Optional[torch.Tensor]:
     """Item ``i`` of a batch that holds 1 or more items (a batch of 1 serves every index)."""
     return None if batch is None else batch[i if batch.shape[0] > 1 else 0]

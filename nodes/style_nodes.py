@@ -16,7 +16,7 @@ from ..imaging.fill import fill_product_hwc
 from ..weights.errors import WeightsError
 from ..backbones import targets
 from ..weights.style_encoder import StyleEncoder, load_style_encoder, read_style_encoder_info, reference_tokens
-from .common import NodeInputError, backbone_of, check_mask_batch
+from .common import NodeInputError, as_mask_batch, backbone_of
 from .folders import full_path, list_files
 from .schema import Style, check_choices
 
@@ -172,7 +172,7 @@ class ReferenceStyle(io.ComfyNode):
         if start_percent > end_percent:
             raise NodeInputError(f"start_percent {start_percent} is after end_percent {end_percent}")
         if reference_mask is not None:
-            reference = fill_product_hwc(reference, check_mask_batch(reference_mask, reference, "reference_mask"))
+            reference = fill_product_hwc(reference, as_mask_batch(reference_mask, reference, "reference_mask"))
         patcher = managed_encoder(style_encoder, compute_dtype(model))
         cond, uncond = managed_style_tokens(patcher, clip_vision, reference)
         sampling = model.get_model_object("model_sampling")
