@@ -186,6 +186,12 @@ class Backbone:
     def encoder_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.text_encoders)
 
+    @property
+    def bank_encoders(self) -> tuple[TextEncoder, ...]:
+        """The text encoders a category bank holds vectors for: those whose hidden states the model attends to
+        (an encoder that only pools, Flux's CLIP-L, gets the identifier-free prompt instead)."""
+        return tuple(t for t in self.text_encoders if t.in_context)
+
     def encoder(self, name: str) -> TextEncoder:
         for t in self.text_encoders:
             if t.name == name:
@@ -328,7 +334,7 @@ FLUX = Backbone(
     latent=LatentFormat(16, 8, 0.3611, 0.1159),
     style="redux",
     checkpoint_prefixes=("double_blocks.",),
-    adapters=frozenset(),  # in the table; its joint-attention adapters are being built (issue 23)
+    adapters=frozenset({"comfyui"}),  # the diffusers pipeline and training adapters are still to come (issue 23)
 )
 
 BACKBONES: dict[str, Backbone] = {b.family: b for b in (SD15, SDXL, FLUX)}
@@ -430,6 +436,9 @@ def from_checkpoint_keys(keys, host: str = "diffusers") -> Backbone | None:
 
 
 def _check_comfy_structure(b: Backbone, unet_config: Mapping) -> None:
+    if b.kind == "dit":
+        _check_comfy_dit(b, unet_config)
+        return
     context, channels = unet_config.get("context_dim"), unet_config.get("model_channels")
     if context != b.context_dim or channels != 320:
         raise BackboneError(f"this {b.label}-class model has text context {context} and {channels} channels; "
@@ -441,6 +450,17 @@ def _check_comfy_structure(b: Backbone, unet_config: Mapping) -> None:
         if b.family == "sdxl" and layers != b.num_layers:
             raise BackboneError(f"this SDXL-class model has {layers} cross-attention layers, not {b.num_layers}: "
                                 "a distilled SDXL (SSD-1B, Vega...) is not supported")
+
+
+def _check_comfy_dit(b: Backbone, unet_config: Mapping) -> None:
+    """A Flux-class ComfyUI model must have Flux's text width and the joint-attention blocks the adapter hooks
+    (any number of them: ComfyUI counts them from the file, and pruned fine-tunes exist)."""
+    context = unet_config.get("context_in_dim")
+    if context is not None and context != b.context_dim:
+        raise BackboneError(f"this {b.label}-class model reads text {context} wide; {b.describe()} reads "
+                            f"{b.context_dim}: its text encoder differs")
+    if not unet_config.get("depth") and not unet_config.get("depth_single_blocks"):
+        raise BackboneError(f"this {b.label}-class model has no double- or single-stream blocks")
 
 
 def from_token_keys(keys, host: str = "comfyui") -> Backbone:

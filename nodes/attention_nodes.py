@@ -6,7 +6,7 @@ import math
 from comfy_api.latest import io
 
 from ..attention import CONFINEMENTS, IdentifierGuidance, IdentifierSpec, ProductMask
-from ..attention import comfy_patch
+from ..attention import comfy_joint, comfy_patch
 from .common import (NodeInputError, backbone_of, backbone_of_clip, check_identifier_fits, confined_prompt,
                      word_positions)
 from .schema import Identifier, check_choices
@@ -96,6 +96,9 @@ class MaskGuidedAttention(io.ComfyNode):
         if confinement == "context" and identifier.plain_context is None:
             raise NodeInputError("this identifier carries no identifier-free prompt: make it with Category Prompt "
                                  "or Background Words, or set confinement to 'columns'")
+        if backbone.kind == "dit" and confinement != "context":
+            raise NodeInputError(f"on {backbone.label} confinement must be 'context': T5 is bidirectional, so every "
+                                 "text token carries the identifier and masking its own tokens would confine nothing")
         sampling = model.get_model_object("model_sampling")
         # The full range is left ungated (no per-step sigma test in the attention).
         sigma_start = math.inf if start_percent <= 0 else float(sampling.percent_to_sigma(start_percent))
@@ -103,5 +106,8 @@ class MaskGuidedAttention(io.ComfyNode):
         guidance = comfy_patch.current_guidance(model.model_options).with_identifier(IdentifierGuidance(
             identifier, product, strength, sigma_start=sigma_start, sigma_end=sigma_end, confinement=confinement))
         m = model.clone()
-        comfy_patch.patch_model(m, guidance, backbone.layer_keys)
+        if backbone.kind == "dit":
+            comfy_joint.install_joint(m.model_options, guidance)
+        else:
+            comfy_patch.patch_model(m, guidance, backbone.layer_keys)
         return io.NodeOutput(m)

@@ -17,6 +17,10 @@ STYLE = "PRODUCTBG_STYLE"
 PLACEMENT = "PRODUCTBG_PLACEMENT"
 CLIP_END_TOKEN = 49407
 CLIP_START_TOKEN = 49406
+#: End-of-text token per token list, where it is not CLIP's; T5 has no start token and pads with 0.
+END_TOKENS = {"t5xxl": 1}
+#: The entry that fills a chunk's end when tokens are removed, where it is not the chunk's own last entry.
+PAD_ENTRIES = {"t5xxl": (0, 1.0)}
 
 
 class NodeInputError(ValueError):
@@ -46,18 +50,20 @@ def backbone_of(model):
 
 
 def token_ids(tokens: dict, key: str = "l", strip_special: bool = False) -> list[list[int]]:
-    """Integer token ids per 77-token chunk of one list (``l``, ``g``) of ComfyUI's ``clip.tokenize`` output.
+    """Integer token ids per chunk of one list (``l``, ``g``, ``t5xxl``) of ComfyUI's ``clip.tokenize`` output.
 
     Spliced embedding vectors (tensors) become -1 so they never match a word. ``strip_special`` keeps only
-    the words: what lies between the start token and the first end token (SDXL's ``g`` pads with 0, which is
-    also a word's id, so padding is cut by position, not by value).
+    the words: what lies before the first end token, after CLIP's start token (SDXL's ``g`` and T5 pad with 0,
+    which is also a CLIP word's id, so padding is cut by position, not by value).
     """
+    end = END_TOKENS.get(key, CLIP_END_TOKEN)
     chunks = []
     for chunk in tokens[key]:
         ids = [t[0] if isinstance(t[0], int) else -1 for t in chunk]
-        if strip_special:  # the words only: what lies between the start token and the first end token
-            ids = ids[:ids.index(CLIP_END_TOKEN)] if CLIP_END_TOKEN in ids else ids
-            ids = [i for i in ids if i != CLIP_START_TOKEN]
+        if strip_special:
+            ids = ids[:ids.index(end)] if end in ids else ids
+            if key != "t5xxl":
+                ids = [i for i in ids if i != CLIP_START_TOKEN]
         chunks.append(ids)
     return chunks
 
@@ -79,9 +85,13 @@ def find_subsequence(chunks: list[list[int]], target: list[int]) -> list[int]:
     return []
 
 
-def word_positions(clip, tokens: dict, words: str, name: str = "background_words") -> list[int]:
-    """Flat positions of ``words`` in the prompt ``tokens``, the same in every token list (``l`` and, on SDXL,
-    ``g``); [] when absent. NodeInputError when the words are empty or the lists disagree."""
+def word_positions(clip, tokens: dict, words: str, name: str = "background_words") -> dict[str, list[int]]:
+    """Flat positions of ``words`` in each token list of the prompt ``tokens`` ({} when absent from a list).
+
+    On UNets the lists must agree (CLIP-L and SDXL's CLIP-G attend at the same positions): NodeInputError when
+    they do not. Flux's T5 and CLIP-L tokenize differently, and only T5's positions are attended to; CLIP-L's
+    are where the words are removed for the identifier-free pooled vector.
+    """
     target = clip.tokenize(words)
     found = {}
     for key in tokens:
@@ -89,64 +99,71 @@ def word_positions(clip, tokens: dict, words: str, name: str = "background_words
         if not ids:
             raise NodeInputError(f"{name} is empty: name the prompt words that describe the background")
         found[key] = find_subsequence(token_ids(tokens, key), ids)
-    if len({tuple(p) for p in found.values()}) > 1:
+    if "t5xxl" not in tokens and len({tuple(p) for p in found.values()}) > 1:
         raise NodeInputError(f"{words!r} sits at different token positions in the CLIP-L and CLIP-G "
                              f"tokenizations ({found}); rephrase the prompt (avoid custom embeddings there)")
-    return next(iter(found.values()), [])
+    return found if all(found.values()) else {}
 
 
-def without_positions(tokens: dict, positions: list[int]) -> dict:
-    """ComfyUI token lists with the tokens at flat ``positions`` removed, in every list (``l``; ``g`` too).
+def without_positions(tokens: dict, positions: dict[str, list[int]]) -> dict:
+    """ComfyUI token lists with the tokens at flat ``positions[key]`` removed from each list.
 
-    Each chunk keeps its length: later tokens move up and the chunk's last entry (its padding — EOS for CLIP-L,
-    0 for SDXL's CLIP-G — or EOS in a full chunk) fills the end. Tokens are per-word in CLIP's BPE, so this is
-    the prompt without those words.
+    Each chunk keeps its length: later tokens move up and the end fills with padding — the chunk's last entry
+    (EOS for CLIP-L, 0 for SDXL's CLIP-G, EOS in a full chunk), T5's pad token. Tokens are per-word in CLIP's BPE
+    and T5's sentencepiece, so this is the prompt without those words.
     """
     out = {key: [list(chunk) for chunk in chunks] for key, chunks in tokens.items()}
     for key, chunks in out.items():
         chunk_len = len(chunks[0])
         by_chunk: dict[int, set[int]] = {}
-        for p in positions:
+        for p in positions.get(key, ()):
             by_chunk.setdefault(p // chunk_len, set()).add(p % chunk_len)
         for c, drop in by_chunk.items():
             chunk = chunks[c]
             kept = [t for i, t in enumerate(chunk) if i not in drop]
-            chunks[c] = kept + [chunk[-1]] * (chunk_len - len(kept))
+            chunks[c] = kept + [PAD_ENTRIES.get(key, chunk[-1])] * (chunk_len - len(kept))
     return out
 
 
-def plain_context(clip, tokens: dict, positions: list[int]):
-    """[1, L, width] context of the prompt without the tokens at ``positions`` (what product cells attend to)."""
-    return clip.encode_from_tokens(without_positions(tokens, positions)).detach()
+def context_key(backbone) -> str:
+    """The token list whose positions the model attends at (``l`` on UNets, ``t5xxl`` on Flux)."""
+    return backbone.bank_encoders[0].comfy_key
 
 
-def encode_confined(clip, tokens: dict, positions: list[int], backbone) -> tuple[list, "object"]:
-    """The prompt's CONDITIONING and its identifier-free context (without the tokens at ``positions``).
+def encode_confined(clip, tokens: dict, plain_tokens: dict, backbone) -> tuple[list, "object"]:
+    """The prompt's CONDITIONING and its identifier-free context (``plain_tokens``: the prompt without the
+    identifier).
 
-    On a backbone with a pooled text embedding (SDXL) the CONDITIONING's ``pooled_output`` is the identifier-free
-    prompt's: it reaches every cell, product included, through the time embedding, so the full prompt's would
-    carry the identifier onto the product. The diffusers pipeline does the same.
+    On a backbone with a pooled text embedding (SDXL's CLIP-G, Flux's CLIP-L) the CONDITIONING's
+    ``pooled_output`` is the identifier-free prompt's: it reaches every cell, product included, through the time
+    embedding or the modulation, so the full prompt's would carry the identifier onto the product. The diffusers
+    pipeline does the same.
     """
     conditioning = clip.encode_from_tokens_scheduled(tokens)
     if not any(t.pooled for t in backbone.text_encoders):
-        return conditioning, plain_context(clip, tokens, positions)
-    plain, pooled = clip.encode_from_tokens(without_positions(tokens, positions), return_pooled=True)
+        return conditioning, clip.encode_from_tokens(plain_tokens).detach()
+    plain, pooled = clip.encode_from_tokens(plain_tokens, return_pooled=True)
     conditioning = [[c, {**extra, "pooled_output": pooled}] if "pooled_output" in extra else [c, extra]
                     for c, extra in conditioning]
     return conditioning, plain.detach()
 
 
-def confined_prompt(clip, tokens: dict, positions: list[int], backbone) -> tuple[list, "object"]:
-    """The prompt's CONDITIONING and its :class:`IdentifierSpec` (identifier at flat ``positions``).
+def confined_prompt(clip, tokens: dict, positions: dict[str, list[int]], backbone,
+                    plain_tokens: dict | None = None) -> tuple[list, "object"]:
+    """The prompt's CONDITIONING and its :class:`IdentifierSpec` (identifier at flat ``positions`` per token
+    list; the prompt without it is ``plain_tokens``, by default ``tokens`` without those positions).
 
     The CONDITIONING carries the spec's tag (``comfy_patch.PROMPT_TAG_KEY``) so that sampling can tell when a node
     rebuilt its tensor — confinement would then be lost — and refuse instead of sampling unconfined.
     """
-    conditioning, plain = encode_confined(clip, tokens, positions, backbone)
+    if plain_tokens is None:
+        plain_tokens = without_positions(tokens, positions)
+    conditioning, plain = encode_confined(clip, tokens, plain_tokens, backbone)
     tag = uuid.uuid4().hex
     conditioning = [[c, {**extra, PROMPT_TAG_KEY: tag}] for c, extra in conditioning]
-    spec = IdentifierSpec(tuple(positions), context_length=77 * len(tokens["l"]), plain_context=plain,
-                          prompt_context=conditioning[0][0].detach(), tag=tag)
+    key = context_key(backbone)
+    spec = IdentifierSpec(tuple(positions[key]), context_length=sum(len(chunk) for chunk in tokens[key]),
+                          plain_context=plain, prompt_context=conditioning[0][0].detach(), tag=tag)
     return conditioning, spec
 
 

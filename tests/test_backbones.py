@@ -64,10 +64,10 @@ def test_comfy_models_are_recognised_and_others_refused_by_name():
     assert bb.from_comfy_config("SD15", SD15_UNET) is bb.SD15
     with pytest.raises(bb.BackboneError, match="SDXL refiner.*no CLIP-L"):
         bb.from_comfy_config("SDXLRefiner", {"context_dim": 1280, "model_channels": 384})
-    for name, word in [("SD3", "SD3"), ("Flux", "Flux"), ("SD20", "SD2"), ("SSD1B", "SSD-1B")]:
+    for name, word in [("SD3", "SD3"), ("SD20", "SD2"), ("SSD1B", "SSD-1B")]:
         with pytest.raises(bb.BackboneError, match=word) as e:
             bb.from_comfy_config(name, {"context_dim": 4096})
-        assert "supports SD1.5, SDXL" in str(e.value)
+        assert "supports SD1.5, SDXL, Flux.1" in str(e.value)
     distilled = dict(SDXL_UNET, transformer_depth=[0, 0, 2, 2, 4, 4])
     with pytest.raises(bb.BackboneError, match="distilled SDXL"):
         bb.from_comfy_config("SDXL", distilled)
@@ -82,8 +82,9 @@ def test_clip_token_keys_tell_the_text_encoders_apart():
         bb.from_token_keys({"g"})
     with pytest.raises(bb.BackboneError, match="SD3"):
         bb.from_token_keys({"l", "g", "t5xxl"})
-    with pytest.raises(bb.BackboneError, match="Flux.1 is in productbg's backbone table but its comfyui adapter"):
-        bb.from_token_keys({"l", "t5xxl"})  # Flux's CLIP: known, refused until its adapter lands
+    assert bb.from_token_keys({"l", "t5xxl"}) is bb.FLUX
+    with pytest.raises(bb.BackboneError, match="Flux.1 is in productbg's backbone table but its diffusers adapter"):
+        bb.from_token_keys({"l", "t5xxl"}, host="diffusers")  # known, refused where its adapter is not built
 
 
 @pytest.mark.parametrize("b", [bb.SD15, bb.SDXL], ids=lambda b: b.family)
@@ -112,8 +113,8 @@ def test_the_grid_rule_finds_every_sdxl_attention_level(width, height):
 
 def test_flux_is_an_entry_of_the_table_with_joint_attention_blocks():
     """A DiT is data too: 19 double- then 38 single-stream blocks at ComfyUI's dit keys, T5 feeding the text,
-    CLIP-L only pooled, a 16-channel latent, Redux for style; detected by name everywhere, refused until its
-    adapters exist."""
+    CLIP-L only pooled, a 16-channel latent, Redux for style; detected by name everywhere, run on ComfyUI,
+    refused by name on the hosts whose adapter is not built yet."""
     flux = bb.FLUX
     assert flux.kind == "dit" and flux.layers == () and len(flux.blocks) == 57
     assert [b.comfy_key for b in flux.blocks[:2]] == [("double_block", 0), ("double_block", 1)]
@@ -122,12 +123,16 @@ def test_flux_is_an_entry_of_the_table_with_joint_attention_blocks():
     assert flux.context_dim == 4096 and [t.name for t in flux.text_encoders if t.pooled] == ["clip_l"]
     assert flux.latent.channels == 16 and flux.style == "redux" and flux.canvases["1:1"] == (1024, 1024)
     assert "19 double-stream and 38 single-stream blocks" in flux.describe()
-    for call in (lambda: bb.from_comfy_config("FluxInpaint", {"context_dim": 4096}),
-                 lambda: bb.from_checkpoint_keys(["model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
-                                                  "model.diffusion_model.single_blocks.0.linear1.weight"])):
-        with pytest.raises(bb.BackboneError, match="Flux.1 is in productbg's backbone table") as e:
-            call()
-        assert "supports SD1.5, SDXL" in str(e.value)
+    assert [t.name for t in flux.bank_encoders] == ["t5xxl"]  # a Flux bank holds T5 vectors only
+    flux_unet = {"context_in_dim": 4096, "hidden_size": 3072, "depth": 1, "depth_single_blocks": 1}
+    for name in ("Flux", "FluxInpaint", "FluxSchnell"):
+        assert bb.from_comfy_config(name, flux_unet) is flux
+    with pytest.raises(bb.BackboneError, match="reads text 2048 wide"):
+        bb.from_comfy_config("Flux", dict(flux_unet, context_in_dim=2048))
+    with pytest.raises(bb.BackboneError, match="Flux.1 is in productbg's backbone table but its diffusers") as e:
+        bb.from_checkpoint_keys(["model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
+                                 "model.diffusion_model.single_blocks.0.linear1.weight"])
+    assert "supports SD1.5, SDXL and" in str(e.value)
     with pytest.raises(bb.BackboneError, match="Kontext.*Flux.1 Fill"):
         bb.from_comfy_config("FluxKontext", {})
     for relative, name in (("distilled_guidance_layer.in_proj.weight", "Chroma"),

@@ -258,11 +258,11 @@ def test_category_prompt_node_uses_each_categorys_own_vector_count(monkeypatch):
         bank.add(name, {"clip_l": torch.randn(n, 768), "clip_g": torch.randn(n, 1280)})
     seen = {}
     monkeypatch.setattr(category_nodes, "confined_prompt",
-                        lambda clip, tokens, positions, backbone: seen.update(tokens=tokens, positions=positions)
+                        lambda clip, tokens, positions, backbone, plain: seen.update(tokens=tokens, positions=positions)
                         or ("conditioning", "identifier"))
     for name, n in (("two", 2), ("five", 5)):
         category_nodes.CategoryPrompt.execute(_Clip(), bank, name, "", "")
-        assert seen["positions"] == list(range(6, 6 + n))          # "a product photo on a" + the n vectors
+        assert seen["positions"] == {k: list(range(6, 6 + n)) for k in ("l", "g")}  # "a product photo on a" + n
         for key, enc in (("l", "clip_l"), ("g", "clip_g")):
-            spliced = torch.stack([seen["tokens"][key][0][p][0] for p in seen["positions"]])
+            spliced = torch.stack([seen["tokens"][key][0][p][0] for p in seen["positions"][key]])
             assert torch.equal(spliced, bank.vectors(name, enc))

@@ -105,7 +105,7 @@ def test_without_positions_removes_the_words_in_both_lists_and_keeps_each_lists_
     clip = FakeClip()
     tokens = clip.tokenize("a photo on marble table")
     positions = word_positions(clip, tokens, "marble table")
-    assert positions == [4, 5]
+    assert positions == {"g": [4, 5], "l": [4, 5]}
     plain = without_positions(tokens, positions)
     assert plain == {k: clip.tokenize("a photo on")[k] for k in ("g", "l")}
     assert plain["g"][0][-1] == (0, 1.0) and plain["l"][0][-1] == (END, 1.0)
@@ -122,23 +122,23 @@ def test_words_at_different_positions_in_the_two_tokenizations_are_refused():
 def test_the_identifier_is_spliced_into_both_lists_at_the_same_slots():
     clip = FakeClip(vocab={"sks": 5})
     tokens = clip.tokenize("a photo of sks sks, soft light")
-    positions = _slot_positions(tokens, 5)
-    assert positions == [4, 5]
+    positions = _slot_positions(tokens, {"l": 5, "g": 5})
+    assert positions == {"l": [4, 5], "g": [4, 5]}
     vectors = {"l": torch.ones(2, 768), "g": torch.full((2, 1280), 2.0)}
     _splice(tokens, positions, vectors)
     for key, width in (("l", 768), ("g", 1280)):
-        assert [tuple(tokens[key][0][p][0].shape) for p in positions] == [(width,)] * 2
+        assert [tuple(tokens[key][0][p][0].shape) for p in positions[key]] == [(width,)] * 2
     tokens["g"][0][6] = (5, 1.0)
     with pytest.raises(NodeInputError, match="different positions"):
-        _slot_positions(tokens, 5)
+        _slot_positions(tokens, {"l": 5, "g": 5})
 
 
-@pytest.mark.parametrize("keys,family", [(("l",), "sd15"), (("g", "l"), "sdxl")])
+@pytest.mark.parametrize("keys,family", [(("l",), "sd15"), (("g", "l"), "sdxl"), (("t5xxl", "l"), "flux")])
 def test_the_clip_backbone_comes_from_the_token_keys(keys, family):
     assert backbone_of_clip(FakeClip(keys).tokenize("x")).family == family
 
 
-@pytest.mark.parametrize("keys,named", [(("g",), "refiner"), (("h",), "SD2"), (("t5xxl", "l"), "Flux")])
+@pytest.mark.parametrize("keys,named", [(("g",), "refiner"), (("h",), "SD2"), (("t5xxl", "l", "g"), "SD3")])
 def test_other_clips_are_refused_by_name(keys, named):
     with pytest.raises(NodeInputError, match=named):
         backbone_of_clip(FakeClip(keys).tokenize("x"))

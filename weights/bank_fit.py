@@ -27,12 +27,13 @@ def bank_fit_problem(family: str | None, backbone: Backbone, model: str = "MODEL
     if family is None or family == backbone.family:
         return None
     if family in FREE_WIDTH_FAMILIES:
-        if set(FAMILY_ENCODERS[family]) == set(backbone.encoder_names):
+        wanted = tuple(t.name for t in backbone.bank_encoders)
+        if set(FAMILY_ENCODERS[family]) == set(wanted):
             return None
         return (f"this is a {family} bank (vectors for {', '.join(FAMILY_ENCODERS[family])}) but the {model} is "
                 f"{backbone.label}, whose text encoders are {', '.join(backbone.encoder_names)}")
     other = BACKBONES.get(family)
     label = other.label if other is not None else family
-    wanted = f"{_a(backbone.label)} bank ({' + '.join(backbone.encoder_names)} vectors)"
+    wanted = f"{_a(backbone.label)} bank ({' + '.join(t.name for t in backbone.bank_encoders)} vectors)"
     tail = f", or the {model} of {_a(label)} checkpoint" if other is not None else ""
     return f"this is {_a(label)} bank but the {model} is {backbone.label}: use {wanted}{tail}"

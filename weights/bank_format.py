@@ -5,9 +5,10 @@ Layout (schema 1)::
     tensors   clip_l  [categories, vectors, 768]     SD1.5 (family "sd15")
               clip_g  [categories, vectors, 1280]    added for SDXL (family "sdxl": clip_l + clip_g)
               clip_l  [categories, vectors, width]   small self-trained models (family "tiny", any width)
+              t5xxl   [categories, vectors, 4096]    Flux.1 (family "flux": T5-XXL only; its CLIP-L only pools)
     metadata  productbg.kind            "category_bank"
               productbg.schema          "1"
-              productbg.family          "sd15" | "sdxl" | "tiny"
+              productbg.family          "sd15" | "sdxl" | "flux" | "tiny" | "tiny-sdxl"
               productbg.width           "32"  (family "tiny" only: the text width of its clip_l vectors)
               productbg.categories      JSON list of names (UTF-8), row i of every tensor is category i
               productbg.template        "a product photo on a {id} background"
@@ -50,11 +51,13 @@ SCHEMA_VERSION = 2
 #: Schema of files without per-category vector counts (every file written before schema 2, and those since).
 UNIFORM_SCHEMA = 1
 DEFAULT_TEMPLATE = "a product photo on a {id} background"
-ENCODER_WIDTHS: dict[str, int] = {"clip_l": 768, "clip_g": 1280}
+ENCODER_WIDTHS: dict[str, int] = {"clip_l": 768, "clip_g": 1280, "t5xxl": 4096}
 TINY_FAMILY = "tiny"
 #: Small self-trained SDXL-shaped models (two text encoders of free widths): tests and experiments.
 TINY_SDXL_FAMILY = "tiny-sdxl"
-FAMILY_ENCODERS: dict[str, tuple[str, ...]] = {"sd15": ("clip_l",), "sdxl": ("clip_l", "clip_g"),
+#: The encoders whose input space a family's identifier vectors live in (Flux's CLIP-L only pools: a Flux bank holds
+#: T5-XXL vectors alone).
+FAMILY_ENCODERS: dict[str, tuple[str, ...]] = {"sd15": ("clip_l",), "sdxl": ("clip_l", "clip_g"), "flux": ("t5xxl",),
                                                TINY_FAMILY: ("clip_l",), TINY_SDXL_FAMILY: ("clip_l", "clip_g")}
 #: Families whose text widths are not fixed: they are recorded in the file (``productbg.width`` for clip_l,
 #: ``productbg.width_clip_g`` for clip_g).
