@@ -74,15 +74,12 @@ def _oom(e: BaseException) -> bool:
 
 def _expected_types() -> tuple[type, ...]:
     """This package's error families (each message says what to fix)."""
-    from .checks import CheckError
     from ..imaging.folder import ProductFolderError
     from ..pipeline.errors import PipelineError
     from ..training.datasets import DatasetError
-    from ..training.models import ModelLoadError
     from ..weights.errors import WeightsError
 
-    found: list[type] = [CliError, CheckError, ProductFolderError, PipelineError, DatasetError, ModelLoadError,
-                         WeightsError]
+    found: list[type] = [CliError, ProductFolderError, PipelineError, DatasetError, WeightsError]
     try:
         from PIL import Image
 

@@ -1,7 +1,7 @@
 """Checks every command runs before any work: option values (argparse types), input files, output locations.
 
 Option types raise :class:`argparse.ArgumentTypeError`, so argparse names the flag (``argument --cfg: ...``).
-The file checks raise :class:`CheckError` (a :class:`~productbg.cli.CliError`) whose message names the option.
+The file checks raise :class:`~productbg.cli.errors.CliError` whose message names the option.
 Nothing here creates or changes a file, except a probe file that is removed at once.
 """
 from __future__ import annotations
@@ -14,14 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from .errors import CliError
+
 #: Seeds are 64-bit signed integers in torch and the manifests; the last image's seed must fit too.
 MAX_SEED = 2 ** 63 - 1
 NAME_MAX = 255
 DEVICE_PATTERN = re.compile(r"^(cpu|mps|meta|(cuda|xpu)(:\d{1,3})?)$")
-
-
-class CheckError(Exception):
-    """A problem found before the work starts (printed as one line, exit status 2)."""
 
 
 def _number(text: str, kind: type) -> float | int:
@@ -73,46 +71,46 @@ def device(text: str) -> str:
 
 
 def check_device(name: str, flag: str = "--device") -> str:
-    """The device when this machine has it; CheckError otherwise."""
+    """The device when this machine has it; CliError otherwise."""
     import torch
 
     kind, _, index = name.partition(":")
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise CheckError(f"{flag} {name}: no CUDA GPU is available to torch on this machine; use {flag} cpu")
+            raise CliError(f"{flag} {name}: no CUDA GPU is available to torch on this machine; use {flag} cpu")
         if index and int(index) >= torch.cuda.device_count():
-            raise CheckError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
-                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+            raise CliError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                           f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
     if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise CheckError(f"{flag} mps: Apple's MPS backend is not available here; use {flag} cpu")
+        raise CliError(f"{flag} mps: Apple's MPS backend is not available here; use {flag} cpu")
     if kind == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
-        raise CheckError(f"{flag} {name}: no XPU is available here; use {flag} cpu")
+        raise CliError(f"{flag} {name}: no XPU is available here; use {flag} cpu")
     if kind == "meta":
-        raise CheckError(f"{flag} meta holds no data; use {flag} cpu or cuda")
+        raise CliError(f"{flag} meta holds no data; use {flag} cpu or cuda")
     return name
 
 
 # ---------------------------------------------------------------------------------------------- inputs
 def input_file(path: str | os.PathLike, flag: str) -> Path:
-    """An existing regular file; CheckError saying what the path is instead."""
+    """An existing regular file; CliError saying what the path is instead."""
     from ..fileio import not_a_file
 
     p = Path(path)
     problem = not_a_file(p)
     if problem:
-        raise CheckError(f"{flag} {p}: {problem}")
+        raise CliError(f"{flag} {p}: {problem}")
     if not os.access(p, os.R_OK):
-        raise CheckError(f"{flag} {p}: permission denied (cannot read it)")
+        raise CliError(f"{flag} {p}: permission denied (cannot read it)")
     return p
 
 
 def input_dir(path: str | os.PathLike, flag: str) -> Path:
-    """An existing folder; CheckError saying what the path is instead."""
+    """An existing folder; CliError saying what the path is instead."""
     p = Path(path)
     if p.is_file():
-        raise CheckError(f"{flag} {p}: is a file, not a folder")
+        raise CliError(f"{flag} {p}: is a file, not a folder")
     if not p.is_dir():
-        raise CheckError(f"{flag} {p}: no such folder")
+        raise CliError(f"{flag} {p}: no such folder")
     return p
 
 
@@ -124,7 +122,7 @@ def input_image(path: str | os.PathLike, flag: str) -> Path:
     try:
         check_image_file(p)
     except ProductFolderError as e:
-        raise CheckError(f"{flag}: {e}") from None
+        raise CliError(f"{flag}: {e}") from None
     return p
 
 
@@ -132,31 +130,31 @@ def input_image(path: str | os.PathLike, flag: str) -> Path:
 def _short_names(p: Path, flag: str) -> None:
     for part in p.parts:
         if len(os.fsencode(part)) > NAME_MAX:
-            raise CheckError(f"{flag}: the name {part[:40]}... is longer than {NAME_MAX} bytes (the file system's "
-                             "limit); choose a shorter one")
+            raise CliError(f"{flag}: the name {part[:40]}... is longer than {NAME_MAX} bytes (the file system's "
+                           "limit); choose a shorter one")
 
 
 def _nearest_existing(p: Path, flag: str) -> Path:
-    """The deepest existing ancestor of ``p`` (a folder); CheckError when one on the way is a file."""
+    """The deepest existing ancestor of ``p`` (a folder); CliError when one on the way is a file."""
     ancestor = p.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise CheckError(f"{flag} {p}: {ancestor} is a file, not a folder")
+        raise CliError(f"{flag} {p}: {ancestor} is a file, not a folder")
     for a in [ancestor, *ancestor.parents]:
         if a.exists() and not a.is_dir():
-            raise CheckError(f"{flag} {p}: {a} is a file, not a folder")
+            raise CliError(f"{flag} {p}: {a} is a file, not a folder")
     return ancestor
 
 
 def _probe(folder: Path, target: Path, flag: str) -> None:
-    """CheckError unless a file can be created in ``folder`` (the probe is removed at once, and the folder's
+    """CliError unless a file can be created in ``folder`` (the probe is removed at once, and the folder's
     times restored, so a failed command leaves its output location exactly as it was)."""
     times = folder.stat()
     try:
         fd, name = tempfile.mkstemp(dir=folder, prefix=".productbg-probe-")
     except OSError as e:
-        raise CheckError(f"{flag} {target}: cannot write in {folder} ({e.strerror or e})") from None
+        raise CliError(f"{flag} {target}: cannot write in {folder} ({e.strerror or e})") from None
     os.close(fd)
     os.unlink(name)
     try:
@@ -166,26 +164,26 @@ def _probe(folder: Path, target: Path, flag: str) -> None:
 
 
 def output_file(path: str | os.PathLike, flag: str, force: bool = True) -> Path:
-    """A file path that can be written (its folder may be missing); CheckError naming the option otherwise."""
+    """A file path that can be written (its folder may be missing); CliError naming the option otherwise."""
     p = Path(path)
     _short_names(p, flag)
     if p.is_dir():
-        raise CheckError(f"{flag} {p}: is an existing folder; give a file name")
+        raise CliError(f"{flag} {p}: is an existing folder; give a file name")
     if p.exists() and not force:
-        raise CheckError(f"{flag} {p}: exists; pass --force to overwrite it")
+        raise CliError(f"{flag} {p}: exists; pass --force to overwrite it")
     if p.exists() and not p.is_file():
-        raise CheckError(f"{flag} {p}: is not a regular file")
+        raise CliError(f"{flag} {p}: is not a regular file")
     if str(path).endswith(os.sep) or not p.name:
-        raise CheckError(f"{flag} {p}: give a file name, not a folder")
+        raise CliError(f"{flag} {p}: give a file name, not a folder")
     _probe(_nearest_existing(p, flag), p, flag)
     return p
 
 
 def output_dir(path: str | os.PathLike, flag: str) -> Path:
-    """A folder that exists or can be created, and can be written in; CheckError naming the option otherwise."""
+    """A folder that exists or can be created, and can be written in; CliError naming the option otherwise."""
     p = Path(path)
     _short_names(p, flag)
     if p.exists() and not p.is_dir():
-        raise CheckError(f"{flag} {p}: is a file, not a folder")
+        raise CliError(f"{flag} {p}: is a file, not a folder")
     _probe(p if p.is_dir() else _nearest_existing(p, flag), p, flag)
     return p

@@ -226,9 +226,9 @@ def _check_args(args: argparse.Namespace) -> None:
     for path in args.references or []:
         checks.input_image(path, "--references")
     if args.categories is not None and not [c for c in args.categories.split(",") if c.strip()]:
-        raise checks.CheckError("--categories: give at least one category name (comma-separated)")
+        raise CliError("--categories: give at least one category name (comma-separated)")
     if Path(args.out).suffix.lower() != ".png":
-        raise checks.CheckError(f"--out {args.out}: the sheet is a PNG; give a file name ending in .png")
+        raise CliError(f"--out {args.out}: the sheet is a PNG; give a file name ending in .png")
     checks.output_file(args.out, "--out")
 
 

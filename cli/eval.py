@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from . import checks
+from .errors import CliError
 
 EPILOG = """examples:
   productbg eval out/batch
@@ -84,9 +85,9 @@ def check_args(args: argparse.Namespace) -> None:
     apply_pixel_limit(args)
     path = Path(args.results)
     if not path.exists():
-        raise checks.CheckError(f"{path}: no such results folder or manifest")
+        raise CliError(f"{path}: no such results folder or manifest")
     if path.is_file() and path.suffix.lower() not in (".csv", ".tsv", ".jsonl", ".ndjson"):
-        raise checks.CheckError(f"{path}: give a results folder or a .csv/.jsonl manifest of results")
+        raise CliError(f"{path}: give a results folder or a .csv/.jsonl manifest of results")
     if args.fid_real:
         checks.input_dir(args.fid_real, "--fid-real")
     if args.clip_vision and not Path(args.clip_vision).is_dir():

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from . import checks
+from .errors import CliError
 
 EPILOG = """examples:
   productbg generate --product bottle.png --category cosmetics --out out/bottle.png
@@ -67,12 +68,12 @@ def _format_from_out(args: argparse.Namespace, out: Path) -> None:
     wanted = FILE_SUFFIXES[out.suffix.lower()]
     if args.export is None:
         if wanted != "png":
-            raise checks.CheckError(f"--out {out}: without --export the canvas is written as PNG; add --export "
-                                    "(e.g. --export amazon-zoom) for JPEG / WebP")
+            raise CliError(f"--out {out}: without --export the canvas is written as PNG; add --export "
+                           "(e.g. --export amazon-zoom) for JPEG / WebP")
         return
     given = {"jpg": "jpeg"}.get(args.format, args.format)
     if given is not None and given != wanted:
-        raise checks.CheckError(f"--out {out} is a {wanted.upper()} name but --format is {given}; make them agree")
+        raise CliError(f"--out {out} is a {wanted.upper()} name but --format is {given}; make them agree")
     args.format = wanted
 
 
@@ -83,7 +84,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_model_args(args)
     check_generation(args, args.n)
     if args.seed + args.n - 1 > checks.MAX_SEED:
-        raise checks.CheckError(f"--seed {args.seed}: with --n {args.n} the last seed passes {checks.MAX_SEED}")
+        raise CliError(f"--seed {args.seed}: with --n {args.n} the last seed passes {checks.MAX_SEED}")
     checks.input_image(args.product, "--product")
     if args.reference:
         checks.input_image(args.reference, "--reference")

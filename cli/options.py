@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from . import checks
+from .errors import CliError
 from ..pipeline.errors import PipelineError
 from ..pipeline.embedded import DEMO_MODEL, DEMO_SETTINGS, load_demo_pipeline
 from ..pipeline.pipeline import GenerateSettings
@@ -155,7 +156,7 @@ def model_backbone(args: argparse.Namespace):
     from the checkpoint's header or the folder's layout without loading weights.
 
     Raises:
-        CheckpointError: a checkpoint of a family productbg does not support (named).
+        PipelineError: a checkpoint of a family productbg does not support (named).
     """
     from .. import backbones
     from ..pipeline.single_file import checkpoint_backbone
@@ -209,8 +210,8 @@ def check_export_args(args: argparse.Namespace) -> None:
     if getattr(args, "export", None) is None:
         given = [o for o in EXPORT_ONLY if getattr(args, o, None) is not None]
         if given:
-            raise checks.CheckError(f"--{given[0]} needs --export (e.g. --export amazon-zoom, or --export 512x512 "
-                                    "for the canvas size)")
+            raise CliError(f"--{given[0]} needs --export (e.g. --export amazon-zoom, or --export 512x512 "
+                           "for the canvas size)")
         return
     if getattr(args, "format", None) == "jpg":
         args.format = "jpeg"
@@ -234,11 +235,11 @@ def settings_from_args(args: argparse.Namespace) -> GenerateSettings:
     if isinstance(canvas, str):
         canvases = (b.canvases if b is not None else {})
         if canvas not in canvases:
-            raise checks.CheckError(f"--canvas {canvas}: not an aspect ratio of this model; use one of "
-                                    f"{', '.join(canvases)} or WIDTHxHEIGHT")
+            raise CliError(f"--canvas {canvas}: not an aspect ratio of this model; use one of "
+                           f"{', '.join(canvases)} or WIDTHxHEIGHT")
         given["canvas_size"] = canvases[canvas]
     if given.get("canvas_size") is not None and given.get("export") is not None:
-        raise checks.CheckError("--canvas does not go with --export (the export's aspect sets the canvas)")
+        raise CliError("--canvas does not go with --export (the export's aspect sets the canvas)")
     return replace(base, **given)
 
 
@@ -328,7 +329,7 @@ def check_model_args(args: argparse.Namespace) -> None:
     """Check the model options before anything loads: the device, every model file given, the export options.
 
     Raises:
-        CheckError: naming the option.
+        CliError: naming the option.
     """
     apply_pixel_limit(args)
     check_export_args(args)
@@ -350,7 +351,7 @@ def check_model_args(args: argparse.Namespace) -> None:
     try:
         model_backbone(args)  # another family (SDXL refiner, SD2, SD3, Flux ...) is refused before loading
     except PipelineError as e:
-        raise checks.CheckError(f"--checkpoint {e}") from None
+        raise CliError(f"--checkpoint {e}") from None
 
 
 def _model_file(path: Path, flag: str, what: str) -> None:
@@ -360,14 +361,14 @@ def _model_file(path: Path, flag: str, what: str) -> None:
 
     checks.input_file(path, flag)
     if path.suffix.lower() != ".safetensors":
-        raise checks.CheckError(f"{flag} {path}: only .safetensors files are loaded (.ckpt/.pt/.bin files are "
-                                "pickles that can run code; convert them first)")
+        raise CliError(f"{flag} {path}: only .safetensors files are loaded (.ckpt/.pt/.bin files are "
+                       "pickles that can run code; convert them first)")
     try:
         header = read_header(path)
     except WeightsError as e:
-        raise checks.CheckError(f"{flag}: {e}") from None
+        raise CliError(f"{flag}: {e}") from None
     if not header.tensors:
-        raise checks.CheckError(f"{flag} {path}: the file holds no tensors at all, so it is no {what}")
+        raise CliError(f"{flag} {path}: the file holds no tensors at all, so it is no {what}")
 
 
 def check_generation(args: argparse.Namespace, n: int, what: str = "--n") -> None:
@@ -377,13 +378,13 @@ def check_generation(args: argparse.Namespace, n: int, what: str = "--n") -> Non
     most = max(1, min(MAX_N, MAX_BATCH_PIXELS // (w * h)))
     if n > most:
         where = f"--size {w}" if w == h else f"a {w}x{h} canvas"
-        raise checks.CheckError(f"{what} {n}: at most {most} images per product at {where} "
-                                f"(memory grows with images × pixels); run fewer at a time")
+        raise CliError(f"{what} {n}: at most {most} images per product at {where} "
+                       f"(memory grows with images × pixels); run fewer at a time")
     if settings.export is not None and n > max_exports(settings.export):
         w, h = settings.export
-        raise checks.CheckError(f"{what} {n}: at most {max_exports(settings.export)} images per product at "
-                                f"--export {w}x{h} (each delivered image is held in memory until written); run "
-                                "fewer at a time")
+        raise CliError(f"{what} {n}: at most {max_exports(settings.export)} images per product at "
+                       f"--export {w}x{h} (each delivered image is held in memory until written); run "
+                       "fewer at a time")
 
 
 #: Export pixels one product's images may hold at once (16 exports of 2000², about 1.8 GB of float images).

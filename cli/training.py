@@ -282,7 +282,6 @@ def _train_cg(args: argparse.Namespace) -> int:
     from ..training.cg import CGConfig, CGTask
     from ..training.datasets import DatasetError
     from ..training.engine import fit
-    from ..training.models import ModelLoadError
 
     data = _designer_dataset(args) if args.images is not None else args.data
     try:
@@ -299,7 +298,7 @@ def _train_cg(args: argparse.Namespace) -> int:
                        categories=(args.category,) if args.category else None, model_configs=args.model_configs,
                        buckets=_buckets(args), init_bank=args.init_bank)
         result = fit(CGTask(cfg), _engine_config(args))
-    except (DatasetError, ModelLoadError, ValueError, FileNotFoundError) as e:
+    except (DatasetError, ValueError, FileNotFoundError) as e:  # ValueError: PipelineError, WeightsError
         raise _error(str(e)) from None
     if args.category and result.main_process:
         _name_category_lora(result.outputs, args.category)
@@ -389,7 +388,6 @@ def cmd_train_pg(args: argparse.Namespace) -> int:
 def _train_pg(args: argparse.Namespace) -> int:
     from ..training.datasets import DatasetError
     from ..training.engine import fit
-    from ..training.models import ModelLoadError
     from ..training.pg import PGConfig, PGTask
 
     try:
@@ -401,7 +399,7 @@ def _train_pg(args: argparse.Namespace) -> int:
                        gradient_checkpointing=args.gradient_checkpointing,
                        weights_dtype=_weights_dtype(args.mixed_precision), buckets=_buckets(args))
         result = fit(PGTask(cfg), _engine_config(args))
-    except (DatasetError, ModelLoadError, ValueError, FileNotFoundError) as e:
+    except (DatasetError, ValueError, FileNotFoundError) as e:  # ValueError: PipelineError, WeightsError
         raise _error(str(e)) from None
     _print_result(result)
     return 0

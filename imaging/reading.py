@@ -37,7 +37,8 @@ _PLAIN_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "RGBa", "La", 
 
 
 class ProductFolderError(ValueError):
-    """A product folder or its CSV cannot be read; the message says what to fix."""
+    """A product folder, its CSV or one of its images cannot be read; the message says what to fix. Its own class
+    because batches and evaluation catch it to fail one row and go on, and the CLI's checks name the option."""
 
 
 def max_megapixels() -> float:

@@ -33,7 +33,8 @@ log = logging.getLogger("productbg")
 
 
 class RouteError(Exception):
-    """A refused request: HTTP ``status`` and a one-line message for the JSON body."""
+    """A refused request: HTTP ``status`` and a one-line message for the JSON body (the route handler maps it to
+    that response; anything else is a 500)."""
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)

@@ -2,9 +2,9 @@
 
 Heavy imports (diffusers, transformers) happen when a pipeline is built, not on ``import productbg.pipeline``.
 """
-from .errors import CheckpointError, PipelineError
+from .errors import PipelineError
 
-__all__ = ["CheckpointError", "PipelineError", "ProductBGPipeline", "GenerateSettings", "Prepared", "Result"]
+__all__ = ["PipelineError", "ProductBGPipeline", "GenerateSettings", "Prepared", "Result"]
 
 
 def __getattr__(name: str):

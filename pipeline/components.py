@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from .errors import CheckpointError, PipelineError
+from .errors import PipelineError
 from .quiet import quiet_loading
 from .single_file import SD15_CONFIGS, SDXL_CONFIGS
 
@@ -169,7 +169,7 @@ def load_clip_vision(path: str | os.PathLike) -> ClipVision:
     told apart by width; shipped configs).
 
     Raises:
-        CheckpointError: missing, pickle, or a file whose shapes fit neither (pass its folder then).
+        PipelineError: missing, pickle, or a file whose shapes fit neither (pass its folder then).
     """
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -180,7 +180,7 @@ def load_clip_vision(path: str | os.PathLike) -> ClipVision:
                 return ClipVision(CLIPVisionModelWithProjection.from_pretrained(p, local_files_only=True,
                                                                                 use_safetensors=True))
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{p}: not a CLIP vision folder with config.json and model.safetensors ({e})") from None
+            raise PipelineError(f"{p}: not a CLIP vision folder with config.json and model.safetensors ({e})") from None
     from .single_file import read_checkpoint
 
     tensors = {k.removeprefix("clip_vision."): v for k, v in read_checkpoint(p).items()}
@@ -193,8 +193,8 @@ def load_clip_vision(path: str | os.PathLike) -> ClipVision:
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{p.name}: not a {name} CLIP vision file in the transformers layout; pass a folder "
-                              f"with its config.json instead ({str(e).splitlines()[0][:200]})") from None
+        raise PipelineError(f"{p.name}: not a {name} CLIP vision file in the transformers layout; pass a folder "
+                            f"with its config.json instead ({str(e).splitlines()[0][:200]})") from None
     return ClipVision(model)
 
 
@@ -275,8 +275,8 @@ def load_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
     root = Path(path)
     missing = [d for d in ("unet", "vae", "text_encoder") if not (root / d / "config.json").is_file()]
     if missing:
-        raise CheckpointError(f"{root}: not a diffusers Stable Diffusion folder (missing "
-                              f"{', '.join(d + '/config.json' for d in missing)})")
+        raise PipelineError(f"{root}: not a diffusers Stable Diffusion folder (missing "
+                            f"{', '.join(d + '/config.json' for d in missing)})")
     kw: dict[str, Any] = dict(local_files_only=True, torch_dtype=dtype)
     try:
         with quiet_loading():
@@ -288,7 +288,7 @@ def load_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
                 text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
                     root / "text_encoder_2", local_files_only=True, dtype=dtype).eval()
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{root}: could not load ({str(e).splitlines()[0][:300]})") from None
+        raise PipelineError(f"{root}: could not load ({str(e).splitlines()[0][:300]})") from None
     sched = root / "scheduler" / "scheduler_config.json"
     config = json.loads(sched.read_text(encoding="utf-8")) if sched.is_file() else shipped_scheduler_config()
     # The folder's own configs decide the shapes (tiny and custom folders load too): a second text encoder

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import PipelineError
 from .pipeline import GenerateSettings, ProductBGPipeline
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo_model"
@@ -29,8 +29,8 @@ def demo_recipe(folder: str | os.PathLike = DEMO_MODEL) -> dict[str, Any]:
     """The training record shipped with the model (settings, stage timings, file sizes)."""
     path = Path(folder) / "recipe.json"
     if not path.is_file():
-        raise CheckpointError(f"{folder}: no demo model here (recipe.json missing); train one with "
-                              "python scripts/train_demo_model.py")
+        raise PipelineError(f"{folder}: no demo model here (recipe.json missing); train one with "
+                            "python scripts/train_demo_model.py")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -39,7 +39,7 @@ def load_demo_pipeline(folder: str | os.PathLike = DEMO_MODEL, settings: Generat
     """The demo model with its bank, style encoder and CLIP vision model.
 
     Raises:
-        CheckpointError: the folder is not a demo model.
+        PipelineError: the folder is not a demo model.
     """
     root = Path(folder)
     demo_recipe(root)

@@ -4,7 +4,3 @@ from __future__ import annotations
 
 class PipelineError(ValueError):
     """A problem with the inputs or models of a generation run; the message says what to fix."""
-
-
-class CheckpointError(PipelineError):
-    """A checkpoint or config folder that cannot be loaded."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import CheckpointError
+from .errors import PipelineError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SD15_CONFIGS = ASSETS / "sd15"
@@ -71,7 +71,7 @@ def detect_backbone(keys, name: str = "checkpoint"):
     registry's :func:`~productbg.backbones.from_checkpoint_keys`).
 
     Raises:
-        CheckpointError: another family (named: SDXL refiner, SD2, SD3, Flux ...). Files without any text
+        PipelineError: another family (named: SDXL refiner, SD2, SD3, Flux ...). Files without any text
             encoder are taken as SD1.5, whose loader then names what is missing.
     """
     from .. import backbones
@@ -79,7 +79,7 @@ def detect_backbone(keys, name: str = "checkpoint"):
     try:
         found = backbones.from_checkpoint_keys(keys, host="diffusers")
     except backbones.BackboneError as e:
-        raise CheckpointError(f"{name}: {e}") from None
+        raise PipelineError(f"{name}: {e}") from None
     # No text encoder we know and no foreign family: SD1.5's loader says what is missing (a LoRA, a UNet ...).
     return found if found is not None else backbones.SD15
 
@@ -92,7 +92,7 @@ def checkpoint_backbone(path: str | os.PathLike):
     try:
         header = read_header(path)
     except WeightsError as e:
-        raise CheckpointError(str(e)) from None
+        raise PipelineError(str(e)) from None
     return detect_backbone(header.tensors, Path(path).name)
 
 
@@ -100,10 +100,10 @@ def safetensors_checkpoint(path: str | os.PathLike) -> Path:
     """``path`` as a Path when it is an existing ``.safetensors`` file (pickles are refused: they can run code)."""
     p = Path(path)
     if not p.is_file():
-        raise CheckpointError(f"{p}: no such checkpoint file")
+        raise PipelineError(f"{p}: no such checkpoint file")
     if p.suffix.lower() != ".safetensors":
-        raise CheckpointError(f"{p.name}: only .safetensors checkpoints are read (.ckpt/.pt files are pickles "
-                              "that can run code; convert them first)")
+        raise PipelineError(f"{p.name}: only .safetensors checkpoints are read (.ckpt/.pt files are pickles "
+                            "that can run code; convert them first)")
     return p
 
 
@@ -123,8 +123,8 @@ def token_embeddings(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tens
     header = read_header(p)
     missing = [k for k in keys.values() if k not in header.tensors]
     if missing:
-        raise CheckpointError(f"{p.name}: no text-encoder token embeddings ({missing[0]}); a full "
-                              f"{backbone.label} checkpoint is needed")
+        raise PipelineError(f"{p.name}: no text-encoder token embeddings ({missing[0]}); a full "
+                            f"{backbone.label} checkpoint is needed")
     reader = SafeReader(p, header)
     try:
         return backbone.family, {enc: reader.tensor(key) for enc, key in keys.items()}
@@ -142,7 +142,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         return load_all(p)[0]
     except WeightsError as e:
-        raise CheckpointError(f"{p.name}: {e}") from None
+        raise PipelineError(f"{p.name}: {e}") from None
 
 
 def config_files(config_dir: str | os.PathLike | None = None, family: str = "sd15") -> dict[str, Path]:
@@ -155,7 +155,7 @@ def config_files(config_dir: str | os.PathLike | None = None, family: str = "sd1
     files = {name: root / fname for name, fname in names.items()}
     missing = [f.name for f in files.values() if not f.is_file()]
     if missing:
-        raise CheckpointError(f"{root}: missing component config(s) {', '.join(missing)}")
+        raise PipelineError(f"{root}: missing component config(s) {', '.join(missing)}")
     return files
 
 
@@ -173,7 +173,7 @@ def load_single_file(path: str | os.PathLike | dict, config_dir: str | os.PathLi
         The :class:`SingleFileParts`.
 
     Raises:
-        CheckpointError: not a safetensors file, another family (named), or shapes that do not fit.
+        PipelineError: not a safetensors file, another family (named), or shapes that do not fit.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
@@ -200,14 +200,14 @@ def load_single_file(path: str | os.PathLike | dict, config_dir: str | os.PathLi
                     CLIPTextModelWithProjection, checkpoint, config=str(files["text_encoder_2"]),
                     torch_dtype=dtype, local_files_only=True)
     except (RuntimeError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{name}: does not fit the {b.label} component configs in {unet_cfg.parent} "
-                              f"({str(e).splitlines()[0][:300]})") from None
+        raise PipelineError(f"{name}: does not fit the {b.label} component configs in {unet_cfg.parent} "
+                            f"({str(e).splitlines()[0][:300]})") from None
     models = {"UNet": unet, "VAE": vae, "text encoder": text_encoder, "second text encoder": text_encoder_2}
     for what, model in models.items():
         missing = [n for n, t in (model.state_dict().items() if model is not None else ()) if t.is_meta]
         if missing:
-            raise CheckpointError(f"{name}: the {what} lacks {len(missing)} tensors of the {b.label} configs in "
-                                  f"{unet_cfg.parent} (e.g. {missing[0]})")
+            raise PipelineError(f"{name}: the {what} lacks {len(missing)} tensors of the {b.label} configs in "
+                                f"{unet_cfg.parent} (e.g. {missing[0]})")
     scheduler = json.loads(files["scheduler"].read_text(encoding="utf-8"))
     return SingleFileParts(unet.eval(), vae.eval(), text_encoder.eval(), scheduler,
                            text_encoder_2.eval() if text_encoder_2 is not None else None, b.family)
@@ -218,11 +218,11 @@ def _in_channels(checkpoint: dict[str, torch.Tensor], name: str) -> int:
     if weight is None or weight.ndim != 4:
         hint = ("it looks like a LoRA or embedding, not a full model" if not any(k.startswith(UNET_PREFIX)
                 for k in checkpoint) else "its first UNet convolution is missing")
-        raise CheckpointError(f"{name}: not a Stable Diffusion checkpoint in the original layout ({hint}; "
-                              f"expected tensor {UNET_IN_KEY})")
+        raise PipelineError(f"{name}: not a Stable Diffusion checkpoint in the original layout ({hint}; "
+                            f"expected tensor {UNET_IN_KEY})")
     if weight.shape[1] not in (4, 9):
-        raise CheckpointError(f"{name}: UNet takes {weight.shape[1]} input channels; SD1.5 and SDXL have 4, their "
-                              "inpainting variants 9")
+        raise PipelineError(f"{name}: UNet takes {weight.shape[1]} input channels; SD1.5 and SDXL have 4, their "
+                            "inpainting variants 9")
     return int(weight.shape[1])
 
 

@@ -8,7 +8,7 @@ import torch
 from productbg.cli import main
 from productbg.imaging.synthetic import packshot
 from productbg.pipeline.components import ClipVision, load_clip_vision, tiny_style_encoder
-from productbg.pipeline.errors import CheckpointError
+from productbg.pipeline.errors import PipelineError
 from productbg.fileio.png import save_png
 from productbg.pipeline.single_file import save_single_file, write_config_dir
 from productbg.pipeline.tiny import tiny_text_encoder, tiny_unet, tiny_vae, tiny_vision_encoder
@@ -73,7 +73,7 @@ def test_clip_vision_single_file_needs_vit_h(model_files, tmp_path):
     from safetensors.torch import save_file
 
     save_file(tiny_vision_encoder().state_dict(), str(tmp_path / "clip.safetensors"))
-    with pytest.raises(CheckpointError, match="ViT-H/14.*folder"):
+    with pytest.raises(PipelineError, match="ViT-H/14.*folder"):
         load_clip_vision(tmp_path / "clip.safetensors")
     assert load_clip_vision(model_files / "clip_vision").size == 32
 
@@ -86,7 +86,7 @@ def test_clip_vision_single_file_width_picks_vit_bigg(tmp_path):
 
     save_file({"vision_model.embeddings.patch_embedding.weight": torch.zeros(1664, 3, 14, 14)},
               str(tmp_path / "clip_g.safetensors"))
-    with pytest.raises(CheckpointError, match="ViT-bigG/14.*folder"):
+    with pytest.raises(PipelineError, match="ViT-bigG/14.*folder"):
         load_clip_vision(tmp_path / "clip_g.safetensors")
 
 

@@ -13,7 +13,7 @@ from productbg.attention import (SDXL, Guidance, IdentifierGuidance, ProductMask
 from productbg.attention.diffusers_processor import DiffusersCall, install_processors
 from productbg.pipeline import GenerateSettings, ProductBGPipeline
 from productbg.pipeline.components import SeededIdentifiers, tiny_components
-from productbg.pipeline.errors import CheckpointError, PipelineError
+from productbg.pipeline.errors import PipelineError
 from productbg.pipeline.pipeline import defaults_for
 from productbg.pipeline.prompts import PromptEncoder
 from productbg.pipeline.single_file import (SDXL_CONFIGS, config_files, detect_backbone, load_single_file,
@@ -97,7 +97,7 @@ def test_tiny_sdxl_checkpoint_round_trip_offline(tmp_path, no_network, channels)
     (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"], "Flux"),
 ])
 def test_other_families_refused_by_name(keys, named):
-    with pytest.raises(CheckpointError, match=named):
+    with pytest.raises(PipelineError, match=named):
         detect_backbone(keys + ["model.diffusion_model.input_blocks.0.0.weight"], "x.safetensors")
     assert detect_backbone(["cond_stage_model.transformer.text_model.x"]).family == "sd15"
     assert detect_backbone(["conditioner.embedders.0.transformer.text_model.x",

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from productbg.pipeline.errors import CheckpointError
+from productbg.pipeline.errors import PipelineError
 from productbg.pipeline.single_file import (SD15_CONFIGS, config_files, ldm_state_dict, load_single_file,
                                             save_single_file, write_config_dir)
 from productbg.pipeline.tiny import tiny_text_encoder, tiny_unet, tiny_vae
@@ -66,20 +66,20 @@ def test_refuses_pickles_and_non_models(tmp_path):
 
     pickle = tmp_path / "model.ckpt"
     pickle.write_bytes(b"\x80\x04")
-    with pytest.raises(CheckpointError, match="pickles"):
+    with pytest.raises(PipelineError, match="pickles"):
         load_single_file(pickle)
     lora = atomic_save({"lora_unet_x.lora_down.weight": torch.zeros(2, 4)}, tmp_path / "lora.safetensors")
-    with pytest.raises(CheckpointError, match="LoRA or embedding"):
+    with pytest.raises(PipelineError, match="LoRA or embedding"):
         load_single_file(lora)
     odd = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(320, 5, 3, 3)}
-    with pytest.raises(CheckpointError, match="5 input channels"):
+    with pytest.raises(PipelineError, match="5 input channels"):
         load_single_file(odd)
 
 
 def test_missing_config_is_named(tmp_path):
     """A config folder lacking a file names the missing file."""
     (tmp_path / "unet_config.json").write_text("{}")
-    with pytest.raises(CheckpointError, match="vae_config.json"):
+    with pytest.raises(PipelineError, match="vae_config.json"):
         config_files(tmp_path)
 
 

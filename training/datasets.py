@@ -22,7 +22,10 @@ from . import layout
 
 
 class DatasetError(Exception):
-    """A dataset that cannot be used as is; the message summarises every problem found."""
+    """A dataset that cannot be used as is; the message summarises every problem found, ``problems`` lists them.
+
+    Its own class (not a PipelineError) because ``productbg dataset check`` catches it alone to report the
+    dataset, where a model or weight problem would be a different failure."""
 
     def __init__(self, message: str, problems: Sequence["Problem"] = ()) -> None:
         super().__init__(message)

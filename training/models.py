@@ -30,10 +30,6 @@ TINY_SOURCES = {"tiny": ("sd15", False), "tiny-inpaint": ("sd15", True),
                 "tiny-sdxl": ("sdxl", False), "tiny-sdxl-inpaint": ("sdxl", True)}
 
 
-class ModelLoadError(Exception):
-    """The base model could not be loaded; the message says what to fix."""
-
-
 @dataclass
 class SDComponents:
     """What the trainers need from a base model.
@@ -106,7 +102,7 @@ def load_components(source: str | Path, dtype: torch.dtype = torch.float32,
         config_dir: component configs for a single-file checkpoint (default: the shipped set of its backbone).
 
     Raises:
-        ModelLoadError: unknown source, pickle checkpoint, missing files, an unsupported backbone.
+        PipelineError: unknown source, pickle checkpoint, missing files, an unsupported backbone.
     """
     from ..pipeline.components import load_base, tiny_components
     from ..pipeline.errors import PipelineError
@@ -117,14 +113,11 @@ def load_components(source: str | Path, dtype: torch.dtype = torch.float32,
         return from_pipeline(tiny_components(inpaint=inpaint, style=False, family=family), s)
     path = Path(s)
     if path.is_file() and path.suffix.lower() != ".safetensors":
-        raise ModelLoadError(f"{path.name}: only .safetensors checkpoints are loaded (pickle files can run code)")
+        raise PipelineError(f"{path.name}: only .safetensors checkpoints are loaded (pickle files can run code)")
     if not path.exists():
-        raise ModelLoadError(f"{s}: no such model; pass {', '.join(TINY_SOURCES)}, a diffusers folder or a "
-                             ".safetensors checkpoint")
-    try:
-        return from_pipeline(load_base(path, config_dir, dtype), s)
-    except PipelineError as e:
-        raise ModelLoadError(str(e)) from None
+        raise PipelineError(f"{s}: no such model; pass {', '.join(TINY_SOURCES)}, a diffusers folder or a "
+                            ".safetensors checkpoint")
+    return from_pipeline(load_base(path, config_dir, dtype), s)
 
 
 def from_pipeline(parts: Components, source: str) -> SDComponents:

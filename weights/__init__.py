@@ -11,7 +11,7 @@ Every problem with a file raises :class:`WeightsError` (a ``ValueError``). Never
 from .bank import (DEFAULT_TEMPLATE, Category, CategoryBank, CategoryLora, load_bank)
 from .describe import FileReport, describe_file
 from .embedding import EmbeddingExport, export_embedding, read_embedding
-from .errors import (FormatMismatchError, MalformedFileError, NameLookupError, UnsafeFormatError, WeightsError)
+from .errors import (FormatMismatchError, MalformedFileError, NameLookupError, WeightsError)
 from .ip_adapters import (CLIP_VISIONS, RELEASES, VIT_BIGG, VIT_H, ClipVision, Release, check_clip_vision,
                           clip_vision_problem, clip_vision_widths, release_of, required_clip_vision)
 from .lora import (LoraFile, LoraModule, convert_lora_file, diffusers_path, kohya_name, parse_lora, read_lora,
@@ -27,7 +27,7 @@ __all__ = [
     "EmbeddingExport", "export_embedding", "read_embedding",
     "CLIP_VISIONS", "RELEASES", "VIT_BIGG", "VIT_H", "ClipVision", "Release", "check_clip_vision",
     "clip_vision_problem", "clip_vision_widths", "release_of", "required_clip_vision",
-    "FormatMismatchError", "MalformedFileError", "NameLookupError", "UnsafeFormatError", "WeightsError",
+    "FormatMismatchError", "MalformedFileError", "NameLookupError", "WeightsError",
     "LoraFile", "LoraModule", "convert_lora_file", "diffusers_path", "kohya_name", "parse_lora", "read_lora",
     "to_kohya", "to_peft",
     "atomic_save", "read_header",

@@ -30,7 +30,8 @@ ON_CONFLICT = ("error", "keep", "replace")
 
 
 class MergeConflictError(WeightsError):
-    """Two banks disagree about a category (or the template); ``conflicts`` holds one line per problem."""
+    """Two banks disagree about a category (or the template); ``conflicts`` holds one line per problem
+    (``productbg bank merge`` catches it to print each one)."""
 
     def __init__(self, conflicts: list[str]) -> None:
         self.conflicts = list(conflicts)

@@ -21,7 +21,7 @@ import torch
 
 from ..fileio import write_atomically
 
-from .errors import MalformedFileError, UnsafeFormatError, WeightsError
+from .errors import MalformedFileError, WeightsError
 
 #: Largest header we accept (the safetensors library's own limit).
 MAX_HEADER_BYTES = 100_000_000
@@ -91,13 +91,13 @@ def check_suffix(path: str | os.PathLike) -> Path:
         The path as a :class:`~pathlib.Path`.
 
     Raises:
-        UnsafeFormatError: for pickle-based formats.
-        WeightsError: for any other non-``.safetensors`` name.
+        WeightsError: for a pickle-based format (saying why and how to convert) or any other non-``.safetensors``
+            name.
     """
     p = Path(path)
     suffix = p.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
-        raise UnsafeFormatError(
+        raise WeightsError(
             f"{p.name}: {suffix} files are Python pickles, and unpickling can run arbitrary code, so productbg "
             "never opens them. Convert it once, in an environment you trust, to .safetensors (e.g. load it with "
             "torch.load(path, weights_only=True), flatten nested dicts to 'group.key' names, and write it with "
@@ -163,7 +163,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 class _DuplicateKey(Exception):
-    pass
+    """A header key given twice; not a ValueError, so that the reader tells it apart from invalid JSON."""
 
 
 def _parse_header_json(raw: bytes, p: Path) -> dict[str, Any]:
