@@ -13,8 +13,9 @@ from pathlib import Path
 
 from . import checks
 from .errors import CliError
+from ..imaging.export import EXPORT_PRESETS
 
-EPILOG = """examples:
+EPILOG = f"""examples:
   productbg generate --product bottle.png --category cosmetics --out out/bottle.png
   productbg generate --product mug.png --category lamps --checkpoint demo --n 4 --out out/mug.png   (embedded toy model)
   productbg generate --product shoe.jpg --category sneakers --n 4 --seed 7 --out out/shoe/ \\
@@ -26,7 +27,7 @@ EPILOG = """examples:
       (SDXL: detected from the file; 928x1152, DPM++ 2M Karras 30 steps, CFG 6 unless given)
 
   productbg generate --product shoe.jpg --category sneakers --export amazon-zoom --out out/shoe.jpg --quality 92
-      (2000x2000 JPEG, the shoe at its own resolution; --export shopify|taobao|instagram-portrait|story|WxH)
+      (2000x2000 JPEG, the shoe at its own resolution; --export {'|'.join(EXPORT_PRESETS)}|WxH)
 
 --out ending in .png/.jpg/.webp writes that image (name_1.png ... for --n > 1) and name.json beside it; any other
 --out is a folder with image_<k>.png (.jpg/.webp with --export --format), raw_<k>.png (before paste-back),

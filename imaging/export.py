@@ -50,7 +50,7 @@ Upscaler = Callable[[np.ndarray], np.ndarray]
 
 
 def parse_export_size(text: str) -> tuple[int, int]:
-    """A preset name (``amazon-zoom``, ``shopify``, ``taobao``, ``instagram-portrait``, ``story``) or ``WxH``.
+    """A preset name (a key of :data:`EXPORT_PRESETS`, e.g. ``amazon-zoom``) or ``WxH``.
 
     Raises:
         ValueError: neither, or a side outside 64..8192.

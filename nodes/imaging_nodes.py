@@ -173,7 +173,7 @@ class PlaceProduct(io.ComfyNode):
                          "for InpaintModelConditioning; Composite Product pastes the original back afterwards. "
                          "placement (the product's scale and offset, plus the original product) goes to Export for "
                          "Marketplace, which delivers the image at export size with the product at its own "
-                         "resolution. An export canvas (amazon-zoom, shopify, taobao, instagram-portrait, story) "
+                         f"resolution. An export canvas ({', '.join(imaging.EXPORT_PRESETS)}) "
                          "places the product in the export's frame and makes a canvas of its aspect whose longer side "
                          "is the larger of width and height: set it to the backbone's size, 512 for SD1.5 and 1024 "
                          "for SDXL (the widgets default to 512 so saved workflows keep their values)."),
