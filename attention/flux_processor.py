@@ -1,19 +1,31 @@
 """diffusers adapter for Flux.1: an attention processor for ``FluxTransformer2DModel`` that confines an identifier
-to the background in every double- and single-stream block (the math: ``joint``).
+and / or Flux Redux reference-style tokens to the background in every double- and single-stream block (the math:
+``joint``).
 
 Install with :func:`install_flux_processors`; then per model call::
 
-    call = JointCall(identifier, grid=flux_token_grid(height, width))
+    call = JointCall(identifier, grid=flux_token_grid(height, width))               # an identifier
+    call = JointCall(identifier, grid, style=ReduxStyle(tokens=729))                # + a Redux reference
+    call = JointCall(None, grid, style=ReduxStyle(729, product=ProductMask(mask)),  # a Redux reference alone
+                     text_tokens=prompt_embeds.shape[1])
     transformer(hidden_states=packed_latents,
-                encoder_hidden_states=call.extend_text(t5_prompt),     # [full ; identifier-free], 2 x 512 tokens
-                txt_ids=JointCall.extend_ids(txt_ids),                  # the free stream at the text's positions
+                **confined_inputs(call, prompt_embeds, txt_ids),  # text, its ids, joint_attention_kwargs
                 pooled_projections=pooled_clip_of_the_identifier_free_prompt,
-                img_ids=img_ids, timestep=t, joint_attention_kwargs={"productbg": call})
+                img_ids=img_ids, timestep=t)
+
+``prompt_embeds`` is the text the model would get unpatched: T5's prompt ([B, L, 4096]), or with a Redux
+reference ``FluxPriorReduxPipeline``'s ``prompt_embeds``, ``[T5 prompt ; Redux tokens]`` ([B, L + 729, 4096]: the
+Redux tokens last). :func:`confined_inputs` appends the free stream (``JointCall.extend_text``: the identifier-free
+prompt, without the Redux tokens while the style is confined) and its position ids (``JointCall.extend_ids``: the
+free stream at its own text's positions; Flux's text ids are zeros, so zeros of its length). Through diffusers'
+``FluxPipeline`` the same goes as ``prompt_embeds=call.extend_text(prompt_embeds)`` and
+``joint_attention_kwargs={"productbg": call}`` (the pipeline's text ids are zeros of the extended length) for a call
+without a sigma range; a sigma range needs the call per step (``call.for_call(sigma=...)``).
 
 The pooled CLIP vector modulates every token (AdaLN) of both streams and of the image, the product's included:
-it must be the identifier-free prompt's, or the identifier reaches product cells through the modulation. Only the
-image tokens reach the output (``norm_out`` / ``proj_out``), so the extra stream costs compute, not a change in
-what the model returns.
+with an identifier it must be the identifier-free prompt's, or the identifier reaches product cells through the
+modulation (Redux leaves the pooled vector alone). Only the image tokens reach the output (``norm_out`` /
+``proj_out``), so the extra stream costs compute, not a change in what the model returns.
 
 Without ``productbg`` in the kwargs the processor is diffusers' ``FluxAttnProcessor`` (SDPA), so a transformer can
 keep it installed. No diffusers import: the processor only uses the ``FluxAttention`` module it is handed, whose
@@ -21,6 +33,8 @@ layout (``to_q``/``to_k``/``to_v``, ``add_*_proj``, ``norm_q``/``norm_k``/``norm
 ``to_add_out``, optional fused ``to_qkv`` / ``to_added_qkv``) is that of diffusers 0.3x–0.42.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +74,9 @@ def _projections(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch
 
 
 class FluxJointProcessor:
-    """``FluxAttnProcessor`` plus identifier confinement on the joint attention (see the module docstring)."""
+    """``FluxAttnProcessor`` plus identifier / Redux confinement on the joint attention (see the module
+    docstring). The text of a double block, or the text part of a single block's sequence, is
+    ``[full (Lf) ; free (Lg)]``; ``JointCall.check_sequence`` refuses any other length."""
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None,
@@ -106,3 +122,21 @@ def install_flux_processors(transformer: torch.nn.Module) -> dict[str, int]:
     for block in (*transformer.transformer_blocks, *transformer.single_transformer_blocks):
         block.attn.set_processor(processor)
     return {"double": len(transformer.transformer_blocks), "single": len(transformer.single_transformer_blocks)}
+
+
+def confined_inputs(call: JointCall, encoder_hidden_states: torch.Tensor,
+                    txt_ids: torch.Tensor) -> dict[str, Any]:
+    """The transformer's text arguments for one confined call.
+
+    Args:
+        call: this model call's :class:`JointCall` (its sigma set if a component has a sigma range).
+        encoder_hidden_states: [B, Lf, 4096], the text the unpatched model would get: T5's prompt, or
+            ``[T5 prompt ; Redux tokens]`` (``FluxPriorReduxPipeline``'s ``prompt_embeds``).
+        txt_ids: the text's position ids, [Lf, 3] (or diffusers' older [B, Lf, 3]).
+
+    Returns:
+        ``encoder_hidden_states`` [B, Lf + Lg, 4096] and ``txt_ids`` with the free stream appended, and
+        ``joint_attention_kwargs`` carrying the call: keyword arguments of ``FluxTransformer2DModel.forward``.
+    """
+    return {"encoder_hidden_states": call.extend_text(encoder_hidden_states),
+            "txt_ids": call.extend_text_ids(txt_ids), "joint_attention_kwargs": {CALL_KEY: call}}
