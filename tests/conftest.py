@@ -7,6 +7,9 @@ Real-ComfyUI fixtures (all session-scoped, built lazily; tests using them are ma
 - ``comfy_server``      ComfyUI's HTTP server (main.py) with this pack in custom_nodes/productbg
 - ``comfy_sdxl_checkpoints`` {"sdxl", "inpaint"}: random full-size SDXL / SDXL-inpainting checkpoints (modules
   named test_comfy_sdxl* use them and run after all other ComfyUI tests)
+- ``comfy_flux_files``  random full-size Flux.1 files (dev / fill / schnell transformers with 1 double + 1 single
+  block, fp8 T5-XXL, CLIP-L, VAE, Redux, SigLIP) in the ComfyUI models folders: ``files["dev"]`` is a loader name
+  (see tests/flux_checkpoint.py); modules named test_comfy_flux* use them, each in a pytest process of its own
 - ``clone_semantics``   runs a test under both ``ModelPatcher.clone()`` semantics (see comfy_harness)
 """
 import os
@@ -25,7 +28,8 @@ import comfy_harness  # noqa: E402
 if not comfy_harness.comfyui_dir_problem(os.environ.get("COMFYUI_DIR")):
     sys.path.append(os.path.realpath(os.environ["COMFYUI_DIR"]))
 
-COMFY_FIXTURES = ("comfyui_dir", "comfy_checkpoints", "comfy", "comfy_server", "comfy_sdxl_checkpoints")
+COMFY_FIXTURES = ("comfyui_dir", "comfy_checkpoints", "comfy", "comfy_server", "comfy_sdxl_checkpoints",
+                  "comfy_flux_files")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -72,6 +76,13 @@ def comfy_checkpoints(comfyui_dir):
 @pytest.fixture(scope="session")
 def comfy_sdxl_checkpoints(comfyui_dir):
     return comfy_harness.ensure_sdxl_checkpoints(comfyui_dir)
+
+
+@pytest.fixture(scope="session")
+def comfy_flux_files(comfyui_dir):
+    import flux_checkpoint
+
+    return flux_checkpoint.flux_files(comfyui_dir)
 
 
 @pytest.fixture(scope="session")
