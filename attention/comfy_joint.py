@@ -10,6 +10,9 @@ working beside ours:
   :func:`guided.plan_call`), the row's own text elsewhere — so every block runs on ``[full ; free ; image]``
   (ComfyUI sizes the text positions from the context: the free stream sits at the text's own positions, 0), builds
   the run's :class:`joint.JointPlan` once, and sets ``optimized_attention_override`` for the call;
+* with Flux **Redux** tokens appended to the positive text (Reference Style Redux: the conditioning is tagged with
+  their count R, ``REDUX_TAG``, and the style is listed under ``REDUX_KEY``), the free stream is the prompt part
+  alone, ``Lf − R`` tokens: product cells see neither the identifier nor the reference's tokens;
 * that **attention override**, in every double- and single-stream block: on a joint sequence of the expected
   length it runs :func:`joint.confined_joint_attention` with ComfyUI's own kernel (the backend the user picked,
   and any override another pack set before ours) for the unmasked sub-attentions; any other attention call
@@ -30,14 +33,18 @@ from typing import Any, Callable
 
 import torch
 
-from .comfy_patch import CALC_COND_BATCH, OPTIONS_KEY, GuidanceError, _check_latent, guard_sampling
+from .comfy_patch import CALC_COND_BATCH, OPTIONS_KEY, REDUX_TAG, GuidanceError, _check_latent, guard_sampling
 from .guided import Guidance, extend_context, plan_call
-from .joint import JointPlan, build_plan, confined_joint_attention
+from .joint import JointPlan, ReduxStyle, build_plan, confined_joint_attention
 from .masks import rows_for_batch
 
 #: ``comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL`` (a plain string: no import).
 DIFFUSION_MODEL = "diffusion_model"
 OVERRIDE_KEY = "optimized_attention_override"
+#: transformer_options key of the Redux styles confined on a model (a tuple of :class:`joint.ReduxStyle`).
+REDUX_KEY = "productbg_redux"
+__all__ = ["DIFFUSION_MODEL", "OVERRIDE_KEY", "REDUX_KEY", "REDUX_TAG", "JointRun", "confine_joint", "install_joint",
+           "token_grid"]
 PATCH_SIZE = 2  # Flux packs 2×2 latent cells into one image token
 
 
@@ -47,36 +54,52 @@ def token_grid(latent_hw: tuple[int, int]) -> tuple[int, int]:
     return (h + PATCH_SIZE // 2) // PATCH_SIZE, (w + PATCH_SIZE // 2) // PATCH_SIZE
 
 
-def _active(guidance: Guidance, transformer_options: dict) -> list:
-    """The identifiers confining by context at this call (strength > 0 and, when gated, inside their range)."""
-    active = [g for g in guidance.identifiers if g.confinement == "context" and g.strength > 0]
-    if any(g.gated for g in active):
-        sigmas = transformer_options.get("sigmas")
-        sigma = float(sigmas.flatten()[0]) if isinstance(sigmas, torch.Tensor) and sigmas.numel() else None
-        active = [g for g in active if not g.gated or sigma is None or g.sigma_end <= sigma <= g.sigma_start]
-    return active
+def _sigma(transformer_options: dict) -> float | None:
+    sigmas = transformer_options.get("sigmas")
+    return float(sigmas.flatten()[0]) if isinstance(sigmas, torch.Tensor) and sigmas.numel() else None
 
 
-def _share(identifiers: list, grid: tuple[int, int], rows: int, cond_or_uncond: tuple[int, ...]) -> torch.Tensor:
-    """[rows, N] float32 on the host: ``strength · (1 − m)`` on positive rows (the largest over identifiers), 0 on
-    negative rows. A positive row that does not hold an identifier's prompt gets its own text as free stream, so
-    whichever view its cells take is the same attention."""
+def _in_range(obj: Any, sigma: float | None) -> bool:
+    return not obj.gated or sigma is None or obj.sigma_end <= sigma <= obj.sigma_start
+
+
+def _active(guidance: Guidance | None, styles: tuple, transformer_options: dict) -> tuple[list, list]:
+    """The identifiers confining by context and the Redux styles confined at this call (strength > 0 and, when
+    gated, inside their range: one read of the current sigma, only then)."""
+    identifiers = [g for g in (guidance.identifiers if guidance else ()) if g.confinement == "context" and g.strength > 0]
+    styles = [s for s in styles if s.strength > 0]
+    if any(o.gated for o in (*identifiers, *styles)):
+        sigma = _sigma(transformer_options)
+        identifiers = [g for g in identifiers if _in_range(g, sigma)]
+        styles = [s for s in styles if _in_range(s, sigma)]
+    return identifiers, styles
+
+
+def _share(confined: list, grid: tuple[int, int], rows: int, cond_or_uncond: tuple[int, ...]) -> torch.Tensor:
+    """[rows, N] float32 on the host: ``strength · (1 − m)`` on positive rows — the largest over what is confined
+    (an identifier and a Redux style at different strengths: product cells take the larger) — 0 on negative rows.
+    A positive row that does not hold an identifier's prompt gets its own text as free stream, so whichever view
+    its cells take is the same attention."""
     chunks = len(cond_or_uncond)
-    positive = torch.tensor([cond_or_uncond[r // (rows // chunks)] == 0 for r in range(rows)],
-                            dtype=torch.float32)[:, None]
+    positive = torch.tensor(_positive(cond_or_uncond, rows), dtype=torch.float32)[:, None]
     share = torch.zeros(rows, grid[0] * grid[1])
-    for g in identifiers:
-        background = rows_for_batch(g.product.background(grid, torch.device("cpu")), rows, chunks)
-        share = torch.maximum(share, (1.0 - background) * positive * g.strength)
+    for o in confined:
+        background = rows_for_batch(o.product.background(grid, torch.device("cpu")), rows, chunks)
+        share = torch.maximum(share, (1.0 - background) * positive * o.strength)
     return share
+
+
+def _positive(cond_or_uncond: tuple[int, ...], rows: int) -> list[bool]:
+    chunks = len(cond_or_uncond)
+    return [cond_or_uncond[r // (rows // chunks)] == 0 for r in range(rows)]
 
 
 class JointRun:
     """One model call's confinement: its plan and the attention override handed to every block."""
 
-    def __init__(self, plan: JointPlan, text_len: int, previous: Callable | None) -> None:
+    def __init__(self, plan: JointPlan, previous: Callable | None) -> None:
         self.plan = plan
-        self.sequence = 2 * text_len + plan.image_len
+        self.sequence = plan.sequence_len
         self.previous = previous
 
     def _host(self, func: Callable, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -107,27 +130,37 @@ def confine_joint(executor: Callable, x: torch.Tensor, timestep: torch.Tensor, c
     """The diffusion-model wrapper (see the module docstring); ComfyUI calls it with Flux's ``_forward`` args."""
     transformer_options = {} if transformer_options is None else transformer_options
     run_guidance: Guidance | None = transformer_options.get(OPTIONS_KEY)
-    identifiers = _active(run_guidance, transformer_options) if run_guidance else []
-    if not identifiers:
+    identifiers, styles = _active(run_guidance, transformer_options.get(REDUX_KEY, ()), transformer_options)
+    cond_or_uncond = tuple(transformer_options.get("cond_or_uncond") or (0,))
+    if not (identifiers or styles) or 0 not in cond_or_uncond:
         return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
     if ref_latents:
         raise GuidanceError("productbg: reference latents (Kontext-style) add image tokens the product mask does "
                             "not cover; remove ReferenceLatent from the conditioning, or use a model without "
                             "Mask-Guided Attention")
     if kwargs.get("attention_mask") is not None:
-        raise GuidanceError("productbg: a text attention mask is set on the conditioning; Mask-Guided Attention "
-                            "on Flux needs the unmasked T5 text (remove the node that adds the mask)")
-    _check_latent(run_guidance, {"original_shape": tuple(x.shape)})
+        raise GuidanceError("productbg: a text attention mask is set on the conditioning (StyleModelApply's "
+                            "attn_bias, a masked text encoder); Mask-Guided Attention on Flux needs the unmasked "
+                            "text: use Reference Style Redux's strength, or remove the node that adds the mask")
+    if run_guidance:
+        _check_latent(run_guidance, {"original_shape": tuple(x.shape)})
     rows, text_len = context.shape[0], context.shape[1]
-    cond_or_uncond = tuple(transformer_options.get("cond_or_uncond") or (0,))
+    style_len = sum(s.tokens for s in styles)
+    if style_len >= text_len:
+        raise GuidanceError(f"productbg: the text has {text_len} tokens but Reference Style Redux appended "
+                            f"{style_len}: connect its conditioning output to the sampler's positive")
+    prompt = context[:, :text_len - style_len]
+    free = prompt
+    if identifiers:
+        call = plan_call(Guidance(identifiers=tuple(identifiers)), prompt, cond_or_uncond, recognise_prompts=True)
+        free = extend_context(call, prompt)[:, prompt.shape[1]:]
     grid = token_grid(tuple(x.shape[-2:]))
-    call = plan_call(Guidance(identifiers=tuple(identifiers)), context, cond_or_uncond, recognise_prompts=True)
-    joint_text = extend_context(call, context)
-    plan = _plan(identifiers, grid, rows, cond_or_uncond, text_len, x.device, x.dtype)
+    plan = _plan((*identifiers, *styles), grid, rows, cond_or_uncond, text_len, prompt.shape[1], x.device, x.dtype)
     previous = transformer_options.get(OVERRIDE_KEY)
-    transformer_options[OVERRIDE_KEY] = JointRun(plan, text_len, previous)
+    transformer_options[OVERRIDE_KEY] = JointRun(plan, previous)
     try:
-        return executor(x, timestep, joint_text, y, guidance, ref_latents, control, transformer_options, **kwargs)
+        return executor(x, timestep, torch.cat([context, free], 1), y, guidance, ref_latents, control,
+                        transformer_options, **kwargs)
     finally:
         if previous is None:
             transformer_options.pop(OVERRIDE_KEY, None)
@@ -135,23 +168,33 @@ def confine_joint(executor: Callable, x: torch.Tensor, timestep: torch.Tensor, c
             transformer_options[OVERRIDE_KEY] = previous
 
 
-def _plan(identifiers: list, grid: tuple[int, int], rows: int, cond_or_uncond: tuple[int, ...], text_len: int,
-          device: torch.device, dtype: torch.dtype) -> JointPlan:
-    """The run's plan for this layout (built on the host on first use, then cached on the first identifier)."""
-    key = ("joint-plan", tuple(id(g) for g in identifiers), grid, rows, cond_or_uncond, text_len, str(device), dtype)
-    cache = identifiers[0]._cache
+def _plan(confined: tuple, grid: tuple[int, int], rows: int, cond_or_uncond: tuple[int, ...], text_len: int,
+          free_len: int, device: torch.device, dtype: torch.dtype) -> JointPlan:
+    """The run's plan for this layout (built on the host on first use, then cached with the first guidance)."""
+    key = ("joint-plan", tuple(id(o) for o in confined), grid, rows, cond_or_uncond, text_len, free_len,
+           str(device), dtype)
+    cache = _plan_cache(confined[0])
     if key not in cache:
-        chunks = len(cond_or_uncond)
-        confined = [cond_or_uncond[r // (rows // chunks)] == 0 for r in range(rows)]
-        cache[key] = build_plan(_share(identifiers, grid, rows, cond_or_uncond), confined, text_len, device, dtype)
+        cache[key] = build_plan(_share(list(confined), grid, rows, cond_or_uncond),
+                                _positive(cond_or_uncond, rows), text_len, device, dtype, free_len)
     return cache[key]
 
 
-def install_joint(model_options: dict, guidance: Guidance) -> dict:
-    """Put ``guidance``, the diffusion-model wrapper and the sampling guard into (a clone's) ``model_options``;
-    the dicts along the path are copied before writing, so other clones stay untouched. Returns it."""
+def _plan_cache(owner: Any) -> dict:
+    cache = getattr(owner, "_cache", None)
+    if cache is None:  # a ReduxStyle carries no cache of its own
+        cache = owner.__dict__.setdefault("_productbg_plans", {})
+    return cache
+
+
+def install_joint(model_options: dict, guidance: Guidance, redux: ReduxStyle | None = None) -> dict:
+    """Put ``guidance`` (and a Redux style to confine), the diffusion-model wrapper and the sampling guard into (a
+    clone's) ``model_options``; the dicts along the path are copied before writing, so other clones stay
+    untouched. Returns it."""
     to = dict(model_options.get("transformer_options", {}))
     to[OPTIONS_KEY] = guidance
+    if redux is not None:
+        to[REDUX_KEY] = tuple(to.get(REDUX_KEY, ())) + (redux,)
     wrappers = dict(to.get("wrappers", {}))
     wrappers[DIFFUSION_MODEL] = {**wrappers.get(DIFFUSION_MODEL, {}), OPTIONS_KEY: [confine_joint]}
     wrappers[CALC_COND_BATCH] = {**wrappers.get(CALC_COND_BATCH, {}), OPTIONS_KEY: [guard_sampling]}

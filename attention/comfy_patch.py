@@ -54,6 +54,9 @@ OPTIONS_KEY = "productbg"
 PLAN_KEY = "productbg_plan"
 #: CONDITIONING extras key naming the identifier prompt a tensor was encoded as (``IdentifierSpec.tag``).
 PROMPT_TAG_KEY = "productbg_prompt"
+#: CONDITIONING extras key: how many Flux Redux tokens end this conditioning's text (Reference Style Redux sets it; the
+#: identifier's prompt is then recognised in the text before them).
+REDUX_TAG = "productbg_redux_tokens"
 #: ``comfy.patcher_extension.WrappersMP.CALC_COND_BATCH`` and ``CallbacksMP.ON_CLONE`` (plain strings: no import).
 CALC_COND_BATCH = "calc_cond_batch"
 ON_CLONE = "on_clone"
@@ -342,7 +345,7 @@ def guard_sampling(executor: Callable, model: Any, conds: list, x_in: torch.Tens
     """``calc_cond_batch`` wrapper: check the sampler's conditioning against the guidance (once per run), give
     ControlNets the identifier-free prompt, then run the step. See the module docstring."""
     guidance = model_options.get("transformer_options", {}).get(OPTIONS_KEY)
-    if guidance:
+    if guidance is not None and (guidance or _has_redux(conds)):
         latent_hw = tuple(x_in.shape[2:])
         key = (id(guidance), latent_hw, tuple(str(x.get("uuid")) for group in conds if group for x in group))
         free = _GUARDED.get(key)
@@ -400,13 +403,23 @@ def _holds_prompt(context: torch.Tensor, g: IdentifierGuidance) -> bool:
     return bool(prompt_tokens(context, g, prompt, positive).any())
 
 
+def _has_redux(conds: list) -> bool:
+    return any(x.get(REDUX_TAG) for group in conds if group for x in group)
+
+
+def _prompt_part(x: dict) -> torch.Tensor | None:
+    """A processed cond's text without the Redux tokens appended to it (``REDUX_TAG``)."""
+    context, redux = x.get("cross_attn"), int(x.get(REDUX_TAG) or 0)
+    return context[:, :context.shape[1] - redux] if context is not None and redux else context
+
+
 def _check_identifier_prompts(guidance: Guidance, positive: list | None) -> None:
     for g in guidance.identifiers:
         if g.strength == 0 or g.spec.prompt_context is None:
             continue
         found = rebuilt = False
         for x in positive or ():
-            context = x.get("cross_attn")
+            context = _prompt_part(x)
             if context is None:
                 continue
             if _holds_prompt(context, g):
@@ -432,11 +445,11 @@ def _controlnet_contexts(guidance: Guidance, conds: list) -> dict[str, torch.Ten
     identifier-free prompt (unchanged elsewhere), by cond uuid; {} without a ControlNet. The control model then
     never sees the identifier, so its residuals cannot carry it onto the product."""
     every = [x for group in conds if group for x in group]
-    if not guidance.needs_plain_context or not any("control" in x for x in every):
+    if not (guidance.needs_plain_context or _has_redux(conds)) or not any("control" in x for x in every):
         return {}
     free = {}
     for x in every:
-        context = x.get("cross_attn")
+        context = _prompt_part(x)  # a ControlNet sees no Redux tokens either: its residuals reach the product
         if context is None or CONTROLNET_CONTEXT in x.get("model_conds", {}):
             continue
         plan = plan_call(guidance, context, (0,) * context.shape[0], recognise_prompts=True)

@@ -118,6 +118,7 @@ class SamplerDefaults:
     sampler_name: str
     scheduler: str
     guidance: float | None = None  # distilled guidance (Flux dev's FluxGuidance), with cfg 1
+    inpaint_guidance: float | None = None  # the same for the inpainting model (Flux Fill's published 30)
 
 
 @dataclass(frozen=True)
@@ -326,8 +327,10 @@ FLUX = Backbone(
     # token (AdaLN), so under confinement it comes from the identifier-free prompt, as SDXL's pooled embedding.
     text_encoders=(TextEncoder("t5xxl", "t5xxl", 4096), TextEncoder("clip_l", "l", 768, pooled=True, in_context=False)),
     default_size=1024,
-    # Flux dev's published settings: distilled guidance 3.5 with CFG 1, Euler, 20 steps (schnell: 4 steps).
-    sampler=SamplerDefaults(steps=20, cfg=1.0, sampler_name="euler", scheduler="simple", guidance=3.5),
+    # Flux dev's published settings: distilled guidance 3.5 with CFG 1, Euler, 20 steps (schnell: 4 steps); Flux
+    # Fill's published guidance is 30.
+    sampler=SamplerDefaults(steps=20, cfg=1.0, sampler_name="euler", scheduler="simple", guidance=3.5,
+                            inpaint_guidance=30.0),
     presets={"all": frozenset(range(57))},
     comfy_configs=frozenset({"Flux", "FluxInpaint", "FluxSchnell"}),
     canvas_multiple=16,  # 8× VAE, then 2×2 patches

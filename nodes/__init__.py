@@ -16,6 +16,7 @@ NODE_IDS = {
     "ProductBGCategory": "Category (productbg)",
     "ProductBGLoadStyleEncoder": "Load Style Encoder (productbg)",
     "ProductBGReferenceStyle": "Reference Style (productbg)",
+    "ProductBGReferenceStyleRedux": "Reference Style Redux (productbg)",
     "ProductBGSegmentProduct": "Segment Product (productbg)",
     "ProductBGPlaceProduct": "Place Product (productbg)",
     "ProductBGCompositeProduct": "Composite Product (productbg)",

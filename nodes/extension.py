@@ -11,12 +11,13 @@ from .folders import register_model_folders
 from .imaging_nodes import (CompositeProduct, LoadProductsFromFolder, PlaceProduct, PreservationReport,
                             SegmentProduct)
 from .lora_nodes import CategoryLoraNode
+from .redux_nodes import ReferenceStyleRedux
 from .style_nodes import LoadStyleEncoder, ReferenceStyle
 
 #: Every node of the pack, in the order of :data:`productbg.nodes.NODE_IDS`.
 NODES: list[type[io.ComfyNode]] = [
     BackgroundWords, MaskGuidedAttention, LoadCategoryBank, CategoryPrompt, CategoryLoraNode, CategoryName,
-    LoadStyleEncoder, ReferenceStyle, SegmentProduct, PlaceProduct, CompositeProduct, PreservationReport,
+    LoadStyleEncoder, ReferenceStyle, ReferenceStyleRedux, SegmentProduct, PlaceProduct, CompositeProduct, PreservationReport,
     ExportProduct, LoadProductsFromFolder,
 ]
 

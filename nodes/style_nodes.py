@@ -166,6 +166,9 @@ class ReferenceStyle(io.ComfyNode):
     def execute(cls, model, style_encoder: StyleEncoder, clip_vision, reference, weight: float, layer_preset: str,
                 start_percent: float, end_percent: float, reference_mask=None, product_mask=None) -> io.NodeOutput:
         backbone = backbone_of(model)
+        if backbone.style == "redux":
+            raise NodeInputError(f"on {backbone.label} the reference style comes from Flux Redux: use Reference "
+                                 "Style Redux (productbg)")
         check_encoder_fits(style_encoder, backbone)
         if clip_vision is None:
             raise NodeInputError("connect a CLIP_VISION model (Load CLIP Vision)")

@@ -46,6 +46,13 @@ def sdxl_setup() -> Setup:
     d = SDXL.sampler
     return Setup("SDXL", SDXL_CHECKPOINT, SDXL_BANK, SDXL_STYLE_ENCODER, SDXL.default_size, d.steps, d.cfg,
                  d.sampler_name, d.scheduler)
+FLUX_FILL = "flux1-fill-dev.safetensors"
+FLUX_T5 = "t5xxl_fp8_e4m3fn.safetensors"
+FLUX_CLIP_L = "clip_l.safetensors"
+FLUX_VAE = "ae.safetensors"
+FLUX_BANK = "category_bank_flux.safetensors"
+FLUX_REDUX = "flux1-redux-dev.safetensors"
+FLUX_SIGLIP = "sigclip_vision_patch14_384.safetensors"
 PRODUCT = "productbg_example_product.png"
 REFERENCE = "productbg_example_reference.png"
 
@@ -79,15 +86,17 @@ def _product_front(g: Graph, image: list, transparency: list | None = None, size
     return seg, place
 
 
-def _back_end(g: Graph, ckpt: str, model: list, positive: list, place: str, prefix: str,
+def _back_end(g: Graph, ckpt: str | None, model: list, positive: list, place: str, prefix: str,
               negative_text: str = "product, object, text, watermark, blurry, low quality",
-              setup: Setup = SD15_SETUP) -> None:
-    neg = g.add("CLIPTextEncode", "Negative prompt", clip=out(ckpt, 1), text=negative_text)
-    inpaint = g.add("InpaintModelConditioning", positive=positive, negative=out(neg), vae=out(ckpt, 2),
+              setup: Setup = SD15_SETUP, clip: list | None = None, vae: list | None = None) -> None:
+    """Inpaint, sample, decode, paste back, save, report, export; ``clip`` / ``vae`` default to the checkpoint's."""
+    clip, vae = clip or out(ckpt, 1), vae or out(ckpt, 2)
+    neg = g.add("CLIPTextEncode", "Negative prompt", clip=clip, text=negative_text)
+    inpaint = g.add("InpaintModelConditioning", positive=positive, negative=out(neg), vae=vae,
                     pixels=out(place, 0), mask=out(place, 2), noise_mask=True)
     sample = g.add("KSampler", model=model, positive=out(inpaint, 0), negative=out(inpaint, 1),
                    latent_image=out(inpaint, 2), seed=42, **setup.sampler, denoise=1.0)
-    decode = g.add("VAEDecode", samples=out(sample), vae=out(ckpt, 2))
+    decode = g.add("VAEDecode", samples=out(sample), vae=vae)
     comp = g.add("ProductBGCompositeProduct", generated=out(decode), placed=out(place, 0),
                  product_mask=out(place, 1), feather=2.0)
     # The report finds the output's product itself (GrabCut seeded by the product mask) and never fails the run:
@@ -149,6 +158,42 @@ def _style(g: Graph, model: list, place: str, setup: Setup = SD15_SETUP) -> list
     return out(style)
 
 
+def flux_background(with_style: bool = False, prefix: str = "productbg_category_flux") -> dict:
+    """The category workflow on Flux.1 Fill: UNETLoader + DualCLIPLoader (T5-XXL + CLIP-L) + VAELoader, the
+    backbone's canvas and sampler (CFG 1, so the negative prompt is unused), distilled guidance for Fill."""
+    from productbg.backbones import FLUX
+
+    d = FLUX.sampler
+    setup = Setup("Flux.1", None, FLUX_BANK, None, FLUX.default_size, d.steps, d.cfg, d.sampler_name, d.scheduler)
+    g = Graph()
+    load = g.add("LoadImage", "Product photo", image=PRODUCT)
+    seg, place = _product_front(g, out(load, 0), out(load, 1), setup.size)
+    unet = g.add("UNETLoader", "Flux.1 Fill", unet_name=FLUX_FILL, weight_dtype="default")
+    clip = g.add("DualCLIPLoader", "T5-XXL + CLIP-L", clip_name1=FLUX_CLIP_L, clip_name2=FLUX_T5, type="flux")
+    vae = g.add("VAELoader", "Flux VAE", vae_name=FLUX_VAE)
+    bank = g.add("ProductBGLoadCategoryBank", bank_name=FLUX_BANK)
+    prompt = g.add("ProductBGCategoryPrompt", clip=out(clip), bank=out(bank), category="shoes", template="",
+                   extra_text="soft studio light, high quality")
+    positive = g.add("FluxGuidance", conditioning=out(prompt, 0), guidance=d.inpaint_guidance)
+    attn = g.add("ProductBGMaskGuidedAttention", model=out(unet), identifier=out(prompt, 1),
+                 product_mask=out(place, 1), strength=1.0, start_percent=0.0, end_percent=1.0)
+    model, positive = out(attn), out(positive)
+    if with_style:
+        vision = g.add("CLIPVisionLoader", "SigLIP (Redux)", clip_name=FLUX_SIGLIP)
+        redux = g.add("StyleModelLoader", "Flux Redux", style_model_name=FLUX_REDUX)
+        ref = g.add("LoadImage", "Brand reference image", image=REFERENCE)
+        ref_seg = g.add("ProductBGSegmentProduct", "Reference product (removed before encoding)", image=out(ref, 0),
+                        method="auto", tolerance=10.0, shadow_strength=0.75, threshold=0.5, grow=4, fill_holes=True,
+                        keep_largest=False, feather=1.0, clean_edges=False)
+        style = g.add("ProductBGReferenceStyleRedux", model=model, conditioning=positive, style_model=out(redux),
+                      clip_vision=out(vision), reference=out(ref, 0), strength=1.0, start_percent=0.0,
+                      end_percent=1.0, reference_mask=out(ref_seg, 1), product_mask=out(place, 1))
+        model, positive = out(style, 0), out(style, 1)
+    _back_end(g, None, model, positive, place, prefix, negative_text="", setup=setup, clip=out(clip), vae=out(vae))
+    _one_category(g, bank, "shoes")
+    return g.nodes
+
+
 def zero_shot_confinement(setup: Setup = SD15_SETUP, prefix: str = "productbg_zero_shot") -> dict:
     g = Graph()
     load = g.add("LoadImage", "Product photo", image=PRODUCT)
@@ -190,6 +235,8 @@ WORKFLOWS = {
     "reference_style_sdxl": lambda: category_background(with_style=True, prefix="productbg_reference_style_sdxl",
                                                         setup=sdxl_setup()),
     "zero_shot_confinement_sdxl": lambda: zero_shot_confinement(sdxl_setup(), "productbg_zero_shot_sdxl"),
+    "category_background_flux": flux_background,
+    "reference_style_flux": lambda: flux_background(with_style=True, prefix="productbg_reference_style_flux"),
 }
 
 

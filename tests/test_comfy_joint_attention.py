@@ -6,7 +6,7 @@ the block-by-block replays stay cheap) runs with productbg's wrapper installed a
 it. The property, per block and bit for bit: with the block's inputs held fixed (image tokens and the free text
 stream from one run, the full text stream from a run with another identifier), the product cells' output and the
 free stream's output do not change; background cells do. The full-size model through the real sampler is in
-``test_comfy_flux.py``.
+``test_comfy_flux.py`` (its own process).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from productbg.attention import IdentifierGuidance, IdentifierSpec, ProductMask
 from productbg.attention.comfy_joint import OVERRIDE_KEY, install_joint, token_grid
 from productbg.attention.comfy_patch import OPTIONS_KEY
 from productbg.attention.guided import Guidance
+from productbg.attention.joint import ReduxStyle
 
 pytestmark = pytest.mark.comfyui
 
@@ -57,8 +58,8 @@ def _guidance(prompt: torch.Tensor, plain: torch.Tensor, strength: float = 1.0) 
     return Guidance().with_identifier(IdentifierGuidance(spec, ProductMask(_mask()), strength))
 
 
-def _options(guidance: Guidance | None, cond_or_uncond=(0, 1), **extra) -> dict:
-    options: dict = install_joint({}, guidance)["transformer_options"] if guidance is not None else {}
+def _options(guidance: Guidance | None, cond_or_uncond=(0, 1), redux: ReduxStyle | None = None, **extra) -> dict:
+    options: dict = install_joint({}, guidance, redux)["transformer_options"] if guidance is not None else {}
     return {**options, "cond_or_uncond": list(cond_or_uncond), **extra}
 
 
@@ -83,8 +84,10 @@ class Recorder:
     recorded run's image tokens (and, with two text streams, its free stream) into the block; the full text
     stream stays this run's own."""
 
-    def __init__(self, replay: "Recorder | None" = None, streams: int = 2) -> None:
-        self.replay, self.text = replay, streams * L
+    def __init__(self, replay: "Recorder | None" = None, streams: int = 2, lf: int = L, lg: int | None = None) -> None:
+        self.replay, self.lf = replay, lf
+        self.lg = (lf if streams == 2 else 0) if lg is None else lg
+        self.text = self.lf + self.lg
         self.inputs: dict = {}
         self.outputs: dict = {}
 
@@ -97,11 +100,12 @@ class Recorder:
         args = dict(args)
         if self.replay is not None:
             before = self.replay.inputs[key]
+            lf = self.lf
             if key[0] == "double_block":
                 args["img"] = before["img"]
-                args["txt"] = torch.cat([args["txt"][:, :L], before["txt"][:, L:]], 1)
+                args["txt"] = torch.cat([args["txt"][:, :lf], before["txt"][:, lf:]], 1)
             else:
-                args["img"] = torch.cat([args["img"][:, :L], before["img"][:, L:]], 1)
+                args["img"] = torch.cat([args["img"][:, :lf], before["img"][:, lf:]], 1)
         args = {k: (v.clone() if k in ("img", "txt") else v) for k, v in args.items()}  # blocks add in place
         self.inputs[key] = {k: v.clone() for k, v in args.items() if k in ("img", "txt")}
         out = extra["original_block"](args)
@@ -114,9 +118,9 @@ class Recorder:
         return out if key[0] == "double_block" else out[:, self.text:]
 
 
-def _free(key, out) -> torch.Tensor:
-    """The free text stream [B, L, W] of a block's output."""
-    return out["txt"][:, L:] if key[0] == "double_block" else out["img"][:, L:2 * L]
+def _free(key, out, lf: int = L, lg: int = L) -> torch.Tensor:
+    """The free text stream [B, lg, W] of a block's output (the full stream has lf tokens)."""
+    return out["txt"][:, lf:] if key[0] == "double_block" else out["img"][:, lf:lf + lg]
 
 
 def test_product_cells_and_the_free_stream_are_bit_identical_in_every_block_when_the_identifier_changes(flux):
@@ -139,6 +143,37 @@ def test_product_cells_and_the_free_stream_are_bit_identical_in_every_block_when
         assert torch.equal(free_a, free_b), key
         assert not torch.allclose(img_a[0, background], img_b[0, background]), key  # the identifier acts there
         assert torch.equal(img_a[1], img_b[1]), key  # the negative row never sees either prompt
+
+
+@pytest.mark.parametrize("with_identifier", [True, False], ids=["identifier+redux", "redux"])
+def test_redux_tokens_are_kept_off_the_product_in_every_block(flux, with_identifier):
+    """Redux tokens appended to the text: the free stream is the prompt part alone (the identifier-free prompt when
+    an identifier is confined too); product cells and the free stream do not change with the Redux tokens."""
+    prompt, _, plain = _texts()
+    R = 5
+    g = torch.Generator().manual_seed(11)
+    tokens = [torch.randn(1, R, TEXT, generator=g) for _ in range(2)]
+    guidance = _guidance(prompt, plain) if with_identifier else Guidance()
+    negative = torch.zeros(1, L + R, TEXT)
+    runs = []
+    for i, redux in enumerate(tokens):
+        rec = Recorder(replay=runs[0] if runs else None, lf=L + R, lg=L)
+        style = ReduxStyle(R, 1.0, ProductMask(_mask()))
+        _forward(flux, torch.cat([torch.cat([prompt, redux], 1), negative]), _options(guidance, redux=style), rec)
+        runs.append(rec)
+    first, second = runs
+    grid = token_grid(LATENT)
+    weights = ProductMask(_mask()).background(grid, torch.device("cpu")).flatten()
+    product, background = weights == 0, weights == 1
+    for key in first.outputs:
+        assert first.inputs[key]["img" if key[0] == "single_block" else "txt"].shape[1] >= 2 * L + R
+        a, b = first.image(key), second.image(key)
+        assert torch.equal(a[0, product], b[0, product]), key
+        free_a, free_b = _free(key, first.outputs[key], L + R, L), _free(key, second.outputs[key], L + R, L)
+        assert torch.equal(free_a, free_b), key
+        assert not torch.allclose(a[0, background], b[0, background]), key
+    if with_identifier:  # the free stream is the identifier-free prompt's evolution, not the prompt's
+        assert not torch.equal(first.inputs["double_block", 0]["txt"][0, L + R:], first.inputs["double_block", 0]["txt"][0, :L])
 
 
 def test_without_productbg_the_product_cells_do_change(flux):

@@ -1,0 +1,243 @@
+"""Flux.1 in a real ComfyUI 0.3.75 with full-size random files (tests/flux_checkpoint.py): a Flux transformer of
+the full hidden width with 1 double + 1 single block (dev and Fill), the full-size T5-XXL in fp8 with CLIP-L
+(DualCLIPLoader, type flux — ComfyUI's own tokenizers and embedding path), the Flux VAE.
+
+* every productbg node that takes a MODEL or CLIP detects Flux;
+* Category Prompt splices a ``flux`` bank's T5 vectors: a bank holding T5's own input embeddings of "marble
+  table" encodes exactly like those words; the pooled CLIP-L vector is the identifier-free prompt's;
+* through the real sampler (Flux Fill, InpaintModelConditioning, CFG rows batched), every block's product cells
+  and identifier-free stream are bit-identical for two categories, with the block's inputs held fixed, and
+  background cells differ; without Mask-Guided Attention the product cells differ;
+* what cannot be confined is refused in one line (column confinement, Kontext reference latents).
+
+Runs in a pytest process of its own (scripts/test.sh), never beside the SDXL models.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+pytestmark = pytest.mark.comfyui
+
+SIZE = 256  # pixels: a 32×32 latent, 16×16 image tokens
+
+
+@pytest.fixture(scope="module")
+def loaded(comfy, comfy_flux_files):
+    nodes = comfy.nodes
+    files = comfy_flux_files
+    (fill,) = nodes.UNETLoader().load_unet(files["fill"], "default")
+    (clip,) = nodes.DualCLIPLoader().load_clip(files["clip_l"], files["t5xxl"], "flux")
+    # ComfyUI's own T5 option node, min_length 0: the prompt's tokens without 256-token padding (the CPU encodes
+    # a full-size T5-XXL in seconds instead of minutes; the tokenizer and embedding path are unchanged)
+    (clip,) = comfy.node_class_mappings["T5TokenizerOptions"].execute(clip, 0, 0)
+    (vae,) = nodes.VAELoader().load_vae(files["vae"])
+    (redux,) = nodes.StyleModelLoader().load_style_model(files["redux"])
+    (siglip,) = nodes.CLIPVisionLoader().load_clip(files["siglip"])
+    return {"fill": fill, "clip": clip, "vae": vae, "redux": redux, "siglip": siglip, "files": files}
+
+
+@pytest.fixture(scope="module")
+def t5_embeddings(loaded) -> torch.Tensor:
+    with safe_open(str(loaded["files"].paths["t5xxl"]), "pt") as f:
+        return f.get_tensor("shared.weight").float()
+
+
+def _bank(comfy, t5_embeddings):
+    """A flux bank: 'marble' holds T5's own input embeddings of "marble table"; 'velvet' random vectors."""
+    from transformers import T5TokenizerFast
+    import os
+
+    bank_mod = comfy.pack_module("weights.bank")
+    tok = T5TokenizerFast.from_pretrained(os.path.join(os.environ["COMFYUI_DIR"], "comfy", "text_encoders",
+                                                       "t5_tokenizer"))
+    ids = tok("marble table", add_special_tokens=False).input_ids
+    bank = bank_mod.CategoryBank("flux", vectors_per_id=len(ids))
+    bank.add("marble", {"t5xxl": t5_embeddings[ids].clone()})
+    g = torch.Generator().manual_seed(0)
+    bank.add("velvet", {"t5xxl": torch.randn(len(ids), 4096, generator=g) * t5_embeddings.std()})
+    return bank
+
+
+def test_every_node_detects_flux_from_the_model_and_the_clip(comfy, loaded):
+    common = comfy.pack_module("nodes.common")
+    assert common.backbone_of(loaded["fill"]).family == "flux"
+    assert common.backbone_of_clip(loaded["clip"].tokenize("a")).family == "flux"
+    config = loaded["fill"].model.model_config
+    assert type(config).__name__ == "FluxInpaint" and config.unet_config["hidden_size"] == 3072
+
+
+def test_category_prompt_splices_t5_vectors_and_pools_the_identifier_free_prompt(comfy, loaded, t5_embeddings):
+    classes, nodes = comfy.node_class_mappings, comfy.nodes
+    clip = loaded["clip"]
+    bank = _bank(comfy, t5_embeddings)
+    conditioning, identifier = classes["ProductBGCategoryPrompt"].execute(clip, bank, "marble", "", "")
+    words = nodes.CLIPTextEncode().encode(clip, "a product photo on a marble table background")[0]
+    free = nodes.CLIPTextEncode().encode(clip, "a product photo on a  background")[0]
+    context = conditioning[0][0]
+    assert context.shape == words[0][0].shape and context.shape[-1] == 4096
+    other = classes["ProductBGCategoryPrompt"].execute(clip, bank, "velvet", "", "")[0][0][0]
+    scale = words[0][0].abs().max()
+    print("spliced vs words", float((context - words[0][0]).abs().max() / scale),
+          "other category vs words", float((other - words[0][0]).abs().max() / scale))
+    assert torch.allclose(context, words[0][0], atol=1e-4, rtol=1e-3)  # vectors in place of the words
+    assert torch.equal(conditioning[0][1]["pooled_output"], free[0][1]["pooled_output"])
+    assert not torch.equal(conditioning[0][1]["pooled_output"], words[0][1]["pooled_output"])
+    assert identifier.context_length == context.shape[1] and len(identifier.token_indices) == 2
+    assert identifier.plain_context.shape == context.shape
+    assert torch.allclose(identifier.plain_context, free[0][0], atol=1e-4, rtol=1e-3)
+
+
+class Replay:
+    """dit hooks on every block of the model calls that hold positive rows: record the blocks' inputs and
+    outputs, or feed a recorded run's image tokens and
+    free text stream into each block (the full text stream, the first ``lf`` text tokens, stays this run's own).
+    ``lg``: the free stream's tokens (0: an unpatched model, one text stream)."""
+
+    def __init__(self, lf: int, lg: int, replay: "Replay | None" = None) -> None:
+        self.lf, self.lg, self.replay = lf, lg, replay
+        self.inputs: dict = {}
+        self.outputs: dict = {}
+
+    def install(self, model):
+        m = model.clone()
+        for key in (("double_block", 0), ("single_block", 0)):
+            m.set_model_patch_replace(lambda args, extra, key=key: self._block(key, args, extra), "dit", *key)
+        return m
+
+    def _block(self, key, args, extra):
+        args, lf = dict(args), self.lf
+        if 0 not in (args["transformer_options"].get("cond_or_uncond") or [0]):
+            return extra["original_block"](args)  # a call of negative rows alone: not the one compared
+        if self.replay is not None:
+            before = self.replay.inputs[key]
+            if key[0] == "double_block":
+                args["img"] = before["img"]
+                args["txt"] = torch.cat([args["txt"][:, :lf], before["txt"][:, lf:]], 1)
+            else:
+                args["img"] = torch.cat([args["img"][:, :lf], before["img"][:, lf:]], 1)
+        args = {k: (v.clone() if k in ("img", "txt") else v) for k, v in args.items()}  # blocks add in place
+        self.inputs[key] = {k: v.clone() for k, v in args.items() if k in ("img", "txt")}
+        out = extra["original_block"](args)
+        self.outputs[key] = {k: v.clone() for k, v in out.items()}
+        return out
+
+    def image(self, key):
+        out = self.outputs[key]["img"]
+        return out if key[0] == "double_block" else out[:, self.lf + self.lg:]
+
+    def free(self, key):
+        out = self.outputs[key]
+        return out["txt"][:, self.lf:] if key[0] == "double_block" else out["img"][:, self.lf:self.lf + self.lg]
+
+
+def _sample(comfy, loaded, positive, identifier, mask, replay, confine=True, reference=None):
+    nodes, classes = comfy.nodes, comfy.node_class_mappings
+    clip, vae = loaded["clip"], loaded["vae"]
+    model = loaded["fill"]
+    if confine:
+        model = classes["ProductBGMaskGuidedAttention"].execute(model, identifier, mask, 1.0, 0.0, 1.0,
+                                                                "context")[0]
+    if reference is not None:
+        model, positive = classes["ProductBGReferenceStyleRedux"].execute(
+            model, positive, loaded["redux"], loaded["siglip"], reference, mask, 1.0, 0.0, 1.0)
+    # the negative has the prompt's length, so ComfyUI batches it with the positive (CFG rows in one call) when
+    # the positive carries no Redux tokens
+    negative = nodes.ConditioningZeroOut().zero_out(positive)[0]
+    pixels = torch.full((1, SIZE, SIZE, 3), 0.5)
+    positive, negative, latent = nodes.InpaintModelConditioning().encode(positive, negative, vae, pixels,
+                                                                         1.0 - mask, True)
+    model = replay.install(model)
+    nodes.KSampler().sample(model, 7, 1, 2.0, "euler", "simple", positive, negative, latent, 1.0)
+
+
+def _background(comfy, mask) -> torch.Tensor:
+    """[N] each image token's background weight (0 = product cell) on the 16×16 token grid, as the plan reads it."""
+    guided = comfy.pack_module("attention.guided")
+    return guided.ProductMask(mask).background((SIZE // 16, SIZE // 16), torch.device("cpu"))[0]
+
+
+def _mask():
+    mask = torch.zeros(1, SIZE, SIZE)
+    mask[:, 64:192, 80:176] = 1.0
+    return mask
+
+
+@pytest.fixture(scope="module")
+def prompts(comfy, loaded, t5_embeddings):
+    bank = _bank(comfy, t5_embeddings)
+    cat = comfy.node_class_mappings["ProductBGCategoryPrompt"]
+    return {name: cat.execute(loaded["clip"], bank, name, "", "studio light") for name in ("marble", "velvet")}
+
+
+def test_product_cells_are_bit_identical_in_every_block_through_the_real_sampler(comfy, loaded, prompts):
+    mask = _mask()
+    L = prompts["marble"][1].context_length
+    first = Replay(L, L)
+    _sample(comfy, loaded, *prompts["marble"], mask, first)
+    second = Replay(L, L, replay=first)
+    _sample(comfy, loaded, *prompts["velvet"], mask, second)
+    weights = _background(comfy, mask)
+    product, background = weights == 0, weights == 1
+    assert product.any() and background.any() and first.inputs["double_block", 0]["img"].shape[0] == 2
+    for key in first.outputs:
+        a, b = first.image(key), second.image(key)
+        assert torch.equal(a[0, product], b[0, product]), key  # the positive row
+        assert torch.equal(first.free(key)[0], second.free(key)[0]), key
+        assert not torch.equal(a[0, background], b[0, background]), key
+        assert torch.equal(a[1], b[1]), key  # the negative row
+
+
+def test_without_mask_guided_attention_the_category_reaches_the_product(comfy, loaded, prompts):
+    """The measure moves: the same replay unconfined."""
+    mask = _mask()
+    L = prompts["marble"][1].context_length
+    first = Replay(L, 0)
+    _sample(comfy, loaded, *prompts["marble"], mask, first, confine=False)
+    second = Replay(L, 0, replay=first)
+    _sample(comfy, loaded, *prompts["velvet"], mask, second, confine=False)
+    product = _background(comfy, mask) == 0
+    for key in first.outputs:
+        assert not torch.equal(first.image(key)[0, product], second.image(key)[0, product]), key
+
+
+def _reference(seed: int) -> torch.Tensor:
+    return torch.rand(1, 96, 96, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def test_redux_tokens_and_the_category_are_kept_off_the_product_in_every_block(comfy, loaded, prompts):
+    """Category Prompt + Mask-Guided Attention + Reference Style Redux: two references, bit-identical product cells
+    and free stream; the free stream is the identifier-free prompt alone (no Redux tokens)."""
+    mask = _mask()
+    L = prompts["marble"][1].context_length
+    R = 729  # SigLIP-384: 27×27 patches, one Redux token each
+    first = Replay(L + R, L)
+    _sample(comfy, loaded, *prompts["marble"], mask, first, reference=_reference(1))
+    second = Replay(L + R, L, replay=first)
+    _sample(comfy, loaded, *prompts["marble"], mask, second, reference=_reference(2))
+    assert first.inputs["double_block", 0]["txt"].shape[1] == 2 * L + R
+    weights = _background(comfy, mask)
+    product, background = weights == 0, weights == 1
+    for key in first.outputs:
+        a, b = first.image(key), second.image(key)
+        assert torch.equal(a[0, product], b[0, product]), key
+        assert torch.equal(first.free(key)[0], second.free(key)[0]), key
+        assert not torch.equal(a[0, background], b[0, background]), key
+
+
+def test_what_flux_cannot_confine_is_refused_by_name(comfy, loaded, prompts):
+    classes = comfy.node_class_mappings
+    common = comfy.pack_module("nodes.common")
+    _, identifier = prompts["marble"]
+    with pytest.raises(common.NodeInputError, match="confinement must be 'context'.*bidirectional"):
+        classes["ProductBGMaskGuidedAttention"].execute(loaded["fill"], identifier, _mask(), 1.0, 0.0, 1.0,
+                                                        "columns")
+    redux = classes["ProductBGReferenceStyleRedux"]
+    model, positive = redux.execute(loaded["fill"], prompts["marble"][0], loaded["redux"], loaded["siglip"],
+                                    _reference(1), _mask(), 1.0, 0.0, 1.0)
+    with pytest.raises(common.NodeInputError, match="already has a Reference Style Redux"):
+        redux.execute(model, positive, loaded["redux"], loaded["siglip"], _reference(1), _mask(), 1.0, 0.0, 1.0)
+    with pytest.raises(common.NodeInputError, match="the product mask is empty"):
+        redux.execute(loaded["fill"], positive, loaded["redux"], loaded["siglip"], _reference(1),
+                      torch.zeros(1, 64, 64), 1.0, 0.0, 1.0)
