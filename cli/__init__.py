@@ -20,7 +20,14 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn, Sequence
 
+from PIL import Image
+
 from .. import __version__
+from ..imaging.folder import ProductFolderError
+from ..pipeline.errors import PipelineError
+from ..training.datasets import DatasetError
+from ..weights.errors import WeightsError
+from . import bank, batch, demo, eval, generate, training, weights
 from .errors import CliError
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # the package root: every file of productbg
@@ -38,7 +45,6 @@ class Parser(argparse.ArgumentParser):
 
 
 def _command_modules() -> list[Callable[[argparse._SubParsersAction], None]]:
-    from . import bank, batch, demo, eval, generate, training, weights
     return [weights.add_parser, bank.add_parser, demo.add_parser, training.add_parser,
             generate.add_parser, batch.add_parser, eval.add_parser]
 
@@ -74,19 +80,7 @@ def _oom(e: BaseException) -> bool:
 
 def _expected_types() -> tuple[type, ...]:
     """This package's error families (each message says what to fix)."""
-    from ..imaging.folder import ProductFolderError
-    from ..pipeline.errors import PipelineError
-    from ..training.datasets import DatasetError
-    from ..weights.errors import WeightsError
-
-    found: list[type] = [CliError, ProductFolderError, PipelineError, DatasetError, WeightsError]
-    try:
-        from PIL import Image
-
-        found.append(Image.DecompressionBombError)
-    except (ImportError, AttributeError):
-        pass
-    return tuple(found)
+    return CliError, ProductFolderError, PipelineError, DatasetError, WeightsError, Image.DecompressionBombError
 
 
 def expected_message(e: BaseException) -> str | None:

@@ -13,7 +13,20 @@ it was. ``rename`` and ``remove`` rewrite BANK in place unless ``--out`` is give
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
+
+from PIL import Image
+
+from ..pipeline.text_bank import bank_from_text, read_categories_csv
+from ..weights.bank import load_bank
+from ..weights.bank_format import check_template
+from ..weights.bank_merge import MergeConflictError, merge_banks
+from ..weights.bank_names import check_name
+from ..weights.bank_previews import has_previews, copy_previews, remove_preview, write_preview
+from . import checks
+from .errors import CliError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -101,10 +114,6 @@ def _out_options(p: argparse.ArgumentParser, out_help: str) -> None:
 
 def cmd_from_text(args: argparse.Namespace) -> int:
     """Write the bank of ``args.csv``'s descriptions for ``args.checkpoint`` atomically to ``args.out``."""
-    from ..pipeline.text_bank import bank_from_text, read_categories_csv
-    from ..weights.bank_format import check_template
-    from . import checks
-
     checks.input_file(args.csv, "CSV")
     checks.input_file(args.checkpoint, "--checkpoint")
     checks.output_file(args.out, "--out", force=args.force)
@@ -120,17 +129,12 @@ def cmd_from_text(args: argparse.Namespace) -> int:
 
 
 def _open(path: Path):
-    from ..weights.bank import load_bank
-    from . import checks
-
     checks.input_file(path, "BANK")
     return load_bank(path)
 
 
 def bank_summary(bank, path: Path) -> dict:
     """The JSON form of ``productbg bank list``: the bank's settings and every category, from the header."""
-    from ..weights.bank_previews import has_previews
-
     loras, counts = bank.loras, bank.vector_counts()
     previews = has_previews(path, bank.names)
     return {
@@ -145,8 +149,6 @@ def bank_summary(bank, path: Path) -> dict:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """Print the bank's categories (text or ``--json``); only the header is read."""
-    import json
-
     with _open(args.bank) as bank:
         info = bank_summary(bank, args.bank)
     if args.json:
@@ -163,8 +165,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _destination(args: argparse.Namespace) -> Path:
-    from . import checks
-
     if args.out is None:
         return checks.output_file(args.bank, "BANK", force=True)
     same = args.out.exists() and args.out.resolve() == args.bank.resolve()
@@ -173,8 +173,6 @@ def _destination(args: argparse.Namespace) -> Path:
 
 def cmd_rename(args: argparse.Namespace) -> int:
     """Rename one category and write the bank atomically."""
-    from ..weights.bank_names import check_name
-
     bank = _open(args.bank)
     dest = _destination(args)
     with bank:
@@ -202,13 +200,6 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Merge the banks into ``--out``; conflicts are listed on stderr with exit status 1 and nothing written."""
-    import sys
-
-    from ..weights.bank_format import check_template
-    from ..weights.bank_merge import MergeConflictError, merge_banks
-    from . import checks
-    from .errors import CliError
-
     if len(args.banks) < 2:
         raise CliError("give at least two banks to merge")
     if args.template is not None:
@@ -225,8 +216,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
                   "--on-conflict keep|replace, or rename / remove the categories first)", file=sys.stderr)
             return 1
         dest = merged.save(args.out)
-        from ..weights.bank_previews import copy_previews
-
         copy_previews([(b.path, old, new) for new, (b, old) in report.origin.items()], dest)
     finally:
         for b in banks:
@@ -242,8 +231,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def _carry_previews(src: Path, dest: Path, kept: dict[str, str], dropped: list[str]) -> None:
     """After ``rename`` / ``remove`` wrote ``dest``: its previews are those of ``src`` for the kept categories
     (new name -> name in ``src``); in place, the previews of renamed-away or removed names go."""
-    from ..weights.bank_previews import copy_previews, remove_preview
-
     moved = {new: old for new, old in kept.items() if new != old or src.resolve() != dest.resolve()}
     copy_previews([(src, old, new) for new, old in moved.items()], dest)
     if src.resolve() == dest.resolve():
@@ -254,10 +241,6 @@ def _carry_previews(src: Path, dest: Path, kept: dict[str, str], dropped: list[s
 
 def cmd_preview(args: argparse.Namespace) -> int:
     """Write (or ``--remove``) a category's preview thumbnail beside the bank."""
-    from ..weights.bank_previews import remove_preview, write_preview
-    from . import checks
-    from .errors import CliError
-
     if (args.image is None) == (not args.remove):
         raise CliError("give IMAGE, or --remove (not both)")
     with _open(args.bank) as bank:
@@ -266,7 +249,6 @@ def cmd_preview(args: argparse.Namespace) -> int:
         print(f"{'removed' if remove_preview(args.bank, name) else 'there was no'} preview of {name!r}")
         return 0
     checks.input_image(args.image, "IMAGE")
-    from PIL import Image
 
     with Image.open(args.image) as im:
         dest = write_preview(args.bank, name, im)

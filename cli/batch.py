@@ -12,8 +12,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..fileio.jsonfile import dumps
+from ..pipeline.batch import merge_summaries, run_batch
+from ..pipeline.errors import PipelineError
+from ..pipeline.manifest import Shard, shard_from_env, read_manifest
 from . import checks
 from .errors import CliError
+from .options import (add_model_options, add_settings_options, build_pipeline, check_generation, check_model_args,
+                      describe_run, max_exports, max_images, settings_from_args)
 
 EPILOG = """examples:
   productbg batch products.csv --out out/batch
@@ -33,8 +39,6 @@ exit status: 0 every row done or skipped, 1 some rows failed (see "failed"), 2 u
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``batch``."""
-    from .options import add_model_options, add_settings_options
-
     p = sub.add_parser("batch", help="generate for every row of a manifest (resumable, sharded)",
                        description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("manifest", help="CSV (.csv/.tsv, header row) or JSONL (.jsonl) manifest")
@@ -51,9 +55,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _shard(text: str | None):
-    from ..pipeline.errors import PipelineError
-    from ..pipeline.manifest import Shard, shard_from_env
-
     if text is None:
         return shard_from_env()
     index, _, count = text.partition("/")
@@ -65,12 +66,6 @@ def _shard(text: str | None):
 
 def run(args: argparse.Namespace) -> int:
     """Run the batch; print the summary JSON as the last line."""
-    from ..pipeline.batch import merge_summaries, run_batch
-    from ..pipeline.manifest import read_manifest
-    from .options import (build_pipeline, check_generation, check_model_args, describe_run, max_exports,
-                          max_images, settings_from_args)
-    from ..fileio.jsonfile import dumps
-
     shard = _shard(args.shard)
     check_model_args(args)
     check_generation(args, args.n)

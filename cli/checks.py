@@ -14,6 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+import torch
+
+from ..fileio import not_a_file
+from ..imaging.folder import ProductFolderError, check_image_file
 from .errors import CliError
 
 #: Seeds are 64-bit signed integers in torch and the manifests; the last image's seed must fit too.
@@ -72,8 +76,6 @@ def device(text: str) -> str:
 
 def check_device(name: str, flag: str = "--device") -> str:
     """The device when this machine has it; CliError otherwise."""
-    import torch
-
     kind, _, index = name.partition(":")
     if kind == "cuda":
         if not torch.cuda.is_available():
@@ -93,8 +95,6 @@ def check_device(name: str, flag: str = "--device") -> str:
 # ---------------------------------------------------------------------------------------------- inputs
 def input_file(path: str | os.PathLike, flag: str) -> Path:
     """An existing regular file; CliError saying what the path is instead."""
-    from ..fileio import not_a_file
-
     p = Path(path)
     problem = not_a_file(p)
     if problem:
@@ -116,8 +116,6 @@ def input_dir(path: str | os.PathLike, flag: str) -> Path:
 
 def input_image(path: str | os.PathLike, flag: str) -> Path:
     """A readable image within the pixel limit, decoded once in full (truncated files are found here)."""
-    from ..imaging.folder import ProductFolderError, check_image_file
-
     p = input_file(path, flag)
     try:
         check_image_file(p)

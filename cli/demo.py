@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from ..fileio.png import save_png
+from ..pipeline import GenerateSettings
+from ..pipeline.embedded import DEMO_MODEL, STYLE_ONLY_TEMPLATE, load_demo_pipeline
+from ..pipeline.pipeline import defaults_for, read_image
+from ..training import bgsynth
+from . import checks
+from .errors import CliError
+from .options import build_pipeline, extra_model_files, model_backbone, uses_demo, check_model_args, add_model_options
 
 CELL = 128
 LABEL_H = 22
@@ -38,19 +48,15 @@ class DemoInputs:
 
 def synthetic_product(seed: int, size: int = 256) -> np.ndarray:
     """A BG-synth product as ``[size, size, 4]`` RGBA in 0..1 (alpha = product), on a light grey canvas."""
-    from ..training.bgsynth import product
-
-    colour, mask = product(np.random.default_rng([seed, 0xDE30]), size)
+    colour, mask = bgsynth.product(np.random.default_rng([seed, 0xDE30]), size)
     rgb = np.where(mask[..., None], colour, np.float32(0.92))
     return np.concatenate([rgb, mask[..., None].astype(np.float32)], -1).astype(np.float32)
 
 
 def synthetic_reference(category: str, number: int = 0, size: int = 64) -> np.ndarray:
     """A held-out-style BG-synth image of ``category`` as RGBA (alpha = its product, which the pipeline removes)."""
-    from ..training.bgsynth import DEFAULT_NAMES, SynthSpec, render
-
-    spec = SynthSpec(size=size, seed=1)  # seed 1: never an image the demo model was trained on (seed 0)
-    image, mask = render(spec, "bg1k", number, DEFAULT_NAMES.index(category))
+    spec = bgsynth.SynthSpec(size=size, seed=1)  # seed 1: never an image the demo model was trained on (seed 0)
+    image, mask = bgsynth.render(spec, "bg1k", number, bgsynth.DEFAULT_NAMES.index(category))
     return np.concatenate([image / 255.0, mask[..., None] / 255.0], -1).astype(np.float32)
 
 
@@ -160,12 +166,6 @@ def _layout(rows: list[tuple[Image.Image, list[Image.Image]]], header: list[str]
 # ---------------------------------------------------------------------------------------------- command
 def _pipeline(args: argparse.Namespace):
     """(pipeline, template of the reference-style row): the embedded demo model, or --checkpoint's weights."""
-    from .errors import CliError
-    from ..pipeline import GenerateSettings
-    from ..pipeline.embedded import DEMO_MODEL, STYLE_ONLY_TEMPLATE, load_demo_pipeline
-    from ..pipeline.pipeline import defaults_for
-    from .options import build_pipeline, extra_model_files, model_backbone, uses_demo
-
     if args.checkpoint and not uses_demo(args):
         if not args.bank:
             raise CliError("--checkpoint needs --bank (the categories' identifiers); add --style-encoder and "
@@ -181,14 +181,10 @@ def _pipeline(args: argparse.Namespace):
 
 def _read(paths: Sequence[str] | None) -> list[tuple[str, np.ndarray]] | None:
     """Named RGBA arrays of image files, read as the pipeline reads them (PipelineError when unreadable)."""
-    from ..pipeline.pipeline import read_image
-
     return [(Path(p).stem, read_image(p)[0]) for p in paths] if paths else None
 
 
 def _inputs(args: argparse.Namespace, pipe) -> DemoInputs:
-    from .options import uses_demo
-
     products = _read(args.products)
     categories = [c.strip() for c in args.categories.split(",") if c.strip()] if args.categories else None
     if categories is None and args.checkpoint and not uses_demo(args):
@@ -206,10 +202,6 @@ def _inputs(args: argparse.Namespace, pipe) -> DemoInputs:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Options, input images and --out, before any model loads."""
-    from . import checks
-    from .errors import CliError
-    from .options import check_model_args, extra_model_files, uses_demo
-
     if args.checkpoint and not uses_demo(args) and not args.bank:
         raise CliError("--checkpoint needs --bank (the categories' identifiers); add --style-encoder and "
                        "--clip-vision for the reference-style row")
@@ -233,10 +225,6 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..fileio.png import save_png
-
     _check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -249,8 +237,6 @@ def _cmd(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from .options import add_model_options
-
     p = sub.add_parser("demo", help="render a contact sheet (products × categories + reference style) on the "
                                     "embedded demo model or real weights",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -267,7 +253,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                         "bank's first 6 with --checkpoint)")
     p.add_argument("--references", nargs="*", metavar="IMAGE",
                    help="reference images for the style row (default: 6 BG-synth references; none: no row)")
-    from . import checks
 
     p.add_argument("--seed", type=checks.seed, default=0)
     p.add_argument("--threads", type=checks.integer(1, 1024), help="torch CPU threads")

@@ -10,8 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..fileio.jsonfile import dumps, write_json
+from ..pipeline.components import ClipVision, load_clip_vision
+from ..pipeline.evaluate import ClipEmbedder, ColourHistogram, collect_items, evaluate, format_table, jsonable
+from ..pipeline.tiny import tiny_vision_encoder
 from . import checks
 from .errors import CliError
+from .options import add_pixel_limit_option, apply_pixel_limit
 
 EPILOG = """examples:
   productbg eval out/batch
@@ -42,30 +47,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fid-real", metavar="DIR", help="folder of real images to compute FID against")
     p.add_argument("--json", metavar="PATH", help="write the full report (with per-image metrics) here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    from .options import add_pixel_limit_option
 
     add_pixel_limit_option(p)
     p.set_defaults(func=run)
 
 
 def _embedder(args: argparse.Namespace):
-    from ..pipeline.components import ClipVision, load_clip_vision
-    from ..pipeline.evaluate import ClipEmbedder, ColourHistogram
-
     if args.clip_vision:
         return ClipEmbedder(load_clip_vision(args.clip_vision), f"clip-vision:{Path(args.clip_vision).name}")
     if args.tiny:
-        from ..pipeline.tiny import tiny_vision_encoder
-
         return ClipEmbedder(ClipVision(tiny_vision_encoder()), "clip-vision:tiny-random")
     return ColourHistogram()
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, print the table and the summary JSON line."""
-    from ..pipeline.evaluate import collect_items, evaluate, format_table, jsonable
-    from ..fileio.jsonfile import dumps, write_json
-
     check_args(args)
     items = collect_items(args.results)
     embedder = _embedder(args)
@@ -80,8 +76,6 @@ def run(args: argparse.Namespace) -> int:
 
 def check_args(args: argparse.Namespace) -> None:
     """Inputs and the --json location, before any model loads."""
-    from .options import apply_pixel_limit
-
     apply_pixel_limit(args)
     path = Path(args.results)
     if not path.exists():
@@ -106,6 +100,7 @@ def _bar(total: int, enabled: bool):
     if not enabled:
         return None
     try:
+        # optional dependency: tqdm
         from tqdm import tqdm
     except ImportError:
         return None

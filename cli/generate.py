@@ -11,9 +11,13 @@ import argparse
 import json
 from pathlib import Path
 
+from ..fileio.jsonfile import write_json, dumps
+from ..imaging.export import EXPORT_PRESETS
+from ..pipeline.outputs import export_meta, save_result_image, write_item
 from . import checks
 from .errors import CliError
-from ..imaging.export import EXPORT_PRESETS
+from .options import (add_model_options, add_settings_options, check_generation, check_model_args, build_pipeline,
+                      describe_run)
 
 EPILOG = f"""examples:
   productbg generate --product bottle.png --category cosmetics --out out/bottle.png
@@ -37,8 +41,6 @@ exit status: 0 written, 1 written but the preservation check failed (--strict), 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``generate``."""
-    from .options import add_model_options, add_settings_options
-
     p = sub.add_parser("generate", help="generate backgrounds for one product", description=__doc__,
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--product", required=True, metavar="IMAGE", help="product photo (PNG with alpha, or a packshot "
@@ -80,8 +82,6 @@ def _format_from_out(args: argparse.Namespace, out: Path) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked before a model loads: options, input images, output locations."""
-    from .options import check_generation, check_model_args
-
     check_model_args(args)
     check_generation(args, args.n)
     if args.seed + args.n - 1 > checks.MAX_SEED:
@@ -99,9 +99,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def _write(results: list, out: Path, meta: dict) -> list[Path]:
-    from ..fileio.jsonfile import write_json
-    from ..pipeline.outputs import export_meta, save_result_image, write_item
-
     if out.suffix.lower() not in FILE_SUFFIXES:
         data = write_item(out, results, meta)
         return [out / name for name in data["images"]]
@@ -117,9 +114,6 @@ def _write(results: list, out: Path, meta: dict) -> list[Path]:
 
 def run(args: argparse.Namespace) -> int:
     """Generate, write, print one JSON line per image (path, seed, preservation pass)."""
-    from .options import build_pipeline, describe_run
-    from ..fileio.jsonfile import dumps
-
     check_args(args)
     pipe = build_pipeline(args)
     results = pipe.generate(args.product, category=args.category, reference=args.reference, seed=args.seed,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -10,11 +11,18 @@ from typing import Any
 
 import torch
 
+from .. import backbones
+from ..imaging.export import parse_export_size, EXPORT_PRESETS
+from ..imaging.folder import MAX_MEGAPIXELS_ENV
+from ..pipeline.embedded import DEMO_MODEL, DEMO_SETTINGS, load_demo_pipeline
+from ..pipeline.errors import PipelineError
+from ..pipeline.pipeline import GenerateSettings, defaults_for, ProductBGPipeline
+from ..pipeline.single_file import checkpoint_backbone
+from ..pipeline.upscale import load_upscaler
+from ..weights.errors import WeightsError
+from ..weights.safefile import read_header
 from . import checks
 from .errors import CliError
-from ..pipeline.errors import PipelineError
-from ..pipeline.embedded import DEMO_MODEL, DEMO_SETTINGS, load_demo_pipeline
-from ..pipeline.pipeline import GenerateSettings
 
 #: Upper bounds that keep a run inside memory: the canvas side, images per call, and their product (images are
 #: sampled as one batch: 64 images at 512² ≈ 4 at 2048²), plus LoRA strength and input megapixels.
@@ -68,8 +76,6 @@ def add_pixel_limit_option(p: argparse.ArgumentParser | argparse._ArgumentGroup)
 
 def apply_pixel_limit(args: argparse.Namespace) -> None:
     """Make ``--max-megapixels`` the limit of every image read in this process."""
-    from ..imaging.folder import MAX_MEGAPIXELS_ENV
-
     if getattr(args, "max_megapixels", None) is not None:
         os.environ[MAX_MEGAPIXELS_ENV] = repr(float(args.max_megapixels))
 
@@ -135,8 +141,6 @@ def add_settings_options(p: argparse.ArgumentParser) -> None:
 
 def canvas_type(text: str) -> str | tuple[int, int]:
     """argparse ``type`` of ``--canvas``: an aspect ratio name (resolved against the backbone later) or WxH."""
-    import re
-
     t = text.strip().lower()
     if re.fullmatch(r"\d+:\d+", t):
         return t
@@ -158,9 +162,6 @@ def model_backbone(args: argparse.Namespace):
     Raises:
         PipelineError: a checkpoint of a family productbg does not support (named).
     """
-    from .. import backbones
-    from ..pipeline.single_file import checkpoint_backbone
-
     if uses_tiny(args):
         return backbones.SD15
     if uses_demo(args):
@@ -173,8 +174,6 @@ def model_backbone(args: argparse.Namespace):
 
 def export_size(text: str) -> tuple[int, int]:
     """argparse ``type`` of ``--export``: a preset name or WIDTHxHEIGHT."""
-    from ..imaging.export import parse_export_size
-
     try:
         return parse_export_size(text)
     except ValueError as e:
@@ -183,8 +182,6 @@ def export_size(text: str) -> tuple[int, int]:
 
 def add_export_options(p: argparse.ArgumentParser) -> None:
     """``--export``, ``--format``, ``--quality``, ``--resampler``, ``--upscaler``: the delivered image."""
-    from ..imaging.export import EXPORT_PRESETS
-
     presets = ", ".join(f"{k} {w}x{h}" for k, (w, h) in EXPORT_PRESETS.items())
     g = p.add_argument_group("export (marketplace-ready output: generate small, deliver big)")
     g.add_argument("--export", type=export_size, metavar="PRESET|WxH",
@@ -216,8 +213,6 @@ def check_export_args(args: argparse.Namespace) -> None:
     if getattr(args, "format", None) == "jpg":
         args.format = "jpeg"
     if getattr(args, "upscaler", None):
-        from ..pipeline.upscale import load_upscaler
-
         _model_file(Path(args.upscaler), "--upscaler", "upscale model")
         load_upscaler(args.upscaler)  # refused here, before sampling: spandrel missing, not RGB, NaN output
 
@@ -225,8 +220,6 @@ def check_export_args(args: argparse.Namespace) -> None:
 def settings_from_args(args: argparse.Namespace) -> GenerateSettings:
     """:class:`GenerateSettings` from parsed options: the given ones over the model's defaults (the demo
     model's, or the backbone's: 512² DDIM 40 on SD1.5, 1024² DPM++ 2M Karras 30 on SDXL)."""
-    from ..pipeline.pipeline import defaults_for
-
     b = model_backbone(args)
     base = DEMO_SETTINGS if b is None else defaults_for(b)
     given = {field: getattr(args, option) for option, field in SETTING_OPTIONS.items()
@@ -293,8 +286,6 @@ def extra_model_files(args: argparse.Namespace) -> list[str]:
 def build_pipeline(args: argparse.Namespace, quiet: bool = False, settings=None):
     """The pipeline the options describe (tiny models without --checkpoint); ``settings`` overrides the
     settings options (commands without them)."""
-    from ..pipeline.pipeline import ProductBGPipeline
-
     settings, device = settings or settings_from_args(args), device_from_args(args)
     if uses_tiny(args):
         extras = [o for o in extra_model_files(args) if o != "--configs"]
@@ -356,9 +347,6 @@ def check_model_args(args: argparse.Namespace) -> None:
 
 def _model_file(path: Path, flag: str, what: str) -> None:
     """An existing weight file whose safetensors header is sound and holds tensors."""
-    from ..weights.errors import WeightsError
-    from ..weights.safefile import read_header
-
     checks.input_file(path, flag)
     if path.suffix.lower() != ".safetensors":
         raise CliError(f"{flag} {path}: only .safetensors files are loaded (.ckpt/.pt/.bin files are "

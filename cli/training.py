@@ -15,7 +15,18 @@ import csv
 import shutil
 from pathlib import Path
 
+from ..pipeline.errors import PipelineError
+from ..pipeline.single_file import checkpoint_backbone
+from ..training.bgsynth import SynthSpec, generate
+from ..training.cg import CGConfig, CGTask, BANK_FILE, LORA_FILE
+from ..training.datasets import DatasetError, open_bg60k
+from ..training.engine import EngineConfig, fit
+from ..training.folder import build_from_folder
+from ..training.models import TINY_SOURCES
+from ..training.outputs import set_category_lora
+from ..training.pg import PGConfig, PGTask
 from . import checks
+from .errors import CliError
 
 I = checks.integer
 F = checks.number
@@ -71,14 +82,10 @@ def _dataset_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _error(message: str) -> Exception:
-    from .errors import CliError
-
     return CliError(" ".join(str(message).split("\n")))
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from ..training.bgsynth import SynthSpec, generate
-
     names = tuple(n.strip() for n in args.names.split(",")) if args.names else None
     checks.output_dir(args.out, "OUT")
     if args.per_category * args.categories > 10_000_000:
@@ -94,8 +101,6 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from ..training.folder import build_from_folder
-
     if args.held_out >= 1:
         raise _error(f"argument --held-out: must be below 1 (a fraction of the images; {args.held_out:g} would "
                      "hold out everything and leave nothing to train on)")
@@ -116,8 +121,6 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from ..training.datasets import DatasetError, open_bg60k
-
     checks.input_dir(args.root, "ROOT")
     try:
         index = open_bg60k(args.root, args.split, decode=args.decode)
@@ -198,8 +201,6 @@ def _cg_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_config(args: argparse.Namespace):
-    from ..training.engine import EngineConfig
-
     return EngineConfig(output_dir=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
                         grad_accum=args.grad_accum, lr=args.lr, lr_schedule=args.lr_schedule,
                         warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
@@ -215,7 +216,6 @@ def _check_run_args(args: argparse.Namespace) -> None:
         checks.input_dir(args.data, "--data")
     if getattr(args, "images", None) is not None:
         checks.input_dir(args.images, "--images")
-    from ..training.models import TINY_SOURCES
 
     if args.model not in TINY_SOURCES and not Path(args.model).is_dir():
         checks.input_file(args.model, "--model")
@@ -254,8 +254,6 @@ class _RunFolder:
 
 def _designer_dataset(args: argparse.Namespace) -> Path:
     """``--category NAME --images DIR``: build OUT/dataset from the images (alpha masks)."""
-    from ..training.folder import build_from_folder
-
     out = args.output / "dataset"
     out.mkdir(parents=True, exist_ok=True)
     listing = out / "sources.csv"
@@ -279,10 +277,6 @@ def cmd_train_cg(args: argparse.Namespace) -> int:
 
 
 def _train_cg(args: argparse.Namespace) -> int:
-    from ..training.cg import CGConfig, CGTask
-    from ..training.datasets import DatasetError
-    from ..training.engine import fit
-
     data = _designer_dataset(args) if args.images is not None else args.data
     try:
         cfg = CGConfig(data=data, model=args.model, resolution=args.resolution, vectors_per_id=args.vectors_per_id,
@@ -308,9 +302,6 @@ def _train_cg(args: argparse.Namespace) -> int:
 
 def _name_category_lora(written: list[Path], category: str) -> None:
     """A single-category run's LoRA is that category's own: name it in the bank (Category LoRA "(from bank)")."""
-    from ..training.cg import BANK_FILE, LORA_FILE
-    from ..training.outputs import set_category_lora
-
     bank = next((p for p in written if p.name == BANK_FILE), None)
     lora = next((p for p in written if p.name == LORA_FILE), None)
     if bank is None or lora is None:  # e.g. a full-UNet run writes no LoRA
@@ -332,15 +323,11 @@ def _buckets(args: argparse.Namespace) -> bool:
 
 def _model_family(model: str) -> str:
     """The backbone family of ``--model`` without loading it (the header of a checkpoint; a folder's parts)."""
-    from ..training.models import TINY_SOURCES
-
     if model in TINY_SOURCES:
         return TINY_SOURCES[model][0]
     path = Path(model)
     if path.is_dir():
         return "sdxl" if (path / "text_encoder_2").is_dir() else "sd15"
-    from ..pipeline.errors import PipelineError
-    from ..pipeline.single_file import checkpoint_backbone
 
     try:
         return checkpoint_backbone(path).family
@@ -386,10 +373,6 @@ def cmd_train_pg(args: argparse.Namespace) -> int:
 
 
 def _train_pg(args: argparse.Namespace) -> int:
-    from ..training.datasets import DatasetError
-    from ..training.engine import fit
-    from ..training.pg import PGConfig, PGTask
-
     try:
         cfg = PGConfig(data=args.data, model=args.model, vision_model=args.vision_model,
                        resolution=args.resolution, variant=args.variant, tokens=args.tokens,

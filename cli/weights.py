@@ -11,7 +11,12 @@ import json
 import sys
 from pathlib import Path
 
+from ..weights.describe import describe_file
+from ..weights.embedding import check_prompt_name, export_embedding
 from ..weights.errors import WeightsError
+from ..weights.lora import convert_lora_file, read_lora
+from . import checks
+from .errors import CliError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,17 +52,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cli_error(message: str) -> Exception:
-    from .errors import CliError
-
     return CliError(" ".join(message.split("\n")))
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Print what ``args.file`` is."""
-    from ..weights.describe import describe_file
-
-    from . import checks
-
     checks.input_file(args.file, "FILE")
     try:
         report = describe_file(args.file)
@@ -78,10 +77,6 @@ def _print(text: str) -> None:
 
 def cmd_convert_lora(args: argparse.Namespace) -> int:
     """Convert ``args.input`` to the ``args.to`` layout, writing ``args.output`` atomically."""
-    from ..weights.lora import convert_lora_file, read_lora
-
-    from . import checks
-
     checks.input_file(args.input, "INPUT")
     if args.output.resolve() == args.input.resolve():
         raise _cli_error(f"OUTPUT {args.output} is the INPUT file; write the converted LoRA to a new file")
@@ -97,10 +92,6 @@ def cmd_convert_lora(args: argparse.Namespace) -> int:
 
 def cmd_export_embedding(args: argparse.Namespace) -> int:
     """Write category ``args.category`` of ``args.bank`` to ``args.output`` as an embedding, atomically."""
-    from ..weights.embedding import check_prompt_name, export_embedding
-
-    from . import checks
-
     checks.input_file(args.bank, "BANK")
     if args.output.resolve() == args.bank.resolve():
         raise _cli_error(f"OUT {args.output} is the BANK file; write the embedding to a new file")

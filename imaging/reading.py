@@ -23,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import cv2
 import numpy as np
 from PIL import Image, ImageCms
 
@@ -228,8 +229,6 @@ def _orient_arrays(rgb: np.ndarray, alpha: Optional[np.ndarray],
 
 def _read_16bit(path: Union[str, Path]) -> Optional[tuple[np.ndarray, Optional[np.ndarray]]]:
     """A 16-bit PNG / TIFF at full depth as float32 (rgb, alpha), not yet oriented; None if OpenCV cannot."""
-    import cv2
-
     data = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if data is None or data.dtype != np.uint16:
         return None

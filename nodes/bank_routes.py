@@ -22,6 +22,11 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable
 
+from ..weights.bank_format import parse_bank_header
+from ..weights.bank_names import find_name, index_names
+from ..weights.bank_previews import previews_dir, has_previews, read_preview
+from ..weights.errors import WeightsError
+from ..weights.safefile import read_header
 from .folders import register_model_folders
 
 PREFIX = "/productbg/banks"
@@ -72,6 +77,7 @@ def _inside(path: str, roots: list[str]) -> str | None:
 
 def bank_file(name: Any) -> tuple[Path, str]:
     """The real path of a listed bank file inside a registered bank folder, and that folder's real path."""
+    # ComfyUI's own module: there only inside ComfyUI, and this module must import without it
     import folder_paths
 
     name = _check_bank_name(name)
@@ -95,10 +101,6 @@ def bank_file(name: Any) -> tuple[Path, str]:
 
 def _header_info(path: Path) -> dict:
     """The bank's settings and names from its header, cached by file identity (a changed file is read again)."""
-    from ..weights.bank_format import parse_bank_header
-    from ..weights.errors import WeightsError
-    from ..weights.safefile import read_header
-
     try:
         st = path.stat()
     except OSError:
@@ -121,8 +123,6 @@ def _header_info(path: Path) -> dict:
 
 def _previews_folder(path: Path, root: str) -> Path | None:
     """The bank's preview folder when it exists and stays inside the bank folder (symlinks resolved)."""
-    from ..weights.bank_previews import previews_dir
-
     folder = previews_dir(path)
     if not folder.is_dir() or _inside(str(folder), [root]) is None:
         return None
@@ -131,6 +131,7 @@ def _previews_folder(path: Path, root: str) -> Path | None:
 
 # ---------------------------------------------------------------------------------------------- payloads
 def banks_payload(query: Any = None) -> dict:
+    # ComfyUI's own module: there only inside ComfyUI, and this module must import without it
     import folder_paths
 
     register_model_folders()
@@ -140,8 +141,6 @@ def banks_payload(query: Any = None) -> dict:
 def bank_listing(path: Path, root: str) -> dict:
     """What the category list shows for a bank file: its header's settings and names, and which categories have
     a preview (one read of the preview folder). Reads no tensor data."""
-    from ..weights.bank_previews import has_previews
-
     info = _header_info(path)
     previews = has_previews(path, info["categories"]) if _previews_folder(path, root) else [False] * info["count"]
     return {**info, "previews": previews}
@@ -153,10 +152,6 @@ def categories_payload(query: Any) -> dict:
 
 
 def preview_png(query: Any) -> bytes:
-    from ..weights.bank_names import find_name, index_names
-    from ..weights.bank_previews import read_preview
-    from ..weights.errors import WeightsError
-
     path, root = bank_file(query.get("bank"))
     category = _check_text(query.get("category"), "category")
     names = _header_info(path)["categories"]

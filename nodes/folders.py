@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+from .common import NodeInputError
+
 SAFETENSORS = {".safetensors"}
 FOLDERS = {
     "productbg_banks": os.path.join("productbg", "banks"),
@@ -17,6 +19,7 @@ FOLDERS = {
 
 
 def register_model_folders() -> None:
+    # ComfyUI's own module: there only inside ComfyUI, and this module must import without it
     import folder_paths
 
     for name, sub in FOLDERS.items():
@@ -29,6 +32,7 @@ def register_model_folders() -> None:
 
 def list_files(*names: str) -> list[str]:
     """File names of the given folders (registering them first), for a node's combo input."""
+    # ComfyUI's own module: there only inside ComfyUI, and this module must import without it
     import folder_paths
 
     register_model_folders()
@@ -40,6 +44,7 @@ def list_files(*names: str) -> list[str]:
 
 def full_path(name: str, filename: str, *more: str) -> str:
     """Absolute path of ``filename`` in one of the folders, or a clear error saying where to put it."""
+    # ComfyUI's own module: there only inside ComfyUI, and this module must import without it
     import folder_paths
 
     register_model_folders()
@@ -48,5 +53,4 @@ def full_path(name: str, filename: str, *more: str) -> str:
         if path:
             return path
     where = " or ".join(os.path.join("ComfyUI", "models", FOLDERS[f]) for f in (name, *more))
-    from .common import NodeInputError
     raise NodeInputError(f"{filename!r} not found: put the file in {where} and refresh the page")

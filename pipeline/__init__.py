@@ -9,7 +9,7 @@ __all__ = ["PipelineError", "ProductBGPipeline", "GenerateSettings", "Prepared",
 
 def __getattr__(name: str):
     if name in ("ProductBGPipeline", "GenerateSettings", "Prepared", "Result"):
-        from . import pipeline
+        from . import pipeline  # lazy: every layer imports productbg.pipeline.errors, which must not load this
 
         return getattr(pipeline, name)
     raise AttributeError(name)

@@ -11,16 +11,22 @@
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 import traceback
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .manifest import Row, Shard
+import torch
+
+from ..fileio import TMP_SUFFIX
 from ..fileio.jsonfile import write_json
+from .errors import PipelineError
+from .manifest import Row, Shard
 from .outputs import read_result, remove_stale_temps, write_item
 
 PipelineFactory = Callable[[], Any]
@@ -65,6 +71,7 @@ class _Progress:
         self.enabled, self.count, self.total, self.label = enabled, 0, total, label
         if enabled:
             try:
+                # optional dependency: tqdm
                 from tqdm import tqdm
 
                 self.bar = tqdm(total=total, desc=label, unit="item", file=sys.stderr, dynamic_ncols=True)
@@ -92,8 +99,6 @@ class _Writer:
     """
 
     def __init__(self, summary: BatchSummary, background: bool = True, depth: int = 2) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
         self.summary, self.depth = summary, depth
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="productbg-writer") if background else None
         self.pending: deque = deque()
@@ -180,8 +185,6 @@ def run_batch(rows: Iterable[Row], out: str | Path, make_pipeline: PipelineFacto
 
 def _remove_stale_summary(out: Path, shard: Shard) -> None:
     """Delete the summary temp files a killed run of this shard left (other shards' files are theirs)."""
-    from ..fileio import TMP_SUFFIX
-
     for p in out.glob(f".{summary_path(out, shard).name}.*{TMP_SUFFIX}"):
         p.unlink(missing_ok=True)
 
@@ -204,8 +207,6 @@ def _run_row(pipe: Any, row: Row, out: Path, summary: BatchSummary, writer: _Wri
 
 
 def _reason(e: Exception) -> str:
-    from .errors import PipelineError
-
     if isinstance(e, (PipelineError, ValueError, OSError)):
         return str(e).splitlines()[0] if str(e) else type(e).__name__
     where = traceback.extract_tb(e.__traceback__)[-1]
@@ -213,8 +214,6 @@ def _reason(e: Exception) -> str:
 
 
 def _free_memory() -> None:
-    import torch
-
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -224,8 +223,6 @@ def merge_summaries(out: str | Path, count: int) -> dict[str, Any] | None:
 
     Returns the combined summary, or None while some shard has not finished.
     """
-    import json
-
     out = Path(out)
     parts = []
     for index in range(count):

@@ -22,9 +22,16 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from .. import backbones
+from ..weights.errors import WeightsError
+from ..weights.lora import read_lora
+from ..weights.style_encoder import StyleEncoder, StyleEncoderConfig
 from .errors import PipelineError
 from .quiet import quiet_loading
-from .single_file import SD15_CONFIGS, SDXL_CONFIGS
+from .single_file import SD15_CONFIGS, SDXL_CONFIGS, read_checkpoint, load_single_file
+from .text import clip_tokenizer, open_clip_tokenizer
+from .tiny import (TINY_XL_WIDTHS, tiny_sdxl_unet, tiny_text_encoder, tiny_text_encoder_2, tiny_unet, tiny_vae,
+                   tiny_vision_encoder)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -75,8 +82,6 @@ class Components:
     @property
     def backbone(self):
         """The :class:`~productbg.backbones.Backbone` of these components."""
-        from .. import backbones
-
         return backbones.backbone(self.family)
 
     @property
@@ -171,6 +176,7 @@ def load_clip_vision(path: str | os.PathLike) -> ClipVision:
     Raises:
         PipelineError: missing, pickle, or a file whose shapes fit neither (pass its folder then).
     """
+    # optional dependency: transformers
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     p = Path(path)
@@ -181,7 +187,6 @@ def load_clip_vision(path: str | os.PathLike) -> ClipVision:
                                                                                 use_safetensors=True))
         except (OSError, ValueError) as e:
             raise PipelineError(f"{p}: not a CLIP vision folder with config.json and model.safetensors ({e})") from None
-    from .single_file import read_checkpoint
 
     tensors = {k.removeprefix("clip_vision."): v for k, v in read_checkpoint(p).items()}
     patch = tensors.get("vision_model.embeddings.patch_embedding.weight")
@@ -220,8 +225,6 @@ def check_style_fit(style_encoder: Any, unet: torch.nn.Module, image_encoder: Cl
 
 def tiny_style_encoder(unet: torch.nn.Module, image_encoder: ClipVision, seed: int = 0):
     """A random linear style encoder that fits ``unet`` and ``image_encoder`` (tiny-model runs and tests)."""
-    from ..weights.style_encoder import StyleEncoder, StyleEncoderConfig
-
     torch.manual_seed(seed)
     cfg = StyleEncoderConfig(variant="linear", tokens=4, clip_width=int(image_encoder.model.config.projection_dim),
                              context_dim=int(unet.config.cross_attention_dim),
@@ -240,10 +243,6 @@ def tiny_components(inpaint: bool = True, style: bool = True, seed: int = 0, fam
         family: ``sd15`` (one text encoder) or ``sdxl`` (SDXL-shaped: two text encoders of different widths,
             transformer depth 2, pooled text embeds and added time ids).
     """
-    from .text import clip_tokenizer, open_clip_tokenizer
-    from .tiny import (TINY_XL_WIDTHS, tiny_sdxl_unet, tiny_text_encoder, tiny_text_encoder_2, tiny_unet,
-                       tiny_vae, tiny_vision_encoder)
-
     if family == "sdxl":
         unet = tiny_sdxl_unet(9 if inpaint else 4, seed)
         image_encoder = ClipVision(tiny_vision_encoder(seed)) if style else None
@@ -267,10 +266,10 @@ def tiny_components(inpaint: bool = True, style: bool = True, seed: int = 0, fam
 def load_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Components:
     """A diffusers Stable Diffusion folder (``unet/``, ``vae/``, ``text_encoder/``; ``scheduler/`` optional;
     SDXL: also ``text_encoder_2/``)."""
+    # optional dependency: diffusers, transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from .text import clip_tokenizer, open_clip_tokenizer
 
     root = Path(path)
     missing = [d for d in ("unet", "vae", "text_encoder") if not (root / d / "config.json").is_file()]
@@ -302,9 +301,6 @@ def load_folder(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
 def load_base(source: str | os.PathLike, config_dir: str | os.PathLike | None = None,
               dtype: torch.dtype = torch.float32) -> Components:
     """A base model from a single-file checkpoint or a diffusers folder (no style, no identifiers yet)."""
-    from .single_file import load_single_file
-    from .text import clip_tokenizer, open_clip_tokenizer
-
     p = Path(source)
     if p.is_dir():
         return load_folder(p, dtype)
@@ -330,9 +326,6 @@ def merge_lora(components: Components, path: str | os.PathLike, strength: float 
     Raises:
         PipelineError: unreadable file, or a module that does not exist / does not match in shape.
     """
-    from ..weights.errors import WeightsError
-    from ..weights.lora import read_lora
-
     try:
         lora = read_lora(path)
     except WeightsError as e:

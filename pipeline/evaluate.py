@@ -40,7 +40,9 @@ import torch
 from .. import imaging
 from ..fileio import not_a_file
 from ..imaging.composite import resize_image
+from ..imaging.fill import fill_product_hwc
 from .errors import PipelineError
+from .fid import compute_fid
 from .image_files import load_mask, load_rgb
 from .outputs import RESULT_FILE, item_folders, read_result, unfinished_reason
 
@@ -229,8 +231,6 @@ class ClipEmbedder:
 
     def embed(self, image: np.ndarray, product_mask: np.ndarray | None = None) -> np.ndarray:
         """L2-normalised image embeds of the image's background."""
-        from ..imaging.fill import fill_product_hwc
-
         x = torch.as_tensor(image[..., :3], dtype=torch.float32)[None]
         if product_mask is not None:
             x = fill_product_hwc(x, torch.as_tensor(product_mask >= 0.5, dtype=torch.float32)[None])
@@ -359,8 +359,6 @@ def evaluate(items: Sequence[EvalItem], embedder: Any | None = None, fid_real: s
         ``{"images", "embedder", "summary": {metric: {n, mean, min, max}}, "category_consistency", "fid",
         "items": [per-image metrics]}``.
     """
-    from .fid import compute_fid
-
     embedder = embedder or ColourHistogram()
     per_item, embeddings, cache, good, failed = [], [], {}, [], []
     for i, item in enumerate(items):

@@ -13,6 +13,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from .image_files import load_rgb
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MIN_IMAGES = 2
 Features = Callable[[torch.Tensor], np.ndarray]  # float [B, 3, H, W] 0..1 -> [B, D]
@@ -24,6 +26,7 @@ def _hub_file(url: str) -> Path:
 
 def _pytorch_fid() -> tuple[Features, Callable, str] | str:
     try:
+        # optional dependency: pytorch_fid
         from pytorch_fid.fid_score import calculate_frechet_distance
         from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
     except ImportError:
@@ -42,6 +45,7 @@ def _pytorch_fid() -> tuple[Features, Callable, str] | str:
 
 def _torchmetrics() -> tuple[Features, Callable, str] | str:
     try:
+        # optional dependency: torch_fidelity
         from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
     except ImportError:
         return "torchmetrics/torch-fidelity is not installed"
@@ -59,6 +63,7 @@ def _torchmetrics() -> tuple[Features, Callable, str] | str:
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """Fréchet distance between two Gaussians (used with torch-fidelity's features)."""
+    # optional dependency: scipy
     from scipy import linalg
 
     covmean = np.real(linalg.sqrtm(sigma1 @ sigma2))
@@ -77,8 +82,6 @@ def backend() -> tuple[Features, Callable, str] | str:
 
 
 def _images(paths: Sequence[Path], batch: int = 16) -> Any:
-    from .image_files import load_rgb
-
     for i in range(0, len(paths), batch):
         yield torch.stack([torch.as_tensor(load_rgb(p)).permute(2, 0, 1) for p in paths[i:i + batch]])
 

@@ -29,11 +29,18 @@ import torch
 from .. import imaging
 from ..attention import CONFINEMENTS, Guidance, IdentifierGuidance, ProductMask, StyleGuidance
 from ..attention.diffusers_processor import install_processors
+from ..backbones.targets import TARGETS, TargetModel
+from ..imaging.fill import fill_product_hwc
+from ..weights.bank import load_bank
+from ..weights.bank_fit import bank_fit_problem
+from ..weights.errors import WeightsError
+from ..weights.style_encoder import load_style_encoder, reference_tokens
 from .components import (ClipVision, Components, check_style_fit, load_base, load_clip_vision, merge_lora,
-                         tiny_components)
+                         tiny_components, cross_attention_widths)
 from .errors import PipelineError
 from .prompts import PromptEncoder
-from .sampling import SAMPLERS, SampleInputs, make_scheduler, sample_inpaint, upcast_vae
+from .sampling import SAMPLERS, SampleInputs, make_scheduler, sample_inpaint, upcast_vae, sampler_for
+from .upscale import load_upscaler
 
 ImageInput = Any  # a path, an [H, W, 3|4] array / tensor in 0..1, or a Prepared canvas
 REFERENCE_GROW = 4
@@ -160,8 +167,6 @@ def check_export_canvas(export: tuple[int, int], size: int) -> tuple[int, int]:
 def defaults_for(backbone: Any, base: "GenerateSettings | None" = None) -> "GenerateSettings":
     """The generation defaults of a backbone: its canvas side and sampler (SD1.5: unchanged, 512², DDIM 40,
     CFG 7.5; SDXL: 1024², DPM++ 2M Karras 30 steps, CFG 6)."""
-    from .sampling import sampler_for
-
     b = backbone
     return replace(base or GenerateSettings(), size=b.default_size, steps=b.sampler.steps,
                    guidance_scale=b.sampler.cfg, sampler=sampler_for(b.sampler.sampler_name, b.sampler.scheduler))
@@ -284,10 +289,6 @@ class ProductBGPipeline:
                         clip_vision: str | os.PathLike | ClipVision | None = None,
                         loras: Sequence[tuple[str | os.PathLike, float]] = (), **kwargs: Any) -> "ProductBGPipeline":
         """Add bank / style encoder / CLIP vision / LoRA files to loaded components and build the pipeline."""
-        from ..weights.errors import WeightsError
-        from ..weights.bank import load_bank
-        from ..weights.style_encoder import load_style_encoder
-
         try:
             if bank is not None:
                 components.identifiers = load_bank(bank)
@@ -327,9 +328,6 @@ class ProductBGPipeline:
 
     def style_guidance(self, reference: ImageInput, mask: np.ndarray, settings: GenerateSettings) -> StyleGuidance:
         """Style tokens of a reference image (its own product removed), confined to the product's background."""
-        from ..imaging.fill import fill_product_hwc
-        from ..weights.style_encoder import reference_tokens
-
         c = self.components
         if c.style_encoder is None or c.image_encoder is None:
             raise PipelineError("a reference image needs a style encoder and its CLIP vision model "
@@ -444,8 +442,6 @@ class ProductBGPipeline:
             return None
         cache = self.__dict__.setdefault("_upscalers", {})
         if path not in cache:
-            from .upscale import load_upscaler
-
             cache[path] = load_upscaler(path, self.device)
         return cache[path]
 
@@ -466,9 +462,6 @@ def check_placement(mask: np.ndarray, layout: imaging.Layout, s: GenerateSetting
 def style_target(components: Components):
     """What a style encoder must fit: the backbone's table when the UNet has its shapes (messages then name
     SD1.5 / SDXL), else this UNet's own layers (tiny and custom models)."""
-    from ..backbones.targets import TARGETS, TargetModel
-    from .components import cross_attention_widths
-
     unet = components.unet
     widths, context = cross_attention_widths(unet), int(unet.config.cross_attention_dim)
     target = TARGETS[components.family]
@@ -480,8 +473,6 @@ def style_target(components: Components):
 def check_bank_fit(identifiers: Any, backbone: Any) -> None:
     """PipelineError when a category bank was made for another backbone than the model's
     (:func:`productbg.weights.bank_fit.bank_fit_problem`, the check every host shares)."""
-    from ..weights.bank_fit import bank_fit_problem
-
     problem = bank_fit_problem(getattr(identifiers, "family", None), backbone, "checkpoint")
     if problem is not None:
         raise PipelineError(problem)

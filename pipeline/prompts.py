@@ -20,8 +20,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-
 from ..attention import IdentifierSpec
+from ..weights.errors import WeightsError
 from .errors import PipelineError
 from .text import (DEFAULT_TEMPLATE, identifier_prompt, install_identifiers, tokenize_with_identifier,
                    without_positions, word_positions)
@@ -128,8 +128,6 @@ class PromptEncoder:
 
     # ------------------------------------------------------------------ the three kinds of prompt
     def _identifier(self, category: str, template: str, extra: str) -> EncodedPrompt:
-        from ..weights.errors import WeightsError
-
         vectors = []
         for name, encoder in zip(self.encoder_names, self.encoders):
             try:

@@ -12,6 +12,7 @@ from typing import Iterator
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
     """No weight-loading progress bars or dtype notices from transformers / diffusers (one-line CLI output)."""
+    # optional dependency: diffusers, transformers
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 

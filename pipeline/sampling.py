@@ -71,6 +71,7 @@ def make_scheduler(config: dict, steps: int, sampler: str = "ddim"):
         steps: inference steps.
         sampler: ``ddim`` or ``dpmpp_2m_karras``.
     """
+    # optional dependency: diffusers
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     if sampler == "ddim":

@@ -22,7 +22,11 @@ from typing import Any
 
 import torch
 
+from .. import backbones
+from ..weights.errors import WeightsError
+from ..weights.safefile import read_header, SafeReader, load_all, atomic_save
 from .errors import PipelineError
+from .quiet import quiet_loading
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SD15_CONFIGS = ASSETS / "sd15"
@@ -74,8 +78,6 @@ def detect_backbone(keys, name: str = "checkpoint"):
         PipelineError: another family (named: SDXL refiner, SD2, SD3, Flux ...). Files without any text
             encoder are taken as SD1.5, whose loader then names what is missing.
     """
-    from .. import backbones
-
     try:
         found = backbones.from_checkpoint_keys(keys, host="diffusers")
     except backbones.BackboneError as e:
@@ -86,9 +88,6 @@ def detect_backbone(keys, name: str = "checkpoint"):
 
 def checkpoint_backbone(path: str | os.PathLike):
     """The backbone of a ``.safetensors`` checkpoint, read from its header only (no tensor is loaded)."""
-    from ..weights.errors import WeightsError
-    from ..weights.safefile import read_header
-
     try:
         header = read_header(path)
     except WeightsError as e:
@@ -113,8 +112,6 @@ def token_embeddings(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tens
 
     These are the matrices ``text_encoder.get_input_embeddings().weight`` of :func:`load_single_file` holds.
     """
-    from ..weights.safefile import SafeReader, read_header
-
     p = safetensors_checkpoint(path)
     backbone = checkpoint_backbone(p)
     keys = {"sd15": {"clip_l": TEXT_PREFIX + "embeddings.token_embedding.weight"},
@@ -135,9 +132,6 @@ def token_embeddings(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tens
 # ---------------------------------------------------------------------------------------------- loading
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a ``.safetensors`` checkpoint (pickle files are refused: they can run code)."""
-    from ..weights.errors import WeightsError
-    from ..weights.safefile import load_all
-
     p = safetensors_checkpoint(path)
     try:
         return load_all(p)[0]
@@ -175,6 +169,7 @@ def load_single_file(path: str | os.PathLike | dict, config_dir: str | os.PathLi
     Raises:
         PipelineError: not a safetensors file, another family (named), or shapes that do not fit.
     """
+    # optional dependency: diffusers, transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -184,7 +179,6 @@ def load_single_file(path: str | os.PathLike | dict, config_dir: str | os.PathLi
     b = detect_backbone(checkpoint, name)
     files = config_files(config_dir, b.family)
     unet_cfg = files["unet_inpaint" if _in_channels(checkpoint, name) == 9 else "unet"]
-    from .quiet import quiet_loading
 
     kw: dict[str, Any] = dict(local_files_only=True, torch_dtype=dtype)
     text_encoder_2 = None
@@ -345,8 +339,6 @@ def save_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.
     Returns:
         The path written.
     """
-    from ..weights.safefile import atomic_save
-
     tensors = ldm_state_dict(unet, vae, text_encoder, text_encoder_2)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}

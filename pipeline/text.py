@@ -40,6 +40,7 @@ def clip_tokenizer(pad_token: str | None = None):
         pad_token: None for CLIP ViT-L/14's (SD1.5, SDXL's first encoder: pads with end-of-text);
             :data:`OPEN_CLIP_PAD` for SDXL's second encoder (same vocabulary, pads with ``!``).
     """
+    # optional dependency: transformers
     from transformers import CLIPTokenizer
 
     vocab, merges = _vocab_and_merges()

@@ -21,7 +21,13 @@ from typing import Sequence
 
 import torch
 
+from ..weights.bank import CategoryBank
+from ..weights.bank_format import MAX_VECTORS, DEFAULT_TEMPLATE, ENCODER_WIDTHS, TINY_FAMILY
+from ..weights.bank_names import check_name
+from ..weights.errors import WeightsError
 from .errors import PipelineError
+from .single_file import token_embeddings
+from .text import clip_tokenizer, open_clip_tokenizer
 
 #: A header row that is skipped (case-insensitive).
 HEADER = ("category", "description")
@@ -31,9 +37,6 @@ def read_categories_csv(path: str | os.PathLike, where: dict[str, str] | None = 
     """``(category, description)`` rows of a UTF-8 CSV (BOM tolerated; an optional ``category,description``
     header row). A row that is not two non-empty fields, or a category named twice, is one line naming the line.
     ``where``, when given, receives category -> ``"FILE line N"`` (for later messages about a row)."""
-    from ..weights.bank_names import check_name
-    from ..weights.errors import WeightsError
-
     p = Path(path)
     try:
         text = p.read_bytes().decode("utf-8-sig")
@@ -75,8 +78,6 @@ def read_categories_csv(path: str | os.PathLike, where: dict[str, str] | None = 
 
 def description_tokens(tokenizers: Sequence, description: str, name: str = "") -> list[int]:
     """The description's token ids (no start/end tokens), the same in every tokenizer, at most 75."""
-    from ..weights.bank_format import MAX_VECTORS
-
     ids = [list(tok(description, add_special_tokens=False).input_ids) for tok in tokenizers]
     what = f"category '{name}'" if name else repr(description)
     if any(i != ids[0] for i in ids[1:]):
@@ -105,12 +106,6 @@ def bank_from_text(rows: Sequence[tuple[str, str]], checkpoint: str | os.PathLik
     A single-file SD1.5 checkpoint whose CLIP is not 768 wide (a small self-trained model) gives a ``tiny``
     bank of its width; SDXL needs the full-size encoders (768 + 1280).
     """
-    from ..weights.bank import CategoryBank
-    from ..weights.bank_format import DEFAULT_TEMPLATE, ENCODER_WIDTHS, TINY_FAMILY
-    from ..weights.errors import WeightsError
-    from .single_file import token_embeddings
-    from .text import clip_tokenizer, open_clip_tokenizer
-
     family, embeddings = token_embeddings(checkpoint)
     tokenizers = [clip_tokenizer()] + ([open_clip_tokenizer()] if family == "sdxl" else [])
     widths = {enc: int(e.shape[1]) for enc, e in embeddings.items()}

@@ -11,6 +11,7 @@ CROSS_DIM = 32
 
 def tiny_unet(in_channels: int = 4, seed: int = 0):
     """UNet2DConditionModel with SD1.5's block structure in miniature: 7 cross-attention layers."""
+    # optional dependency: diffusers
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -23,6 +24,7 @@ def tiny_unet(in_channels: int = 4, seed: int = 0):
 
 
 def tiny_vae(seed: int = 0):
+    # optional dependency: diffusers
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -33,6 +35,7 @@ def tiny_vae(seed: int = 0):
 
 def tiny_text_encoder(seed: int = 0, width: int = CROSS_DIM):
     """CLIPTextModel with the real CLIP vocabulary size (so the shipped tokenizer works) and width 32."""
+    # optional dependency: transformers
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -43,6 +46,7 @@ def tiny_text_encoder(seed: int = 0, width: int = CROSS_DIM):
 
 
 def tiny_vision_encoder(seed: int = 0):
+    # optional dependency: transformers
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(seed)
@@ -61,6 +65,7 @@ def tiny_sdxl_unet(in_channels: int = 4, seed: int = 0):
     """UNet2DConditionModel with SDXL's structure in miniature: no attention at the top level, transformer
     depth 2 below it (8 cross-attention layers), an 80-wide context (32 + 48) and ``text_time`` added
     conditioning (48-wide pooled text embeds + 6 time ids)."""
+    # optional dependency: diffusers
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -76,6 +81,7 @@ def tiny_sdxl_unet(in_channels: int = 4, seed: int = 0):
 
 def tiny_text_encoder_2(seed: int = 0):
     """CLIPTextModelWithProjection (SDXL's second encoder in miniature): width 48, projection 48."""
+    # optional dependency: transformers
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed + 1)

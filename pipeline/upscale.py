@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from .errors import PipelineError
 
@@ -24,6 +25,7 @@ PROBE = 16  # side of the grey image an upscaler is tried on when loaded
 
 def _spandrel() -> Any:
     try:
+        # optional dependency: spandrel
         import spandrel
     except ImportError:
         raise PipelineError(f"--upscaler needs spandrel, which is not installed; install it with: "
@@ -38,8 +40,6 @@ def load_upscaler(path: str | os.PathLike, device: str | torch.device = "cpu") -
     Raises:
         PipelineError: not a ``.safetensors`` file, spandrel missing, or not a single-image upscale model.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise PipelineError(f"--upscaler {path}: only .safetensors upscale models are loaded (.pth/.pt files are "

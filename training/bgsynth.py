@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import colorsys
 import io
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -318,9 +319,6 @@ def generate(out: str | Path, spec: SynthSpec = SynthSpec(), overwrite: bool = F
 
 
 def _spec_json(spec: SynthSpec) -> str:
-    import json
-    from dataclasses import asdict
-
     return json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in asdict(spec).items()}, sort_keys=True)
 
 

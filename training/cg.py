@@ -33,10 +33,14 @@ from ..attention import CONFINEMENTS, Guidance, IdentifierGuidance, IdentifierSp
 from ..attention.diffusers_processor import DiffusersCall, install_processors
 from ..pipeline.sampling import upcast_vae
 from ..pipeline.text import DEFAULT_TEMPLATE, identifier_prompt, tokenize_with_identifier, without_positions
+from ..weights.bank import CategoryBank
+from ..weights.errors import WeightsError
 from . import identifiers, outputs
 from .datasets import BG60kIndex, ImageMaskDataset, open_bg60k
 from .diffusion import DiffusionModule, jitter_masks, loss_weights, morph  # noqa: F401  (re-exported)
+from .model_folder import save_pretrained_atomic
 from .models import SDComponents, load_components
+from .preview import cg_preview
 
 MASK_MODES = ("hard", "loss", "both")
 UNET_MODES = ("lora", "full")
@@ -296,6 +300,7 @@ class CGTask:
                 p.copy_(tensors[k])
 
     def save_outputs(self, module: CGModule, out_dir: Path, step: int) -> list[Path]:
+        # optional dependency: peft
         from peft.utils import get_peft_model_state_dict
 
         training = {"trainer": "train-cg", "steps": step, "dataset": str(self.cfg.data), "model": self.cfg.model,
@@ -312,8 +317,6 @@ class CGTask:
         return [bank, lora]
 
     def preview(self, module: CGModule, out_dir: Path, step: int) -> Path | None:
-        from .preview import cg_preview
-
         return cg_preview(module, self._dataset, out_dir, step)
 
 
@@ -381,9 +384,6 @@ class StartBank:
 
 def _start_bank(cfg: CGConfig, categories: list[str]) -> StartBank:
     """Read ``cfg.init_bank`` for ``categories`` (names resolved as Category Prompt resolves them)."""
-    from ..weights.bank import CategoryBank
-    from ..weights.errors import WeightsError
-
     try:
         with CategoryBank.load(cfg.init_bank) as bank:
             missing = []
@@ -415,9 +415,9 @@ def _start_bank(cfg: CGConfig, categories: list[str]) -> StartBank:
 
 def _save_unet(unet, dest: Path) -> Path:
     """The trained UNet as a diffusers folder, without the guided processors (plain ``AttnProcessor2_0``)."""
+    # optional dependency: diffusers
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from .model_folder import save_pretrained_atomic
 
     guided = unet.attn_processors
     unet.set_attn_processor(AttnProcessor2_0())
@@ -428,6 +428,7 @@ def _save_unet(unet, dest: Path) -> Path:
 
 
 def _add_lora(unet, rank: int, alpha: float) -> None:
+    # optional dependency: peft
     from peft import LoraConfig
 
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian",

@@ -29,7 +29,13 @@ from typing import Any, Callable
 import torch
 
 from ..fileio import write_text_atomically
+from .bgsynth import SynthSpec, generate
+from .cg import BANK_FILE, UNET_DIR, CGConfig, CGTask
+from .engine import EngineConfig, fit
 from .model_folder import staged_dir
+from .models import ASSETS
+from .pg import load_vision, STYLE_FILE, PGConfig, PGTask
+from .vae import VAE_DIR, VAEConfig, VAETask
 
 RESOLUTION = 64
 CATEGORIES = 16
@@ -78,6 +84,7 @@ class Recipe:
 
 def text_encoder(seed: int = 0):
     """The demo's frozen text encoder: CLIP text, real vocabulary, width 64, random weights from ``seed``."""
+    # optional dependency: transformers
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -86,9 +93,9 @@ def text_encoder(seed: int = 0):
 
 def init_base(vae_dir: Path, dest: Path, seed: int = 0) -> Path:
     """The starting diffusers folder of the ``cg`` stage: a random UNet and text encoder, the trained VAE."""
+    # optional dependency: diffusers
     from diffusers import UNet2DConditionModel
 
-    from .models import ASSETS
 
     torch.manual_seed(seed)
     with staged_dir(dest) as tmp:
@@ -111,10 +118,10 @@ def assemble(base: Path, unet_dir: Path, dest: Path) -> Path:
 
 def pack(model: Path, bank: Path, style: Path, dest: Path, recipe: dict[str, Any]) -> Path:
     """Write the shipped folder: float16 weights, the bank, the style encoder, the CLIP vision model, recipe."""
+    # optional dependency: diffusers, transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from .pg import load_vision
 
     kw = dict(local_files_only=True)
     with staged_dir(dest) as tmp:
@@ -142,8 +149,6 @@ def _drop_local_path(config: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- stages
 def _engine(output: Path, steps: int, lr: float, r: Recipe, progress: bool):
-    from .engine import EngineConfig
-
     return EngineConfig(output_dir=output, max_steps=steps, batch_size=r.batch_size, lr=lr, lr_schedule="cosine",
                         warmup_steps=min(100, steps // 10), seed=r.seed, checkpoint_every=max(50, steps // 4),
                         keep_checkpoints=1, resume="latest", progress=progress, cpu=True)
@@ -156,12 +161,6 @@ def train(work: Path, dest: Path, recipe: Recipe = Recipe(), progress: bool = Tr
     Returns:
         The recipe record written to ``dest/recipe.json``.
     """
-    from .bgsynth import SynthSpec, generate
-    from .cg import BANK_FILE, UNET_DIR, CGConfig, CGTask
-    from .engine import fit
-    from .pg import STYLE_FILE, PGConfig, PGTask
-    from .vae import VAE_DIR, VAEConfig, VAETask
-
     work.mkdir(parents=True, exist_ok=True)
     r = recipe
     data = work / "bgsynth"

@@ -29,6 +29,7 @@ from typing import Any, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import save_file, load_file
 
 from . import checkpoint as ckpt
 from .state import load_tree, rng_state, save_tree, set_rng_state, step_generator
@@ -274,6 +275,7 @@ class _Run:
     """One training run's live objects (keeps :func:`fit` short)."""
 
     def __init__(self, task: TrainTask, cfg: EngineConfig) -> None:
+        # optional dependency: accelerate, diffusers
         from accelerate import Accelerator
         from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
@@ -319,8 +321,6 @@ class _Run:
         acc.wait_for_everyone()
 
     def _write_main(self, tmp: Path) -> None:
-        from safetensors.torch import save_file
-
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.task.trainable_state(self.module).items()}
         save_file(tensors, str(tmp / "trainable.safetensors"))
         if _fault_step() == self.step:  # crash test: leave a half-written checkpoint and wait for SIGKILL
@@ -334,8 +334,6 @@ class _Run:
         save_tree(state, tmp / "state.json", tmp / "state.safetensors")
 
     def resume(self) -> int:
-        from safetensors.torch import load_file
-
         found = ckpt.resolve(self.ckpt_root, self.cfg.resume)
         if found.path is None:
             return 0
@@ -420,6 +418,7 @@ def fit(task: TrainTask, cfg: EngineConfig) -> FitResult:
     Returns:
         The :class:`FitResult`: final step, the step resumed from, output files, this run's losses.
     """
+    # optional dependency: tqdm
     from tqdm.auto import tqdm
 
     if not cfg.resume and ckpt.find_latest(Path(cfg.output_dir) / "checkpoints").path is not None:

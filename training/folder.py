@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ..fileio import write_bytes_atomically, write_text_atomically
+from ..imaging.reading import read_image_file
 from . import layout
 from .bgsynth import png_bytes
 
@@ -103,7 +104,7 @@ def _csv_sources(path: Path) -> tuple[list[tuple[Path, str]], list[tuple[str, st
 # ---------------------------------------------------------------------------------------------- masks
 def default_segmenter() -> Segmenter | None:
     """The pack's weight-free segmentation (``productbg.imaging.segment.segment_product``), if installed."""
-    try:
+    try:  # guarded: imaging.segment needs OpenCV; without it folders are built from alpha only
         from ..imaging.segment import segment_product
     except ImportError:
         return None
@@ -128,8 +129,6 @@ def alpha_mask(im: Image.Image) -> np.ndarray | None:
 def read_upright_srgb(path: Path) -> Image.Image:
     """An 8-bit RGB / RGBA image read the way every input path reads (EXIF orientation applied, ICC profile
     converted to sRGB, 16-bit and CMYK handled: ``productbg.imaging.reading``)."""
-    from ..imaging.reading import read_image_file
-
     loaded = read_image_file(path)
     data = loaded.rgb if loaded.alpha is None else np.dstack([loaded.rgb, loaded.alpha])
     return Image.fromarray((np.clip(data, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8))

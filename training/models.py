@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from ..pipeline.components import Components
+from ..pipeline.components import Components, load_base, tiny_components
+from ..pipeline.errors import PipelineError
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "sd15"
 TINY_SOURCES = {"tiny": ("sd15", False), "tiny-inpaint": ("sd15", True),
@@ -87,6 +88,7 @@ class SDComponents:
 
 def default_scheduler():
     """SD1.5's DDPM training schedule (shipped config)."""
+    # optional dependency: diffusers
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(json.loads((ASSETS / "scheduler_config.json").read_text()))
@@ -104,9 +106,6 @@ def load_components(source: str | Path, dtype: torch.dtype = torch.float32,
     Raises:
         PipelineError: unknown source, pickle checkpoint, missing files, an unsupported backbone.
     """
-    from ..pipeline.components import load_base, tiny_components
-    from ..pipeline.errors import PipelineError
-
     s = str(source)
     if s in TINY_SOURCES:
         family, inpaint = TINY_SOURCES[s]
@@ -122,6 +121,7 @@ def load_components(source: str | Path, dtype: torch.dtype = torch.float32,
 
 def from_pipeline(parts: Components, source: str) -> SDComponents:
     """Training components from the pipeline's :class:`~productbg.pipeline.components.Components`."""
+    # optional dependency: diffusers
     from diffusers import DDPMScheduler
 
     return SDComponents(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer,

@@ -22,12 +22,17 @@ import torch.nn.functional as F
 
 from ..attention import Guidance, ProductMask, StyleGuidance
 from ..attention.diffusers_processor import DiffusersCall, install_processors
+from ..backbones.targets import TargetModel, guess_target
 from ..imaging.fill import fill_product
+from ..pipeline.components import load_clip_vision
 from ..pipeline.sampling import upcast_vae
-from ..weights.style_encoder import CLIP_MEAN, NULL_REFERENCE_RGB
+from ..pipeline.tiny import tiny_vision_encoder
+from ..weights.style_encoder import CLIP_MEAN, NULL_REFERENCE_RGB, StyleEncoder, StyleEncoderConfig, load_style_encoder
 from .datasets import ImageMaskDataset, open_bg60k
 from .diffusion import DiffusionModule
+from .identifiers import encode_prompt
 from .models import SDComponents, load_components
+from .preview import pg_preview
 
 STYLE_FILE = "style_encoder.safetensors"
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -186,16 +191,14 @@ class PGModule(DiffusionModule):
 # ---------------------------------------------------------------------------------------------- task
 def load_vision(source: str) -> torch.nn.Module:
     """CLIP vision with projection: ``"tiny"``, a transformers folder, or a ViT-H/14 ``.safetensors``."""
+    # optional dependency: transformers
     from transformers import CLIPVisionModelWithProjection
 
     if source == "tiny":
-        from ..pipeline.tiny import tiny_vision_encoder
-
         return tiny_vision_encoder()
     p = Path(source)
     if p.is_dir():
         return CLIPVisionModelWithProjection.from_pretrained(p, local_files_only=True, use_safetensors=True)
-    from ..pipeline.components import load_clip_vision
 
     return load_clip_vision(p).model
 
@@ -208,8 +211,6 @@ def cross_attention_widths(unet: torch.nn.Module) -> tuple[int, ...]:
 
 def target_for(unet: torch.nn.Module):
     """The :class:`~productbg.backbones.targets.TargetModel` a style encoder for ``unet`` must fit."""
-    from ..backbones.targets import TargetModel, guess_target
-
     widths, ctx = cross_attention_widths(unet), int(unet.config.cross_attention_dim)
     known = guess_target(ctx, len(widths))
     if known is not None and known.hidden_sizes == widths:
@@ -235,8 +236,6 @@ class PGTask:
         return d
 
     def build(self, device: torch.device) -> PGModule:
-        from ..weights.style_encoder import StyleEncoder, StyleEncoderConfig, load_style_encoder
-
         dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(self.cfg.weights_dtype, torch.float32)
         comps = load_components(self.cfg.model, dtype, config_dir=self.cfg.model_configs)
         comps.freeze()
@@ -281,8 +280,6 @@ class PGTask:
         return [module.encoder.save(out_dir / STYLE_FILE, training)]
 
     def preview(self, module: PGModule, out_dir: Path, step: int) -> Path | None:
-        from .preview import pg_preview
-
         return pg_preview(module, self._dataset, out_dir, step)
 
 
@@ -290,8 +287,6 @@ class PGTask:
 def _prompt_context(comps: SDComponents, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The prompt's context (SD1.5: CLIP-L's last hidden state; SDXL: both penultimate states concatenated) and
     SDXL's pooled embedding (else None), encoded as inference encodes them."""
-    from .identifiers import encode_prompt
-
     ids = [tok(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
            for tok in comps.tokenizers]
     context, pooled = encode_prompt(comps.text_encoders, ids)

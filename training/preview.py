@@ -14,8 +14,9 @@ import torch
 
 from ..attention import Guidance, ProductMask, StyleGuidance
 from ..attention.diffusers_processor import CALL_KEY, DiffusersCall
-from .bgsynth import png_bytes
 from ..fileio import write_bytes_atomically
+from .bgsynth import png_bytes
+from .diffusion import morph
 
 PREVIEW_EROSION = 0.04  # inference recipe: repaint mask = background dilated by ≈20 px at 512²
 
@@ -83,9 +84,9 @@ def _generate(module, image, mask, context, guidance, steps: int, scale: float,
               pooled: torch.Tensor | None = None) -> torch.Tensor:
     """DDIM with CFG (rows: uncond, cond), the inference recipe's keep-mask, product pasted back (SDXL:
     ``pooled`` [2B, W] in the same row order)."""
+    # optional dependency: diffusers
     from diffusers import DDIMScheduler
 
-    from .diffusion import morph
 
     scheduler = DDIMScheduler.from_config(module.noise_scheduler.config)
     keep = morph(mask, -round(PREVIEW_EROSION * mask.shape[-1]))

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file, load_file
 
 _T, _D, _TU, _ND = "__tensor__", "__dict__", "__tuple__", "__ndarray__"
 
@@ -61,8 +62,6 @@ def _hashable(key: Any) -> Any:
 
 def save_tree(obj: Any, json_path: Path, tensors_path: Path, prefix: str = "t") -> None:
     """Write ``obj`` as ``json_path`` + ``tensors_path`` (plain writes: callers write inside a temp folder)."""
-    from safetensors.torch import save_file
-
     tensors: dict[str, torch.Tensor] = {}
     tree = pack(obj, tensors, prefix)
     save_file(tensors, str(tensors_path))
@@ -71,8 +70,6 @@ def save_tree(obj: Any, json_path: Path, tensors_path: Path, prefix: str = "t") 
 
 def load_tree(json_path: Path, tensors_path: Path) -> Any:
     """Read what :func:`save_tree` wrote."""
-    from safetensors.torch import load_file
-
     return unpack(json.loads(json_path.read_text()), load_file(str(tensors_path)))
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from .datasets import ImageMaskDataset, open_bg60k
 from .model_folder import save_pretrained_atomic
+from .preview import save_rows
 
 VAE_DIR = "vae"
 
@@ -48,6 +49,7 @@ class VAEConfig:
 
 def new_autoencoder(cfg: VAEConfig) -> nn.Module:
     """A freshly initialised ``AutoencoderKL`` of the configured shape."""
+    # optional dependency: diffusers
     from diffusers import AutoencoderKL
 
     levels = len(cfg.block_out_channels)
@@ -125,8 +127,6 @@ class VAETask:
         return [save_pretrained_atomic(module.vae, out_dir / VAE_DIR)]
 
     def preview(self, module: VAEModule, out_dir: Path, step: int) -> Path | None:
-        from .preview import save_rows
-
         with torch.no_grad():
             images = torch.stack([self._dataset[(i, 0)]["image"] for i in range(min(8, len(self._dataset)))])
             images = images.to(next(module.vae.parameters()).device)

@@ -15,10 +15,15 @@ atomic; a preview is read only when it is a regular PNG file inside the folder (
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import stat
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from ..fileio import write_atomically
 from .bank_names import normalize
 from .errors import WeightsError
 
@@ -75,19 +80,12 @@ def read_preview(bank_path: str | os.PathLike, name: str) -> bytes | None:
 
 
 def _write_bytes(dest: Path, data: bytes) -> None:
-    from ..fileio import write_atomically
-
     write_atomically(dest, lambda tmp: tmp.write_bytes(data), fsync=True)
 
 
 def encode_preview(image, side: int = PREVIEW_SIDE) -> bytes:
     """PNG bytes of ``image`` (a PIL image, or an ``[H, W, 3]`` uint8 / 0..1 float array or tensor) shrunk to fit
     ``side`` px."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
     if not isinstance(image, Image.Image):
         array = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
         if array.ndim != 3 or array.shape[2] not in (3, 4):

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
+import safetensors.torch
+from safetensors import safe_open
 
 from ..fileio import write_atomically
-
 from .errors import MalformedFileError, WeightsError
 
 #: Largest header we accept (the safetensors library's own limit).
@@ -285,8 +286,6 @@ class SafeReader:
 
 
 def _open(path: Path) -> Any:
-    from safetensors import safe_open
-
     handle = safe_open(str(path), framework="pt", device="cpu")
     return handle.__enter__() if hasattr(handle, "__enter__") else handle
 
@@ -358,10 +357,9 @@ def atomic_save(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
     Returns:
         The destination path.
     """
-    from safetensors.torch import save_file
-
     dest = Path(path)
     if dest.suffix.lower() != ".safetensors":
         raise WeightsError(f"{dest.name}: weight files are written as .safetensors only")
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    return write_atomically(dest, lambda tmp: save_file(clean, tmp, metadata=dict(metadata or {})), fsync=True)
+    # safetensors.torch.save_file looked up per call, so that a test can make it fail half-way
+    return write_atomically(dest, lambda tmp: safetensors.torch.save_file(clean, tmp, metadata=dict(metadata or {})), fsync=True)
