@@ -306,7 +306,8 @@ def _clip_l_specs() -> list[Spec]:
     config = json.loads(Path(comfy.clip_model.__file__).with_name("sd1_clip_config.json").read_text())
     with torch.device("meta"):
         model = comfy.clip_model.CLIPTextModel(config, torch.float16, "meta", comfy.ops.disable_weight_init)
-    # clip_l.safetensors holds the text model only (no text_projection: Flux uses the unprojected pooled output).
+    # The published clip_l.safetensors holds the text model only (Flux uses the unprojected pooled output), so
+    # ComfyUI logs "clip missing: ['text_projection.weight']" for it, and for this file too.
     return [s for s in _specs(model, torch.float16) if s[0].startswith("text_model.")]
 
 
