@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from ..attention import IdentifierSpec
 from ..attention.comfy_patch import PROMPT_TAG_KEY
+from ..backbones import BACKBONES, BackboneError, from_comfy_config, from_token_keys
+from ..weights.bank_fit import bank_fit_problem
 
 IDENTIFIER = "PRODUCTBG_IDENTIFIER"
 BANK = "PRODUCTBG_BANK"
@@ -28,9 +30,8 @@ class NodeInputError(ValueError):
 
 
 def backbone_of_clip(tokens: dict):
-    """The backbone of a ComfyUI CLIP from its ``clip.tokenize`` output (``l``: SD1.5; ``g`` + ``l``: SDXL)."""
-    from ..backbones import BackboneError, from_token_keys
-
+    """The backbone of a ComfyUI CLIP from its ``clip.tokenize`` output (``l``: SD1.5; ``g`` + ``l``: SDXL;
+    ``l`` + ``t5xxl``: Flux.1)."""
     try:
         return from_token_keys(tokens.keys())
     except BackboneError as e:
@@ -39,9 +40,7 @@ def backbone_of_clip(tokens: dict):
 
 def backbone_of(model):
     """The backbone of a ComfyUI MODEL (from its ``model_config`` class and ``unet_config``); NodeInputError
-    naming the family for anything else (SD2, SD3, Flux, an SDXL refiner...)."""
-    from ..backbones import BackboneError, from_comfy_config
-
+    naming the family for anything else (SD2, SD3, Flux.1 Kontext, FLUX.2, an SDXL refiner...)."""
     config = model.model.model_config
     try:
         return from_comfy_config(type(config).__name__, config.unet_config)
@@ -169,8 +168,6 @@ def confined_prompt(clip, tokens: dict, positions: dict[str, list[int]], backbon
 
 def check_bank_fits(bank, backbone, model: str = "MODEL") -> None:
     """Refuse a bank (its identifiers and LoRAs) made for another backbone (the one check every host shares)."""
-    from ..weights.bank_fit import bank_fit_problem
-
     problem = bank_fit_problem(bank.family, backbone, model)
     if problem is not None:
         raise NodeInputError(problem)
@@ -180,8 +177,6 @@ def check_identifier_fits(identifier, backbone) -> None:
     """Refuse an identifier encoded by another backbone's CLIP (its context width differs)."""
     ctx = identifier.plain_context if identifier.plain_context is not None else identifier.prompt_context
     if ctx is not None and ctx.shape[-1] != backbone.context_dim:
-        from ..backbones import BACKBONES
-
         other = next((b.label for b in BACKBONES.values() if b.context_dim == ctx.shape[-1]), f"{ctx.shape[-1]}-wide")
         raise NodeInputError(f"the identifier comes from an {other} CLIP but the MODEL is {backbone.label}: encode "
                              f"it with the CLIP of the same {backbone.label} checkpoint")

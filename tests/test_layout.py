@@ -158,7 +158,7 @@ LAZY_WITHOUT_REASON = {"diffusers", "transformers", "peft", "accelerate", "spand
                        "torch_fidelity", "pytorch_fid", "comfy", "comfy_api", "comfy_extras", "comfy_execution",
                        "folder_paths", "nodes", "server", "node_helpers", "latent_preview", "execution"}
 #: Files reworked in parallel (issue 24) whose lazy imports are not yet moved up or explained; remove when done.
-NOT_YET = {"nodes/common.py"}
+NOT_YET: set[str] = set()
 
 
 def lazy_imports_without_reason(source: str) -> list[int]:
