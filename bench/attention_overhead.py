@@ -13,7 +13,8 @@ CUDA's allocator peak counts them).
 
 Usage: python bench/attention_overhead.py [--model sd15|sdxl] [--repeats 5] [--device cpu]
 ``--model flux``: Flux.1's joint attention instead (full-width double + single blocks, the identifier-free text
-stream and its confinement vs unpatched; its own options: ``bench/flux_overhead.py``).
+stream and its confinement vs unpatched, and "+ Redux": 729 Redux tokens appended to the text, identifier and
+Redux confined vs the unpatched blocks on the same Redux-extended text; its own options: ``bench/flux_overhead.py``).
 (``--model sdxl`` on a CPU: about 10 GiB of fp32 weights and minutes per forward; the column ablation is
 skipped there unless ``--columns``, and time and peak memory come from the same forward — the live-tensor
 tracker's per-op cost is far below 0.1 % of a multi-minute forward and hits every variant alike.)
