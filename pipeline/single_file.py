@@ -27,6 +27,7 @@ from ..weights.errors import WeightsError
 from ..weights.safefile import read_header, SafeReader, load_all, atomic_save
 from .errors import PipelineError
 from .quiet import quiet_loading
+from .t5_file import t5_input_embeddings, t5_layout
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SD15_CONFIGS = ASSETS / "sd15"
@@ -108,16 +109,24 @@ def safetensors_checkpoint(path: str | os.PathLike) -> Path:
 
 def token_embeddings(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor]]:
     """A ``.safetensors`` checkpoint's family and its text encoders' token input embeddings, ``[vocab, width]``
-    per encoder (``clip_l``; SDXL adds ``clip_g``), read from the file alone (no model is built).
+    per encoder (``clip_l``; SDXL adds ``clip_g``; ``flux`` for a T5-XXL file, ``t5xxl`` alone), read from the
+    file alone (no model is built).
 
-    These are the matrices ``text_encoder.get_input_embeddings().weight`` of :func:`load_single_file` holds.
+    These are the matrices ``text_encoder.get_input_embeddings().weight`` of :func:`load_single_file` holds; for
+    T5-XXL the table of the model ComfyUI builds from the file (:mod:`.t5_file`: fp8-rounded for an fp8 file).
     """
     p = safetensors_checkpoint(path)
-    backbone = checkpoint_backbone(p)
+    try:
+        header = read_header(p)
+    except WeightsError as e:
+        raise PipelineError(str(e)) from None
+    t5 = t5_layout(header)
+    if t5 is not None:
+        return "flux", {"t5xxl": t5_input_embeddings(p, header, t5)}
+    backbone = detect_backbone(header.tensors, p.name)
     keys = {"sd15": {"clip_l": TEXT_PREFIX + "embeddings.token_embedding.weight"},
             "sdxl": {"clip_l": SDXL_TEXT_PREFIX + "embeddings.token_embedding.weight",
                      "clip_g": SDXL_TEXT2_PREFIX + "token_embedding.weight"}}[backbone.family]
-    header = read_header(p)
     missing = [k for k in keys.values() if k not in header.tensors]
     if missing:
         raise PipelineError(f"{p.name}: no text-encoder token embeddings ({missing[0]}); a full "

@@ -1,8 +1,9 @@
-"""Text side on diffusers/transformers: the CLIP tokenizer from shipped files and identifier prompts.
+"""Text side on diffusers/transformers: the CLIP and T5 tokenizers from shipped files and identifier prompts.
 
-The tokenizer is built from the BPE vocabulary in ``assets/clip_tokenizer`` (OpenAI CLIP, MIT), never from a
-hub name: offline, ``from_pretrained("openai/clip-vit-large-patch14")`` would fail or, worse, silently give a
-useless tokenizer. Identifier vectors enter the text encoder as placeholder tokens whose input-embedding rows
+The CLIP tokenizer is built from the BPE vocabulary in ``assets/clip_tokenizer`` (OpenAI CLIP, MIT), never from
+a hub name: offline, ``from_pretrained("openai/clip-vit-large-patch14")`` would fail or, worse, silently give a
+useless tokenizer. Flux.1's T5-XXL tokenizer is read from ``assets/t5_tokenizer`` (Google's T5 v1.1 vocabulary,
+Apache-2.0: the very files ComfyUI tokenizes T5 prompts with), a local folder, never a hub name. Identifier vectors enter the text encoder as placeholder tokens whose input-embedding rows
 hold the category's learned vectors (textual-inversion style).
 """
 from __future__ import annotations
@@ -18,6 +19,11 @@ from ..attention.identifier import CLIP_CONTEXT, IdentifierSpec
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "clip_tokenizer"
 CLIP_VOCAB_SIZE = 49408
+T5_ASSETS = ASSETS.parent / "t5_tokenizer"
+#: Tokens of T5's tokenizer: 32,000 SentencePiece pieces and 100 sentinels (T5-XXL's embedding table has 32,128 rows).
+T5_VOCAB_SIZE = 32100
+#: Category Prompt's identifier slot on T5 (``nodes/category_nodes.SLOT_WORDS``): a sentinel, one id, never a word.
+T5_SLOT = "<extra_id_0>"
 DEFAULT_TEMPLATE = "a product photo on a {id} background"
 
 
@@ -56,6 +62,18 @@ def open_clip_tokenizer():
     tok = clip_tokenizer(OPEN_CLIP_PAD)
     if tok.pad_token_id != 0:
         raise RuntimeError(f"OpenCLIP tokenizer pads with id {tok.pad_token_id}, expected 0")
+    return tok
+
+
+def t5_tokenizer():
+    """A fresh T5-XXL tokenizer (``T5TokenizerFast``, as ComfyUI builds it) from the shipped ``assets/t5_tokenizer``
+    folder, offline; 32,100 tokens, end token ``</s>`` (1), pad ``<pad>`` (0), unknown ``<unk>`` (2)."""
+    # optional dependency: transformers
+    from transformers import T5TokenizerFast
+
+    tok = T5TokenizerFast.from_pretrained(str(T5_ASSETS), local_files_only=True)
+    if len(tok) != T5_VOCAB_SIZE:
+        raise RuntimeError(f"shipped T5 tokenizer gave {len(tok)} tokens, expected {T5_VOCAB_SIZE}")
     return tok
 
 
