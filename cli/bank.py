@@ -1,6 +1,7 @@
 """``productbg bank ...``: make category banks without training, and curate them.
 
     productbg bank from-text categories.csv --checkpoint FILE --out bank.safetensors [--template T] [--force]
+        (FILE: an SD1.5 / SDXL checkpoint, or Flux.1's T5-XXL text encoder, e.g. t5xxl_fp8_e4m3fn.safetensors)
     productbg bank list BANK [--json]
     productbg bank rename BANK OLD NEW [--out OUT] [--force]
     productbg bank remove BANK NAME [NAME ...] [--out OUT] [--force]
@@ -21,7 +22,7 @@ from PIL import Image
 
 from ..pipeline.text_bank import bank_from_text, read_categories_csv
 from ..weights.bank import load_bank
-from ..weights.bank_format import check_template
+from ..weights.bank_format import ENCODER_WIDTHS, check_template
 from ..weights.bank_merge import MergeConflictError, merge_banks
 from ..weights.bank_names import check_name
 from ..weights.bank_previews import has_previews, copy_previews, remove_preview, write_preview
@@ -41,12 +42,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "from-text", help="a bank whose identifiers are the token embeddings of background descriptions",
         description="Each CSV row 'category,background description' (UTF-8; an optional header row "
                     "'category,description') becomes a category whose identifier vectors are the checkpoint's own "
-                    "token embeddings of the description (CLIP-L on SD1.5; CLIP-L and OpenCLIP-G on SDXL), so the "
-                    "Category Prompt with Mask-Guided Attention gives the described background, confined to the "
-                    "background, with no training. At most 75 tokens per description.")
+                    "token embeddings of the description (CLIP-L on SD1.5; CLIP-L and OpenCLIP-G on SDXL; T5-XXL "
+                    "on Flux.1, as ComfyUI's model holds them: fp8-rounded for an fp8 file), so the Category Prompt "
+                    "with Mask-Guided Attention gives the described background, confined to the background, with no "
+                    "training. At most 75 tokens per description.")
     ft.add_argument("csv", type=Path, metavar="CSV", help="rows 'category,background description'")
     ft.add_argument("--checkpoint", type=Path, required=True,
-                    help="the single-file .safetensors SD1.5 or SDXL checkpoint you generate with")
+                    help="the single-file .safetensors SD1.5 or SDXL checkpoint you generate with; for Flux.1 its "
+                         "T5-XXL text encoder (models/text_encoders/t5xxl_fp16.safetensors or "
+                         "t5xxl_fp8_e4m3fn.safetensors) or a Flux single file that bundles it")
     ft.add_argument("--out", type=Path, required=True, help="the bank to write (.safetensors)")
     ft.add_argument("--template", default=None,
                     help="the bank's prompt template, with {id} once (default 'a product photo on a {id} background')")
@@ -137,8 +141,10 @@ def bank_summary(bank, path: Path) -> dict:
     """The JSON form of ``productbg bank list``: the bank's settings and every category, from the header."""
     loras, counts = bank.loras, bank.vector_counts()
     previews = has_previews(path, bank.names)
+    # the width of the bank's (first) encoder's vectors: clip_l's, or t5xxl's on a flux bank
+    width = bank.width if bank.encoders[0] == "clip_l" else ENCODER_WIDTHS[bank.encoders[0]]
     return {
-        "file": str(path), "family": bank.family, "width": bank.width, "vectors_per_id": bank.vectors_per_id,
+        "file": str(path), "family": bank.family, "width": width, "vectors_per_id": bank.vectors_per_id,
         "template": bank.template, "dtype": str(bank.dtype).replace("torch.", ""), "count": len(bank),
         "categories": [{"name": n, "vectors": c,
                         "lora": {"file": loras[n].file, "strength": loras[n].strength} if n in loras else None,

@@ -125,7 +125,7 @@ def _check_flux_checkpoint(tensors: Mapping[str, TensorInfo], name: str) -> None
     try:
         found = backbones.from_checkpoint_keys(tensors, host="comfyui")
     except backbones.BackboneError as e:
-        raise PipelineError(f"{name}: {e}") from None
+        raise PipelineError(f"{name}: {e}; for a flux bank {PASS_T5}") from None
     if found is None or found.family != "flux":
         raise PipelineError(f"{name}: a checkpoint with a T5-XXL that is not Flux.1's; {PASS_T5}")
 
