@@ -172,10 +172,12 @@ def t5_input_embeddings(path: str | os.PathLike, header: Header, layout: T5Layou
     except WeightsError as e:
         raise PipelineError(str(e)) from None
     held = table.to(layout.model_dtype)  # what load_state_dict's copy_ into the model's parameter gives
+    del table
     if layout.model_dtype in FP8:
-        held = torch.nan_to_num(held.to(torch.float32))  # T5.forward: "Fix for fp8 T5"
-        half = held.to(torch.float16)
-        return half if torch.equal(half.to(torch.float32), held) else held
+        half = held.to(torch.float16)  # exact: fp16 holds every finite e4m3fn and e5m2 value
+        if bool(torch.isfinite(half).all()):
+            return half
+        return torch.nan_to_num(held.to(torch.float32))  # T5.forward's "Fix for fp8 T5", on its float32 input
     return held
 
 

@@ -3,8 +3,9 @@
 The CLIP tokenizer is built from the BPE vocabulary in ``assets/clip_tokenizer`` (OpenAI CLIP, MIT), never from
 a hub name: offline, ``from_pretrained("openai/clip-vit-large-patch14")`` would fail or, worse, silently give a
 useless tokenizer. Flux.1's T5-XXL tokenizer is read from ``assets/t5_tokenizer`` (Google's T5 v1.1 vocabulary,
-Apache-2.0: the very files ComfyUI tokenizes T5 prompts with), a local folder, never a hub name. Identifier vectors enter the text encoder as placeholder tokens whose input-embedding rows
-hold the category's learned vectors (textual-inversion style).
+Apache-2.0: the very files ComfyUI tokenizes T5 prompts with), a local folder, never a hub name. Identifier
+vectors enter the text encoder as placeholder tokens whose input-embedding rows hold the category's learned
+vectors (textual-inversion style).
 """
 from __future__ import annotations
 

@@ -86,7 +86,7 @@ def test_description_tokens_are_its_tokens_inside_the_template():
         ids = t5_description_tokens(tok, description, TEMPLATE)
         assert ids == _tokens(description)
         words = _tokens(TEMPLATE.replace("{id}", description))
-        assert words[7:7 + len(ids)] == ids  # "▁ a ▁product ▁photo ▁on ▁ a" is 7 tokens: "a" splits as "▁", "a"
+        assert words[7:7 + len(ids)] == ids  # "a product photo on a" is 7 tokens: each "a" is "▁", "a"
     with pytest.raises(PipelineError, match="category 'x': T5 splits the description differently inside the "
                                             "template 'a {id}s background'"):
         t5_description_tokens(tok, "marble table", "a {id}s background", "x")   # "tables" is not "table" + "s"
