@@ -302,10 +302,14 @@ def write_json(path: Path, data) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ui", metavar="URL", help="ComfyUI server (with this pack) for the UI-format round trip")
+    ap.add_argument("--only", nargs="+", choices=list(WORKFLOWS), metavar="NAME",
+                    help="write only these workflows (default: all)")
     args = ap.parse_args()
     (OUT / "api").mkdir(parents=True, exist_ok=True)
     example_inputs(OUT / "inputs")
     for name, build in WORKFLOWS.items():
+        if args.only and name not in args.only:
+            continue
         api_path = OUT / "api" / f"{name}.json"
         write_json(api_path, build())
         if args.ui:

@@ -41,7 +41,7 @@ def child_env() -> dict[str, str]:
 
 MEMORY_HUNGRY_FIRST = "test_comfy_trained_files"
 #: Modules on full-size SDXL run after every SD1.5 ComfyUI module (never an SD1.5 and an SDXL model at once).
-SDXL_LAST = "test_comfy_sdxl"
+SDXL_LAST = ("test_comfy_sdxl", "test_comfy_flux")  # the big-model modules (test.sh runs each alone)
 
 
 def move_comfyui_tests_last(items: list, marker: str = "comfyui", fixtures: tuple[str, ...] = ()) -> None:
