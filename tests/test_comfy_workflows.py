@@ -15,8 +15,11 @@ PRE_V3 = Path(__file__).resolve().parent / "fixtures" / "pre_v3_workflows"
 NAMES = ("category_background", "reference_style", "category_style_lora", "zero_shot_confinement", "batch_folder")
 # The SDXL twins run end to end on SDXL in test_comfy_sdxl.py; here their files and UI format are checked.
 SDXL_NAMES = ("category_background_sdxl", "reference_style_sdxl", "zero_shot_confinement_sdxl")
+#: run end to end by test_comfy_flux_workflows.py (own process); checked here against the real object_info
+FLUX_NAMES = ("category_background_flux", "reference_style_flux")
 SIZE, STEPS, EXPORT = 96, 2, 320
-FILE_INPUTS = {"ckpt_name", "bank_name", "encoder_name", "clip_name", "image", "lora_name"}
+FILE_INPUTS = {"ckpt_name", "bank_name", "encoder_name", "clip_name", "image", "lora_name", "unet_name",
+               "clip_name1", "clip_name2", "vae_name", "style_model_name"}
 
 
 def _small(comfy, prompt: dict, products: Path) -> dict:
@@ -91,7 +94,9 @@ def test_api_workflow_runs_end_to_end(comfy, inputs, name):
 
 
 def test_every_workflow_has_a_ui_file_a_thumbnail_and_an_api_copy():
-    for name in NAMES + SDXL_NAMES:
+    shipped = {p.stem for p in WORKFLOWS.glob("*.json")}
+    assert shipped == set(NAMES + SDXL_NAMES + FLUX_NAMES)  # a new workflow is added to the checks here
+    for name in NAMES + SDXL_NAMES + FLUX_NAMES:
         assert (WORKFLOWS / f"{name}.json").is_file() and (WORKFLOWS / f"{name}.jpg").is_file()
         assert (WORKFLOWS / "api" / f"{name}.json").is_file()
 
@@ -128,7 +133,8 @@ def _check_value(node_type: str, name: str, kind, value) -> None:
         assert isinstance(value, str), where
 
 
-@pytest.mark.parametrize("path", [WORKFLOWS / f"{n}.json" for n in NAMES + SDXL_NAMES] + sorted(PRE_V3.glob("*.json")),
+@pytest.mark.parametrize("path", [WORKFLOWS / f"{n}.json" for n in NAMES + SDXL_NAMES + FLUX_NAMES] +
+                         sorted(PRE_V3.glob("*.json")),
                          ids=lambda p: p.stem if p.parent == WORKFLOWS else f"pre_v3-{p.stem}")
 def test_ui_workflow_matches_the_real_object_info(comfy_server, path):
     """Node types exist, widget values match the schema in count and type (a combo's value is one of its options),
