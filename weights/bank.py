@@ -161,13 +161,14 @@ class CategoryBank:
     # ------------------------------------------------------------------ properties
     @property
     def family(self) -> str:
-        """Base model family (``"sd15"``, ``"sdxl"`` or ``"tiny"``)."""
+        """Base model family (``"sd15"``, ``"sdxl"``, ``"flux"``, ``"tiny"`` or ``"tiny-sdxl"``)."""
         return self._meta.family
 
     @property
     def width(self) -> int | None:
-        """Text width of the ``clip_l`` vectors (768 for sd15/sdxl); ``None`` for a tiny bank not yet given one."""
-        return self._width("clip_l")
+        """Text width of the first encoder's vectors (768 for sd15/sdxl's ``clip_l``, 4096 for flux's ``t5xxl``);
+        ``None`` for a tiny bank not yet given one."""
+        return self._width(self.encoders[0])
 
     def _width(self, encoder: str) -> int | None:
         if self._meta.family in FREE_WIDTH_FAMILIES:

@@ -116,8 +116,11 @@ def _describe_bank(header: Header) -> FileReport:
 def _works_with(family: str) -> str:
     if family in BACKBONES:
         label = BACKBONES[family].label
-        return (f"{label} checkpoints (base, inpainting, fine-tunes); "
-                f"'productbg weights export-embedding' writes a category as an {label} embedding")
+        works = f"{label} checkpoints (base, inpainting, fine-tunes)"
+        if family not in EMBEDDING_KEYS:  # Flux: Category Prompt splices its T5 vectors; no embedding file format
+            return works
+        article = "an" if label[:1] in "AEIOUS" else "a"
+        return f"{works}; 'productbg weights export-embedding' writes a category as {article} {label} embedding"
     return "the small self-trained model it was trained with only"
 
 

@@ -28,6 +28,8 @@ from .safefile import FLOAT_DTYPES, Header, atomic_save, check_finite, load_all,
 EMBEDDING_KIND = "embedding"
 META = "productbg."
 SD15_KEY = "emb_params"
+#: Families whose banks hold T5 vectors, which no embedding file format carries.
+FLUX_FAMILIES = frozenset({"flux"})
 #: Bank family -> the keys of its embedding file, in order.
 EMBEDDING_KEYS: dict[str, tuple[str, ...]] = {"sd15": (SD15_KEY,), "sdxl": ("clip_l", "clip_g")}
 _KEY_ENCODER = {SD15_KEY: "clip_l", "clip_l": "clip_l", "clip_g": "clip_g"}
@@ -87,6 +89,9 @@ def embedding_tensors(bank: CategoryBank, category: str) -> tuple[str, dict[str,
         FormatMismatchError: a ``tiny`` bank (its vectors fit only the small model it was trained with).
     """
     if bank.family not in EMBEDDING_KEYS:
+        if bank.family in FLUX_FAMILIES:
+            raise FormatMismatchError(f"a {bank.family} bank's T5 vectors have no embedding file format: load the "
+                                      "bank with Load Category Bank and use Category Prompt")
         raise FormatMismatchError(f"a {bank.family} bank's vectors (width {bank.width}) fit only the small model it "
                                   "was trained with; embeddings are exported from sd15 and sdxl banks")
     cat = bank.get(category)
