@@ -11,8 +11,10 @@ Run it through ``bash bench/gpu_check.sh`` (which prepares the environment; see 
    with both Mask-Guided Attention and Reference Style, **identifier** with Reference Style alone bypassed — so
    ``patch_ratio`` (identifier / unpatched) is the patch's own overhead and ``style_ratio`` (patched /
    identifier) the style feature's cost. The ``*_sdxl`` graphs run on random full-size SDXL-inpainting
-   checkpoints (``tests/comfy_checkpoints``) with an SDXL bank and style encoder, so the 70-layer path runs too.
-   On CUDA the UNet runs in fp16 (``--fp16-unet``). Time and memory are those of ``comfy.sample.sample`` (the
+   checkpoints (``tests/comfy_checkpoints``) with an SDXL bank and style encoder, so the 70-layer path runs too;
+   the ``*_flux`` graphs on the random full-size Flux.1 files (``tests/flux_checkpoint``: Fill with 1 double + 1
+   single block at full width, fp8 T5-XXL, CLIP-L, VAE, Redux, SigLIP) with a flux bank, at ``--sdxl-size``, so
+   the joint-attention path runs (Reference Style Redux is its style node). On CUDA the UNet runs in fp16 (``--fp16-unet``). Time and memory are those of ``comfy.sample.sample`` (the
    sampler alone: not CLIP, VAE or the nodes around it); ``increment_mib`` is its peak minus what was allocated
    when it started (the resident models), and ``patch_increment_mib`` / ``style_increment_mib`` the differences
    between variants: the patch's own memory, not the models'.
@@ -45,10 +47,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
-PATCH_NODES = ("ProductBGMaskGuidedAttention", "ProductBGReferenceStyle")  # bypassed for "unpatched"
-STYLE_NODES = ("ProductBGReferenceStyle",)                                 # bypassed for "identifier"
+STYLE_NODES = ("ProductBGReferenceStyle", "ProductBGReferenceStyleRedux")     # bypassed for "identifier"
+PATCH_NODES = ("ProductBGMaskGuidedAttention",) + STYLE_NODES                 # bypassed for "unpatched"
 SCHEMA = "productbg.gpu_check/1"
-CPU_WORKFLOWS = ("reference_style", "reference_style_sdxl")  # both patches, both backbones, in CI time
+CPU_WORKFLOWS = ("reference_style", "reference_style_sdxl", "reference_style_flux")  # both patches, every backbone
+FAMILY_ORDER = ("", "_sdxl", "_flux")  # workflow-name suffix per backbone: SD1.5, SDXL, Flux (one in memory at a time)
 
 # (GPU, --cpu) defaults: full size on the GPU, tiny on the CPU.
 DEFAULTS = {"size": (512, 64), "sdxl_size": (1024, 64), "steps": (20, 1), "repeats": (3, 1), "train_model": ("sd15", "tiny"),
@@ -152,21 +155,46 @@ def variants(patched: dict) -> dict[str, dict]:
     """patched, unpatched and — with both patch nodes in the graph — identifier (Reference Style bypassed)."""
     graphs = {"patched": patched, "unpatched": bypass_patches(patched)}
     classes = {node["class_type"] for node in patched.values()}
-    if set(PATCH_NODES) <= classes:
+    if "ProductBGMaskGuidedAttention" in classes and classes & set(STYLE_NODES):
         graphs["identifier"] = bypass_patches(patched, STYLE_NODES)
     return graphs
 
 
-def sized_workflow(comfy, prompt: dict, products: Path, size: int, steps: int, sdxl: dict | None = None) -> dict:
-    """A shipped API graph with the random model files (``sdxl``: the SDXL checkpoint, bank and style encoder), a
+def sized_workflow(comfy, prompt: dict, products: Path, size: int, steps: int, swap: dict | None = None) -> dict:
+    """A shipped API graph with the random model files (``swap``: input name -> file, the SDXL or Flux files), a
     ``size`` canvas and ``steps`` steps (the tests' helper; the export, CPU-side and untimed, at the canvas size)."""
     from comfy_graphs import sized_workflow as shrink
 
     graph = shrink(comfy, prompt, products, size, steps)
-    for node in graph.values() if sdxl else ():
-        for key in sdxl.keys() & node["inputs"].keys():
-            node["inputs"][key] = sdxl[key]
+    for node in graph.values() if swap else ():
+        for key in swap.keys() & node["inputs"].keys():
+            node["inputs"][key] = swap[key]
     return graph
+
+
+def family_of(name: str) -> str:
+    """A workflow's backbone suffix (``FAMILY_ORDER``)."""
+    return next((f for f in FAMILY_ORDER[1:] if name.endswith(f)), "")
+
+
+def flux_files(comfyui_dir: str, app, work: Path) -> dict:
+    """Build (or reuse) the random full-size Flux files (tests/flux_checkpoint.py) and write a flux bank; the inputs
+    to swap into the ``*_flux`` graphs."""
+    import flux_checkpoint
+    import torch
+
+    from productbg.weights.bank import CategoryBank
+
+    files = flux_checkpoint.flux_files(comfyui_dir)
+    folder = work / "flux_banks"
+    folder.mkdir(parents=True, exist_ok=True)
+    app.folder_paths.add_model_folder_path("productbg_banks", str(folder))
+    bank = CategoryBank("flux", vectors_per_id=2)
+    bank.add("shoes", {"t5xxl": torch.randn(2, 4096, generator=torch.Generator().manual_seed(0)) * 0.05})
+    bank.save(folder / "gpu_check_bank_flux.safetensors")
+    return {"unet_name": files["fill"], "clip_name1": files["clip_l"], "clip_name2": files["t5xxl"],
+            "vae_name": files["vae"], "style_model_name": files["redux"], "clip_name": files["siglip"],
+            "bank_name": "gpu_check_bank_flux.safetensors"}
 
 
 def sdxl_files(comfyui_dir: str, app, work: Path) -> dict:
@@ -212,22 +240,26 @@ def run_comfyui(args, work: Path, cuda: bool) -> tuple[dict, dict]:
             return original(model, noise, steps, *a, **kw)
 
     comfy_sample.sample = timed_sample
-    names = sorted(args.workflows, key=lambda n: n.endswith("_sdxl"))  # SD1.5 first, then SDXL
-    results, seed, sdxl = {}, 1000, None
+    names = sorted(args.workflows, key=lambda n: FAMILY_ORDER.index(family_of(n)))  # SD1.5, SDXL, then Flux
+    results, seed, swaps = {}, 1000, {"": None}
     try:
         for i, name in enumerate(names):
-            is_sdxl = name.endswith("_sdxl")
-            if is_sdxl and sdxl is None:                # one backbone in memory at a time
+            family = family_of(name)
+            if family not in swaps:                     # one backbone in memory at a time
                 app.executor.reset()
                 mm.unload_all_models()
                 gc.collect()
-                sdxl = sdxl_files(comfyui_dir, app, work)
-                info["sdxl_checkpoint"] = sdxl["ckpt_name"]
+                if family == "_sdxl":
+                    swaps[family] = sdxl_files(comfyui_dir, app, work)
+                    info["sdxl_checkpoint"] = swaps[family]["ckpt_name"]
+                else:
+                    swaps[family] = flux_files(comfyui_dir, app, work)
+                    info["flux_model"] = swaps[family]["unet_name"]
             shipped = json.loads((WORKFLOWS / "api" / f"{name}.json").read_text(encoding="utf-8"))
-            graphs = variants(sized_workflow(app, shipped, products.parent, args.sdxl_size if is_sdxl else args.size,
-                                             args.steps, sdxl if is_sdxl else None))
+            graphs = variants(sized_workflow(app, shipped, products.parent, args.sdxl_size if family else args.size,
+                                             args.steps, swaps[family]))
             meter_box.clear()
-            if args.warmup and (i == 0 or (is_sdxl and not names[i - 1].endswith("_sdxl"))):
+            if args.warmup and (i == 0 or family != family_of(names[i - 1])):
                 app.run(_reseed(graphs["patched"], seed))  # warm-up: checkpoint load, first device transfer
             meter = Meter(cuda)
             order = list(graphs)
