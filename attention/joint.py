@@ -520,11 +520,14 @@ class JointCall:
             self._plans[key] = plan
         return plan
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Confined joint attention on [B, heads, Lf + Lg + N, d] (see :func:`confined_joint_attention`)."""
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  kernel: JointKernel | None = None) -> torch.Tensor:
+        """Confined joint attention on [B, heads, Lf + Lg + N, d] (see :func:`confined_joint_attention`).
+        ``kernel``: this call's unmasked kernel (a host that learns it per attention call, e.g. ComfyUI's
+        ``optimized_attention_override``); None: ``self.kernel``."""
         plan = self.plan(q.shape[0], q.device, q.dtype)
         run = confined_joint_attention if self.method == "partition" else masked_joint_attention
-        return run(q, k, v, plan, self.kernel)
+        return run(q, k, v, plan, kernel if kernel is not None else self.kernel)
 
     def check_sequence(self, text_tokens: int, image_tokens: int) -> None:
         """Refuse a block input that was not extended with the free stream, or whose image is another size."""

@@ -24,7 +24,7 @@ LAST line one JSON object of median time ratios against ``unpatched`` — the Re
 ``*_cpu``, which other processes on a shared machine disturb less than wall time).
 
 Usage: python bench/attention_overhead.py --model flux [--size 1024] [--repeats 3] [--device cpu] [--dtype fp32]
-       [--no-mask] [--no-redux] [--redux-tokens 729]
+       [--no-mask] [--no-redux] [--redux-tokens 729] [--threads N]
 (On a CPU, 1024² is 4096 image tokens: each forward of the reduced model is tens of seconds.)
 """
 from __future__ import annotations
@@ -76,7 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-mask", action="store_true", help="skip the dense-mask variant")
     ap.add_argument("--no-redux", action="store_true", help="skip the Redux variants")
     ap.add_argument("--redux-tokens", type=int, default=REDUX_TOKENS, help="Redux tokens appended to the text")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); 1 makes the "
+                    "process CPU time a count of work on a shared machine (no threads spinning at barriers)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if cuda else "fp32")]
     model = build_model(args.double, args.single, args.device, dtype)
@@ -161,7 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     plan = calls["partition"].plan(b, torch.device(args.device), dtype)
     print(f"Flux blocks, hidden 3072 / 24 heads: {args.double} double + {args.single} single, {args.size}² "
           f"({n} image + {TEXT_LEN} text tokens, +{TEXT_LEN} identifier-free), batch {b}, {args.device} "
-          f"{str(dtype).removeprefix('torch.')}, {args.repeats} interleaved repeats")
+          f"{str(dtype).removeprefix('torch.')}, {args.repeats} interleaved repeats"
+          + ("" if cuda else f", {torch.get_num_threads()} threads"))
     print(f"partition: {plan.full_count} image queries through the full stream, {plan.free_count} through the "
           f"identifier-free one ({int(plan.edge.sum())} edge cells in both) per row")
     if not args.no_redux:
@@ -187,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     else:  # process CPU time: less sensitive than wall time to other processes on a shared machine
         result.update({f"{name}_cpu": round(cpu_med[name] / cpu_med[baseline[name]], 4) for name in measured})
     result.update(model="flux", device=args.device, dtype=str(dtype).removeprefix("torch."), size=args.size,
-                  batch=b, blocks=[args.double, args.single], redux_tokens=0 if args.no_redux else r)
+                  batch=b, blocks=[args.double, args.single], redux_tokens=0 if args.no_redux else r,
+                  threads=None if cuda else torch.get_num_threads())
     print(json.dumps(result))
 
 

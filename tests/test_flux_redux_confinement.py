@@ -495,3 +495,20 @@ def test_refusals():
     with pytest.raises(ValueError, match="extend_text"), torch.no_grad():  # the stream was not extended
         m(hidden_states=latents, encoder_hidden_states=context, pooled_projections=pooled,
           timestep=torch.full((1,), 0.5), img_ids=img_ids, txt_ids=txt_ids, joint_attention_kwargs={CALL_KEY: call})
+
+
+def test_kernel_per_attention_call():
+    """A host that learns its kernel per attention call (ComfyUI's override) hands it to attention(); the two
+    sub-attentions of the partition run through it, with key sets of their own lengths."""
+    _, context, plain, *_ = inputs(1)
+    call = make_call("both", plain, masks("box"))
+    q, k, v = (torch.randn(1, 2, LF + L + N, 8) for _ in range(3))
+    seen = []
+
+    def kernel(q_, k_, v_):
+        seen.append(k_.shape[2])
+        return torch.nn.functional.scaled_dot_product_attention(q_, k_, v_)
+
+    out = call.attention(q, k, v, kernel=kernel)
+    assert sorted(seen) == [L + N, LF + N]
+    assert torch.equal(out, call.attention(q, k, v))
