@@ -245,3 +245,49 @@ def test_what_flux_cannot_confine_is_refused_by_name(comfy, loaded, prompts):
         redux.execute(loaded["fill"], positive, loaded["redux"], loaded["siglip"], _reference(1),
                       torch.zeros(1, 64, 64), 1.0, 0.0, 1.0)
 
+
+
+def _flux_loras(folder) -> dict[str, int]:
+    """Two small random Flux LoRAs in models/loras: kohya layout and diffusers (peft) layout; name -> modules."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+
+    def pair(down_shape, up_shape):
+        return torch.randn(down_shape, generator=g) * 0.01, torch.randn(up_shape, generator=g) * 0.01
+
+    kohya = {}
+    for name, (n_in, n_out) in {"double_blocks_0_img_attn_proj": (3072, 3072),
+                                "single_blocks_0_linear2": (15360, 3072)}.items():
+        down, up = pair((4, n_in), (n_out, 4))
+        kohya.update({f"lora_unet_{name}.lora_down.weight": down, f"lora_unet_{name}.lora_up.weight": up,
+                      f"lora_unet_{name}.alpha": torch.tensor(4.0)})
+    diffusers = {}
+    for name, (n_in, n_out) in {"transformer_blocks.0.attn.to_out.0": (3072, 3072),
+                                "single_transformer_blocks.0.proj_out": (15360, 3072)}.items():
+        a, b = pair((4, n_in), (n_out, 4))
+        diffusers.update({f"transformer.{name}.lora_A.weight": a, f"transformer.{name}.lora_B.weight": b})
+    save_file(kohya, str(folder / "flux_kohya.safetensors"))
+    save_file(diffusers, str(folder / "flux_diffusers.safetensors"))
+    return {"flux_kohya.safetensors": 2, "flux_diffusers.safetensors": 2}
+
+
+def test_category_lora_applies_flux_loras_in_kohya_and_diffusers_layouts(comfy, loaded, bank, tmp_path):
+    classes = comfy.node_class_mappings
+    comfy.folder_paths.add_model_folder_path("loras", str(tmp_path))
+    loras = _flux_loras(tmp_path)
+    lora_mod = comfy.pack_module("weights.bank")
+    bank.set_lora("marble", lora_mod.CategoryLora("flux_kohya.safetensors", 0.5))
+    node = classes["ProductBGCategoryLora"]
+    for name, modules in loras.items():
+        model, _ = node.execute(loaded["fill"], loaded["clip"], bank, "velvet", name, 1.0, 1.0)
+        patched = {k for k in model.patches if k.startswith("diffusion_model.")}
+        assert len(patched) == modules, (name, sorted(patched))
+        assert patched & {"diffusion_model.double_blocks.0.img_attn.proj.weight",
+                          "diffusion_model.single_blocks.0.linear2.weight"}
+    model, _ = node.execute(loaded["fill"], loaded["clip"], bank, "marble", "(from bank)", 1.0, 1.0)
+    (key,) = [k for k in model.patches if k.endswith("double_blocks.0.img_attn.proj.weight")]
+    assert model.patches[key][0][0] == 0.5  # the bank's strength for this category
+    unchanged, _ = node.execute(loaded["fill"], loaded["clip"], bank, "velvet", "(from bank)", 1.0, 1.0)
+    assert unchanged is loaded["fill"]  # no LoRA of its own: the shared model
+    bank.set_lora("marble", None)

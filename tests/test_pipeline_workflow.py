@@ -18,7 +18,11 @@ from productbg.pipeline.pipeline import (REFERENCE_GROW, REPORT_THRESHOLDS, Gene
                                          defaults_for)
 
 ROOT = Path(__file__).resolve().parent.parent
-GRAPHS = sorted((ROOT / "workflows" / "api").glob("*.json"))
+#: The workflows whose settings the diffusers pipeline reproduces. The Flux ones are not among them while the pipeline
+#: has no Flux adapter (the backbone table says so); tests/test_comfy_flux_workflows.py checks their settings against
+#: backbones.FLUX and runs them.
+GRAPHS = sorted(p for p in (ROOT / "workflows" / "api").glob("*.json") if not p.stem.endswith("_flux"))
+FLUX_GRAPHS = sorted((ROOT / "workflows" / "api").glob("*_flux.json"))
 EXAMPLE = ROOT / "workflows" / "inputs" / "productbg_example_product.png"
 
 
@@ -32,6 +36,13 @@ def _nodes(graph: dict, class_type: str) -> list[dict]:
 def _values(inputs: dict) -> dict:
     """Widget values only (links are [node, slot] lists)."""
     return {k: v for k, v in inputs.items() if not isinstance(v, list)}
+
+
+def test_the_flux_workflows_wait_for_a_pipeline_adapter():
+    """When the pipeline gains Flux, the Flux workflows join GRAPHS (this fails then, as a reminder)."""
+    from productbg.backbones import FLUX
+
+    assert len(FLUX_GRAPHS) == 2 and not FLUX.runs_on("diffusers")
 
 
 @pytest.mark.parametrize("path", GRAPHS, ids=lambda p: p.stem)
