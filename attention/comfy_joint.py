@@ -33,7 +33,8 @@ from typing import Any, Callable
 
 import torch
 
-from .comfy_patch import CALC_COND_BATCH, OPTIONS_KEY, REDUX_TAG, GuidanceError, _check_latent, guard_sampling
+from .comfy_patch import (CALC_COND_BATCH, OPTIONS_KEY, REDUX_KEY, REDUX_TAG, GuidanceError, _check_latent,
+                          guard_sampling)
 from .guided import Guidance, extend_context, plan_call
 from .joint import JointPlan, ReduxStyle, build_plan, confined_joint_attention
 from .masks import rows_for_batch
@@ -41,8 +42,6 @@ from .masks import rows_for_batch
 #: ``comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL`` (a plain string: no import).
 DIFFUSION_MODEL = "diffusion_model"
 OVERRIDE_KEY = "optimized_attention_override"
-#: transformer_options key of the Redux styles confined on a model (a tuple of :class:`joint.ReduxStyle`).
-REDUX_KEY = "productbg_redux"
 __all__ = ["DIFFUSION_MODEL", "OVERRIDE_KEY", "REDUX_KEY", "REDUX_TAG", "JointRun", "confine_joint", "install_joint",
            "token_grid"]
 PATCH_SIZE = 2  # Flux packs 2×2 latent cells into one image token

@@ -57,6 +57,8 @@ PROMPT_TAG_KEY = "productbg_prompt"
 #: CONDITIONING extras key: how many Flux Redux tokens end this conditioning's text (Reference Style Redux sets it; the
 #: identifier's prompt is then recognised in the text before them).
 REDUX_TAG = "productbg_redux_tokens"
+#: transformer_options key of the Flux Redux styles confined on a model (Reference Style Redux; ``comfy_joint``).
+REDUX_KEY = "productbg_redux"
 #: ``comfy.patcher_extension.WrappersMP.CALC_COND_BATCH`` and ``CallbacksMP.ON_CLONE`` (plain strings: no import).
 CALC_COND_BATCH = "calc_cond_batch"
 ON_CLONE = "on_clone"
@@ -345,11 +347,14 @@ def guard_sampling(executor: Callable, model: Any, conds: list, x_in: torch.Tens
     """``calc_cond_batch`` wrapper: check the sampler's conditioning against the guidance (once per run), give
     ControlNets the identifier-free prompt, then run the step. See the module docstring."""
     guidance = model_options.get("transformer_options", {}).get(OPTIONS_KEY)
-    if guidance is not None and (guidance or _has_redux(conds)):
+    styles = model_options.get("transformer_options", {}).get(REDUX_KEY)
+    if guidance is not None and (guidance or styles or _has_redux(conds)):
         latent_hw = tuple(x_in.shape[2:])
         key = (id(guidance), latent_hw, tuple(str(x.get("uuid")) for group in conds if group for x in group))
         free = _GUARDED.get(key)
         if free is None:
+            if styles:
+                check_redux_conds(conds)
             free = check_conds(guidance, conds, latent_hw)
             _GUARDED[key] = free
             while len(_GUARDED) > 8:
@@ -372,6 +377,14 @@ def check_conds(guidance: Guidance, conds: list, latent_hw: tuple[int, ...]) -> 
     _check_areas(guidance, conds, latent_hw)
     _check_identifier_prompts(guidance, conds[0] if conds else None)
     return _controlnet_contexts(guidance, conds)
+
+
+def check_redux_conds(conds: list) -> None:
+    """Refuse a run whose MODEL confines Redux tokens (Reference Style Redux) while its positive does not carry them:
+    the adapter would cut the prompt's own last tokens instead."""
+    if not any(x.get(REDUX_TAG) for x in (conds[0] if conds else None) or ()):
+        raise GuidanceError("productbg: the MODEL comes from Reference Style Redux but the sampler's positive is not "
+                            "its conditioning output: connect both of its outputs (MODEL and conditioning)")
 
 
 def _check_areas(guidance: Guidance, conds: list, latent_hw: tuple[int, ...]) -> None:

@@ -226,3 +226,17 @@ def test_the_override_is_set_for_the_call_only(flux):
     options = _options(_guidance(prompt_a, plain))
     _forward(flux, torch.cat([prompt_a, prompt_a]), options)
     assert OVERRIDE_KEY not in options and isinstance(options[OPTIONS_KEY], Guidance)
+
+
+def test_a_redux_model_sampled_without_its_conditioning_is_refused():
+    """Reference Style Redux's MODEL with a positive that lacks its tokens would cut the prompt's own last tokens
+    from the free stream: the sampling guard refuses it at the first step, in one line."""
+    from productbg.attention.comfy_patch import REDUX_TAG, GuidanceError, guard_sampling
+
+    options = install_joint({}, Guidance(), ReduxStyle(5, 1.0, ProductMask(_mask())))
+    x = torch.zeros(1, 16, *LATENT)
+    untagged = [[{"cross_attn": torch.zeros(1, L, TEXT), "uuid": "untagged"}], None]
+    with pytest.raises(GuidanceError, match="connect both of its outputs"):
+        guard_sampling(lambda *a: "ran", None, untagged, x, None, options)
+    tagged = [[{"cross_attn": torch.zeros(1, L + 5, TEXT), "uuid": "tagged", REDUX_TAG: 5}], None]
+    assert guard_sampling(lambda *a: "ran", None, tagged, x, None, options) == "ran"
