@@ -17,6 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dit_replay import BlockReplay, dit_keys
+
 pytestmark = pytest.mark.comfyui
 
 SIZE = 256  # pixels: a 32×32 latent, 16×16 image tokens
@@ -76,61 +78,6 @@ def test_category_prompt_splices_t5_vectors_and_pools_the_identifier_free_prompt
     assert identifier.context_length == context.shape[1] and len(identifier.token_indices) == 2
 
 
-class Replay:
-    """dit hooks on every block of the model calls that hold positive rows: record the blocks' inputs and
-    outputs, or feed a recorded run's image tokens and
-    free text stream into each block (the full text stream, the first ``lf`` text tokens, stays this run's own).
-    ``lg``: the free stream's tokens (0: an unpatched model, one text stream)."""
-
-    def __init__(self, lf: int, lg: int, replay: "Replay | None" = None) -> None:
-        self.lf, self.lg, self.replay = lf, lg, replay
-        self.inputs: dict = {}
-        self.outputs: dict = {}
-        self.layout: tuple = ()  # cond_or_uncond of the recorded call
-
-    @property
-    def positive(self) -> int:
-        """The row of the positive prompt in the recorded call (ComfyUI may batch the negative first)."""
-        return self.layout.index(0)
-
-    @property
-    def negatives(self) -> list[int]:
-        return [r for r, c in enumerate(self.layout) if c != 0]
-
-    def install(self, model):
-        m = model.clone()
-        for key in (("double_block", 0), ("single_block", 0)):
-            m.set_model_patch_replace(lambda args, extra, key=key: self._block(key, args, extra), "dit", *key)
-        return m
-
-    def _block(self, key, args, extra):
-        args, lf = dict(args), self.lf
-        layout = tuple(args["transformer_options"].get("cond_or_uncond") or [0])
-        if 0 not in layout:
-            return extra["original_block"](args)  # a call of negative rows alone: not the one compared
-        self.layout = layout
-        if self.replay is not None:
-            before = self.replay.inputs[key]
-            if key[0] == "double_block":
-                args["img"] = before["img"]
-                args["txt"] = torch.cat([args["txt"][:, :lf], before["txt"][:, lf:]], 1)
-            else:
-                args["img"] = torch.cat([args["img"][:, :lf], before["img"][:, lf:]], 1)
-        args = {k: (v.clone() if k in ("img", "txt") else v) for k, v in args.items()}  # blocks add in place
-        self.inputs[key] = {k: v.clone() for k, v in args.items() if k in ("img", "txt")}
-        out = extra["original_block"](args)
-        self.outputs[key] = {k: v.clone() for k, v in out.items()}
-        return out
-
-    def image(self, key):
-        out = self.outputs[key]["img"]
-        return out if key[0] == "double_block" else out[:, self.lf + self.lg:]
-
-    def free(self, key):
-        out = self.outputs[key]
-        return out["txt"][:, self.lf:] if key[0] == "double_block" else out["img"][:, self.lf:self.lf + self.lg]
-
-
 def _sample(comfy, loaded, positive, identifier, mask, replay, confine=True, reference=None):
     nodes, classes = comfy.nodes, comfy.node_class_mappings
     clip, vae = loaded["clip"], loaded["vae"]
@@ -147,7 +94,7 @@ def _sample(comfy, loaded, positive, identifier, mask, replay, confine=True, ref
     pixels = torch.full((1, SIZE, SIZE, 3), 0.5)
     positive, negative, latent = nodes.InpaintModelConditioning().encode(positive, negative, pixels, vae,
                                                                          1.0 - mask, True)
-    model = replay.install(model)
+    model = replay.install(model, dit_keys(1, 1))
     nodes.KSampler().sample(model, 7, 1, 2.0, "euler", "simple", positive, negative, latent, 1.0)
 
 
@@ -172,9 +119,9 @@ def prompts(comfy, loaded, bank):
 def test_product_cells_are_bit_identical_in_every_block_through_the_real_sampler(comfy, loaded, prompts):
     mask = _mask()
     L = prompts["marble"][1].context_length
-    first = Replay(L, L)
+    first = BlockReplay(L, L)
     _sample(comfy, loaded, *prompts["marble"], mask, first)
-    second = Replay(L, L, replay=first)
+    second = BlockReplay(L, L, replay=first)
     _sample(comfy, loaded, *prompts["velvet"], mask, second)
     weights = _background(comfy, mask)
     product, background = weights == 0, weights == 1
@@ -194,9 +141,9 @@ def test_without_mask_guided_attention_the_category_reaches_the_product(comfy, l
     """The measure moves: the same replay unconfined."""
     mask = _mask()
     L = prompts["marble"][1].context_length
-    first = Replay(L, 0)
+    first = BlockReplay(L, 0)
     _sample(comfy, loaded, *prompts["marble"], mask, first, confine=False)
-    second = Replay(L, 0, replay=first)
+    second = BlockReplay(L, 0, replay=first)
     _sample(comfy, loaded, *prompts["velvet"], mask, second, confine=False)
     product = _background(comfy, mask) == 0
     p = first.positive
@@ -214,9 +161,9 @@ def test_redux_tokens_and_the_category_are_kept_off_the_product_in_every_block(c
     mask = _mask()
     L = prompts["marble"][1].context_length
     R = 729  # SigLIP-384: 27×27 patches, one Redux token each
-    first = Replay(L + R, L)
+    first = BlockReplay(L + R, L)
     _sample(comfy, loaded, *prompts["marble"], mask, first, reference=_reference(1))
-    second = Replay(L + R, L, replay=first)
+    second = BlockReplay(L + R, L, replay=first)
     _sample(comfy, loaded, *prompts["marble"], mask, second, reference=_reference(2))
     assert first.inputs["double_block", 0]["txt"].shape[1] == 2 * L + R
     weights = _background(comfy, mask)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dit_replay import BlockReplay, dit_keys
+
 from productbg.attention import IdentifierGuidance, IdentifierSpec, ProductMask
 from productbg.attention.comfy_joint import OVERRIDE_KEY, install_joint, token_grid
 from productbg.attention.comfy_patch import OPTIONS_KEY
@@ -74,61 +76,18 @@ def _inputs(batch: int = 2):
 def _forward(flux, context, options, recorder=None):
     x, t, y, guidance = _inputs(context.shape[0])
     if recorder is not None:
-        options = {**options, "patches_replace": {"dit": recorder.hooks(flux)}}
+        keys = dit_keys(len(flux.double_blocks), len(flux.single_blocks))
+        options = {**options, "patches_replace": {"dit": recorder.hooks(keys)}}
     with torch.no_grad():
         return flux(x, t, context, y=y, guidance=guidance, transformer_options=options)
-
-
-class Recorder:
-    """``patches_replace["dit"]`` hooks on every block: record each block's inputs and outputs, or replay a
-    recorded run's image tokens (and, with two text streams, its free stream) into the block; the full text
-    stream stays this run's own."""
-
-    def __init__(self, replay: "Recorder | None" = None, streams: int = 2, lf: int = L, lg: int | None = None) -> None:
-        self.replay, self.lf = replay, lf
-        self.lg = (lf if streams == 2 else 0) if lg is None else lg
-        self.text = self.lf + self.lg
-        self.inputs: dict = {}
-        self.outputs: dict = {}
-
-    def hooks(self, flux) -> dict:
-        keys = [("double_block", i) for i in range(len(flux.double_blocks))]
-        keys += [("single_block", i) for i in range(len(flux.single_blocks))]
-        return {key: (lambda args, extra, key=key: self._block(key, args, extra)) for key in keys}
-
-    def _block(self, key, args, extra):
-        args = dict(args)
-        if self.replay is not None:
-            before = self.replay.inputs[key]
-            lf = self.lf
-            if key[0] == "double_block":
-                args["img"] = before["img"]
-                args["txt"] = torch.cat([args["txt"][:, :lf], before["txt"][:, lf:]], 1)
-            else:
-                args["img"] = torch.cat([args["img"][:, :lf], before["img"][:, lf:]], 1)
-        args = {k: (v.clone() if k in ("img", "txt") else v) for k, v in args.items()}  # blocks add in place
-        self.inputs[key] = {k: v.clone() for k, v in args.items() if k in ("img", "txt")}
-        out = extra["original_block"](args)
-        self.outputs[key] = {k: v.clone() for k, v in out.items()}
-        return out
-
-    def image(self, key) -> torch.Tensor:
-        """A block's output image tokens [B, N, W]."""
-        out = self.outputs[key]["img"]
-        return out if key[0] == "double_block" else out[:, self.text:]
-
-
-def _free(key, out, lf: int = L, lg: int = L) -> torch.Tensor:
-    """The free text stream [B, lg, W] of a block's output (the full stream has lf tokens)."""
-    return out["txt"][:, lf:] if key[0] == "double_block" else out["img"][:, lf:lf + lg]
 
 
 def test_product_cells_and_the_free_stream_are_bit_identical_in_every_block_when_the_identifier_changes(flux):
     prompt_a, prompt_b, plain = _texts()
     negative = torch.randn(1, L, TEXT, generator=torch.Generator().manual_seed(3))
-    first = Recorder()
+    first = BlockReplay(L, L)
     _forward(flux, torch.cat([prompt_a, negative]), _options(_guidance(prompt_a, plain)), first)
-    second = Recorder(replay=first)
+    second = BlockReplay(L, L, replay=first)
     _forward(flux, torch.cat([prompt_b, negative]), _options(_guidance(prompt_b, plain)), second)
 
     grid = token_grid(LATENT)
@@ -137,8 +96,8 @@ def test_product_cells_and_the_free_stream_are_bit_identical_in_every_block_when
     assert product.any() and background.any()
     assert len(first.outputs) == 4
     for key in first.outputs:
-        img_a, free_a = first.image(key), _free(key, first.outputs[key])
-        img_b, free_b = second.image(key), _free(key, second.outputs[key])
+        img_a, free_a = first.image(key), first.free(key)
+        img_b, free_b = second.image(key), second.free(key)
         assert torch.equal(img_a[0, product], img_b[0, product]), key
         assert torch.equal(free_a, free_b), key
         assert not torch.allclose(img_a[0, background], img_b[0, background]), key  # the identifier acts there
@@ -157,7 +116,7 @@ def test_redux_tokens_are_kept_off_the_product_in_every_block(flux, with_identif
     negative = torch.zeros(1, L + R, TEXT)
     runs = []
     for i, redux in enumerate(tokens):
-        rec = Recorder(replay=runs[0] if runs else None, lf=L + R, lg=L)
+        rec = BlockReplay(L + R, L, replay=runs[0] if runs else None)
         style = ReduxStyle(R, 1.0, ProductMask(_mask()))
         _forward(flux, torch.cat([torch.cat([prompt, redux], 1), negative]), _options(guidance, redux=style), rec)
         runs.append(rec)
@@ -169,7 +128,7 @@ def test_redux_tokens_are_kept_off_the_product_in_every_block(flux, with_identif
         assert first.inputs[key]["img" if key[0] == "single_block" else "txt"].shape[1] >= 2 * L + R
         a, b = first.image(key), second.image(key)
         assert torch.equal(a[0, product], b[0, product]), key
-        free_a, free_b = _free(key, first.outputs[key], L + R, L), _free(key, second.outputs[key], L + R, L)
+        free_a, free_b = first.free(key), second.free(key)
         assert torch.equal(free_a, free_b), key
         assert not torch.allclose(a[0, background], b[0, background]), key
     if with_identifier:  # the free stream is the identifier-free prompt's evolution, not the prompt's
@@ -179,9 +138,9 @@ def test_redux_tokens_are_kept_off_the_product_in_every_block(flux, with_identif
 def test_without_productbg_the_product_cells_do_change(flux):
     """The measure moves: the same replay on the unpatched model lets the identifier onto the product."""
     prompt_a, prompt_b, _ = _texts()
-    first = Recorder(streams=1)
+    first = BlockReplay(L, 0)
     _forward(flux, prompt_a, _options(None, (0,)), first)
-    second = Recorder(replay=first, streams=1)
+    second = BlockReplay(L, 0, replay=first)
     _forward(flux, prompt_b, _options(None, (0,)), second)
     grid = token_grid(LATENT)
     product = (ProductMask(_mask()).background(grid, torch.device("cpu")) == 0).flatten()
@@ -240,3 +199,20 @@ def test_a_redux_model_sampled_without_its_conditioning_is_refused():
         guard_sampling(lambda *a: "ran", None, untagged, x, None, options)
     tagged = [[{"cross_attn": torch.zeros(1, L + 5, TEXT), "uuid": "tagged", REDUX_TAG: 5}], None]
     assert guard_sampling(lambda *a: "ran", None, tagged, x, None, options) == "ran"
+
+
+def test_the_installed_options_survive_both_clone_semantics(flux):
+    """ComfyUI 0.3.7x deep-copies model_options on clone, newer releases copy only dicts and lists: the wrapper, the
+    guidance and a Redux style confine the same either way."""
+    import copy
+
+    prompt, _, plain = _texts()
+    style = ReduxStyle(3, 1.0, ProductMask(_mask()))
+    installed = install_joint({}, _guidance(prompt, plain), style)
+    context = torch.cat([torch.cat([prompt, torch.randn(1, 3, TEXT)], 1), torch.zeros(1, L + 3, TEXT)])
+    reference = _forward(flux, context, {**installed["transformer_options"], "cond_or_uncond": [0, 1]})
+    for clone in (copy.deepcopy(installed), {k: (copy.copy(v) if isinstance(v, (dict, list)) else v)
+                                              for k, v in installed.items()}):
+        out = _forward(flux, context, {**clone["transformer_options"], "cond_or_uncond": [0, 1]})
+        assert torch.equal(out, reference)
+    assert not torch.equal(reference, _forward(flux, context, _options(None)))  # and it does confine
