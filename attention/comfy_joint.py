@@ -29,6 +29,7 @@ is built on the host once per run and layout. This module imports ComfyUI nowher
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -45,6 +46,8 @@ OVERRIDE_KEY = "optimized_attention_override"
 __all__ = ["DIFFUSION_MODEL", "OVERRIDE_KEY", "REDUX_KEY", "REDUX_TAG", "JointRun", "confine_joint", "install_joint",
            "token_grid"]
 PATCH_SIZE = 2  # Flux packs 2×2 latent cells into one image token
+#: The run's plans, kept with the first identifier or style confined (they live as long as the patched model does).
+_PLANS: "weakref.WeakKeyDictionary[object, dict]" = weakref.WeakKeyDictionary()
 
 
 def token_grid(latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -172,18 +175,11 @@ def _plan(confined: tuple, grid: tuple[int, int], rows: int, cond_or_uncond: tup
     """The run's plan for this layout (built on the host on first use, then cached with the first guidance)."""
     key = ("joint-plan", tuple(id(o) for o in confined), grid, rows, cond_or_uncond, text_len, free_len,
            str(device), dtype)
-    cache = _plan_cache(confined[0])
+    cache = _PLANS.setdefault(confined[0], {})
     if key not in cache:
         cache[key] = build_plan(_share(list(confined), grid, rows, cond_or_uncond),
                                 _positive(cond_or_uncond, rows), text_len, device, dtype, free_len)
     return cache[key]
-
-
-def _plan_cache(owner: Any) -> dict:
-    cache = getattr(owner, "_cache", None)
-    if cache is None:  # a ReduxStyle carries no cache of its own
-        cache = owner.__dict__.setdefault("_productbg_plans", {})
-    return cache
 
 
 def install_joint(model_options: dict, guidance: Guidance, redux: ReduxStyle | None = None) -> dict:

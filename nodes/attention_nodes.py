@@ -1,14 +1,12 @@
 """Nodes that confine prompt tokens to the background (the Category-Wise Generator's attention)."""
 from __future__ import annotations
 
-import math
-
 from comfy_api.latest import io
 
-from ..attention import CONFINEMENTS, IdentifierGuidance, IdentifierSpec, ProductMask
+from ..attention import CONFINEMENTS, IdentifierGuidance, IdentifierSpec
 from ..attention import comfy_joint, comfy_patch
 from .common import (NodeInputError, backbone_of, backbone_of_clip, check_identifier_fits, confined_prompt,
-                     word_positions)
+                     product_mask_of, sigma_range, word_positions)
 from .schema import Identifier, check_choices
 
 CATEGORY = "productbg/attention"
@@ -84,13 +82,10 @@ class MaskGuidedAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, identifier: IdentifierSpec, product_mask, strength: float, start_percent: float,
                 end_percent: float, confinement: str = "context") -> io.NodeOutput:
-        if start_percent > end_percent:
-            raise NodeInputError(f"start_percent {start_percent} is after end_percent {end_percent}")
+        sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
         backbone = backbone_of(model)
         check_identifier_fits(identifier, backbone)
-        product = ProductMask(product_mask)
-        if not product.mask.any():
-            raise NodeInputError("the product mask is empty (all 0): connect the product's mask (1 = product)")
+        product = product_mask_of(product_mask)
         if confinement not in CONFINEMENTS:
             raise NodeInputError(f"confinement must be one of {', '.join(CONFINEMENTS)}, got {confinement!r}")
         if confinement == "context" and identifier.plain_context is None:
@@ -99,10 +94,6 @@ class MaskGuidedAttention(io.ComfyNode):
         if backbone.kind == "dit" and confinement != "context":
             raise NodeInputError(f"on {backbone.label} confinement must be 'context': T5 is bidirectional, so every "
                                  "text token carries the identifier and masking its own tokens would confine nothing")
-        sampling = model.get_model_object("model_sampling")
-        # The full range is left ungated (no per-step sigma test in the attention).
-        sigma_start = math.inf if start_percent <= 0 else float(sampling.percent_to_sigma(start_percent))
-        sigma_end = 0.0 if end_percent >= 1 else float(sampling.percent_to_sigma(end_percent))
         guidance = comfy_patch.current_guidance(model.model_options).with_identifier(IdentifierGuidance(
             identifier, product, strength, sigma_start=sigma_start, sigma_end=sigma_end, confinement=confinement))
         m = model.clone()

@@ -2,13 +2,14 @@
 built from these names are in ``schema.py``)."""
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ..attention import IdentifierSpec
+from ..attention import IdentifierSpec, ProductMask
 from ..attention.comfy_patch import PROMPT_TAG_KEY
 from ..backbones import BACKBONES, BackboneError, from_comfy_config, from_token_keys
 from ..weights.bank_fit import bank_fit_problem
@@ -27,6 +28,24 @@ PAD_ENTRIES = {"t5xxl": (0, 1.0)}
 
 class NodeInputError(ValueError):
     """Bad node input; ComfyUI shows the message on the node and keeps running."""
+
+
+def sigma_range(model, start_percent: float, end_percent: float) -> tuple[float, float]:
+    """(sigma_start, sigma_end) of a sampling window given in progress fractions; the full range stays (inf, 0), so
+    the attention runs no per-step sigma test. NodeInputError when the window is reversed."""
+    if start_percent > end_percent:
+        raise NodeInputError(f"start_percent {start_percent} is after end_percent {end_percent}")
+    sampling = model.get_model_object("model_sampling")
+    return (math.inf if start_percent <= 0 else float(sampling.percent_to_sigma(start_percent)),
+            0.0 if end_percent >= 1 else float(sampling.percent_to_sigma(end_percent)))
+
+
+def product_mask_of(mask) -> ProductMask:
+    """The product MASK as a :class:`ProductMask`; NodeInputError when it is empty."""
+    product = ProductMask(mask)
+    if not product.mask.any():
+        raise NodeInputError("the product mask is empty (all 0): connect the product's mask (1 = product)")
+    return product
 
 
 def backbone_of_clip(tokens: dict):

@@ -1,15 +1,13 @@
 """Reference style on Flux.1: a Flux Redux style model's tokens appended to the prompt, kept off the product."""
 from __future__ import annotations
 
-import math
-
 import torch
 from comfy_api.latest import io
 
-from ..attention import ProductMask, comfy_joint, comfy_patch
+from ..attention import comfy_joint, comfy_patch
 from ..attention.joint import ReduxStyle
 from ..imaging.fill import fill_product_hwc
-from .common import NodeInputError, as_mask_batch, backbone_of
+from .common import NodeInputError, as_mask_batch, backbone_of, product_mask_of, sigma_range
 
 CATEGORY = "productbg/style"
 
@@ -59,14 +57,11 @@ class ReferenceStyleRedux(io.ComfyNode):
         if backbone.style != "redux":
             raise NodeInputError(f"Reference Style Redux is for Flux.1; this MODEL is {backbone.label}: use "
                                  "Reference Style (productbg) with an IP-Adapter there")
-        if start_percent > end_percent:
-            raise NodeInputError(f"start_percent {start_percent} is after end_percent {end_percent}")
+        sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
         if model.model_options.get("transformer_options", {}).get(comfy_joint.REDUX_KEY):
             raise NodeInputError("this MODEL already has a Reference Style Redux: give one node a batch of "
                                  "reference images instead of chaining two")
-        product = ProductMask(product_mask)
-        if not product.mask.any():
-            raise NodeInputError("the product mask is empty (all 0): connect the product's mask (1 = product)")
+        product = product_mask_of(product_mask)
         if reference_mask is not None:
             reference = fill_product_hwc(reference, as_mask_batch(reference_mask, reference, "reference_mask"))
         tokens = style_model.get_cond(clip_vision.encode_image(reference, crop="center"))
@@ -77,10 +72,7 @@ class ReferenceStyleRedux(io.ComfyNode):
         count = tokens.shape[1]
         out = [[torch.cat([c, tokens.to(c)], dim=1), {**extra, comfy_patch.REDUX_TAG: count}]
                for c, extra in conditioning]
-        sampling = model.get_model_object("model_sampling")
-        style = ReduxStyle(count, 1.0, product,
-                           sigma_start=math.inf if start_percent <= 0 else float(sampling.percent_to_sigma(start_percent)),
-                           sigma_end=0.0 if end_percent >= 1 else float(sampling.percent_to_sigma(end_percent)))
+        style = ReduxStyle(count, 1.0, product, sigma_start=sigma_start, sigma_end=sigma_end)
         m = model.clone()
         comfy_joint.install_joint(m.model_options, comfy_patch.current_guidance(m.model_options), style)
         return io.NodeOutput(m, out)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import math
 import weakref
 from typing import Any
 
@@ -16,7 +15,7 @@ from ..imaging.fill import fill_product_hwc
 from ..weights.errors import WeightsError
 from ..backbones import targets
 from ..weights.style_encoder import StyleEncoder, load_style_encoder, read_style_encoder_info, reference_tokens
-from .common import NodeInputError, as_mask_batch, backbone_of
+from .common import NodeInputError, as_mask_batch, backbone_of, sigma_range
 from .folders import full_path, list_files
 from .schema import Style, check_choices
 
@@ -172,18 +171,14 @@ class ReferenceStyle(io.ComfyNode):
         check_encoder_fits(style_encoder, backbone)
         if clip_vision is None:
             raise NodeInputError("connect a CLIP_VISION model (Load CLIP Vision)")
-        if start_percent > end_percent:
-            raise NodeInputError(f"start_percent {start_percent} is after end_percent {end_percent}")
+        sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)
         if reference_mask is not None:
             reference = fill_product_hwc(reference, as_mask_batch(reference_mask, reference, "reference_mask"))
         patcher = managed_encoder(style_encoder, compute_dtype(model))
         cond, uncond = managed_style_tokens(patcher, clip_vision, reference)
-        sampling = model.get_model_object("model_sampling")
         style = StyleGuidance(cond, uncond, patcher.model.layer_kv, weight, backbone.layer_weights(layer_preset),
                               product=ProductMask(product_mask) if product_mask is not None else None,
-                              sigma_start=math.inf if start_percent <= 0 else float(sampling.percent_to_sigma(start_percent)),
-                              sigma_end=0.0 if end_percent >= 1 else float(sampling.percent_to_sigma(end_percent)),
-                              models=(patcher,))  # the full range is ungated: no per-step sigma test
+                              sigma_start=sigma_start, sigma_end=sigma_end, models=(patcher,))
         m = model.clone()
         guidance = comfy_patch.current_guidance(m.model_options).with_style(style)
         comfy_patch.patch_model(m, guidance, backbone.layer_keys)
