@@ -16,11 +16,13 @@ import shutil
 from pathlib import Path
 
 from ..pipeline.errors import PipelineError
+from ..pipeline.flux_models import T5_MIN_LENGTH
 from ..pipeline.single_file import checkpoint_backbone
 from ..training.bgsynth import SynthSpec, generate
 from ..training.cg import CGConfig, CGTask, BANK_FILE, LORA_FILE
 from ..training.datasets import DatasetError, open_bg60k
 from ..training.engine import EngineConfig, fit
+from ..training.flux_cg import LORA_FILE as FLUX_LORA_FILE, TINY_FLUX, FluxCGTask
 from ..training.folder import build_from_folder
 from ..training.models import TINY_SOURCES
 from ..training.outputs import set_category_lora
@@ -36,8 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``dataset``, ``train-cg`` and ``train-pg``."""
     _dataset_parser(sub)
     cg = sub.add_parser("train-cg", help="train the Category-Wise Generator (identifiers + one UNet LoRA)",
-                        description="Train every category's identifier vectors and one shared UNet LoRA on a "
-                                    "BG60k-layout dataset, with mask-guided attention active.")
+                        description="Train every category's identifier vectors and one shared UNet LoRA (on Flux.1: "
+                                    "T5-XXL identifier vectors and one transformer LoRA) on a BG60k-layout dataset, "
+                                    "with mask-guided attention active.")
     _engine_args(cg)
     _cg_args(cg)
     cg.set_defaults(func=cmd_train_cg)
@@ -138,7 +141,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", type=Path, help="BG60k-layout dataset folder")
     g.add_argument("--model", default="tiny-inpaint",
                    help="base model: an SD1.5 or SDXL .safetensors checkpoint (inpainting or not), a diffusers "
-                        "folder, or tiny / tiny-inpaint / tiny-sdxl / tiny-sdxl-inpaint (random test models)")
+                        "folder, a Flux.1 file (train-cg: dev, schnell or Fill), or tiny / tiny-inpaint / tiny-sdxl "
+                        "/ tiny-sdxl-inpaint / tiny-flux / tiny-flux-fill / tiny-flux-schnell (random test models)")
     g.add_argument("--model-configs", type=Path,
                    help="component configs for a single-file --model (default: the shipped set of its backbone)")
     g.add_argument("--output", type=Path, required=True, help="output folder (logs, checkpoints, weights)")
@@ -198,6 +202,9 @@ def _cg_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--category", help="train one category only (with --images: a designer LoRA); the bank "
                                       "names the run's LoRA as this category's own")
     g.add_argument("--images", type=Path, help="folder of product images (alpha = mask) for --category")
+    g.add_argument("--t5-min-length", type=I(1, 4096), metavar="N",
+                   help=f"Flux only: T5 tokens per prompt, at least (default {T5_MIN_LENGTH}, ComfyUI's padding; "
+                        "match ComfyUI's T5TokenizerOptions min_length if you change it)")
 
 
 def _engine_config(args: argparse.Namespace):
@@ -217,7 +224,7 @@ def _check_run_args(args: argparse.Namespace) -> None:
     if getattr(args, "images", None) is not None:
         checks.input_dir(args.images, "--images")
 
-    if args.model not in TINY_SOURCES and not Path(args.model).is_dir():
+    if args.model not in TINY_SOURCES and args.model not in TINY_FLUX and not Path(args.model).is_dir():
         checks.input_file(args.model, "--model")
     if args.model_configs is not None:
         checks.input_dir(args.model_configs, "--model-configs")
@@ -291,7 +298,7 @@ def _train_cg(args: argparse.Namespace) -> int:
                        weights_dtype=_weights_dtype(args.mixed_precision),
                        categories=(args.category,) if args.category else None, model_configs=args.model_configs,
                        buckets=_buckets(args), init_bank=args.init_bank)
-        result = fit(CGTask(cfg), _engine_config(args))
+        result = fit(_cg_task(args, cfg), _engine_config(args))
     except (DatasetError, ValueError, FileNotFoundError) as e:  # ValueError: PipelineError, WeightsError
         raise _error(str(e)) from None
     if args.category and result.main_process:
@@ -300,10 +307,22 @@ def _train_cg(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cg_task(args: argparse.Namespace, cfg: CGConfig) -> CGTask | FluxCGTask:
+    """The SD1.5 / SDXL task, or the Flux one for a Flux ``--model`` (Flux-only options refused elsewhere)."""
+    if _model_family(args.model) != "flux":
+        if args.t5_min_length is not None:
+            raise _error(f"--t5-min-length is for Flux models; {args.model} is not one")
+        return CGTask(cfg)
+    if args.sample_every:
+        raise _error("--sample-every is not available on Flux yet (previews need the Flux sampler): pass "
+                     "--sample-every 0")
+    return FluxCGTask(cfg, t5_min_length=args.t5_min_length or T5_MIN_LENGTH)
+
+
 def _name_category_lora(written: list[Path], category: str) -> None:
     """A single-category run's LoRA is that category's own: name it in the bank (Category LoRA "(from bank)")."""
     bank = next((p for p in written if p.name == BANK_FILE), None)
-    lora = next((p for p in written if p.name == LORA_FILE), None)
+    lora = next((p for p in written if p.name in (LORA_FILE, FLUX_LORA_FILE)), None)
     if bank is None or lora is None:  # e.g. a full-UNet run writes no LoRA
         return
     set_category_lora(bank, category, lora)
@@ -325,6 +344,8 @@ def _model_family(model: str) -> str:
     """The backbone family of ``--model`` without loading it (the header of a checkpoint; a folder's parts)."""
     if model in TINY_SOURCES:
         return TINY_SOURCES[model][0]
+    if model in TINY_FLUX:
+        return "flux"
     path = Path(model)
     if path.is_dir():
         return "sdxl" if (path / "text_encoder_2").is_dir() else "sd15"
