@@ -12,8 +12,8 @@ node) turns a reference into Flux text-space tokens in three steps, mirrored her
 The tokens of a batch of references are concatenated into one row (``[1, B·729, 4096]``) and scaled by the
 strength, as the node does; :class:`~productbg.attention.joint.ReduxStyle` then keeps them off the product.
 
-The SigLIP config is read from the file's shapes (width, depth, MLP width, image size from the position table;
-heads = width / 72, SigLIP's head size). Its layer norms use ComfyUI's epsilon (1e-5, torch's default, which
+The SigLIP config is read from the file's shapes (width, depth, MLP width, image size from the position table —
+384 for 27 × 27 patches of 14, as ComfyUI's config says; heads = width / 72, SigLIP's head size). Its layer norms use ComfyUI's epsilon (1e-5, torch's default, which
 ComfyUI's ``CLIPEncoder`` uses for SigLIP too) rather than the published 1e-6, so the tokens are those a designer
 gets from the same files in ComfyUI.
 """
@@ -41,6 +41,8 @@ PATCH_KEY = "vision_model.embeddings.patch_embedding.weight"
 POSITION_KEY = "vision_model.embeddings.position_embedding.weight"
 LAYER_KEY = "vision_model.encoder.layers.{}.layer_norm1.weight"
 FC1_KEY = "vision_model.encoder.layers.0.mlp.fc1.weight"
+#: SigLIP input sides whose patch grid does not tile them (ComfyUI's ``clip_vision_siglip_*.json``): 384 / 14 → 27.
+IMAGE_SIZES = {(27, 14): 384, (32, 16): 512}
 REDUX_KEYS = ("redux_up.weight", "redux_up.bias", "redux_down.weight", "redux_down.bias")
 PASS_REDUX = "pass Flux Redux's files: --style-model flux1-redux-dev.safetensors --clip-vision " \
              "sigclip_vision_patch14_384.safetensors"
@@ -133,7 +135,7 @@ def _siglip_config(tensors: dict[str, torch.Tensor], name: str):
         depth += 1
     return SiglipVisionConfig(hidden_size=width, intermediate_size=int(fc1.shape[0]), num_hidden_layers=depth,
                               num_attention_heads=width // SIGLIP_HEAD_DIM, num_channels=int(patch.shape[1]),
-                              image_size=grid * patch_size, patch_size=patch_size, hidden_act="gelu_pytorch_tanh",
+                              image_size=IMAGE_SIZES.get((grid, patch_size), grid * patch_size), patch_size=patch_size, hidden_act="gelu_pytorch_tanh",
                               layer_norm_eps=COMFY_LAYER_NORM_EPS)
 
 

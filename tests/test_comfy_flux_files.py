@@ -6,7 +6,8 @@ detect and how each part runs, on this CPU.
 - DualCLIPLoader (type flux): a CLIP whose tokenizer gives ``l`` and ``t5xxl``, whose T5-XXL stays fp8 e4m3fn in
   memory, and which encodes a prompt to [1, 256, 4096] (T5 pads to 256 tokens) + pooled [1, 768];
 - VAELoader: 16 latent channels, 8× down, encode and decode;
-- StyleModelLoader + CLIPVisionLoader + CLIPVisionEncode + StyleModelApply: the 729 Redux tokens appended;
+- StyleModelLoader + CLIPVisionLoader + CLIPVisionEncode + StyleModelApply: the 729 Redux tokens appended, and
+  productbg's own reader of the two files (``pipeline.flux_redux``) gives the same tokens;
 - the dev txt2img graph (loaders, CLIPTextEncode, FluxGuidance, KSampler euler 2 steps at 256², VAEDecode) passes
   ComfyUI's prompt validation, and its nodes give a finite latent and image.
 
@@ -22,6 +23,8 @@ import torch
 
 from flux_checkpoint import FILES, REDUX_TOKENS, loader_nodes, read_header
 from proc_memory import AnonPeak, reset_peak_rss, status_kib
+
+from productbg.pipeline.flux_redux import load_redux
 
 pytestmark = pytest.mark.comfyui
 
@@ -165,6 +168,13 @@ def test_redux_appends_729_siglip_tokens_to_the_conditioning(comfy, comfy_flux_f
     assert tokens.shape == (1, base.shape[1] + REDUX_TOKENS, 4096)
     assert torch.equal(tokens[:, :base.shape[1]], base) and torch.isfinite(tokens).all()
     assert styled[0][1]["pooled_output"] is flux_cond[0][1]["pooled_output"]
+    # productbg's own reading of the same two files (the CLI's --style-model / --clip-vision) gives these tokens
+    encoder = _timed("productbg load_redux", load_redux, comfy_flux_files.paths["redux"],
+                     comfy_flux_files.paths["siglip"])
+    ours = _timed("productbg Redux tokens", encoder.tokens, image)
+    theirs = tokens[:, base.shape[1]:].detach().float()
+    assert encoder.size == vision.image_size == 384 and ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
 def _txt2img_graph(files) -> dict:
