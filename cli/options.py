@@ -33,6 +33,8 @@ MAX_LORA_STRENGTH = 10.0
 MAX_MEGAPIXELS = 1000.0
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULTS = GenerateSettings()
+#: A Flux.1 transformer's companion files (``--t5``, ``--clip-l``, ``--vae``).
+FLUX_FILES = ("t5", "clip_l", "vae")
 #: ``--checkpoint demo``: the embedded demo model (64², BG-synth's 16 categories), with its own settings.
 DEMO_CHECKPOINT = "demo"
 TINY_NOTE = ("no --checkpoint: using the tiny random built-in models (backgrounds are noise; for trying the "
@@ -45,13 +47,21 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models (nothing is ever downloaded)")
     g.add_argument("--checkpoint", metavar="PATH",
                    help="SD1.5, SDXL or their inpainting .safetensors (ComfyUI's models/checkpoints files; the "
-                        "backbone is detected from the file and sets the default canvas and sampler), a diffusers "
+                        "backbone is detected from the file and sets the default canvas and sampler), a Flux.1 "
+                        "single file or transformer (dev, schnell, Fill: models/diffusion_models), a diffusers "
                         "folder, or 'demo' for the embedded toy model (BG-synth categories, 64², its own bank and "
                         "style encoder; write ./demo for a folder of that name); without it the tiny random models "
                         "are used")
     g.add_argument("--configs", metavar="DIR",
-                   help="component configs for --checkpoint (default: the set shipped in assets/sd15 or "
-                        "assets/sdxl, by the detected backbone)")
+                   help="component configs for --checkpoint (default: the set shipped in assets/sd15, assets/sdxl "
+                        "or assets/flux, by the detected backbone)")
+    g.add_argument("--t5", metavar="PATH", help="Flux.1's T5-XXL text encoder (models/text_encoders/"
+                   "t5xxl_fp8_e4m3fn.safetensors or t5xxl_fp16.safetensors) for a Flux transformer --checkpoint; "
+                   "default: found beside it in ComfyUI's models folder")
+    g.add_argument("--clip-l", metavar="PATH", help="Flux.1's CLIP-L text encoder (models/text_encoders/"
+                   "clip_l.safetensors); default: found beside the Flux transformer")
+    g.add_argument("--vae", metavar="PATH", help="Flux.1's VAE (models/vae/ae.safetensors); default: found beside "
+                   "the Flux transformer")
     g.add_argument("--bank", metavar="PATH", help="category bank .safetensors (identifier per category); without "
                    "it the category name is used as plain words, confined to the background")
     g.add_argument("--style-encoder", metavar="PATH", help="style encoder / IP-Adapter .safetensors made for the "
@@ -63,7 +73,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tiny", action="store_true", help="use the tiny random models even if files are given")
     g.add_argument("--device", type=checks.device, help="cpu, cuda, cuda:1 ... (default: CUDA when available; under accelerate "
                    "launch, cuda:LOCAL_RANK)")
-    g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype (auto: fp16 on CUDA)")
+    g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="weights dtype (auto: fp16 on CUDA, bf16 for Flux.1; fp32 on a CPU; an fp8 Flux file's "
+                        "linear layers stay fp8 and compute in this dtype)")
     add_pixel_limit_option(g)
 
 
@@ -89,7 +101,7 @@ SETTING_OPTIONS = {"size": "size", "steps": "steps", "cfg": "guidance_scale", "f
                    "negative": "negative_prompt", "feather": "feather", "segmentation": "segmentation",
                    "report_expansion": "report_expansion", "export": "export", "format": "export_format",
                    "quality": "quality", "resampler": "resampler", "upscaler": "upscaler", "sampler": "sampler",
-                   "canvas": "canvas_size"}
+                   "canvas": "canvas_size", "guidance": "distilled_guidance"}
 #: Options that only mean something with --export.
 EXPORT_ONLY = ("format", "quality", "resampler", "upscaler")
 
@@ -115,8 +127,11 @@ def add_settings_options(p: argparse.ArgumentParser) -> None:
                    "checkpoint)")
     g.add_argument("--cfg", type=checks.number(0, 100), help=f"classifier-free guidance scale ({_default('cfg')}; 6.0 "
                    "with an SDXL checkpoint)")
-    g.add_argument("--sampler", choices=["ddim", "dpmpp_2m_karras"],
-                   help=f"sampler ({_default('sampler')}; dpmpp_2m_karras with an SDXL checkpoint)")
+    g.add_argument("--sampler", choices=["ddim", "dpmpp_2m_karras", "euler"],
+                   help=f"sampler ({_default('sampler')}; dpmpp_2m_karras with an SDXL checkpoint; euler, the only "
+                        "one, with Flux.1)")
+    g.add_argument("--guidance", type=checks.number(0, 100),
+                   help="Flux.1's distilled guidance (default: 30 with Flux Fill, 3.5 with dev; schnell has none)")
     g.add_argument("--fill", type=checks.number(0, 1, low_open=True), help=f"product bounding box / canvas ({_default('fill')})")
     g.add_argument("--grow", type=checks.number(0, 512), help=f"repaint-mask growth in px at 512, scaled with --size "
                    f"({_default('grow')})")
@@ -279,7 +294,7 @@ def uses_demo(args: argparse.Namespace) -> bool:
 
 def extra_model_files(args: argparse.Namespace) -> list[str]:
     """The model-file options given besides --checkpoint, as option names."""
-    given = [o for o in ("bank", "style_encoder", "clip_vision", "configs") if getattr(args, o, None)]
+    given = [o for o in ("bank", "style_encoder", "clip_vision", "configs", *FLUX_FILES) if getattr(args, o, None)]
     return [f"--{o.replace('_', '-')}" for o in given] + (["--lora"] if args.lora else [])
 
 
@@ -301,11 +316,18 @@ def build_pipeline(args: argparse.Namespace, quiet: bool = False, settings=None)
                                 "bank, style encoder and CLIP vision model, and its 64-wide text encoder fits no "
                                 "SD1.5 file")
         return load_demo_pipeline(DEMO_MODEL, settings=settings, device=device)
-    dtype = DTYPES.get(args.dtype) or (torch.float16 if device.startswith("cuda") else torch.float32)
     source = Path(args.checkpoint)
+    flux = model_backbone(args) is backbones.FLUX
+    auto = (torch.bfloat16 if flux else torch.float16) if device.startswith("cuda") else torch.float32
+    dtype = DTYPES.get(args.dtype) or auto
     kwargs: dict[str, Any] = dict(bank=args.bank, style_encoder=args.style_encoder, clip_vision=args.clip_vision,
                                   loras=[parse_lora(t) for t in args.lora], dtype=dtype, settings=settings,
                                   device=device)
+    given = {o: getattr(args, o) for o in FLUX_FILES if getattr(args, o, None)}
+    if given and not flux:
+        raise PipelineError(f"--{next(iter(given)).replace('_', '-')} goes with a Flux.1 --checkpoint; "
+                            f"{source.name} is {model_backbone(args).label}")
+    kwargs.update(given)
     if source.is_dir():
         return ProductBGPipeline.from_pretrained(source, **kwargs)
     return ProductBGPipeline.from_single_file(source, config_dir=args.configs, **kwargs)
@@ -333,7 +355,8 @@ def check_model_args(args: argparse.Namespace) -> None:
     if args.configs:
         checks.input_dir(args.configs, "--configs")
     for option, what in (("bank", "category bank"), ("style_encoder", "style encoder"),
-                         ("clip_vision", "CLIP vision model")):
+                         ("clip_vision", "CLIP vision model"), ("t5", "T5-XXL text encoder"),
+                         ("clip_l", "CLIP-L text encoder"), ("vae", "VAE")):
         value = getattr(args, option, None)
         if value and not (option == "clip_vision" and Path(value).is_dir()):
             _model_file(Path(value), f"--{option.replace('_', '-')}", what)
@@ -390,4 +413,5 @@ def describe_run(args: argparse.Namespace) -> dict[str, Any]:
     model = "tiny" if uses_tiny(args) else "demo (embedded)" if uses_demo(args) else str(args.checkpoint)
     return {"model": model, "bank": args.bank,
             "style_encoder": args.style_encoder, "clip_vision": args.clip_vision, "loras": list(args.lora),
+            **{o: getattr(args, o) for o in FLUX_FILES if getattr(args, o, None)},
             "settings": settings}

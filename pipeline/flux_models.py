@@ -42,7 +42,8 @@ class FluxParts:
         t5_tokenizer, clip_tokenizer: the shipped T5 and CLIP tokenizers.
         variant: ``dev``, ``fill`` or ``schnell`` (from the transformer's keys).
         source: where the transformer came from (for reports).
-        redux: a Flux Redux reference encoder (``pipeline/flux_redux``), or None.
+        redux: a Flux Redux reference encoder (:class:`~.flux_redux.ReduxEncoder`), or None.
+        identifiers: a ``flux`` category bank (or ``SeededIdentifiers`` with ``t5xxl`` vectors), or None.
     """
 
     transformer: Any
@@ -54,6 +55,7 @@ class FluxParts:
     variant: str = "dev"
     source: str = ""
     redux: Any = None
+    identifiers: Any = None
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -75,14 +77,29 @@ class FluxParts:
         return bool(self.transformer.config.guidance_embeds)
 
     @property
+    def family(self) -> str:
+        return FLUX.family
+
+    @property
+    def style_encoder(self) -> None:
+        """None: Flux.1 has no IP-Adapter style encoder (its reference style is Redux, :attr:`redux`)."""
+        return None
+
+    @property
+    def image_encoder(self) -> None:
+        """None: no CLIP vision model beside an IP-Adapter (Redux brings its own SigLIP)."""
+        return None
+
+    @property
     def models(self) -> tuple:
         """The torch modules, transformer first."""
         return tuple(m for m in (self.transformer, self.vae, self.t5, self.clip_l) if m is not None)
 
 
-def tiny_flux_transformer(variant: str = "fill", seed: int = 0, double: int = 1, single: int = 1):
+def tiny_flux_transformer(variant: str = "fill", seed: int = 0, double: int = 1, single: int = 1,
+                          t5_width: int = TINY_T5_WIDTH):
     """A tiny diffusers ``FluxTransformer2DModel`` (32 wide, 2 heads of 16) with the variant's inputs: Fill reads
-    384 features, dev and schnell 64; schnell has no guidance embedder."""
+    384 features, dev and schnell 64; schnell has no guidance embedder; it reads ``t5_width``-wide text."""
     # optional dependency: diffusers
     from diffusers import FluxTransformer2DModel
 
@@ -92,7 +109,7 @@ def tiny_flux_transformer(variant: str = "fill", seed: int = 0, double: int = 1,
     return FluxTransformer2DModel(
         patch_size=1, in_channels=FILL_FEATURES if variant == "fill" else PLAIN_FEATURES,
         out_channels=PLAIN_FEATURES, num_layers=double, num_single_layers=single, attention_head_dim=TINY_HEAD_DIM,
-        num_attention_heads=TINY_HEADS, joint_attention_dim=TINY_T5_WIDTH, pooled_projection_dim=TINY_CLIP_WIDTH,
+        num_attention_heads=TINY_HEADS, joint_attention_dim=t5_width, pooled_projection_dim=TINY_CLIP_WIDTH,
         guidance_embeds=variant != "schnell", axes_dims_rope=TINY_ROPE_AXES).eval()
 
 
@@ -110,26 +127,29 @@ def tiny_flux_vae(seed: int = 0):
                          use_quant_conv=False, use_post_quant_conv=False).eval()
 
 
-def tiny_t5(seed: int = 0):
-    """A tiny ``T5EncoderModel`` (2 layers, 32 wide, gated GELU as T5 v1.1) with T5-XXL's 32,128-row vocabulary."""
+def tiny_t5(seed: int = 0, width: int = TINY_T5_WIDTH):
+    """A tiny ``T5EncoderModel`` (2 layers, ``width`` wide, gated GELU as T5 v1.1) with T5-XXL's 32,128-row
+    vocabulary (``width=4096``: T5-XXL's width, so a real ``flux`` bank fits)."""
     # optional dependency: transformers
     from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(seed)
-    config = T5Config(vocab_size=T5_ROWS, d_model=TINY_T5_WIDTH, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+    config = T5Config(vocab_size=T5_ROWS, d_model=width, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                       relative_attention_num_buckets=32, relative_attention_max_distance=128,
                       feed_forward_proj="gated-gelu", dropout_rate=0.0, is_encoder_decoder=False,
                       use_cache=False, tie_word_embeddings=False)
     return T5EncoderModel(config).eval()
 
 
-def tiny_flux_parts(variant: str = "fill", seed: int = 0) -> FluxParts:
+def tiny_flux_parts(variant: str = "fill", seed: int = 0, t5_width: int = TINY_T5_WIDTH) -> FluxParts:
     """The tiny random Flux set (CPU-fast; outputs are noise, the data flow is the real one).
 
     Args:
         variant: ``fill`` (384 input features), ``dev`` or ``schnell`` (no guidance embedder).
         seed: weight seed.
+        t5_width: T5's width (4096 to take a real ``flux`` bank; its embedding table is then 0.5 GB).
     """
-    return FluxParts(tiny_flux_transformer(variant, seed), tiny_flux_vae(seed), tiny_t5(seed),
+    return FluxParts(tiny_flux_transformer(variant, seed, t5_width=t5_width), tiny_flux_vae(seed),
+                     tiny_t5(seed, t5_width),
                      tiny_text_encoder(seed, TINY_CLIP_WIDTH), t5_tokenizer(), clip_tokenizer(), variant,
                      f"tiny-flux-{variant}")

@@ -8,7 +8,10 @@
 
 On SDXL (detected from the checkpoint) the same flow runs at 1024² with both text encoders, SDXL's pooled
 text embedding and added time ids, DPM++ 2M Karras 30 steps and CFG 6 (``defaults_for``); ``canvas_size``
-gives non-square canvases (``attention.SDXL.canvases["4:5"]`` = 928×1152).
+gives non-square canvases (``attention.SDXL.canvases["4:5"]`` = 928×1152). On Flux.1 (dev, schnell, Fill; a
+:class:`~.flux_models.FluxParts` instead of ``Components``) the middle runs in :class:`~.flux_run.FluxRunner`:
+T5-XXL with the identifier spliced in, joint confinement in every block, flow-matching Euler 20 steps with
+distilled guidance (Fill 30, dev 3.5), CFG 1.
 
 Example::
 
@@ -35,11 +38,14 @@ from ..weights.bank import load_bank
 from ..weights.bank_fit import bank_fit_problem
 from ..weights.errors import WeightsError
 from ..weights.style_encoder import load_style_encoder, reference_tokens
-from .components import (ClipVision, Components, check_style_fit, load_base, load_clip_vision, merge_lora,
-                         tiny_components, cross_attention_widths)
+from .components import (ClipVision, Components, SeededIdentifiers, check_style_fit, load_base, load_clip_vision,
+                         merge_lora, tiny_components, cross_attention_widths)
 from .errors import PipelineError
+from .flux_files import load_flux, is_flux_file
+from .flux_models import FluxParts, tiny_flux_parts
+from .flux_run import FluxRunner
 from .prompts import PromptEncoder
-from .sampling import SAMPLERS, SampleInputs, make_scheduler, sample_inpaint, upcast_vae, sampler_for
+from .sampling import SAMPLERS, SD_SAMPLERS, SampleInputs, make_scheduler, sample_inpaint, upcast_vae, sampler_for
 from .upscale import load_upscaler
 
 ImageInput = Any  # a path, an [H, W, 3|4] array / tensor in 0..1, or a Prepared canvas
@@ -59,7 +65,10 @@ class GenerateSettings:
         inpaint_grow: repaint-mask dilation in pixels at 512 (scaled with the canvas, as Place Product does).
         segmentation: ``imaging.segment_product`` method (``auto``: alpha, else uniform-background key, else GrabCut).
         steps: sampling steps. guidance_scale: classifier-free guidance scale.
-        sampler: ``ddim`` (SD1.5's recipe) or ``dpmpp_2m_karras`` (SDXL's default).
+        sampler: ``ddim`` (SD1.5's recipe), ``dpmpp_2m_karras`` (SDXL's default) or ``euler`` (Flux.1's, its
+            only one).
+        distilled_guidance: Flux.1 dev / Fill's distilled guidance (None: the backbone table's, Fill 30, dev 3.5;
+            schnell has none).
         canvas_size: ``(width, height)`` of a non-square canvas (each a multiple of 8), e.g. a backbone's
             ``canvases["4:5"]``; None = ``size``² (or the export's aspect).
         identifier_strength: mask-guided attention strength (1 = the identifier never attends on the product).
@@ -105,6 +114,7 @@ class GenerateSettings:
     upscaler: str | None = None
     sampler: str = "ddim"
     canvas_size: tuple[int, int] | None = None
+    distilled_guidance: float | None = None
 
     def __post_init__(self) -> None:
         if self.size < 16 or self.size % 8:
@@ -118,6 +128,8 @@ class GenerateSettings:
             raise PipelineError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.steps < 1:
             raise PipelineError(f"steps must be at least 1, got {self.steps}")
+        if self.distilled_guidance is not None and not 0 <= self.distilled_guidance <= 100:
+            raise PipelineError(f"distilled guidance must be in [0, 100], got {self.distilled_guidance}")
         if not 0.0 <= self.identifier_strength <= 1.0:
             raise PipelineError(f"identifier strength must be in [0, 1], got {self.identifier_strength}")
         if self.confinement not in CONFINEMENTS:
@@ -166,10 +178,16 @@ def check_export_canvas(export: tuple[int, int], size: int) -> tuple[int, int]:
 
 def defaults_for(backbone: Any, base: "GenerateSettings | None" = None) -> "GenerateSettings":
     """The generation defaults of a backbone: its canvas side and sampler (SD1.5: unchanged, 512², DDIM 40,
-    CFG 7.5; SDXL: 1024², DPM++ 2M Karras 30 steps, CFG 6)."""
+    CFG 7.5; SDXL: 1024², DPM++ 2M Karras 30 steps, CFG 6; Flux.1: 1024², Euler 20 steps, CFG 1, no negative
+    prompt, Redux weight 1)."""
     b = backbone
-    return replace(base or GenerateSettings(), size=b.default_size, steps=b.sampler.steps,
-                   guidance_scale=b.sampler.cfg, sampler=sampler_for(b.sampler.sampler_name, b.sampler.scheduler))
+    s = replace(base or GenerateSettings(), size=b.default_size, steps=b.sampler.steps,
+                guidance_scale=b.sampler.cfg, sampler=sampler_for(b.sampler.sampler_name, b.sampler.scheduler))
+    if b.style == "redux":  # Redux's weight scales its tokens: StyleModelApply's (and Reference Style Redux's) 1
+        s = replace(s, style_weight=1.0)
+    if b.sampler.cfg == 1.0:  # no negative row at CFG 1: the workflows leave the negative prompt empty
+        s = replace(s, negative_prompt="")
+    return s
 
 
 @dataclass
@@ -231,13 +249,18 @@ class ProductBGPipeline:
         device: where to run (default: CUDA when available, else CPU).
     """
 
-    def __init__(self, components: Components, settings: GenerateSettings | None = None,
+    def __init__(self, components: Components | FluxParts, settings: GenerateSettings | None = None,
                  device: str | torch.device | None = None) -> None:
         self.components = components
         self.backbone = components.backbone
         self.settings = settings if settings is not None else defaults_for(self.backbone)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         check_bank_fit(components.identifiers, self.backbone)
+        self.flux: FluxRunner | None = None
+        if isinstance(components, FluxParts):
+            self.flux = FluxRunner(components, self.device)
+            self.prompts = self.flux.prompts
+            return
         for m in (components.unet, components.vae, *components.text_encoders):
             m.to(self.device).eval().requires_grad_(False)
         upcast_vae(components.vae)  # SDXL's VAE overflows in float16: float32 when its config says force_upcast
@@ -256,24 +279,41 @@ class ProductBGPipeline:
     def tiny(cls, inpaint: bool = True, style: bool = True, seed: int = 0, family: str = "sd15",
              **kwargs: Any) -> "ProductBGPipeline":
         """The tiny random models (CPU tests, plumbing checks); see :func:`components.tiny_components`
-        (``family="sdxl"``: the SDXL-shaped set). Settings default to SD1.5's (a 512² canvas) for both."""
+        (``family="sdxl"``: the SDXL-shaped set; ``family="flux"``: :func:`~.flux_models.tiny_flux_parts`, Fill
+        when ``inpaint`` else dev, with seeded ``t5xxl`` identifiers). Settings default to SD1.5's (a 512²
+        canvas) for SD1.5 and SDXL, to Flux's sampler at 512² for Flux."""
+        if family == "flux":
+            parts = tiny_flux_parts("fill" if inpaint else "dev", seed)
+            width = int(parts.t5.get_input_embeddings().weight.shape[1])
+            parts.identifiers = SeededIdentifiers(width, widths={"t5xxl": width})
+            kwargs.setdefault("settings", replace(defaults_for(parts.backbone), size=GenerateSettings.size))
+            return cls(parts, **kwargs)
         kwargs.setdefault("settings", GenerateSettings())
         return cls(tiny_components(inpaint, style, seed, family), **kwargs)
 
     @classmethod
     def from_single_file(cls, checkpoint: str | os.PathLike, *, config_dir: str | os.PathLike | None = None,
                          **kwargs: Any) -> "ProductBGPipeline":
-        """Load an SD1.5 / SDXL (or inpainting) ``.safetensors`` checkpoint offline, plus optional extras.
+        """Load an SD1.5 / SDXL (or inpainting) or Flux.1 ``.safetensors`` checkpoint offline, plus optional extras.
 
         Args:
-            checkpoint: the single-file checkpoint (ComfyUI's ``models/checkpoints`` files); the backbone is
-                detected from its keys.
-            config_dir: component configs (default: the set shipped in ``assets/sd15`` or ``assets/sdxl``).
+            checkpoint: the single-file checkpoint (ComfyUI's ``models/checkpoints`` files), or a Flux.1
+                transformer (``models/diffusion_models``); the backbone is detected from its keys.
+            config_dir: component configs (default: the set shipped in ``assets/sd15``, ``assets/sdxl`` or
+                ``assets/flux``).
             **kwargs: ``bank``, ``style_encoder``, ``clip_vision``, ``loras``, ``dtype``, ``settings``, ``device``
-                (see :meth:`from_components`).
+                (see :meth:`from_components`); Flux.1 also takes ``t5``, ``clip_l``, ``vae`` (its companion files,
+                default: found beside the transformer in ComfyUI's models tree; :func:`~.flux_files.load_flux`).
         """
-        dtype = kwargs.pop("dtype", torch.float32)
-        return cls.from_components(load_base(checkpoint, config_dir, dtype), **kwargs)
+        dtype = kwargs.pop("dtype", None)
+        companions = {k: kwargs.pop(k, None) for k in ("t5", "clip_l", "vae")}
+        if is_flux_file(checkpoint):
+            return cls.from_components(load_flux(checkpoint, dtype=dtype, config_dir=config_dir, **companions),
+                                       **kwargs)
+        given = [f"--{k.replace('_', '-')}" for k, v in companions.items() if v is not None]
+        if given:
+            raise PipelineError(f"{given[0]} is a Flux.1 companion file; {Path(checkpoint).name} is no Flux.1 model")
+        return cls.from_components(load_base(checkpoint, config_dir, dtype or torch.float32), **kwargs)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, **kwargs: Any) -> "ProductBGPipeline":
@@ -284,11 +324,17 @@ class ProductBGPipeline:
         return cls.from_components(load_base(folder, None, dtype), **kwargs)
 
     @classmethod
-    def from_components(cls, components: Components, *, bank: str | os.PathLike | None = None,
+    def from_components(cls, components: Components | FluxParts, *, bank: str | os.PathLike | None = None,
                         style_encoder: str | os.PathLike | None = None,
                         clip_vision: str | os.PathLike | ClipVision | None = None,
                         loras: Sequence[tuple[str | os.PathLike, float]] = (), **kwargs: Any) -> "ProductBGPipeline":
         """Add bank / style encoder / CLIP vision / LoRA files to loaded components and build the pipeline."""
+        if isinstance(components, FluxParts):
+            extra = [f for f, v in (("--style-encoder", style_encoder), ("--clip-vision", clip_vision),
+                                    ("--lora", loras)) if v]
+            if extra:
+                raise PipelineError(f"{extra[0]} does not go with a Flux.1 model in the pipeline yet (IP-Adapter "
+                                    "style encoders and UNet LoRAs are SD1.5 / SDXL files)")
         try:
             if bank is not None:
                 components.identifiers = load_bank(bank)
@@ -332,21 +378,27 @@ class ProductBGPipeline:
         if c.style_encoder is None or c.image_encoder is None:
             raise PipelineError("a reference image needs a style encoder and its CLIP vision model "
                                 "(--style-encoder and --clip-vision)")
+        image, source = self.reference_image(reference, settings)
+        if settings.style_layers not in self.backbone.presets:
+            raise PipelineError(f"style layers must be one of {', '.join(self.backbone.presets)}")
+        try:
+            cond, uncond = reference_tokens(c.style_encoder, c.image_encoder, image)
+        except ValueError as e:
+            raise PipelineError(f"reference {source}: {e}") from None
+        return StyleGuidance(cond, uncond, c.style_encoder.layer_kv, settings.style_weight,
+                             self._layer_weights(settings.style_layers), product=ProductMask(torch.as_tensor(mask)))
+
+    def reference_image(self, reference: ImageInput, settings: GenerateSettings) -> tuple[torch.Tensor, str]:
+        """A reference as ``[1, H, W, 3]`` on the device with its own product filled in (as the shipped workflows
+        do: its product mask grown by 4 px, edges left as they are), and its name for messages."""
         rgba, source = read_image(reference)
-        try:  # as the shipped workflows do: the reference's product mask grown by 4 px, edges left as they are
+        try:
             seg = imaging.segment_product(rgba, settings.segmentation, grow=REFERENCE_GROW, clean_edges=False)
         except ValueError as e:
             raise PipelineError(f"reference {source}: {e}") from None
         image = torch.as_tensor(np.asarray(seg.image, np.float32))[None].to(self.device)
         ref_mask = torch.as_tensor(np.asarray(seg.mask, np.float32))[None].to(self.device)
-        if settings.style_layers not in self.backbone.presets:
-            raise PipelineError(f"style layers must be one of {', '.join(self.backbone.presets)}")
-        try:
-            cond, uncond = reference_tokens(c.style_encoder, c.image_encoder, fill_product_hwc(image, ref_mask))
-        except ValueError as e:
-            raise PipelineError(f"reference {source}: {e}") from None
-        return StyleGuidance(cond, uncond, c.style_encoder.layer_kv, settings.style_weight,
-                             self._layer_weights(settings.style_layers), product=ProductMask(torch.as_tensor(mask)))
+        return fill_product_hwc(image, ref_mask), source
 
     def _layer_weights(self, preset: str) -> tuple[float, ...]:
         """A style preset's per-layer weights for this UNet (the backbone's table; every layer for ``all``, so
@@ -378,6 +430,13 @@ class ProductBGPipeline:
         prep = self.prepare(product, s)
         if s.export is not None:
             self.upscaler(s.upscaler)  # loaded (and checked) before anything is sampled
+        if self.flux is not None:
+            image = None if reference is None else self.reference_image(reference, s)[0]
+            raw, text = self.flux.sample(prep, category, image, seed, n, s)
+            return [self._finish(raw[k], prep, seed + k, category, text, s) for k in range(n)]
+        if s.sampler not in SD_SAMPLERS:
+            raise PipelineError(f"sampler {s.sampler!r} is Flux.1's; on {self.backbone.label} use "
+                                f"{' or '.join(SD_SAMPLERS)}")
         prompt = self.prompts.encode(category, s.template, s.extra_text)
         guidance = self._guidance(prompt.spec, prep, reference, s)
         inputs = SampleInputs(

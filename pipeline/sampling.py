@@ -55,12 +55,15 @@ class SampleInputs:
     uncond_pooled: torch.Tensor | None = None
 
 
-SAMPLERS = ("ddim", "dpmpp_2m_karras")
+#: The UNet samplers; ``euler`` is Flux.1's flow-matching sampler (``flux_sampling``).
+SD_SAMPLERS = ("ddim", "dpmpp_2m_karras")
+SAMPLERS = (*SD_SAMPLERS, "euler")
 
 
 def sampler_for(sampler_name: str, scheduler: str) -> str:
     """Our sampler name for a backbone's ComfyUI-style (sampler, scheduler) defaults."""
-    return "dpmpp_2m_karras" if (sampler_name, scheduler) == ("dpmpp_2m", "karras") else "ddim"
+    named = {("dpmpp_2m", "karras"): "dpmpp_2m_karras", ("euler", "simple"): "euler"}
+    return named.get((sampler_name, scheduler), "ddim")
 
 
 def make_scheduler(config: dict, steps: int, sampler: str = "ddim"):

@@ -186,6 +186,9 @@ def load_single_file(path: str | os.PathLike | dict, config_dir: str | os.PathLi
     checkpoint = path if isinstance(path, dict) else read_checkpoint(path)
     name = "checkpoint" if isinstance(path, dict) else Path(path).name
     b = detect_backbone(checkpoint, name)
+    if b.kind != "unet":
+        raise PipelineError(f"{name}: a {b.label} file; load it with ProductBGPipeline.from_single_file (which reads "
+                            f"Flux.1's layouts), not as a Stable Diffusion checkpoint")
     files = config_files(config_dir, b.family)
     unet_cfg = files["unet_inpaint" if _in_channels(checkpoint, name) == 9 else "unet"]
 
@@ -320,18 +323,26 @@ def ldm_state_dict(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: to
     up_attn = ["CrossAttn" in t for t in unet.config.up_block_types]
     for k, v in unet.state_dict().items():
         out[UNET_PREFIX + _unet_key(k, lpb, up_attn)] = v
-    blocks = len(vae.config.down_block_types)
-    for k, v in vae.state_dict().items():
-        key = _vae_key(k, blocks)
-        if ".mid.attn_1." in key and key.endswith("weight") and v.ndim == 2:
-            v = v[:, :, None, None]
-        out[VAE_PREFIX + key] = v
+    out.update({VAE_PREFIX + k: v for k, v in ldm_vae_state_dict(vae).items()})
     prefix = TEXT_PREFIX if text_encoder_2 is None else SDXL_TEXT_PREFIX
     for k, v in text_encoder.state_dict().items():
         out[prefix + k.removeprefix("text_model.")] = v
     if text_encoder_2 is not None:
         out.update({SDXL_TEXT2_PREFIX + k: v for k, v in _open_clip_state(text_encoder_2).items()})
     return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def ldm_vae_state_dict(vae: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A diffusers ``AutoencoderKL``'s state dict in the original (LDM) names, without a prefix (Flux's
+    ``ae.safetensors`` layout); attention projections as 1×1 convolutions, as in the released files."""
+    out: dict[str, torch.Tensor] = {}
+    blocks = len(vae.config.down_block_types)
+    for k, v in vae.state_dict().items():
+        key = _vae_key(k, blocks)
+        if ".mid.attn_1." in key and key.endswith("weight") and v.ndim == 2:
+            v = v[:, :, None, None]
+        out[key] = v
+    return out
 
 
 def save_single_file(path: str | os.PathLike, unet: torch.nn.Module, vae: torch.nn.Module,

@@ -83,8 +83,9 @@ def test_clip_token_keys_tell_the_text_encoders_apart():
     with pytest.raises(bb.BackboneError, match="SD3"):
         bb.from_token_keys({"l", "g", "t5xxl"})
     assert bb.from_token_keys({"l", "t5xxl"}) is bb.FLUX
-    with pytest.raises(bb.BackboneError, match="Flux.1 is in productbg's backbone table but its diffusers adapter"):
-        bb.from_token_keys({"l", "t5xxl"}, host="diffusers")  # known, refused where its adapter is not built
+    assert bb.from_token_keys({"l", "t5xxl"}, host="diffusers") is bb.FLUX
+    with pytest.raises(bb.BackboneError, match="Flux.1 is in productbg's backbone table but its training adapter"):
+        bb.from_token_keys({"l", "t5xxl"}, host="training")  # known, refused where its adapter is not built
 
 
 @pytest.mark.parametrize("b", [bb.SD15, bb.SDXL], ids=lambda b: b.family)
@@ -129,9 +130,11 @@ def test_flux_is_an_entry_of_the_table_with_joint_attention_blocks():
         assert bb.from_comfy_config(name, flux_unet) is flux
     with pytest.raises(bb.BackboneError, match="reads text 2048 wide"):
         bb.from_comfy_config("Flux", dict(flux_unet, context_in_dim=2048))
-    with pytest.raises(bb.BackboneError, match="Flux.1 is in productbg's backbone table but its diffusers") as e:
-        bb.from_checkpoint_keys(["model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
-                                 "model.diffusion_model.single_blocks.0.linear1.weight"])
+    flux_keys = ["model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
+                 "model.diffusion_model.single_blocks.0.linear1.weight"]
+    assert bb.from_checkpoint_keys(flux_keys) is flux  # the diffusers pipeline runs Flux.1
+    with pytest.raises(bb.BackboneError, match="Flux.1 is in productbg's backbone table but its training") as e:
+        bb.from_checkpoint_keys(flux_keys, host="training")
     assert "supports SD1.5, SDXL and" in str(e.value)
     with pytest.raises(bb.BackboneError, match="Kontext.*Flux.1 Fill"):
         bb.from_comfy_config("FluxKontext", {})

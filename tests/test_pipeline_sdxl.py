@@ -94,11 +94,13 @@ def test_tiny_sdxl_checkpoint_round_trip_offline(tmp_path, no_network, channels)
     (["conditioner.embedders.0.model.positional_embedding"], "SDXL refiner .*no CLIP-L.*SDXL base or SDXL-inpainting"),
     (["cond_stage_model.model.positional_embedding"], "SD2"),
     (["text_encoders.clip_g.transformer.x", "model.diffusion_model.joint_blocks.0.x"], "SD3"),
-    (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"], "Flux"),
+    (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "distilled_guidance_layer.in_proj.weight"],
+     "Chroma"),
 ])
 def test_other_families_refused_by_name(keys, named):
     with pytest.raises(PipelineError, match=named):
         detect_backbone(keys + ["model.diffusion_model.input_blocks.0.0.weight"], "x.safetensors")
+    assert detect_backbone(["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"]).family == "flux"
     assert detect_backbone(["cond_stage_model.transformer.text_model.x"]).family == "sd15"
     assert detect_backbone(["conditioner.embedders.0.transformer.text_model.x",
                             "conditioner.embedders.1.model.positional_embedding"]).family == "sdxl"

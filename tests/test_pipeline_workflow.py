@@ -13,15 +13,14 @@ import torch
 
 from productbg.imaging import load_image
 from productbg.nodes.imaging_nodes import CompositeProduct, PlaceProduct, PreservationReport, SegmentProduct
-from productbg.backbones import SD15, SDXL
+from productbg.backbones import FLUX, SD15, SDXL
 from productbg.pipeline.pipeline import (REFERENCE_GROW, REPORT_THRESHOLDS, GenerateSettings, ProductBGPipeline,
                                          defaults_for)
 
 ROOT = Path(__file__).resolve().parent.parent
-#: The workflows whose settings the diffusers pipeline reproduces. The Flux ones are not among them while the pipeline
-#: has no Flux adapter (the backbone table says so); tests/test_comfy_flux_workflows.py checks their settings against
-#: backbones.FLUX and runs them.
-GRAPHS = sorted(p for p in (ROOT / "workflows" / "api").glob("*.json") if not p.stem.endswith("_flux"))
+#: The workflows whose settings the diffusers pipeline reproduces: every shipped one (the Flux ones too, since the
+#: pipeline runs Flux.1; tests/test_comfy_flux_workflows.py also runs them in ComfyUI).
+GRAPHS = sorted((ROOT / "workflows" / "api").glob("*.json"))
 FLUX_GRAPHS = sorted((ROOT / "workflows" / "api").glob("*_flux.json"))
 EXAMPLE = ROOT / "workflows" / "inputs" / "productbg_example_product.png"
 
@@ -38,18 +37,17 @@ def _values(inputs: dict) -> dict:
     return {k: v for k, v in inputs.items() if not isinstance(v, list)}
 
 
-def test_the_flux_workflows_wait_for_a_pipeline_adapter():
-    """When the pipeline gains Flux, the Flux workflows join GRAPHS (this fails then, as a reminder)."""
-    from productbg.backbones import FLUX
-
-    assert len(FLUX_GRAPHS) == 2 and not FLUX.runs_on("diffusers")
+def test_the_flux_workflows_are_compared_with_the_pipeline():
+    """The pipeline runs Flux.1, so its two workflows are among the graphs whose defaults it must equal."""
+    assert len(FLUX_GRAPHS) == 2 and FLUX.runs_on("diffusers") and set(FLUX_GRAPHS) <= set(GRAPHS)
 
 
 @pytest.mark.parametrize("path", GRAPHS, ids=lambda p: p.stem)
 def test_defaults_match_shipped_workflow(path):
     """Sampler, placement, prompts, style, paste-back and report settings equal the workflow's (the backbone's
-    defaults for the ``*_sdxl`` twins)."""
-    backbone = SDXL if path.stem.endswith("_sdxl") else SD15
+    defaults for the ``*_sdxl`` and ``*_flux`` twins; the Flux ones load Flux Fill, whose distilled guidance is the
+    table's inpaint guidance)."""
+    backbone = SDXL if path.stem.endswith("_sdxl") else FLUX if path.stem.endswith("_flux") else SD15
     graph, d = json.loads(path.read_text()), defaults_for(backbone)
     for k in _nodes(graph, "KSampler"):
         assert (k["steps"], k["cfg"], k["sampler_name"], k["scheduler"], k["denoise"]) == (
@@ -69,6 +67,12 @@ def test_defaults_match_shipped_workflow(path):
         assert m["strength"] == d.identifier_strength
     for s in _nodes(graph, "ProductBGReferenceStyle"):
         assert (s["weight"], s["layer_preset"]) == (d.style_weight, d.style_layers)
+    for s in _nodes(graph, "ProductBGReferenceStyleRedux"):  # the Redux tokens' scale
+        assert s["strength"] == d.style_weight
+    for u in _nodes(graph, "UNETLoader"):
+        assert u["unet_name"] == "flux1-fill-dev.safetensors"
+    for g in _nodes(graph, "FluxGuidance"):
+        assert d.distilled_guidance is None and g["guidance"] == backbone.sampler.inpaint_guidance
     for r in _nodes(graph, "ProductBGPreservationReport"):
         assert (r["max_delta_e_mean"], r["min_psnr_db"], r["max_expansion_ratio"]) == (
             REPORT_THRESHOLDS.max_delta_e_mean, REPORT_THRESHOLDS.min_psnr_db, REPORT_THRESHOLDS.max_expansion_ratio)
