@@ -308,8 +308,8 @@ class ProductBGPipeline:
         dtype = kwargs.pop("dtype", None)
         companions = {k: kwargs.pop(k, None) for k in ("t5", "clip_l", "vae")}
         if is_flux_file(checkpoint):
-            return cls.from_components(load_flux(checkpoint, dtype=dtype, config_dir=config_dir, **companions),
-                                       **kwargs)
+            return cls.from_components(load_flux(checkpoint, dtype=dtype, device=kwargs.get("device"),
+                                                 config_dir=config_dir, **companions), **kwargs)
         given = [f"--{k.replace('_', '-')}" for k, v in companions.items() if v is not None]
         if given:
             raise PipelineError(f"{given[0]} is a Flux.1 companion file; {Path(checkpoint).name} is no Flux.1 model")
