@@ -132,3 +132,12 @@ def test_batch_on_flux(flux, tmp_path, capsys):
     assert main(["batch", str(rows), "--out", str(out), "--no-progress", "--checkpoint", str(flux["bundled"]),
                  "--configs", str(flux["configs"]), "--bank", str(flux["bank"]), *SMALL]) == 0
     assert len(list(out.rglob("image_*.png"))) == 2
+
+
+def test_demo_on_flux(flux, tmp_path, capsys):
+    """demo --checkpoint <Flux> --bank: a sheet of one product × the bank's categories, products pasted back."""
+    out = tmp_path / "sheet.png"
+    assert main(["demo", "--checkpoint", str(flux["bundled"]), "--configs", str(flux["configs"]), "--bank",
+                 str(flux["bank"]), "--products", str(flux["product"]), "--out", str(out), "--threads", "1"]) == 0
+    assert "products pasted back unchanged: yes" in capsys.readouterr().out
+    assert load_image(out)[0].shape[0] > 0
