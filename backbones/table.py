@@ -337,7 +337,7 @@ FLUX = Backbone(
     latent=LatentFormat(16, 8, 0.3611, 0.1159),
     style="redux",
     checkpoint_prefixes=("double_blocks.",),
-    adapters=frozenset({"comfyui", "diffusers"}),  # the training adapter is still to come (issue 23)
+    adapters=frozenset({"comfyui", "diffusers", "training"}),
 )
 
 BACKBONES: dict[str, Backbone] = {b.family: b for b in (SD15, SDXL, FLUX)}

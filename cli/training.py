@@ -202,6 +202,10 @@ def _cg_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--category", help="train one category only (with --images: a designer LoRA); the bank "
                                       "names the run's LoRA as this category's own")
     g.add_argument("--images", type=Path, help="folder of product images (alpha = mask) for --category")
+    g.add_argument("--t5", type=Path, metavar="FILE", help="Flux only: the T5-XXL text encoder of a transformer-only "
+                   "--model (default: found beside it or in its ComfyUI models folder)")
+    g.add_argument("--clip-l", type=Path, metavar="FILE", help="Flux only: the CLIP-L text encoder (as --t5)")
+    g.add_argument("--vae", type=Path, metavar="FILE", help="Flux only: the Flux VAE, ae.safetensors (as --t5)")
     g.add_argument("--t5-min-length", type=I(1, 4096), metavar="N",
                    help=f"Flux only: T5 tokens per prompt, at least (default {T5_MIN_LENGTH}, ComfyUI's padding; "
                         "match ComfyUI's T5TokenizerOptions min_length if you change it)")
@@ -309,14 +313,20 @@ def _train_cg(args: argparse.Namespace) -> int:
 
 def _cg_task(args: argparse.Namespace, cfg: CGConfig) -> CGTask | FluxCGTask:
     """The SD1.5 / SDXL task, or the Flux one for a Flux ``--model`` (Flux-only options refused elsewhere)."""
+    flux_only = {"--t5": args.t5, "--clip-l": args.clip_l, "--vae": args.vae, "--t5-min-length": args.t5_min_length}
     if _model_family(args.model) != "flux":
-        if args.t5_min_length is not None:
-            raise _error(f"--t5-min-length is for Flux models; {args.model} is not one")
+        given = [k for k, v in flux_only.items() if v is not None]
+        if given:
+            raise _error(f"{given[0]} is for Flux models; {args.model} is not one")
         return CGTask(cfg)
     if args.sample_every:
         raise _error("--sample-every is not available on Flux yet (previews need the Flux sampler): pass "
                      "--sample-every 0")
-    return FluxCGTask(cfg, t5_min_length=args.t5_min_length or T5_MIN_LENGTH)
+    for flag, path in list(flux_only.items())[:3]:
+        if path is not None:
+            checks.input_file(path, flag)
+    return FluxCGTask(cfg, t5_min_length=args.t5_min_length or T5_MIN_LENGTH,
+                      companions={"t5": args.t5, "clip_l": args.clip_l, "vae": args.vae})
 
 
 def _name_category_lora(written: list[Path], category: str) -> None:

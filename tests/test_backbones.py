@@ -1,4 +1,5 @@
 """The backbone table (backbones/): layer structure, ComfyUI keys, presets, detection, canvases."""
+import dataclasses
 import math
 from collections import Counter
 
@@ -84,8 +85,10 @@ def test_clip_token_keys_tell_the_text_encoders_apart():
         bb.from_token_keys({"l", "g", "t5xxl"})
     assert bb.from_token_keys({"l", "t5xxl"}) is bb.FLUX
     assert bb.from_token_keys({"l", "t5xxl"}, host="diffusers") is bb.FLUX
+    assert bb.from_token_keys({"l", "t5xxl"}, host="training") is bb.FLUX  # train-cg trains Flux.1 (issue 23)
+    untrained = dataclasses.replace(bb.FLUX, adapters=frozenset({"comfyui"}))
     with pytest.raises(bb.BackboneError, match="Flux.1 is in productbg's backbone table but its training adapter"):
-        bb.from_token_keys({"l", "t5xxl"}, host="training")  # known, refused where its adapter is not built
+        bb.require(untrained, "training")  # known, refused where its adapter is not built
 
 
 @pytest.mark.parametrize("b", [bb.SD15, bb.SDXL], ids=lambda b: b.family)
@@ -133,9 +136,7 @@ def test_flux_is_an_entry_of_the_table_with_joint_attention_blocks():
     flux_keys = ["model.diffusion_model.double_blocks.0.img_attn.qkv.weight",
                  "model.diffusion_model.single_blocks.0.linear1.weight"]
     assert bb.from_checkpoint_keys(flux_keys) is flux  # the diffusers pipeline runs Flux.1
-    with pytest.raises(bb.BackboneError, match="Flux.1 is in productbg's backbone table but its training") as e:
-        bb.from_checkpoint_keys(flux_keys, host="training")
-    assert "supports SD1.5, SDXL and" in str(e.value)
+    assert bb.from_checkpoint_keys(flux_keys, host="training") is flux  # and train-cg trains it
     with pytest.raises(bb.BackboneError, match="Kontext.*Flux.1 Fill"):
         bb.from_comfy_config("FluxKontext", {})
     for relative, name in (("distilled_guidance_layer.in_proj.weight", "Chroma"),

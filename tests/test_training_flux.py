@@ -8,14 +8,15 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from diffusers.loaders import FluxLoraLoaderMixin
+from safetensors.torch import load_file, save_file
 
 from productbg.attention.flux_processor import CALL_KEY
 from productbg.cli import main
 from productbg.training import bgsynth
 from productbg.training.cg import CGConfig
-from productbg.training.flux_cg import (LORA_FILE, FluxCGTask, flux_prompts, initial_t5_vectors, lora_targets,
-                                        tiny_training_parts)
+from productbg.training.flux_cg import (LORA_FILE, FluxCGTask, add_flux_lora, flux_prompts, initial_t5_vectors,
+                                        lora_targets, lora_tensors, tiny_training_parts)
 from productbg.weights.bank import load_bank
 
 NAMES = ("运动鞋", "手提包", "咖啡杯")
@@ -220,3 +221,27 @@ def test_cli_refuses_the_t5_length_on_an_sd_model(data, tmp_path, capsys):
                  "--max-steps", "1", "--no-progress", "--resolution", "32", "--t5-min-length", "16"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and "--t5-min-length is for Flux models" in err and len(err.splitlines()) == 1
+
+
+def test_diffusers_flux_lora_loader_reads_the_lora_as_trained(tmp_path):
+    """The written file (alpha / rank folded into lora_B) loaded by diffusers' Flux LoRA loader into a fresh
+    transformer gives exactly the trained (peft) transformer's output, which the LoRA changes."""
+    trained, fresh = copy.deepcopy(_parts("dev").transformer), copy.deepcopy(_parts("dev").transformer)
+    add_flux_lora(trained, 4, 8.0)  # alpha 2 × rank: the scale must travel in the file
+    with torch.no_grad():
+        for name, p in trained.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    save_file(lora_tensors(trained, 8.0), str(tmp_path / "lora.safetensors"))
+    state = FluxLoraLoaderMixin.lora_state_dict(str(tmp_path / "lora.safetensors"))
+    state, alphas = (state[0], state[1]) if isinstance(state, tuple) else (state, None)
+    FluxLoraLoaderMixin.load_lora_into_transformer(state, network_alphas=alphas, transformer=fresh)
+    g = torch.Generator().manual_seed(0)
+    kw = dict(hidden_states=torch.randn(1, 4, 64, generator=g), encoder_hidden_states=torch.randn(1, 5, 4096, generator=g),
+              pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]),
+              img_ids=torch.zeros(4, 3), txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5]))
+    with torch.no_grad():
+        out, loaded = trained(**kw).sample, fresh(**kw).sample
+        trained.disable_adapters()
+        base = trained(**kw).sample
+    assert torch.equal(out, loaded) and (out - base).abs().max() > 1e-3

@@ -56,6 +56,7 @@ from ..attention.joint import JointCall, flux_token_grid
 from ..backbones import FLUX
 from ..pipeline.flux_latents import (fill_conditioning, image_seq_len, latent_image_ids, normalize_latents,
                                      pack_latents, time_shift, time_shift_mu, unpack_latents)
+from ..pipeline.flux_files import load_flux
 from ..pipeline.flux_models import T5_MIN_LENGTH, FluxParts, tiny_flux_parts
 from ..pipeline.text import T5_SLOT
 from ..weights.bank import CategoryBank
@@ -108,14 +109,17 @@ def tiny_training_parts(variant: str = "fill", seed: int = 0) -> FluxParts:
     return parts
 
 
-def load_flux_parts(model: str, dtype: torch.dtype) -> FluxParts:
-    """The Flux set ``train-cg --model`` names: a tiny random one (:data:`TINY_FLUX`) or a Flux file."""
+def load_flux_parts(model: str, dtype: torch.dtype, companions: dict[str, str] | None = None) -> FluxParts:
+    """The Flux set ``train-cg --model`` names, its weights in ``dtype``: a tiny random one (:data:`TINY_FLUX`), or a
+    Flux file (:func:`~productbg.pipeline.flux_files.load_flux`: a bundled single file, or a transformer whose T5-XXL,
+    CLIP-L and VAE are ``companions`` — ``{"t5": path, "clip_l": path, "vae": path}`` — or found beside it; an fp8
+    file's linear weights stay fp8, cast per layer)."""
     if model in TINY_FLUX:
-        return tiny_training_parts(TINY_FLUX[model])
-    # optional module: the Flux file loader (pipeline/flux_files.py, issue 23 part 4)
-    from ..pipeline import flux_files
-
-    return flux_files.load_flux(model, dtype=dtype)
+        parts = tiny_training_parts(TINY_FLUX[model])
+        for m in parts.models:
+            m.to(dtype)
+        return parts
+    return load_flux(model, dtype=dtype, **(companions or {}))
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -257,6 +261,11 @@ class _CheckpointedT5Block(nn.Module):
         if not torch.is_grad_enabled():
             return self.block(*args, **kwargs)
         return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
+
+
+def casts_weights(model: nn.Module) -> bool:
+    """Whether some weight of ``model`` is stored narrower than 16 bits (fp8, cast to the compute dtype per call)."""
+    return any(p.dtype.itemsize == 1 and p.is_floating_point() for p in model.parameters())
 
 
 def checkpoint_t5(t5: nn.Module) -> int:
@@ -415,13 +424,16 @@ class FluxCGTask:
             ``unet="lora"``).
         parts: builds the Flux set (default: :func:`load_flux_parts` of ``cfg.model``).
         t5_min_length: T5 tokens per prompt at least (ComfyUI's ``min_length``; the prompt's own length if longer).
+        companions: a transformer file's T5-XXL, CLIP-L and VAE files (``t5``, ``clip_l``, ``vae``; default: the
+            bundled ones, else found beside it).
     """
 
-    def __init__(self, cfg: Any, parts: Callable[[], FluxParts] | None = None,
-                 t5_min_length: int = T5_MIN_LENGTH) -> None:
+    def __init__(self, cfg: Any, parts: Callable[[], FluxParts] | None = None, t5_min_length: int = T5_MIN_LENGTH,
+                 companions: dict[str, str] | None = None) -> None:
         check_flux_config(cfg)
         self.cfg, self.t5_min_length = cfg, int(t5_min_length)
-        self._parts = parts or (lambda: load_flux_parts(cfg.model, _DTYPES[cfg.weights_dtype]))
+        self.companions = {k: str(v) for k, v in (companions or {}).items() if v is not None}
+        self._parts = parts or (lambda: load_flux_parts(cfg.model, _DTYPES[cfg.weights_dtype], self.companions))
         self.index = _restrict(open_bg60k(cfg.data, skip_bad=cfg.skip_bad), cfg.categories)
         self.categories = list(self.index.categories)
         self._dataset = ImageMaskDataset(self.index, cfg.resolution, flip=cfg.flip)
@@ -441,20 +453,15 @@ class FluxCGTask:
         d["mask_jitter"] = list(self.cfg.mask_jitter)
         d.update(categories=self.categories, dataset_size=len(self._dataset), backbone="flux",
                  t5_min_length=self.t5_min_length, timesteps="logit-normal(0,1), Flux time shift (dev, fill)",
+                 companions=self.companions,
                  vector_counts=self.start.counts if self.start is not None else None)
         return d
 
     def build(self, device: torch.device) -> FluxCGModule:
-        parts = self._parts()
-        dtype = _DTYPES[self.cfg.weights_dtype]
+        parts = self._parts()  # in the weights' dtype (fp8 linears of a file stay fp8)
         for m in parts.models:
             m.requires_grad_(False)
             m.eval()
-        for m in (parts.transformer, parts.vae, parts.clip_l):
-            if m.dtype != dtype:
-                m.to(dtype)
-        if parts.t5.dtype != dtype and parts.t5.dtype.itemsize > 1:  # an fp8 T5 keeps its storage
-            parts.t5.to(dtype)
         counts = self.counts or [self.vectors_per_id] * len(self.categories)
         prompts = flux_prompts(parts.t5_tokenizer, parts.clip_tokenizer, self.cfg.template, counts, self.t5_min_length)
         if self.start is not None:
@@ -470,6 +477,7 @@ class FluxCGTask:
         add_flux_lora(parts.transformer, self.cfg.lora_rank, self.lora_alpha)
         if self.cfg.gradient_checkpointing:
             parts.transformer.enable_gradient_checkpointing()
+        if self.cfg.gradient_checkpointing or casts_weights(parts.t5):
             checkpoint_t5(parts.t5)
         return FluxCGModule(parts, self.cfg, prompts, text)
 
