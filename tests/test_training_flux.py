@@ -245,3 +245,43 @@ def test_diffusers_flux_lora_loader_reads_the_lora_as_trained(tmp_path):
         trained.disable_adapters()
         base = trained(**kw).sample
     assert torch.equal(out, loaded) and (out - base).abs().max() > 1e-3
+
+
+def test_gradient_checkpointing_changes_nothing_but_memory(data):
+    """--gradient-checkpointing (the transformer's blocks and T5's recomputed in the backward pass) gives the same
+    loss and the same gradients."""
+    grads = []
+    _parts("fill")  # built (and its seeds drawn) before the LoRAs' starts are seeded alike
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the LoRA's random start (the engine seeds before building)
+        _, module = _module(data, "fill", gradient_checkpointing=checkpointing)
+        module.train()
+        loss = module(_batch(), torch.Generator().manual_seed(0))["loss"]
+        loss.backward()
+        lora = [p.grad for p in module.transformer.parameters() if p.requires_grad]
+        grads.append((loss.detach(), module.text.vectors.grad, lora))
+    (l0, v0, g0), (l1, v1, g1) = grads
+    assert torch.equal(l0, l1) and v0.abs().sum() > 0
+    torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-7)
+    for a, b in zip(g0, g1):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_init_bank_starts_from_a_flux_banks_vectors_and_refuses_an_sd_bank(data, tmp_path, capsys):
+    first = tmp_path / "first"
+    common = ["train-cg", "--data", str(data), "--model", "tiny-flux", "--resolution", "32", "--max-steps", "1",
+              "--vectors-per-id", "2", "--lora-rank", "2", "--t5-min-length", str(T5_TOKENS), "--no-progress"]
+    assert main([*common, "--output", str(first)]) == 0
+    bank = load_bank(first / "category_bank.safetensors")
+    task = FluxCGTask(CGConfig(data=data, model="tiny-flux", resolution=32, init_bank=first / "category_bank.safetensors"),
+                      parts=lambda: copy.deepcopy(_parts("dev")), t5_min_length=T5_TOKENS)
+    module = task.build(torch.device("cpu"))
+    for row, name in enumerate(task.categories):
+        assert torch.equal(module.text.identifier_vectors()[row], bank.vectors(name, "t5xxl").float())
+    sd = tmp_path / "sd"
+    assert main(["train-cg", "--data", str(data), "--model", "tiny", "--resolution", "32", "--max-steps", "1",
+                 "--vectors-per-id", "2", "--lora-rank", "2", "--no-progress", "--output", str(sd)]) == 0
+    capsys.readouterr()
+    code = main([*common, "--output", str(tmp_path / "bad"), "--init-bank", str(sd / "category_bank.safetensors")])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "cannot start training on a Flux model" in err and len(err.splitlines()) == 1, err
