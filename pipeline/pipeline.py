@@ -327,14 +327,19 @@ class ProductBGPipeline:
     def from_components(cls, components: Components | FluxParts, *, bank: str | os.PathLike | None = None,
                         style_encoder: str | os.PathLike | None = None,
                         clip_vision: str | os.PathLike | ClipVision | None = None,
-                        loras: Sequence[tuple[str | os.PathLike, float]] = (), **kwargs: Any) -> "ProductBGPipeline":
-        """Add bank / style encoder / CLIP vision / LoRA files to loaded components and build the pipeline."""
+                        loras: Sequence[tuple[str | os.PathLike, float]] = (), redux: Any = None,
+                        **kwargs: Any) -> "ProductBGPipeline":
+        """Add bank / style encoder / CLIP vision / LoRA files to loaded components and build the pipeline
+        (Flux.1: ``redux``, a :class:`~.flux_redux.ReduxEncoder` for reference images)."""
         if isinstance(components, FluxParts):
             extra = [f for f, v in (("--style-encoder", style_encoder), ("--clip-vision", clip_vision),
                                     ("--lora", loras)) if v]
             if extra:
                 raise PipelineError(f"{extra[0]} does not go with a Flux.1 model in the pipeline yet (IP-Adapter "
                                     "style encoders and UNet LoRAs are SD1.5 / SDXL files)")
+            components.redux = redux if redux is not None else components.redux
+        elif redux is not None:
+            raise PipelineError(f"a Flux Redux encoder goes with a Flux.1 model; this is {components.backbone.label}")
         try:
             if bank is not None:
                 components.identifiers = load_bank(bank)

@@ -13,6 +13,7 @@ from flux_tiny_files import FILE_NAMES, write_bundled, write_comfy_tree, write_c
 from productbg.attention import ProductMask
 from productbg.attention.joint import flux_token_grid
 from productbg.pipeline import PipelineError, ProductBGPipeline
+from productbg.pipeline.components import SeededIdentifiers
 from productbg.pipeline.flux_files import custom_t5_layout, find_companion, load_flux
 from productbg.pipeline.flux_keys import bfl_to_diffusers, block_counts, diffusers_to_bfl
 from productbg.pipeline.flux_models import tiny_flux_parts, tiny_flux_transformer
@@ -278,3 +279,50 @@ def test_generate_end_to_end_product_untouched_and_shapes():
             assert core.any() and np.array_equal(results[0].image[core], results[0].placed[core])
             assert not np.array_equal(results[0].raw, results[1].raw)
             assert np.isfinite(results[0].raw).all()
+
+
+class FakeRedux:
+    """A stand-in for :class:`~productbg.pipeline.flux_redux.ReduxEncoder`: 4 random style tokens per call (a new
+    draw each time, as if each call saw another reference), scaled by the strength."""
+
+    def __init__(self, width: int) -> None:
+        self.width, self.calls = width, 0
+
+    def to(self, device=None, dtype=None) -> "FakeRedux":
+        return self
+
+    def tokens(self, images: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        assert images.ndim == 4 and images.shape[-1] == 3
+        self.calls += 1
+        return torch.randn(1, 4, self.width, generator=torch.Generator().manual_seed(self.calls)) * strength
+
+
+def test_redux_reference_tokens_are_confined_in_every_block():
+    """The seam for Flux Redux: with a Redux encoder in the parts, a reference's tokens follow the T5 prompt and are
+    kept off the product with the identifier: two references, block inputs held fixed, the product cells and the
+    free stream are bit-identical in every block, the background is not."""
+    parts = tiny_flux_parts("fill")
+    width = int(parts.t5.get_input_embeddings().weight.shape[1])
+    parts.identifiers = SeededIdentifiers(width, widths={"t5xxl": width})
+    pipe = ProductBGPipeline.from_components(parts, redux=FakeRedux(width), device="cpu",
+                                             settings=replace(ProductBGPipeline.tiny(family="flux").settings,
+                                                              size=SIZE))
+    prep = pipe.prepare(product_image())
+    lf = 256 + 4
+    blocks = []
+    for replay in (None, "first"):
+        b = Blocks(pipe.components.transformer, lf, blocks[0] if replay else None)
+        try:
+            pipe.generate(prep, "marble", reference=product_image(), seed=3, steps=1)
+        finally:
+            b.remove()
+        blocks.append(b)
+    mask = ProductMask(torch.as_tensor(prep.mask))
+    cover = mask.coverage(flux_token_grid(SIZE, SIZE), torch.device("cpu"))[0]
+    product, background = cover >= mask.threshold, cover == 0
+    assert product.any() and background.any()
+    for key in blocks[0].keys:
+        (t0, i0), (t1, i1) = blocks[0].outputs[key], blocks[1].outputs[key]
+        assert t0.shape[1] == lf + 256  # [prompt ; Redux tokens ; free stream without them]
+        assert torch.equal(i0[0, product], i1[0, product]) and torch.equal(t0[:, lf:], t1[:, lf:]), key
+        assert (i0[0, background] - i1[0, background]).abs().max() > 1e-6, key
