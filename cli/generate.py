@@ -29,6 +29,10 @@ EPILOG = f"""examples:
   productbg generate --product shoe.jpg --category sneakers --canvas 4:5 --out out/shoe.png \\
       --checkpoint models/checkpoints/sd_xl_base_1.0.safetensors --bank bank_sdxl.safetensors
       (SDXL: detected from the file; 928x1152, DPM++ 2M Karras 30 steps, CFG 6 unless given)
+  productbg generate --product shoe.jpg --category sneakers --out out/shoe.png --bank bank_flux.safetensors \\
+      --checkpoint ComfyUI/models/diffusion_models/flux1-fill-dev.safetensors
+      (Flux.1 Fill: T5-XXL, CLIP-L and ae.safetensors found in ComfyUI/models, or --t5 / --clip-l / --vae;
+      1024², Euler 20 steps, distilled guidance 30, CFG 1)
 
   productbg generate --product shoe.jpg --category sneakers --export amazon-zoom --out out/shoe.jpg --quality 92
       (2000x2000 JPEG, the shoe at its own resolution; --export {'|'.join(EXPORT_PRESETS)}|WxH)
