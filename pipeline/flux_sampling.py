@@ -108,7 +108,7 @@ def sample_flux(transformer, vae, inputs: FluxSampleInputs, steps: int, guidance
     if int(transformer.config.in_channels) > x0.shape[-1]:  # Flux Fill
         hidden = inputs.image * (inputs.repaint < 0.5)  # the repaint region grey (0 in -1..1)
         fill = fill_conditioning(encode_image(vae, hidden).to(device), inputs.repaint.to(device).float())
-        fill = fill.repeat(n, 1, 1).to(dtype)
+        fill = fill.repeat(2 * n if cfg != 1.0 else n, 1, 1).to(dtype)  # the rows of every step, built once
     keep = None
     if noise_mask:
         m = F.interpolate(inputs.repaint.float(), size=hw, mode="bilinear", align_corners=False).clamp(0, 1)
@@ -134,7 +134,7 @@ def sample_flux(transformer, vae, inputs: FluxSampleInputs, steps: int, guidance
     for i in range(steps):
         h = torch.cat([x, x]) if use_cfg else x
         if fill is not None:
-            h = torch.cat([h, torch.cat([fill, fill]) if use_cfg else fill], dim=-1)
+            h = torch.cat([h, fill], dim=-1)
         v = transformer(hidden_states=h.to(dtype), timestep=timesteps[i], **kwargs).sample.float()
         if use_cfg:
             neg, pos = v.chunk(2)

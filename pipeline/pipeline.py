@@ -69,6 +69,8 @@ class GenerateSettings:
             only one).
         distilled_guidance: Flux.1 dev / Fill's distilled guidance (None: the backbone table's, Fill 30, dev 3.5;
             schnell has none).
+        canvas_multiple: an export's generation canvas rounds its sides to this (8, the VAE's cell; Flux.1: 16,
+            its 2x2 patches of latents).
         canvas_size: ``(width, height)`` of a non-square canvas (each a multiple of 8), e.g. a backbone's
             ``canvases["4:5"]``; None = ``size``² (or the export's aspect).
         identifier_strength: mask-guided attention strength (1 = the identifier never attends on the product).
@@ -115,6 +117,7 @@ class GenerateSettings:
     sampler: str = "ddim"
     canvas_size: tuple[int, int] | None = None
     distilled_guidance: float | None = None
+    canvas_multiple: int = 8
 
     def __post_init__(self) -> None:
         if self.size < 16 or self.size % 8:
@@ -128,6 +131,8 @@ class GenerateSettings:
             raise PipelineError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.steps < 1:
             raise PipelineError(f"steps must be at least 1, got {self.steps}")
+        if self.canvas_multiple < 8 or self.canvas_multiple % 8:
+            raise PipelineError(f"canvas multiple must be a multiple of 8, got {self.canvas_multiple}")
         if self.distilled_guidance is not None and not 0 <= self.distilled_guidance <= 100:
             raise PipelineError(f"distilled guidance must be in [0, 100], got {self.distilled_guidance}")
         if not 0.0 <= self.identifier_strength <= 1.0:
@@ -149,7 +154,9 @@ class GenerateSettings:
         """The generation canvas (w, h): ``size``², or the export's aspect with ``size`` as its longer side."""
         if self.canvas_size is not None:
             return tuple(self.canvas_size)
-        return (self.size, self.size) if self.export is None else imaging.generation_size(self.export, self.size)
+        if self.export is None:
+            return self.size, self.size
+        return imaging.generation_size(self.export, self.size, self.canvas_multiple)
 
 
 def check_canvas(canvas: tuple[int, int]) -> tuple[int, int]:
@@ -187,6 +194,8 @@ def defaults_for(backbone: Any, base: "GenerateSettings | None" = None) -> "Gene
         s = replace(s, style_weight=1.0)
     if b.sampler.cfg == 1.0:  # no negative row at CFG 1: the workflows leave the negative prompt empty
         s = replace(s, negative_prompt="")
+    if b.kind == "dit":  # latents packed in 2x2 patches: export canvases on the table's multiple
+        s = replace(s, canvas_multiple=b.canvas_multiple)
     return s
 
 

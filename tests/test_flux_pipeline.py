@@ -326,3 +326,14 @@ def test_redux_reference_tokens_are_confined_in_every_block():
         assert t0.shape[1] == lf + 256  # [prompt ; Redux tokens ; free stream without them]
         assert torch.equal(i0[0, product], i1[0, product]) and torch.equal(t0[:, lf:], t1[:, lf:]), key
         assert (i0[0, background] - i1[0, background]).abs().max() > 1e-6, key
+
+
+def test_native_resolution_export_on_flux():
+    """--export on Flux: the generation canvas keeps the export's aspect on 16-pixel sides (2x2 latent patches),
+    and the delivered file is the export's size with the product composited at its own resolution."""
+    pipe = ProductBGPipeline.tiny(family="flux")
+    assert pipe.settings.canvas_multiple == 16
+    result = pipe.generate(product_image(96), "marble", size=SIZE, steps=1, export=(150, 200))[0]
+    w, h = replace(pipe.settings, size=SIZE, export=(150, 200)).canvas()
+    assert (w % 16, h % 16) == (0, 0) and result.raw.shape[:2] == (h, w)
+    assert result.export is not None and result.export.image.shape[:2] == (200, 150)
