@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -377,9 +377,11 @@ def load_flux(checkpoint: str | os.PathLike, *, t5: str | os.PathLike | None = N
         path = _companion(p, which, given)
         files.append(path.name)
         try:
-            return path, read_header(path), ""
+            companion = read_header(path)
         except WeightsError as e:
             raise PipelineError(str(e)) from None
+        bundled = any(k.startswith(prefix) for k in companion.tensors)  # another Flux single file's part
+        return path, companion, prefix if bundled else ""
 
     t5_path, t5_header, _ = part("t5", t5, T5_PREFIX)
     t5_model = load_t5(t5_path, t5_header, dtype, configs)

@@ -4,7 +4,6 @@ flags, refusals in one line."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from flux_tiny_files import FILE_NAMES, write_bundled, write_comfy_tree, write_configs
+from flux_tiny_files import write_bundled, write_comfy_tree, write_configs
 from productbg.attention import ProductMask
 from productbg.attention.joint import flux_token_grid
 from productbg.pipeline import PipelineError, ProductBGPipeline
@@ -337,3 +337,24 @@ def test_native_resolution_export_on_flux():
     w, h = replace(pipe.settings, size=SIZE, export=(150, 200)).canvas()
     assert (w % 16, h % 16) == (0, 0) and result.raw.shape[:2] == (h, w)
     assert result.export is not None and result.export.image.shape[:2] == (200, 150)
+
+
+def test_fp8_transformer_stays_fp8_and_computes_as_its_dequantized_weights(files, tmp_path):
+    """A transformer file whose linear weights are fp8 (as flux1-dev-fp8): they stay fp8 in memory, and the model
+    computes exactly what the same model with those weights cast to float32 computes."""
+    parts = tiny_flux_parts("dev")
+    state = parts.transformer.state_dict()
+    linears = {n + ".weight" for n, m in parts.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    fp8 = {k: (v.to(torch.float8_e4m3fn) if k in linears else v) for k, v in state.items()}
+    path = tmp_path / "flux1-dev-fp8.safetensors"
+    atomic_save({k: v.contiguous() for k, v in diffusers_to_bfl(fp8).items()}, path)
+    loaded = load_flux(path, config_dir=files["configs"], t5=files["bundled"], clip_l=files["bundled"],
+                       vae=files["bundled"])
+    assert loaded.transformer.x_embedder.weight.dtype == torch.float8_e4m3fn
+    reference = tiny_flux_transformer("dev")
+    reference.load_state_dict({k: v.float() for k, v in fp8.items()})
+    x, text = torch.randn(1, 6, 64), torch.randn(1, 5, 32)
+    kw = dict(encoder_hidden_states=text, pooled_projections=torch.randn(1, 32), timestep=torch.tensor([0.5]),
+              img_ids=torch.zeros(6, 3), txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5]))
+    with torch.no_grad():
+        assert torch.equal(loaded.transformer(hidden_states=x, **kw).sample, reference(hidden_states=x, **kw).sample)
