@@ -358,3 +358,33 @@ def test_fp8_transformer_stays_fp8_and_computes_as_its_dequantized_weights(files
               img_ids=torch.zeros(6, 3), txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5]))
     with torch.no_grad():
         assert torch.equal(loaded.transformer(hidden_states=x, **kw).sample, reference(hidden_states=x, **kw).sample)
+
+
+def test_scaled_fp8_t5_multiplies_each_weight_by_its_scale(files, tmp_path):
+    """ComfyUI's "scaled fp8" T5 files (a ``scaled_fp8`` marker, a ``scale_weight`` per linear layer, ``scale_input``
+    unused): each fp8 weight times its scale is the layer's weight."""
+    parts = tiny_flux_parts("dev")
+    state = {k: v for k, v in parts.t5.state_dict().items() if not k.startswith("encoder.embed_tokens")}
+    linears = {n for n, m in parts.t5.named_modules() if isinstance(m, torch.nn.Linear)}
+    scaled = {}
+    for k, v in state.items():
+        owner = k.removesuffix(".weight")
+        if owner in linears:
+            scale = v.abs().max() / 448
+            scaled[k] = (v / scale).to(torch.float8_e4m3fn)
+            scaled[owner + ".scale_weight"] = scale.reshape(())
+            scaled[owner + ".scale_input"] = torch.ones(())
+        else:
+            scaled[k] = v.to(torch.float16) if k == "shared.weight" else v.to(torch.float8_e4m3fn)
+    scaled["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    t5_path = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    atomic_save({k: v.contiguous() for k, v in scaled.items()}, t5_path)
+    loaded = load_flux(files["bundled"], t5=t5_path, config_dir=files["configs"]).t5
+    q = loaded.encoder.block[0].layer[0].SelfAttention.q
+    assert q.weight.dtype == torch.float8_e4m3fn and q.scale_weight is not None
+    x = torch.randn(1, 3, 32)
+    name = "encoder.block.0.layer.0.SelfAttention.q"
+    expected = x @ (scaled[name + ".weight"].float() * scaled[name + ".scale_weight"]).T
+    assert torch.equal(q(x), expected)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(torch.tensor([[71, 1712, 1]])).last_hidden_state).all()
