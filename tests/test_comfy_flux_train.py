@@ -7,8 +7,8 @@ module loads a Flux model itself; its wall time and peak RSS are printed. Checke
 (diffusers layout) maps with 0 unmatched keys in ComfyUI's own key map (``comfy.lora.model_lora_keys_unet``), patches
 the fused weights it names with exactly ``lora_B @ lora_A`` (alpha folded in) through ``load_lora_for_models`` and
 Category LoRA alike; the bank is a ``flux`` bank of the trained vectors, Category Prompt tokenizes the template as
-training did (the identifier at the same T5 positions, the same length) and its conditioning is a function of the
-bank's vectors; a step of Flux Fill samples with the trained LoRA, bank and Mask-Guided Attention.
+training did (the identifier at the same T5 positions, the same length, the same token ids) and pools the
+identifier-free prompt; a step of Flux Fill samples with the trained LoRA, bank and Mask-Guided Attention.
 
 Runs in a pytest process of its own (scripts/test.sh), never beside the SDXL models.
 """
@@ -85,6 +85,13 @@ def bank(comfy, trained):
     return comfy.pack_module("weights.bank").load_bank(trained / "category_bank.safetensors")
 
 
+@pytest.fixture(scope="module")
+def prompts(comfy, loaded, bank):
+    """Category Prompt of both trained categories (a full-size fp8 T5-XXL encode costs ~20 s on this CPU: once)."""
+    node = comfy.node_class_mappings["ProductBGCategoryPrompt"]
+    return {name: node.execute(loaded["clip"], bank, name, "", "") for name in bank.names}
+
+
 def test_the_trained_lora_maps_with_no_unmatched_key_and_patches_exactly(comfy, trained, loaded, bank, caplog,
                                                                           tmp_path):
     from comfy.lora import calculate_weight, model_lora_keys_unet
@@ -118,7 +125,7 @@ def test_the_trained_lora_maps_with_no_unmatched_key_and_patches_exactly(comfy, 
     assert set(via_node.patches) == PATCHED
 
 
-def test_category_prompt_uses_the_trained_flux_bank_as_training_tokenized_it(comfy, trained, loaded, bank):
+def test_category_prompt_uses_the_trained_flux_bank_as_training_tokenized_it(comfy, trained, loaded, bank, prompts):
     from productbg.pipeline.text import clip_tokenizer, t5_tokenizer
     from productbg.training.flux_cg import flux_prompts
 
@@ -128,26 +135,24 @@ def test_category_prompt_uses_the_trained_flux_bank_as_training_tokenized_it(com
     for row, name in enumerate(bank.names):
         assert torch.equal(bank.vectors(name, "t5xxl").float(), state["identifiers"].view(2, 2, 4096)[row])
     first, second = bank.names
-    prompt = comfy.node_class_mappings["ProductBGCategoryPrompt"]
-    cond_a, spec = prompt.execute(clip, bank, first, "", "")
-    cond_b, _ = prompt.execute(clip, bank, second, "", "")
+    (cond_a, spec), (cond_b, _) = prompts[first], prompts[second]
     trained_prompts = flux_prompts(t5_tokenizer(), clip_tokenizer(), bank.template, [2, 2], min_length=1)
     assert spec.token_indices == trained_prompts.positions and spec.context_length == trained_prompts.length
     tokens = clip.tokenize(bank.template.replace("{id}", "<extra_id_0> <extra_id_0>"))["t5xxl"][0]
     assert [t[0] for t in tokens] == trained_prompts.ids[0].tolist()  # ComfyUI's T5 tokens are training's
-    assert cond_a[0][0].shape == (1, trained_prompts.length, 4096) and not torch.equal(cond_a[0][0], cond_b[0][0])
-    swapped = comfy.pack_module("weights.bank").CategoryBank("flux", vectors_per_id=2)
-    swapped.add(first, {"t5xxl": bank.vectors(second, "t5xxl")})
-    assert torch.equal(prompt.execute(clip, swapped, first, "", "")[0][0][0], cond_b[0][0])
+    assert cond_a[0][0].shape == (1, trained_prompts.length, 4096)
+    assert not torch.equal(cond_a[0][0], cond_b[0][0])  # each category's own trained vectors
+    # the pooled CLIP-L vector is the identifier-free prompt's, the same for both categories (as trained)
+    assert torch.equal(cond_a[0][1]["pooled_output"], cond_b[0][1]["pooled_output"])
 
 
-def test_flux_fill_samples_with_the_trained_lora_bank_and_confinement(comfy, trained, loaded, bank):
+def test_flux_fill_samples_with_the_trained_lora_bank_and_confinement(comfy, trained, loaded, bank, prompts):
     nodes, classes = comfy.nodes, comfy.node_class_mappings
     comfy.folder_paths.add_model_folder_path("loras", str(trained))
     name = bank.names[0]
-    model, clip = classes["ProductBGCategoryLora"].execute(loaded["fill"], loaded["clip"], bank, name,
-                                                           "transformer_lora.safetensors", 1.0, 1.0)
-    positive, identifier = classes["ProductBGCategoryPrompt"].execute(clip, bank, name, "", "")
+    model, _ = classes["ProductBGCategoryLora"].execute(loaded["fill"], loaded["clip"], bank, name,
+                                                        "transformer_lora.safetensors", 1.0, 1.0)
+    positive, identifier = prompts[name]  # the LoRA has no text-encoder part: the CLIP is unchanged
     mask = torch.zeros(1, SIZE, SIZE)
     mask[:, 16:48, 16:48] = 1.0
     model = classes["ProductBGMaskGuidedAttention"].execute(model, identifier, mask, 1.0, 0.0, 1.0, "context")[0]
