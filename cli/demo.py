@@ -195,7 +195,7 @@ def _inputs(args: argparse.Namespace, pipe) -> DemoInputs:
         inputs.products = products
     if references is not None:
         inputs.references = references
-    if pipe.components.style_encoder is None:
+    if not pipe.components.takes_reference:
         inputs.references = []
     return inputs
 
@@ -204,7 +204,7 @@ def _check_args(args: argparse.Namespace) -> None:
     """Options, input images and --out, before any model loads."""
     if args.checkpoint and not uses_demo(args) and not args.bank:
         raise CliError("--checkpoint needs --bank (the categories' identifiers); add --style-encoder and "
-                       "--clip-vision for the reference-style row")
+                       "--clip-vision for the reference-style row (on Flux.1: --style-model and --clip-vision)")
     if not (args.checkpoint and not uses_demo(args)) and extra_model_files(args):
         raise CliError(f"{extra_model_files(args)[0]}: model files go with --checkpoint PATH (the embedded demo "
                        "model brings its own)")

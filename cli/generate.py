@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "on a plain background)")
     p.add_argument("--category", help="category name (in the bank, or plain words without --bank)")
     p.add_argument("--reference", metavar="IMAGE", help="image whose background style to take (needs "
-                   "--style-encoder and --clip-vision)")
+                   "--style-encoder and --clip-vision; on Flux.1 --style-model and --clip-vision)")
     p.add_argument("--seed", type=checks.seed, default=0, help="seed of the first image (default 0)")
     p.add_argument("--n", type=checks.integer(1, 64), default=1,
                    help="number of images, seeds seed..seed+n-1 (default 1; at most 64 at 512², fewer above)")

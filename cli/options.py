@@ -67,7 +67,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--style-encoder", metavar="PATH", help="style encoder / IP-Adapter .safetensors made for the "
                    "checkpoint's backbone (SD1.5 or SDXL; needs --clip-vision)")
     g.add_argument("--clip-vision", metavar="PATH", help="CLIP vision model: folder (config.json + model.safetensors) "
-                   "or a ViT-H/14 .safetensors file")
+                   "or a ViT-H/14 .safetensors file; on Flux.1, Redux's SigLIP (models/clip_vision/"
+                   "sigclip_vision_patch14_384.safetensors)")
+    g.add_argument("--style-model", metavar="PATH", help="Flux Redux (models/style_models/flux1-redux-dev."
+                   "safetensors) for --reference on a Flux.1 --checkpoint; needs --clip-vision (its SigLIP)")
     g.add_argument("--lora", metavar="PATH[:STRENGTH]", action="append", default=[], type=lora_type,
                    help="LoRA .safetensors merged into the model (kohya or peft layout); repeatable")
     g.add_argument("--tiny", action="store_true", help="use the tiny random models even if files are given")
@@ -294,7 +297,8 @@ def uses_demo(args: argparse.Namespace) -> bool:
 
 def extra_model_files(args: argparse.Namespace) -> list[str]:
     """The model-file options given besides --checkpoint, as option names."""
-    given = [o for o in ("bank", "style_encoder", "clip_vision", "configs", *FLUX_FILES) if getattr(args, o, None)]
+    given = [o for o in ("bank", "style_encoder", "style_model", "clip_vision", "configs", *FLUX_FILES)
+             if getattr(args, o, None)]
     return [f"--{o.replace('_', '-')}" for o in given] + (["--lora"] if args.lora else [])
 
 
@@ -321,7 +325,7 @@ def build_pipeline(args: argparse.Namespace, quiet: bool = False, settings=None)
     auto = (torch.bfloat16 if flux else torch.float16) if device.startswith("cuda") else torch.float32
     dtype = DTYPES.get(args.dtype) or auto
     kwargs: dict[str, Any] = dict(bank=args.bank, style_encoder=args.style_encoder, clip_vision=args.clip_vision,
-                                  loras=[parse_lora(t) for t in args.lora], dtype=dtype, settings=settings,
+                                  style_model=args.style_model, loras=[parse_lora(t) for t in args.lora], dtype=dtype, settings=settings,
                                   device=device)
     given = {o: getattr(args, o) for o in FLUX_FILES if getattr(args, o, None)}
     if given and not flux:
@@ -355,7 +359,7 @@ def check_model_args(args: argparse.Namespace) -> None:
     if args.configs:
         checks.input_dir(args.configs, "--configs")
     for option, what in (("bank", "category bank"), ("style_encoder", "style encoder"),
-                         ("clip_vision", "CLIP vision model"), ("t5", "T5-XXL text encoder"),
+                         ("style_model", "Flux Redux style model"), ("clip_vision", "CLIP vision model"), ("t5", "T5-XXL text encoder"),
                          ("clip_l", "CLIP-L text encoder"), ("vae", "VAE")):
         value = getattr(args, option, None)
         if value and not (option == "clip_vision" and Path(value).is_dir()):
@@ -412,6 +416,7 @@ def describe_run(args: argparse.Namespace) -> dict[str, Any]:
     settings = asdict(settings_from_args(args))
     model = "tiny" if uses_tiny(args) else "demo (embedded)" if uses_demo(args) else str(args.checkpoint)
     return {"model": model, "bank": args.bank,
-            "style_encoder": args.style_encoder, "clip_vision": args.clip_vision, "loras": list(args.lora),
+            "style_encoder": args.style_encoder, "style_model": args.style_model, "clip_vision": args.clip_vision,
+            "loras": list(args.lora),
             **{o: getattr(args, o) for o in FLUX_FILES if getattr(args, o, None)},
             "settings": settings}

@@ -89,6 +89,11 @@ class Components:
         """The text encoders, in context order."""
         return tuple(e for e in (self.text_encoder, self.text_encoder_2) if e is not None)
 
+    @property
+    def takes_reference(self) -> bool:
+        """Whether a reference image can style the background: a style encoder and its CLIP vision are loaded."""
+        return self.style_encoder is not None and self.image_encoder is not None
+
 
 def shipped_scheduler_config() -> dict:
     """SD1.5's noise schedule (``assets/sd15/scheduler_config.json``)."""

@@ -91,6 +91,11 @@ class FluxParts:
         return None
 
     @property
+    def takes_reference(self) -> bool:
+        """Whether a reference image can style the background: a Redux encoder is loaded."""
+        return self.redux is not None
+
+    @property
     def models(self) -> tuple:
         """The torch modules, transformer first."""
         return tuple(m for m in (self.transformer, self.vae, self.t5, self.clip_l) if m is not None)

@@ -82,7 +82,9 @@ class FluxRunner:
         if reference is not None:
             tokens = self.reference_tokens(reference, settings)
             context = torch.cat([context, tokens.to(context)], dim=1)
-            style = ReduxStyle(int(tokens.shape[1]), settings.identifier_strength,
+            # confined at the identifier's strength (JointCall confines both with one share), fully without one, as
+            # Reference Style Redux confines them; --style-weight scales the tokens themselves
+            style = ReduxStyle(int(tokens.shape[1]), identifier.strength if identifier else 1.0,
                                product=None if identifier else product)
         h, w = prep.placed.shape[:2]
         call = None
@@ -102,6 +104,7 @@ class FluxRunner:
     def reference_tokens(self, reference: torch.Tensor, settings: Any) -> torch.Tensor:
         """Redux style tokens ``[1, R, 4096]`` of a reference (``[1, H, W, 3]``, its product already removed)."""
         if self.parts.redux is None:
-            raise PipelineError("a reference image on Flux.1 needs Flux Redux (its style model and SigLIP vision "
-                                "files); without them leave --reference out")
+            raise PipelineError("a reference image on Flux.1 needs Flux Redux: --style-model "
+                                "flux1-redux-dev.safetensors --clip-vision sigclip_vision_patch14_384.safetensors "
+                                "(or leave --reference out)")
         return self.parts.redux.tokens(reference, settings.style_weight)

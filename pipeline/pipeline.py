@@ -41,6 +41,7 @@ from ..weights.style_encoder import load_style_encoder, reference_tokens
 from .components import (ClipVision, Components, SeededIdentifiers, check_style_fit, load_base, load_clip_vision,
                          merge_lora, tiny_components, cross_attention_widths)
 from .errors import PipelineError
+from .flux_redux import load_redux
 from .flux_files import load_flux, is_flux_file
 from .flux_models import FluxParts, tiny_flux_parts
 from .flux_run import FluxRunner
@@ -337,18 +338,26 @@ class ProductBGPipeline:
                         style_encoder: str | os.PathLike | None = None,
                         clip_vision: str | os.PathLike | ClipVision | None = None,
                         loras: Sequence[tuple[str | os.PathLike, float]] = (), redux: Any = None,
-                        **kwargs: Any) -> "ProductBGPipeline":
+                        style_model: str | os.PathLike | None = None, **kwargs: Any) -> "ProductBGPipeline":
         """Add bank / style encoder / CLIP vision / LoRA files to loaded components and build the pipeline
-        (Flux.1: ``redux``, a :class:`~.flux_redux.ReduxEncoder` for reference images)."""
+        (Flux.1: ``redux``, a :class:`~.flux_redux.ReduxEncoder` for reference images, or ``style_model`` +
+        ``clip_vision``, the Redux and SigLIP files it is read from)."""
         if isinstance(components, FluxParts):
-            extra = [f for f, v in (("--style-encoder", style_encoder), ("--clip-vision", clip_vision),
-                                    ("--lora", loras)) if v]
+            extra = [f for f, v in (("--style-encoder", style_encoder), ("--lora", loras)) if v]
             if extra:
                 raise PipelineError(f"{extra[0]} does not go with a Flux.1 model in the pipeline yet (IP-Adapter "
-                                    "style encoders and UNet LoRAs are SD1.5 / SDXL files)")
+                                    "style encoders and UNet LoRAs are SD1.5 / SDXL files; Flux's reference style "
+                                    "is Redux: --style-model and --clip-vision)")
+            if (style_model is None) != (clip_vision is None):
+                raise PipelineError("Flux Redux needs both files: --style-model flux1-redux-dev.safetensors and "
+                                    "--clip-vision sigclip_vision_patch14_384.safetensors")
+            if style_model is not None:
+                redux = load_redux(style_model, clip_vision)
             components.redux = redux if redux is not None else components.redux
-        elif redux is not None:
-            raise PipelineError(f"a Flux Redux encoder goes with a Flux.1 model; this is {components.backbone.label}")
+            clip_vision = None
+        elif redux is not None or style_model is not None:
+            raise PipelineError(f"Flux Redux (--style-model) goes with a Flux.1 model; this is "
+                                f"{components.backbone.label}: use --style-encoder (an IP-Adapter) there")
         try:
             if bank is not None:
                 components.identifiers = load_bank(bank)
