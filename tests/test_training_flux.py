@@ -12,6 +12,7 @@ from diffusers.loaders import FluxLoraLoaderMixin
 from safetensors.torch import load_file, save_file
 
 from productbg.attention.flux_processor import CALL_KEY
+from flux_tiny_files import write_comfy_tree, write_configs
 from productbg.cli import main
 from productbg.training import bgsynth
 from productbg.training.cg import CGConfig
@@ -285,3 +286,35 @@ def test_init_bank_starts_from_a_flux_banks_vectors_and_refuses_an_sd_bank(data,
     code = main([*common, "--output", str(tmp_path / "bad"), "--init-bank", str(sd / "category_bank.safetensors")])
     err = capsys.readouterr().err.strip()
     assert code != 0 and "cannot start training on a Flux model" in err and len(err.splitlines()) == 1, err
+
+
+def test_cli_trains_on_flux_files_as_comfyui_users_have_them(data, tmp_path):
+    """A transformer file alone in a ComfyUI models tree, its T5 (fp8, as published), CLIP-L and VAE found in the
+    tree: the loader's path (fp8 T5 linears cast per layer, its blocks recomputed for the identifier's gradient)."""
+    parts = _parts("fill")
+    transformer = write_comfy_tree(parts, tmp_path / "comfy", fp8_t5=True)
+    configs = write_configs(parts, tmp_path / "configs")
+    out = tmp_path / "run"
+    assert main(["train-cg", "--data", str(data), "--model", str(transformer), "--model-configs", str(configs),
+                 "--output", str(out), "--resolution", "32", "--max-steps", "2", "--vectors-per-id", "2",
+                 "--lora-rank", "2", "--t5-min-length", str(T5_TOKENS), "--no-progress"]) == 0
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["task"]["backbone"] == "flux" and config["task"]["model"] == str(transformer)
+    assert load_bank(out / "category_bank.safetensors").family == "flux"
+    assert set(load_file(str(out / LORA_FILE))) == {f"transformer.{n}.lora_{ab}.weight"
+                                                     for n in lora_targets(parts.transformer) for ab in "AB"}
+
+
+def test_cli_names_the_missing_companion_in_one_line(data, tmp_path, capsys):
+    parts = _parts("dev")
+    transformer = write_comfy_tree(parts, tmp_path / "comfy", fp8_t5=False)
+    (tmp_path / "comfy" / "models" / "vae" / "ae.safetensors").unlink()
+    code = main(["train-cg", "--data", str(data), "--model", str(transformer), "--model-configs",
+                 str(write_configs(parts, tmp_path / "configs")), "--output", str(tmp_path / "o"), "--resolution", "32",
+                 "--max-steps", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "--vae PATH" in err and len(err.splitlines()) == 1, err
+    code = main(["train-cg", "--data", str(data), "--model", str(transformer), "--output", str(tmp_path / "o"),
+                 "--vae", str(tmp_path / "nothing.safetensors"), "--max-steps", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "--vae" in err and len(err.splitlines()) == 1, err

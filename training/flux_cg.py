@@ -109,17 +109,18 @@ def tiny_training_parts(variant: str = "fill", seed: int = 0) -> FluxParts:
     return parts
 
 
-def load_flux_parts(model: str, dtype: torch.dtype, companions: dict[str, str] | None = None) -> FluxParts:
+def load_flux_parts(model: str, dtype: torch.dtype, companions: dict[str, str] | None = None,
+                    config_dir: str | Path | None = None) -> FluxParts:
     """The Flux set ``train-cg --model`` names, its weights in ``dtype``: a tiny random one (:data:`TINY_FLUX`), or a
     Flux file (:func:`~productbg.pipeline.flux_files.load_flux`: a bundled single file, or a transformer whose T5-XXL,
     CLIP-L and VAE are ``companions`` — ``{"t5": path, "clip_l": path, "vae": path}`` — or found beside it; an fp8
-    file's linear weights stay fp8, cast per layer)."""
+    file's linear weights stay fp8, cast per layer; ``config_dir``: configs for a custom-size model)."""
     if model in TINY_FLUX:
         parts = tiny_training_parts(TINY_FLUX[model])
         for m in parts.models:
             m.to(dtype)
         return parts
-    return load_flux(model, dtype=dtype, **(companions or {}))
+    return load_flux(model, dtype=dtype, config_dir=config_dir, **(companions or {}))
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -401,14 +402,13 @@ REFUSED = {
                  "no attention-mass loss (use --mask-mode hard, the default)",
     "unet": "--unet full is not available on Flux: train-cg trains one LoRA on the transformer (--unet lora)",
     "buckets": "--buckets on is not available on Flux yet: train at one square --resolution (--buckets off)",
-    "model_configs": "--model-configs is for SD1.5 / SDXL single files; a Flux file's configs come from its keys",
 }
 
 
 def check_flux_config(cfg: Any) -> None:
     """Refuse, in one line, the ``train-cg`` settings Flux cannot train with (:data:`REFUSED`)."""
     bad = {"confinement": cfg.confinement != "context", "mask_mode": cfg.mask_mode != "hard",
-           "unet": cfg.unet != "lora", "buckets": bool(cfg.buckets), "model_configs": cfg.model_configs is not None}
+           "unet": cfg.unet != "lora", "buckets": bool(cfg.buckets)}
     for key, wrong in bad.items():
         if wrong:
             raise ValueError(REFUSED[key].format(value=getattr(cfg, key)))
@@ -433,7 +433,8 @@ class FluxCGTask:
         check_flux_config(cfg)
         self.cfg, self.t5_min_length = cfg, int(t5_min_length)
         self.companions = {k: str(v) for k, v in (companions or {}).items() if v is not None}
-        self._parts = parts or (lambda: load_flux_parts(cfg.model, _DTYPES[cfg.weights_dtype], self.companions))
+        self._parts = parts or (lambda: load_flux_parts(cfg.model, _DTYPES[cfg.weights_dtype], self.companions,
+                                                        cfg.model_configs))
         self.index = _restrict(open_bg60k(cfg.data, skip_bad=cfg.skip_bad), cfg.categories)
         self.categories = list(self.index.categories)
         self._dataset = ImageMaskDataset(self.index, cfg.resolution, flip=cfg.flip)
