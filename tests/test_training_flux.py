@@ -318,3 +318,14 @@ def test_cli_names_the_missing_companion_in_one_line(data, tmp_path, capsys):
                  "--vae", str(tmp_path / "nothing.safetensors"), "--max-steps", "1", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and "--vae" in err and len(err.splitlines()) == 1, err
+
+
+def test_caption_dropped_rows_carry_no_identifier(data):
+    """--caption-dropout: a dropped row is the empty prompt (and the empty prompt's pooled vector), so with every row
+    dropped the identifier vectors get no gradient at all, and the loss is still finite."""
+    _, module = _module(data, "fill", caption_dropout=0.999)
+    out = module(_batch(), torch.Generator().manual_seed(0))
+    assert torch.isfinite(out["loss"])
+    g = _grad(module, out["loss"])
+    assert torch.equal(g, torch.zeros_like(g))
+    assert not torch.equal(module.pooled(torch.tensor([True])), module.pooled(torch.tensor([False])))
