@@ -84,6 +84,61 @@ def _pairs(double: int, single: int):
             yield f"single_blocks.{i}.{bfl}", f"single_transformer_blocks.{i}.{ours}"
 
 
+def bfl_modules(double: int, single: int, guidance: bool = True) -> list[str]:
+    """Every linear module of a BFL-layout transformer (names without ``.weight`` / ``.bias``): the renamed ones, the
+    fused ``qkv`` / ``linear1`` and the final modulation, in file order of :func:`bfl_to_diffusers`.
+
+    Args:
+        double, single: the block counts (:func:`block_counts`).
+        guidance: include ``guidance_in.*`` (dev and Fill; schnell has none).
+    """
+    names = [bfl for bfl, _ in _pairs(double, single) if guidance or not bfl.startswith("guidance_in.")]
+    names += [f"double_blocks.{i}.{bfl}" for i in range(double) for bfl, _ in _DOUBLE_QKV]
+    names += [f"single_blocks.{i}.linear1" for i in range(single)]
+    return names + [_FINAL_MOD[0]]
+
+
+def split_rows(module: str, rows: torch.Tensor, inner: int) -> dict[str, torch.Tensor]:
+    """The diffusers modules a BFL module's output rows belong to, with their rows: a weight, a bias, or a LoRA's
+    ``lora_up`` (whose rows split the way the weight's do). ``qkv`` splits into three equal parts, a single block's
+    ``linear1`` into q, k, v (``inner`` rows each) and ``proj_mlp``, the final modulation swaps its halves; anything
+    else is renamed.
+
+    Args:
+        module: a BFL module name from :func:`bfl_modules` (no ``model.diffusion_model.``, no ``.weight``).
+        rows: ``[out, ...]``.
+        inner: the transformer's width (heads × head dim).
+
+    Raises:
+        KeyError: a name that is no linear module of a Flux.1 transformer.
+    """
+    if module == _FINAL_MOD[0]:
+        return {_FINAL_MOD[1]: _swap_halves(rows)}
+    head, _, rest = module.partition(".")
+    if head in ("double_blocks", "single_blocks"):
+        index, _, name = rest.partition(".")
+        if index.isdigit():
+            if head == "double_blocks":
+                ours = dict(_DOUBLE).get(name)
+                fused = dict(_DOUBLE_QKV).get(name)
+                if fused is not None:
+                    return {f"transformer_blocks.{index}.{n}": part for n, part in zip(fused, rows.chunk(3, dim=0))}
+                if ours is not None:
+                    return {f"transformer_blocks.{index}.{ours}": rows}
+            else:
+                if name == "linear1":
+                    sizes = (inner, inner, inner, rows.shape[0] - 3 * inner)
+                    return {f"single_transformer_blocks.{index}.{n}": part
+                            for n, part in zip(_SINGLE_FUSED, rows.split(sizes, dim=0))}
+                ours = dict(_SINGLE).get(name)
+                if ours is not None:
+                    return {f"single_transformer_blocks.{index}.{ours}": rows}
+    ours = dict(_TOP).get(module)
+    if ours is None:
+        raise KeyError(f"'{module}' is no linear module of a Flux.1 transformer")
+    return {ours: rows}
+
+
 def bfl_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A BFL-layout transformer state dict (``model.diffusion_model.`` stripped or not) in diffusers' names.
 
@@ -101,29 +156,19 @@ def bfl_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
             raise KeyError(f"the Flux transformer has no '{prefix}{name}'")
         return src.pop(name)
 
-    for bfl, ours in _pairs(double, single):
+    if "img_in.weight" not in src:
+        take("img_in.weight")  # raises, naming it
+    inner = int(src["img_in.weight"].shape[0])
+    for module in bfl_modules(double, single, guidance=any(k.startswith("guidance_in.") for k in src)):
         for suffix in (".weight", ".bias"):
-            if bfl.startswith("guidance_in.") and bfl + suffix not in src:
-                continue  # schnell has no guidance embedder
-            out[ours + suffix] = take(bfl + suffix)
+            for ours, part in split_rows(module, take(module + suffix), inner).items():
+                out[ours + suffix] = part
     for i in range(double):
         for bfl, ours in _DOUBLE_NORMS:
             out[f"transformer_blocks.{i}.{ours}"] = take(f"double_blocks.{i}.{bfl}")
-        for bfl, names in _DOUBLE_QKV:
-            for suffix in (".weight", ".bias"):
-                for name, part in zip(names, take(f"double_blocks.{i}.{bfl}{suffix}").chunk(3, dim=0)):
-                    out[f"transformer_blocks.{i}.{name}{suffix}"] = part
-    inner = int(out["x_embedder.weight"].shape[0])
     for i in range(single):
         for bfl, ours in _SINGLE_NORMS:
             out[f"single_transformer_blocks.{i}.{ours}"] = take(f"single_blocks.{i}.{bfl}")
-        for suffix in (".weight", ".bias"):
-            fused = take(f"single_blocks.{i}.linear1{suffix}")
-            sizes = (inner, inner, inner, fused.shape[0] - 3 * inner)
-            for name, part in zip(_SINGLE_FUSED, fused.split(sizes, dim=0)):
-                out[f"single_transformer_blocks.{i}.{name}{suffix}"] = part
-    for suffix in (".weight", ".bias"):
-        out[_FINAL_MOD[1] + suffix] = _swap_halves(take(_FINAL_MOD[0] + suffix))
     if src:
         raise ValueError(f"the Flux transformer has a tensor '{prefix}{next(iter(src))}' that Flux.1 does not have")
     return out

@@ -43,6 +43,7 @@ from .components import (ClipVision, Components, SeededIdentifiers, check_style_
 from .errors import PipelineError
 from .flux_redux import load_redux
 from .flux_files import load_flux, is_flux_file
+from .flux_lora import merge_flux_lora
 from .flux_models import FluxParts, tiny_flux_parts
 from .flux_run import FluxRunner
 from .prompts import PromptEncoder
@@ -341,13 +342,13 @@ class ProductBGPipeline:
                         style_model: str | os.PathLike | None = None, **kwargs: Any) -> "ProductBGPipeline":
         """Add bank / style encoder / CLIP vision / LoRA files to loaded components and build the pipeline
         (Flux.1: ``redux``, a :class:`~.flux_redux.ReduxEncoder` for reference images, or ``style_model`` +
-        ``clip_vision``, the Redux and SigLIP files it is read from)."""
+        ``clip_vision``, the Redux and SigLIP files it is read from; ``loras`` merge through
+        :func:`~.flux_lora.merge_flux_lora`)."""
         if isinstance(components, FluxParts):
-            extra = [f for f, v in (("--style-encoder", style_encoder), ("--lora", loras)) if v]
-            if extra:
-                raise PipelineError(f"{extra[0]} does not go with a Flux.1 model in the pipeline yet (IP-Adapter "
-                                    "style encoders and UNet LoRAs are SD1.5 / SDXL files; Flux's reference style "
-                                    "is Redux: --style-model and --clip-vision)")
+            if style_encoder is not None:
+                raise PipelineError("--style-encoder does not go with a Flux.1 model (IP-Adapter style encoders are "
+                                    "SD1.5 / SDXL files; Flux's reference style is Redux: --style-model and "
+                                    "--clip-vision)")
             if (style_model is None) != (clip_vision is None):
                 raise PipelineError("Flux Redux needs both files: --style-model flux1-redux-dev.safetensors and "
                                     "--clip-vision sigclip_vision_patch14_384.safetensors")
@@ -369,8 +370,9 @@ class ProductBGPipeline:
                 components.style_encoder = load_style_encoder(style_encoder, style_target(components))
         except WeightsError as e:
             raise PipelineError(str(e)) from None
+        merge = merge_flux_lora if isinstance(components, FluxParts) else merge_lora
         for path, strength in loras:
-            merge_lora(components, path, strength)
+            merge(components, path, strength)
         return cls(components, **kwargs)
 
     # ------------------------------------------------------------------ preparing inputs

@@ -63,6 +63,8 @@ PEFT_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 _KOHYA_KEY = re.compile(r"^(lora_unet_|lora_te_|lora_te1_|lora_te2_)([A-Za-z0-9_]+)\.(lora_down\.weight|"
                         r"lora_up\.weight|alpha)$")
+_ANY_KOHYA_KEY = re.compile(r"^(.+)\.(lora_down\.weight|lora_up\.weight|alpha)$")
+_KOHYA_SLOTS = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
 _PEFT_KEY = re.compile(r"^(.+)\.(lora_A|lora_B)(?:\.[A-Za-z0-9_]+)?\.weight$")
 _OLD_DIFFUSERS_KEY = re.compile(r"^(.+)\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 
@@ -248,7 +250,8 @@ def _peft_slot(key: str) -> tuple[str, str]:
                               "types are not converted)")
 
 
-def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+def _peft_alphas(metadata: Mapping[str, str], components: tuple[str, ...] | None = PEFT_COMPONENTS
+                ) -> dict[str, dict[str, Any]]:
     raw = metadata.get(DIFFUSERS_METADATA_KEY)
     if raw is None:
         return {}
@@ -258,7 +261,7 @@ def _peft_alphas(metadata: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         component, _, field = str(key).rpartition(".")
-        if component in PEFT_COMPONENTS:
+        if component and (components is None or component in components):
             out.setdefault(component, {})[field] = value
     return out
 
@@ -289,8 +292,59 @@ def _alpha_for(config: Mapping[str, Any] | None, path: str, metadata: Mapping[st
     return torch.tensor(float(value), dtype=dtype)
 
 
+def parse_lora_as_stored(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+                         ) -> tuple[list[LoraModule], str]:
+    """Read a LoRA state dict into :class:`LoraModule` objects named as the file names them, for backbones whose
+    module names :func:`parse_lora` does not resolve (Flux.1: BFL names such as
+    ``lora_unet_double_blocks_0_img_attn_qkv``, diffusers' ``transformer.transformer_blocks.0.attn.to_q``).
+
+    Each module's ``component`` is ``""`` and its ``path`` the stored name without the slot suffix (kohya:
+    ``.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``; peft: ``.lora_A.weight`` / ``.lora_B.weight`` /
+    ``.alpha``). A peft module without an ``.alpha`` takes the alpha diffusers' ``lora_adapter_metadata`` gives its
+    first name segment (``transformer.lora_alpha``, ``alpha_pattern``), else none (scale 1).
+
+    Returns:
+        (modules, layout).
+
+    Raises:
+        FormatMismatchError: not a LoRA, or tensors of another adapter type (LoHa, LoKr, DoRA, biases).
+        MalformedFileError: a module lacking its down or up weight, named twice, or whose shapes are no rank-r pair.
+    """
+    layout = detect_layout(tensors)
+    if layout is None:
+        raise FormatMismatchError("not a LoRA: no lora_down/lora_up (kohya) or lora_A/lora_B (peft) tensors")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if layout == "kohya":
+            m = _ANY_KOHYA_KEY.match(key)
+            if m is None:
+                raise FormatMismatchError(f"unsupported kohya LoRA key '{key}' (only lora_down/lora_up/alpha LoRAs "
+                                          "are read; LoHa/LoKr/DoRA are not)")
+            name, slot = m.group(1), _KOHYA_SLOTS[m.group(2)]
+        else:
+            slot, name = _peft_slot(key)
+        entry = parts.setdefault(name, {})
+        if slot in entry:
+            raise MalformedFileError(f"LoRA names {slot} of module '{name}' twice (key '{key}')")
+        entry[slot] = t
+    alphas = _peft_alphas(metadata or {}, None) if layout == "peft" else {}
+    modules = []
+    for name, p in parts.items():
+        if "down" not in p or "up" not in p:
+            raise MalformedFileError(f"LoRA module '{name}' lacks its down (lora_down / lora_A) or up "
+                                     "(lora_up / lora_B) weight")
+        alpha = p.get("alpha")
+        if alpha is None and layout == "peft":
+            component, _, path = name.partition(".")
+            alpha = _alpha_for(alphas.get(component), path, metadata or {})
+        module = LoraModule("", name, p["down"], p["up"], alpha)
+        _check_module(module)
+        modules.append(module)
+    return modules, layout
+
+
 def _check_module(m: LoraModule) -> None:
-    where = f"{m.component}.{m.path}"
+    where = f"{m.component}.{m.path}" if m.component else m.path
     for name, t in (("down", m.down), ("up", m.up)):
         if not t.is_floating_point():
             raise MalformedFileError(f"LoRA {where}: {name} weight has dtype {t.dtype}; expected a float dtype")
@@ -398,15 +452,21 @@ def is_lora(header: Header) -> bool:
     return detect_layout(header.tensors) is not None
 
 
-def read_lora(path: str | os.PathLike) -> LoraFile:
-    """Validate and read a LoRA ``.safetensors`` file (either layout); every tensor is checked finite."""
+def read_lora(path: str | os.PathLike, resolve: bool = True) -> LoraFile:
+    """Validate and read a LoRA ``.safetensors`` file (either layout); every tensor is checked finite.
+
+    Args:
+        path: the ``.safetensors`` file.
+        resolve: map module names to diffusers SD1.5 / SDXL components and paths (:func:`parse_lora`); False keeps
+            them as stored (:func:`parse_lora_as_stored`, for Flux.1).
+    """
     header = read_header(path)
     if not is_lora(header):
         raise FormatMismatchError(f"{header.path.name}: not a LoRA (no lora_down/lora_up or lora_A/lora_B tensors)")
     require_float(header)
     tensors, _ = load_all(header.path)
     try:
-        modules, layout = parse_lora(tensors, header.metadata)
+        modules, layout = (parse_lora if resolve else parse_lora_as_stored)(tensors, header.metadata)
     except WeightsError as e:
         raise type(e)(f"{header.path.name}: {e}") from None
     return LoraFile(modules, layout, dict(header.metadata), header)
