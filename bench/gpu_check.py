@@ -1,5 +1,5 @@
-"""The GPU check of issue 12: shipped workflows in real ComfyUI, the diffusers pipeline, train-cg steps; patched
-vs unpatched s/step and peak GPU memory, printed as ONE JSON line (the last line of stdout).
+"""The GPU check of issue 12: shipped workflows in real ComfyUI, the diffusers pipeline, train-cg steps (SD1.5 and
+Flux.1); patched vs unpatched s/step and peak GPU memory, printed as ONE JSON line (the last line of stdout).
 
 Run it through ``bash bench/gpu_check.sh`` (which prepares the environment; see its header). Phases:
 
@@ -26,6 +26,27 @@ Run it through ``bash bench/gpu_check.sh`` (which prepares the environment; see 
    tiny model with ``--cpu``), bf16 autocast over bf16 frozen weights, gradient checkpointing: **patched** = our
    CG step (identifiers + mask-guided attention), **unpatched** = the plain diffusers + peft LoRA step, interleaved.
 
+Phases 2 and 3 on Flux.1 run as phases of their own (``diffusers_flux``, ``train_flux``: the JSON's
+``phases.diffusers_flux`` / ``phases.train_flux``, same ``measured`` schema as the SD entries, which are unchanged):
+
+2f. ``diffusers_flux``: ``ProductBGPipeline.from_single_file`` on the random full-size Flux Fill files of phase 1
+   (``tests/flux_checkpoint``: 1 double + 1 single block at full width, fp8 T5-XXL kept fp8, CLIP-L, VAE) with a
+   flux bank and Redux (``style_model`` + SigLIP ``clip_vision``), bf16 compute on CUDA, at ``--sdxl-size``:
+   **patched** = bank category + Redux reference (joint confinement); **unpatched** = diffusers'
+   ``FluxAttnProcessor`` in every block, the same prompt, identifier strength 0 (no confinement), no reference.
+   Time and memory are those of ``flux_run.sample_flux`` (the denoising loop plus one VAE encode/decode).
+   ``info.checks`` records per variant that every output is finite and the product core (mask = 1) comes back
+   bit for bit. ``--cpu``: tiny Fill files in the same layouts (``tests/flux_tiny_files``, fp8 T5 4096 wide, a
+   tiny SigLIP + Redux projector), float32 compute, loaded the same way.
+3f. ``train_flux``: ``--flux-train-steps`` train-cg steps of ``training.flux_cg`` (T5-space identifiers + one
+   transformer LoRA) on the same Fill files (``tiny-flux-fill`` with ``--cpu``), bf16 weights (fp8 T5 stays fp8),
+   bf16 autocast, gradient checkpointing: **patched** = our step (joint confinement in every block);
+   **unpatched** = the same module, trainables, batch and optimizer with the text passed as it is (no free
+   stream, no confinement call) and diffusers' ``FluxAttnProcessor``, interleaved. ``info.checks``: every loss
+   finite; ``info.loss`` the mean loss per variant.
+
+A failed check (``false`` in a phase's ``info.checks``) is an error of that phase: the run exits 1.
+
 Peak memory is ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` around each measured call;
 on CPU it is null (the JSON says so) and ``cpu_max_rss_mib`` gives the process's peak RSS instead.
 """
@@ -43,6 +64,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -55,13 +77,15 @@ FAMILY_ORDER = ("", "_sdxl", "_flux")  # workflow-name suffix per backbone: SD1.
 
 # (GPU, --cpu) defaults: full size on the GPU, tiny on the CPU.
 DEFAULTS = {"size": (512, 64), "sdxl_size": (1024, 64), "steps": (20, 1), "repeats": (3, 1), "train_model": ("sd15", "tiny"),
-            "train_resolution": (512, 64), "train_batch": (4, 2), "train_steps": (20, 2), "train_warmup": (2, 1)}
+            "train_resolution": (512, 64), "train_batch": (4, 2), "train_steps": (20, 2), "train_warmup": (2, 1),
+            "flux_train_steps": (6, 1)}
+PHASES = ("comfyui", "diffusers", "diffusers_flux", "train", "train_flux")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="bench/gpu_check.sh", description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="run on the CPU at tiny sizes (what CI checks)")
-    ap.add_argument("--only", default="comfyui,diffusers,train", help="comma-separated phases to run")
+    ap.add_argument("--only", default=",".join(PHASES), help="comma-separated phases to run")
     ap.add_argument("--workflows", default="", help="comma-separated workflow names or 'all' (default: all on the "
                     f"GPU; {','.join(CPU_WORKFLOWS)} with --cpu, where one full-size UNet call takes seconds)")
     ap.add_argument("--json-out", default="", help="also write the JSON line to this file")
@@ -82,7 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if set(args.workflows) - set(names):
         ap.error(f"unknown workflows {sorted(set(args.workflows) - set(names))} (have {', '.join(names)})")
     args.warmup = not args.cpu  # on the GPU one unmeasured run first (model transfer, kernels); on CPU no need
-    unknown = set(args.only) - {"comfyui", "diffusers", "train"}
+    unknown = set(args.only) - set(PHASES)
     if unknown:
         ap.error(f"unknown phases {sorted(unknown)}")
     return args
@@ -350,17 +374,152 @@ def run_diffusers(args, model_root: Path, cuda: bool) -> tuple[dict, dict]:
     return meter.summary(), info
 
 
+# ------------------------------------------------------------------------------------------------ diffusers, Flux
+def flux_bank(folder: Path) -> Path:
+    """A flux bank (``t5xxl`` vectors, 4096 wide) with the category ``shoes``, as phase 1's."""
+    import torch
+
+    from productbg.weights.bank import CategoryBank
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bank = CategoryBank("flux", vectors_per_id=2)
+    bank.add("shoes", {"t5xxl": torch.randn(2, 4096, generator=torch.Generator().manual_seed(0)) * 0.05})
+    path = folder / "gpu_check_bank_flux.safetensors"
+    bank.save(path)
+    return path
+
+
+def flux_full_files() -> dict[str, Path]:
+    """The random full-size Flux files of phase 1 (``tests/flux_checkpoint``; built once and cached, reused)."""
+    import flux_checkpoint
+
+    return flux_checkpoint.ensure_flux_files(os.environ["COMFYUI_DIR"],
+                                             ["fill", "t5xxl", "clip_l", "vae", "redux", "siglip"])
+
+
+def flux_tiny_files(folder: Path) -> dict[str, Path]:
+    """Tiny Flux Fill files in the same layouts (``tests/flux_tiny_files``: one bundled file with an fp8 T5 4096
+    wide, so a flux bank and Redux's tokens fit; its configs; a small SigLIP and a Redux projector onto 4096), so
+    ``--cpu`` loads through ``from_single_file`` / ``load_redux`` as the GPU run does."""
+    import torch
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from flux_tiny_files import write_bundled, write_configs
+    from productbg.pipeline.flux_models import tiny_flux_parts
+    from productbg.pipeline.flux_redux import ReduxProjector
+    from productbg.weights.safefile import atomic_save
+
+    parts = tiny_flux_parts("fill", t5_width=4096)
+    torch.manual_seed(1)
+    siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=144, intermediate_size=96, num_hidden_layers=1,
+                                                  num_attention_heads=2, image_size=56, patch_size=14,
+                                                  vision_use_head=False))
+    siglip_state = {(k if k.startswith("vision_model.") else "vision_model." + k): v.to(torch.float16).contiguous()
+                    for k, v in siglip.state_dict().items() if not k.endswith("position_ids")}
+    projector = ReduxProjector(144, 4096)
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"configs": write_configs(parts, folder / "configs"),
+            "fill": write_bundled(parts, folder / "tiny_flux_fill.safetensors", fp8_t5=True),
+            "siglip": atomic_save(siglip_state, folder / "sigclip_vision_patch14_384.safetensors"),
+            "redux": atomic_save({k: v.to(torch.bfloat16) for k, v in projector.state_dict().items()},
+                                 folder / "flux1-redux-dev.safetensors")}
+
+
+def weight_dtypes(module) -> list[str]:
+    """The dtypes a module's linear weights are stored in (``float8_e4m3fn`` for an fp8 T5 kept fp8)."""
+    import torch
+
+    return sorted({str(m.weight.dtype).removeprefix("torch.") for m in module.modules()
+                   if isinstance(m, torch.nn.Linear)})
+
+
+def run_diffusers_flux(args, work: Path, cuda: bool) -> tuple[dict, dict]:
+    """Phase 2 on Flux.1: ``ProductBGPipeline.from_single_file`` on the Fill files with a flux bank and Redux, timed
+    around ``flux_run.sample_flux`` (the denoising loop plus one VAE encode/decode); ``patched`` = category + Redux
+    reference (joint confinement), ``unpatched`` = diffusers' ``FluxAttnProcessor`` in every block, the same prompt,
+    identifier strength 0 (no confinement), no reference. Checks: every output finite, product core bit for bit."""
+    import logging
+
+    import numpy as np
+    import torch
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    import productbg.pipeline.flux_run as flux_run
+    from productbg.pipeline import ProductBGPipeline
+
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if cuda:
+        paths = flux_full_files()
+        load = dict(t5=paths["t5xxl"], clip_l=paths["clip_l"], vae=paths["vae"])
+    else:
+        paths = flux_tiny_files(work / "flux_tiny")
+        load = dict(config_dir=paths["configs"])
+    pipe = ProductBGPipeline.from_single_file(paths["fill"], bank=flux_bank(work / "flux_bank"),
+                                              style_model=paths["redux"], clip_vision=paths["siglip"], dtype=dtype,
+                                              device="cuda" if cuda else "cpu", **load)
+    pipe.settings = replace(pipe.settings, size=args.sdxl_size, steps=args.steps)
+    parts = pipe.components
+    product = WORKFLOWS / "inputs" / "productbg_example_product.png"
+    reference = WORKFLOWS / "inputs" / "productbg_example_reference.png"
+    blocks = [b.attn for b in (*parts.transformer.transformer_blocks, *parts.transformer.single_transformer_blocks)]
+    ours = [a.processor for a in blocks]
+    meter, box, finite = Meter(cuda), {}, {}
+    original = flux_run.sample_flux
+
+    def timed(*a, **kw):
+        with meter.measure(box["variant"], args.steps):
+            raw = original(*a, **kw)
+        finite.setdefault(box["variant"], []).append(bool(torch.isfinite(raw).all()))  # after the timing
+        return raw
+
+    def run(variant: str, seed: int):
+        box["variant"] = variant
+        for attn, proc in zip(blocks, ours):
+            attn.set_processor(proc if variant != "unpatched" else FluxAttnProcessor())
+        if variant == "unpatched":
+            return pipe.generate(product, "shoes", None, seed=seed, identifier_strength=0.0)[0]
+        return pipe.generate(product, "shoes", reference, seed=seed)[0]
+
+    core: dict[str, list[bool]] = {}
+    flux_run.sample_flux = timed
+    try:
+        if args.warmup:
+            run("warmup", 0)
+            meter.samples.clear()
+        for r in range(args.repeats):
+            for variant in (("patched", "unpatched") if r % 2 == 0 else ("unpatched", "patched")):
+                res = run(variant, r + 1)
+                inner = res.mask >= 1.0
+                core.setdefault(variant, []).append(bool(inner.any()) and np.array_equal(res.image[inner],
+                                                                                        res.placed[inner]))
+                finite[variant][-1] &= bool(np.isfinite(res.image).all())
+    finally:
+        flux_run.sample_flux = original
+        for attn, proc in zip(blocks, ours):
+            attn.set_processor(proc)
+    checks = {v: {"finite": all(finite.get(v, [])), "core_bit_exact": all(core[v])} for v in core}
+    info = {"family": "flux", "variant": parts.variant, "size": args.sdxl_size,
+            "dtype": str(parts.transformer.dtype).removeprefix("torch."),
+            "t5_linear_weights": weight_dtypes(parts.t5), "redux": True,
+            "files": "random full-size Fill (1 double + 1 single block), fp8 T5-XXL, CLIP-L, VAE, Redux, SigLIP"
+            if cuda else "tiny Fill (fp8 T5 4096 wide), tiny SigLIP + Redux", "checks": checks}
+    del pipe, parts, blocks, ours
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return meter.summary(), info
+
+
 # ------------------------------------------------------------------------------------------------ train-cg
 def run_train(args, work: Path, cuda: bool) -> tuple[dict, dict]:
     import torch
 
     import train_step
-    from productbg.training import bgsynth
     from productbg.training.state import step_generator
 
     device = "cuda" if cuda else "cpu"
-    data = work / "bgsynth"
-    bgsynth.generate(data, bgsynth.SynthSpec(categories=8, per_category=2, held_out=0, size=args.train_resolution))
+    data = synth_data(work, args.train_resolution)
     task, ours, plain, processors = train_step.build(args.train_model, data, args.train_resolution, device,
                                                      gradient_checkpointing=True, weights_dtype="bfloat16")
     items = [task.dataset()[(i, i)] for i in range(args.train_batch)]
@@ -381,7 +540,92 @@ def run_train(args, work: Path, cuda: bool) -> tuple[dict, dict]:
     return meter.summary(), info
 
 
+def synth_data(work: Path, resolution: int) -> Path:
+    """The bgsynth data set train-cg steps read (made once per run, shared by the SD and Flux phases)."""
+    from productbg.training import bgsynth
+
+    data = work / f"bgsynth_{resolution}"
+    if not data.exists():
+        bgsynth.generate(data, bgsynth.SynthSpec(categories=8, per_category=2, held_out=0, size=resolution))
+    return data
+
+
+def run_train_flux(args, work: Path, cuda: bool) -> tuple[dict, dict]:
+    """Phase 3 on Flux.1: train-cg steps of ``training.flux_cg`` (identifiers in T5's input space + one transformer
+    LoRA) on the random full-size Fill files (GPU) or ``tiny-flux-fill`` (``--cpu``), bf16 weights (an fp8 T5 stays
+    fp8), bf16 autocast, gradient checkpointing. ``patched`` = our step (joint confinement in every block);
+    ``unpatched`` = the same module, trainables, batch and optimizer with the text passed plainly (no free stream,
+    no confinement call) and diffusers' ``FluxAttnProcessor`` in every block, interleaved. Checks: every loss
+    finite."""
+    import torch
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    import productbg.training.flux_cg as flux_cg
+    from productbg.training.cg import CGConfig
+    from productbg.training.state import step_generator
+
+    device = torch.device("cuda" if cuda else "cpu")
+    companions = {}
+    if cuda:
+        paths = flux_full_files()
+        model, companions = str(paths["fill"]), {k: str(paths[k]) for k in ("t5xxl", "clip_l", "vae")}
+        companions["t5"] = companions.pop("t5xxl")
+    else:
+        model = "tiny-flux-fill"
+    cfg = CGConfig(data=synth_data(work, args.train_resolution), model=model, resolution=args.train_resolution,
+                   vectors_per_id=2, lora_rank=8, gradient_checkpointing=True, weights_dtype="bfloat16")
+    task = flux_cg.FluxCGTask(cfg, companions=companions)
+    module = task.build(device).to(device)
+    module.train()
+    opt = torch.optim.AdamW(task.param_groups(module, 1e-4), lr=1e-4)
+    items = [task.dataset()[(i, i)] for i in range(args.train_batch)]
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in torch.utils.data.default_collate(items).items()}
+    blocks = [b.attn for b in (*module.transformer.transformer_blocks, *module.transformer.single_transformer_blocks)]
+    ours = [a.processor for a in blocks]
+    confined = flux_cg.confined_inputs
+
+    def plain_inputs(call, encoder_hidden_states, txt_ids):          # the unconfined step's text: as it is
+        return {"encoder_hidden_states": encoder_hidden_states, "txt_ids": txt_ids}
+
+    meter, losses = Meter(cuda), {}
+    try:
+        for i in range(args.train_warmup + args.flux_train_steps):
+            for variant in (("patched", "unpatched") if i % 2 else ("unpatched", "patched")):
+                flux_cg.confined_inputs = confined if variant == "patched" else plain_inputs
+                for attn, proc in zip(blocks, ours):
+                    attn.set_processor(proc if variant == "patched" else FluxAttnProcessor())
+                with meter.measure(variant if i >= args.train_warmup else "warmup", 1):
+                    with torch.autocast(device.type, dtype=torch.bfloat16):
+                        loss = module(batch, step_generator(0, i, 0, 0))["loss"]
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                losses.setdefault(variant, []).append(loss.detach())
+    finally:
+        flux_cg.confined_inputs = confined
+        for attn, proc in zip(blocks, ours):
+            attn.set_processor(proc)
+    meter.samples.pop("warmup", None)
+    finite = {v: bool(torch.isfinite(torch.stack(ls)).all()) for v, ls in losses.items()}  # one sync, at the end
+    info = {"family": "flux", "model": "random full-size Fill (1 double + 1 single block)" if cuda else model,
+            "resolution": args.train_resolution, "batch": args.train_batch, "steps": args.flux_train_steps,
+            "weights_dtype": "bfloat16", "autocast": "bfloat16", "t5_linear_weights": weight_dtypes(module.text.t5),
+            "gradient_checkpointing": bool(module.transformer.is_gradient_checkpointing),
+            "loss": {v: round(float(torch.stack(ls).float().mean()), 5) for v, ls in losses.items()},
+            "checks": {v: {"loss_finite": ok} for v, ok in finite.items()}}
+    del module, opt, task, batch, blocks, ours
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return meter.summary(), info
+
+
 # ------------------------------------------------------------------------------------------------ main
+def failed_checks(info: dict) -> list[str]:
+    """``variant.check`` for every false entry of a phase's ``info["checks"]`` (``{variant: {check: bool}}``)."""
+    return sorted(f"{v}.{k}" for v, c in info.get("checks", {}).items() for k, ok in c.items() if not ok)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -403,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="pbg_gpu_check_"))
     model_root = None
     try:
-        for phase in ("comfyui", "diffusers", "train"):
+        for phase in PHASES:
             if phase not in args.only:
                 continue
             t0 = time.perf_counter()
@@ -416,10 +660,17 @@ def main(argv: list[str] | None = None) -> int:
                     if model_root is None:
                         raise RuntimeError("the diffusers phase uses the model files of the comfyui phase")
                     measured, extra = run_diffusers(args, model_root, cuda)
-                else:
+                elif phase == "diffusers_flux":
+                    measured, extra = run_diffusers_flux(args, work, cuda)
+                elif phase == "train":
                     measured, extra = run_train(args, work, cuda)
+                else:
+                    measured, extra = run_train_flux(args, work, cuda)
                 result["phases"][phase] = {"measured": measured, "info": extra,
                                            "wall_s": round(time.perf_counter() - t0, 1)}
+                failed = failed_checks(extra)
+                if failed:                               # measured, but a check failed: the run fails
+                    result["errors"][phase] = f"checks failed: {', '.join(failed)}"
             except Exception as e:                       # report and go on: one JSON line, whatever happens
                 import traceback
 

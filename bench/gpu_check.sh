@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # bench/gpu_check.sh — issue 12's GPU check: the shipped API workflows in real ComfyUI 0.3.75 (in-process, fp16
-# UNet), the diffusers pipeline (fp16) and train-cg steps (bf16, gradient checkpointing), each patched vs
-# unpatched, s/step and peak GPU memory, as ONE JSON line (the last line of stdout). Details: bench/gpu_check.py.
+# UNet), the diffusers pipeline (fp16 SD1.5; bf16 Flux.1 Fill + Redux) and train-cg steps (bf16, gradient
+# checkpointing; SD1.5 and Flux.1), each patched vs unpatched, s/step and peak GPU memory, as ONE JSON line (the
+# last line of stdout). Details: bench/gpu_check.py.
 #
 # Usage (from the repo root):
 #   bash bench/gpu_check.sh --prepare   # on the dev machine: gather bench/.gpu_carry/ (downloads allowed here)

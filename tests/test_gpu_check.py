@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "bench" / "gpu_check.sh"
 
@@ -46,6 +48,19 @@ def test_defaults_are_full_size_on_the_gpu_and_tiny_with_cpu():
     assert gpu.workflows == shipped and g.parse_args(["--cpu", "--workflows", "all"]).workflows == shipped
     assert cpu.workflows == list(g.CPU_WORKFLOWS)
     assert g.parse_args(["--steps", "3", "--only", "train"]).steps == 3
+    # the Flux pipeline and Flux train-cg run by default, as phases of their own (the SD phases' keys unchanged)
+    assert gpu.only == cpu.only == ["comfyui", "diffusers", "diffusers_flux", "train", "train_flux"]
+    assert (gpu.flux_train_steps, cpu.flux_train_steps) == (6, 1)
+    assert g.parse_args(["--cpu", "--only", "diffusers_flux,train_flux"]).only == ["diffusers_flux", "train_flux"]
+    with pytest.raises(SystemExit):
+        g.parse_args(["--only", "flux"])
+
+
+def test_a_false_check_is_named_and_fails_the_phase():
+    g = _gpu_check()
+    assert g.failed_checks({}) == [] and g.failed_checks({"checks": {"patched": {"finite": True}}}) == []
+    info = {"checks": {"patched": {"finite": True, "core_bit_exact": False}, "unpatched": {"finite": False}}}
+    assert g.failed_checks(info) == ["patched.core_bit_exact", "unpatched.finite"]
 
 
 def test_unpatched_graph_wires_the_sampler_past_every_patch_node():
