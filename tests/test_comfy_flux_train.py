@@ -8,7 +8,10 @@ module loads a Flux model itself; its wall time and peak RSS are printed. Checke
 the fused weights it names with exactly ``lora_B @ lora_A`` (alpha folded in) through ``load_lora_for_models`` and
 Category LoRA alike; the bank is a ``flux`` bank of the trained vectors, Category Prompt tokenizes the template as
 training did (the identifier at the same T5 positions, the same length, the same token ids) and pools the
-identifier-free prompt; a step of Flux Fill samples with the trained LoRA, bank and Mask-Guided Attention.
+identifier-free prompt, and the T5 text training attends to (the trained vectors spliced in, computed in a child
+process through productbg's loader and the trainer's own T5 path) is ComfyUI's conditioning, and its identifier-free
+stream ComfyUI's, to fp16-vs-fp32 rounding; a step of Flux Fill samples with the trained LoRA, bank and Mask-Guided
+Attention.
 
 Runs in a pytest process of its own (scripts/test.sh), never beside the SDXL models.
 """
@@ -45,6 +48,30 @@ SLICES = {"transformer_blocks.0.attn.to_q": ("double_blocks.0.img_attn.qkv", 0),
           "single_transformer_blocks.0.proj_out": ("single_blocks.0.linear2", 0)}
 
 
+#: In a child process (one full-size T5 at a time in memory): the T5 contexts training computes for both categories
+#: of the trained bank and of the identifier-free prompt, through productbg's loader and the trainer's T5 path.
+ENCODE = r"""
+import sys
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from productbg.pipeline.flux_files import load_t5
+from productbg.pipeline.text import clip_tokenizer, t5_tokenizer
+from productbg.training.flux_cg import T5Identifiers, flux_prompts
+from productbg.weights.bank import load_bank
+from productbg.weights.safefile import read_header
+t5_path, bank_path, out = sys.argv[1:4]
+t5 = load_t5(Path(t5_path), read_header(t5_path), torch.float32)
+bank = load_bank(bank_path)
+prompts = flux_prompts(t5_tokenizer(), clip_tokenizer(), bank.template, [2, 2], min_length=1)
+text = T5Identifiers(t5, prompts, torch.stack([bank.vectors(n, "t5xxl").float() for n in bank.names]))
+with torch.no_grad():
+    context = text.encode(torch.tensor([0, 1]))
+    plain = text.encode_embeds(text.embed(prompts.plain_ids))
+save_file({"context": context.contiguous(), "plain": plain.contiguous()}, out)
+"""
+
+
 def _cli(*args: str) -> None:
     run = subprocess.run(CLI + list(args), env=ENV, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
@@ -65,6 +92,10 @@ def trained(comfy_flux_files, tmp_path_factory):
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2 ** 20
     print(f"\n[flux train-cg] 2 steps at {SIZE}²: {wall:.0f} s wall, peak RSS {peak:.1f} GiB", file=sys.stderr)
     assert peak < 14, f"train-cg on full-size Flux peaked at {peak:.1f} GiB"
+    run = subprocess.run([sys.executable, "-c", ENCODE, str(comfy_flux_files.paths["t5xxl"]),
+                          str(work / "cg" / "category_bank.safetensors"), str(work / "cg" / "contexts.safetensors")],
+                         env=ENV, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
     return work / "cg"
 
 
@@ -144,6 +175,18 @@ def test_category_prompt_uses_the_trained_flux_bank_as_training_tokenized_it(com
     assert not torch.equal(cond_a[0][0], cond_b[0][0])  # each category's own trained vectors
     # the pooled CLIP-L vector is the identifier-free prompt's, the same for both categories (as trained)
     assert torch.equal(cond_a[0][1]["pooled_output"], cond_b[0][1]["pooled_output"])
+    # the text training attends to is ComfyUI's (its T5 computes in fp16 on the CPU, training's here in fp32)
+    ours = load_file(str(trained / "contexts.safetensors"))
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm())
+
+    off = {n: rel(c[0][0][0], ours["context"][i]) for i, (n, c) in enumerate(((first, cond_a), (second, cond_b)))}
+    free = rel(spec.plain_context[0], ours["plain"][0])
+    apart = rel(ours["context"][0], ours["context"][1])
+    print(f"\n[flux train-cg] T5 context vs ComfyUI's: {off} relative, free stream {free:.2e}; the two categories "
+          f"{apart:.2e} apart", file=sys.stderr)
+    assert max(off.values()) < 5e-3 and free < 5e-3 and apart > 0.1  # measured: 4e-4, 1.3e-4; 1.35
 
 
 def test_flux_fill_samples_with_the_trained_lora_bank_and_confinement(comfy, trained, loaded, bank, prompts):
