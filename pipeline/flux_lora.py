@@ -63,11 +63,12 @@ class _Target:
     lora_name: str
 
 
-def _linear_names(model: torch.nn.Module, aliases: bool = False) -> dict[str, str]:
+def _linear_names(model: torch.nn.Module | None, aliases: bool = False) -> dict[str, str]:
     """``{name: module path}`` of every linear layer, each under its dotted and its underscored name (``aliases``:
-    also with CLIP's ``text_model.`` prefix added or removed, as transformers >= 5.6 flattened it)."""
+    also with CLIP's ``text_model.`` prefix added or removed, as transformers >= 5.6 flattened it); none without a
+    model (a transformer loaded alone)."""
     table: dict[str, str] = {}
-    for path, module in model.named_modules():
+    for path, module in (model.named_modules() if model is not None else ()):
         if isinstance(module, torch.nn.Linear):
             names = [path]
             if aliases:
