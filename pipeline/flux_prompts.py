@@ -22,10 +22,9 @@ import torch
 from ..attention import IdentifierSpec
 from ..weights.errors import WeightsError
 from .errors import PipelineError
+from .flux_models import T5_MIN_LENGTH
 from .text import CLIP_CONTEXT, DEFAULT_TEMPLATE, T5_SLOT, identifier_prompt
 
-#: ComfyUI's Flux T5 tokenizer pads every prompt to at least this many tokens (``min_length=256``).
-T5_MIN_TOKENS = 256
 #: diffusers' FluxPipeline ``max_sequence_length`` limit.
 T5_MAX_TOKENS = 512
 CACHE_SIZE = 16
@@ -146,7 +145,7 @@ class FluxPromptEncoder:
             raise PipelineError(f"the prompt is {len(ids)} T5 tokens; the limit is {T5_MAX_TOKENS}: shorten the "
                                 "template or the extra words")
         pad = int(self.t5_tokenizer.pad_token_id)
-        return torch.tensor([ids + [pad] * max(0, T5_MIN_TOKENS - len(ids))], dtype=torch.long)
+        return torch.tensor([ids + [pad] * max(0, T5_MIN_LENGTH - len(ids))], dtype=torch.long)
 
     def without(self, ids: torch.Tensor, positions: tuple[int, ...]) -> torch.Tensor:
         """``ids`` without the tokens at ``positions``; later tokens move up and padding fills the end."""

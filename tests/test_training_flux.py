@@ -17,7 +17,8 @@ from productbg.cli import main
 from productbg.training import bgsynth
 from productbg.training.cg import CGConfig
 from productbg.training.flux_cg import (LORA_FILE, FluxCGTask, add_flux_lora, flux_prompts, initial_t5_vectors,
-                                        lora_targets, lora_tensors, tiny_training_parts)
+                                        lora_targets, lora_tensors, T5_WIDTH)
+from productbg.pipeline.flux_models import tiny_flux_parts
 from productbg.weights.bank import load_bank
 
 NAMES = ("运动鞋", "手提包", "咖啡杯")
@@ -34,7 +35,7 @@ def data(tmp_path_factory):
 
 @functools.lru_cache(maxsize=None)
 def _parts(variant):
-    return tiny_training_parts(variant)
+    return tiny_flux_parts(variant, t5_width=T5_WIDTH)
 
 
 def _module(data, variant="fill", **kw):

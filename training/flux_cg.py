@@ -40,7 +40,6 @@ the diffusers layout ``transformer.<module>.lora_A.weight`` / ``lora_B.weight`` 
 """
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -90,25 +89,6 @@ def lora_targets(transformer: nn.Module) -> list[str]:
     return names
 
 
-def tiny_training_parts(variant: str = "fill", seed: int = 0) -> FluxParts:
-    """:func:`~productbg.pipeline.flux_models.tiny_flux_parts` with a T5 of T5-XXL's width (4096; one layer,
-    narrow attention and FFN, so still CPU-fast) and the transformer's text projection widened to it, so the run
-    writes a real ``flux`` bank (its vectors are 4096 wide) that ComfyUI's Category Prompt would take."""
-    # optional dependency: transformers
-    from transformers import T5EncoderModel
-
-    parts = tiny_flux_parts(variant, seed)
-    config = copy.deepcopy(parts.t5.config)
-    config.d_model, config.num_layers = T5_WIDTH, 1
-    torch.manual_seed(seed)
-    parts.t5 = T5EncoderModel(config).eval()
-    tr = parts.transformer
-    inner = tr.context_embedder.out_features
-    tr.context_embedder = nn.Linear(T5_WIDTH, inner)
-    tr.register_to_config(joint_attention_dim=T5_WIDTH)
-    return parts
-
-
 def load_flux_parts(model: str, dtype: torch.dtype, companions: dict[str, str] | None = None,
                     config_dir: str | Path | None = None) -> FluxParts:
     """The Flux set ``train-cg --model`` names, its weights in ``dtype``: a tiny random one (:data:`TINY_FLUX`), or a
@@ -116,7 +96,7 @@ def load_flux_parts(model: str, dtype: torch.dtype, companions: dict[str, str] |
     CLIP-L and VAE are ``companions`` — ``{"t5": path, "clip_l": path, "vae": path}`` — or found beside it; an fp8
     file's linear weights stay fp8, cast per layer; ``config_dir``: configs for a custom-size model)."""
     if model in TINY_FLUX:
-        parts = tiny_training_parts(TINY_FLUX[model])
+        parts = tiny_flux_parts(TINY_FLUX[model], t5_width=T5_WIDTH)  # T5-XXL's width: real flux banks
         for m in parts.models:
             m.to(dtype)
         return parts
