@@ -12,8 +12,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from flux_tiny_files import write_bundled, write_configs
+from flux_tiny_files import write_bundled, write_comfy_tree, write_configs
 from productbg.cli import main
 from productbg.fileio.png import save_png
 from productbg.imaging import load_image
@@ -23,6 +24,7 @@ from productbg.pipeline.errors import PipelineError
 from productbg.pipeline.flux_files import CastLinear
 from productbg.pipeline.flux_lora import add_to_linear, merge_flux_lora
 from productbg.pipeline.flux_models import tiny_flux_parts
+from productbg.training import bgsynth
 from productbg.training.flux_cg import lora_targets
 from productbg.weights.safefile import atomic_save
 
@@ -260,3 +262,34 @@ def test_refusals_name_the_problem_and_change_nothing(flux, tmp_path, capsys):
                      *SMALL]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], err
+
+
+def test_train_cg_writes_a_lora_the_cli_merges(tmp_path, monkeypatch, capsys):
+    """train-cg on a tiny Flux Fill tree (T5 4096 wide, as train-cg needs), then generate --lora with the
+    transformer_lora.safetensors it wrote: each trained module's weight is exactly W + B@A, nothing else moves."""
+    parts = tiny_flux_parts("fill", t5_width=4096)
+    transformer = write_comfy_tree(parts, tmp_path / "ComfyUI", fp8_t5=True)
+    configs = write_configs(parts, tmp_path / "configs")
+    data = tmp_path / "data"
+    bgsynth.generate(data, bgsynth.SynthSpec(categories=2, per_category=2, held_out=1, size=32, seed=2))
+    out = tmp_path / "run"
+    assert main(["train-cg", "--data", str(data), "--model", str(transformer), "--model-configs", str(configs),
+                 "--output", str(out), "--resolution", "32", "--max-steps", "2", "--vectors-per-id", "2",
+                 "--lora-rank", "2", "--t5-min-length", "16", "--no-progress"]) == 0
+    lora = load_file(str(out / "transformer_lora.safetensors"))
+    product = save_png(packshot(48).image, tmp_path / "product.png")
+    seen = _spy(monkeypatch)
+    common = ["generate", "--product", str(product), "--checkpoint", str(transformer), "--configs", str(configs),
+              *SMALL]
+    assert main([*common, "--out", str(tmp_path / "plain.png")]) == 0
+    assert main([*common, "--out", str(tmp_path / "lora.png"), "--lora",
+                 str(out / "transformer_lora.safetensors")]) == 0
+    capsys.readouterr()
+    base, merged = (p.components.transformer.state_dict() for p in seen[-2:])
+    names = {k.removeprefix("transformer.").rsplit(".", 2)[0] for k in lora}
+    assert names == set(lora_targets(parts.transformer))
+    for name in names:
+        a, b = lora[f"transformer.{name}.lora_A.weight"], lora[f"transformer.{name}.lora_B.weight"]
+        assert b.abs().max() > 0, name  # trained (peft starts lora_B at zero)
+        assert torch.equal(merged[name + ".weight"], base[name + ".weight"] + (b.float() @ a.float()) * 1.0), name
+    assert {k for k in base if not torch.equal(base[k], merged[k])} == {n + ".weight" for n in names}
