@@ -154,8 +154,8 @@ def add_to_linear(layer: torch.nn.Linear, delta: torch.Tensor) -> None:
 
     A layer stored narrower than it computes (flux_files' ``CastLinear`` holding an fp8 weight, optionally with a
     ``scale_weight``) is dequantized first: its weight becomes ``weight · scale_weight + delta`` stored in the
-    layer's compute dtype (so that layer takes 2–4× its fp8 bytes), and its scale is dropped. Any other weight is
-    added to in its own dtype.
+    layer's compute dtype (so that layer takes 2–4× its fp8 bytes), and its scale is dropped. Any other weight keeps
+    its dtype: the sum is taken in ``delta``'s dtype (float32) and rounded once.
     """
     w = layer.weight
     with torch.no_grad():
@@ -167,8 +167,10 @@ def add_to_linear(layer: torch.nn.Linear, delta: torch.Tensor) -> None:
                 base = base * scale.to(base)
                 layer.scale_weight = None
             layer.weight = torch.nn.Parameter(base + delta.to(base), requires_grad=False)
-        else:
-            w += delta.to(w)
+        elif w.dtype == delta.dtype:
+            w += delta
+        else:  # bf16 / fp16 weights: added in float32, rounded once
+            w.copy_(w.to(delta.dtype) + delta)
 
 
 def merge_flux_lora(parts: FluxParts, path: str | os.PathLike, strength: float = 1.0) -> int:
@@ -196,5 +198,5 @@ def merge_flux_lora(parts: FluxParts, path: str | os.PathLike, strength: float =
     for t in plan:
         w = t.layer.weight
         delta = (t.up.to(w.device, torch.float32) @ t.down.to(w.device, torch.float32)) * t.scale
-        add_to_linear(t.layer, delta)
+        add_to_linear(t.layer, delta.to(w.device))
     return len(plan)

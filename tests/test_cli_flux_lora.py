@@ -207,7 +207,7 @@ def test_text_encoder_parts_reach_clip_l_and_the_fp8_t5(flux, tmp_path):
 
 def test_an_fp8_layer_with_a_scale_is_dequantized_before_adding():
     """CastLinear with an fp8 weight and scale_weight: W·scale + delta, stored in the compute dtype, scale dropped;
-    the layer computes with the sum."""
+    the layer computes with the sum. A bf16 weight stays bf16, the sum rounded once."""
     layer = CastLinear(4, 3, bias=False)
     layer.weight = torch.nn.Parameter(torch.randn(3, 4).to(torch.float8_e4m3fn), requires_grad=False)
     layer.scale_weight, layer.compute_dtype = torch.tensor(0.5), torch.float32
@@ -217,6 +217,10 @@ def test_an_fp8_layer_with_a_scale_is_dequantized_before_adding():
     assert layer.weight.dtype == torch.float32 and torch.equal(layer.weight, want) and layer.scale_weight is None
     x = torch.randn(2, 4)
     assert torch.equal(layer(x), x @ want.T)
+    half = torch.nn.Linear(4, 3, bias=False).to(torch.bfloat16)  # a bf16 weight: summed in float32, rounded once
+    want = (half.weight.float() + delta).to(torch.bfloat16)
+    add_to_linear(half, delta)
+    assert half.weight.dtype == torch.bfloat16 and torch.equal(half.weight, want)
 
 
 def _refused(parts, path):
