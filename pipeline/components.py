@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from .. import backbones
 from ..weights.errors import WeightsError
 from ..weights.lora import read_lora
+from ..weights.safefile import read_header
 from ..weights.style_encoder import StyleEncoder, StyleEncoderConfig
 from .errors import PipelineError
+from .flux_lora import is_flux_lora
 from .quiet import quiet_loading
 from .single_file import SD15_CONFIGS, SDXL_CONFIGS, read_checkpoint, load_single_file
 from .text import clip_tokenizer, open_clip_tokenizer
@@ -332,6 +334,9 @@ def merge_lora(components: Components, path: str | os.PathLike, strength: float 
         PipelineError: unreadable file, or a module that does not exist / does not match in shape.
     """
     try:
+        if is_flux_lora(read_header(path).tensors):
+            raise PipelineError(f"{Path(path).name} is a Flux.1 LoRA; this model is {components.backbone.label} "
+                                "(it takes SD1.5 / SDXL LoRAs)")
         lora = read_lora(path)
     except WeightsError as e:
         raise PipelineError(str(e)) from None

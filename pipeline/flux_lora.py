@@ -149,6 +149,14 @@ def _plan(parts: FluxParts, modules: list[LoraModule], strength: float, fname: s
     return plan
 
 
+def is_flux_lora(keys) -> bool:
+    """Whether LoRA tensor names address Flux.1 blocks (BFL's ``double_blocks`` / ``single_blocks`` or diffusers'
+    ``transformer.transformer_blocks`` / ``single_transformer_blocks``), for a clear refusal on SD1.5 / SDXL."""
+    marks = ("double_blocks", "single_blocks", "transformer.transformer_blocks.",
+             "transformer.single_transformer_blocks.")
+    return any(any(m in k for m in marks) for k in keys)
+
+
 def add_to_linear(layer: torch.nn.Linear, delta: torch.Tensor) -> None:
     """Add ``delta`` to a linear layer's weight in place.
 

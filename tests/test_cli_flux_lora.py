@@ -20,6 +20,7 @@ from productbg.fileio.png import save_png
 from productbg.imaging import load_image
 from productbg.imaging.synthetic import packshot
 from productbg.pipeline import ProductBGPipeline
+from productbg.pipeline.components import tiny_components
 from productbg.pipeline.errors import PipelineError
 from productbg.pipeline.flux_files import CastLinear
 from productbg.pipeline.flux_lora import add_to_linear, merge_flux_lora
@@ -297,3 +298,12 @@ def test_train_cg_writes_a_lora_the_cli_merges(tmp_path, monkeypatch, capsys):
         assert b.abs().max() > 0, name  # trained (peft starts lora_B at zero)
         assert torch.equal(merged[name + ".weight"], base[name + ".weight"] + (b.float() @ a.float()) * 1.0), name
     assert {k for k in base if not torch.equal(base[k], merged[k])} == {n + ".weight" for n in names}
+
+
+def test_a_flux_lora_on_an_sd_model_is_named(flux, tmp_path):
+    """Either Flux layout given to an SD1.5 model: one line saying it is a Flux.1 LoRA."""
+    peft = _diffusers_file(flux, tmp_path / "peft.safetensors")
+    kohya = _kohya_file(flux, tmp_path / "kohya.safetensors")
+    for path in (peft, kohya):
+        with pytest.raises(PipelineError, match="is a Flux.1 LoRA; this model is SD1.5"):
+            ProductBGPipeline.from_components(tiny_components(), loras=[(path, 1.0)])
