@@ -14,7 +14,6 @@ without a category nothing is confined.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +22,8 @@ from ..attention import IdentifierSpec
 from ..weights.errors import WeightsError
 from .errors import PipelineError
 from .flux_models import T5_MIN_LENGTH
-from .text import CLIP_CONTEXT, DEFAULT_TEMPLATE, T5_SLOT, identifier_prompt
+from .prompts import PromptCache, choose_template
+from .text import CLIP_CONTEXT, T5_SLOT, identifier_prompt
 
 #: diffusers' FluxPipeline ``max_sequence_length`` limit.
 T5_MAX_TOKENS = 512
@@ -61,39 +61,31 @@ class FluxPromptEncoder:
         self.t5, self.t5_tokenizer, self.clip_l, self.clip_tokenizer = t5, t5_tokenizer, clip_l, clip_tokenizer
         self.identifiers = identifiers
         self.slot_id = int(t5_tokenizer.convert_tokens_to_ids(T5_SLOT))
-        self._cache: OrderedDict[tuple, FluxPrompt] = OrderedDict()
+        self._cache = PromptCache(CACHE_SIZE)
         self._negative: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def template(self, template: str | None) -> str:
         """The template to use: the given one, else the bank's, else the default."""
-        chosen = template or getattr(self.identifiers, "template", None) or DEFAULT_TEMPLATE
-        if chosen.count("{id}") != 1:
-            raise PipelineError(f"the prompt template must contain {{id}} exactly once: {chosen!r}")
+        chosen = choose_template(template, self.identifiers)
         if T5_SLOT in chosen:
             raise PipelineError(f"do not use {T5_SLOT!r} in the template: it is the identifier's slot")
         return chosen
 
     def encode(self, category: str | None, template: str | None = None, extra: str = "") -> FluxPrompt:
         """The positive conditioning of ``category`` (None: the template without identifier, nothing confined)."""
-        key = (category, template, extra)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        return self._cache.get((category, template, extra), lambda: self._encode_new(category, template, extra))
+
+    def _encode_new(self, category: str | None, template: str | None, extra: str) -> FluxPrompt:
         chosen = self.template(template)
         if T5_SLOT in extra:
             raise PipelineError(f"do not use {T5_SLOT!r} in the extra words: it is the identifier's slot")
         pooled = self.pooled(identifier_prompt(chosen, "", extra).replace("  ", " ").strip())
         if not category:
             text = identifier_prompt(chosen, "", extra).replace("  ", " ").strip()
-            result = FluxPrompt(text, self.t5_context(self.t5_ids(text)), pooled, None)
-        elif self.identifiers is None:
-            result = self._words(category.strip(), chosen, extra, pooled)
-        else:
-            result = self._identifier(category, chosen, extra, pooled)
-        self._cache[key] = result
-        while len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
-        return result
+            return FluxPrompt(text, self.t5_context(self.t5_ids(text)), pooled, None)
+        if self.identifiers is None:
+            return self._words(category.strip(), chosen, extra, pooled)
+        return self._identifier(category, chosen, extra, pooled)
 
     def negative(self, text: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """``([1, L, 4096], [1, 768])``: T5 context and pooled CLIP-L of a negative prompt (used when CFG ≠ 1)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, replace
+from typing import Any, Callable
 
 import torch
 
@@ -27,6 +28,36 @@ from .text import (DEFAULT_TEMPLATE, identifier_prompt, install_identifiers, tok
                    without_positions, word_positions)
 
 CACHE_SIZE = 64
+
+
+def choose_template(template: str | None, identifiers: Any = None) -> str:
+    """The prompt template: ``template``, else the bank's, else the default; it must hold ``{id}`` once.
+
+    Raises:
+        PipelineError: a template without ``{id}`` or with it twice.
+    """
+    chosen = template or getattr(identifiers, "template", None) or DEFAULT_TEMPLATE
+    if chosen.count("{id}") != 1:
+        raise PipelineError(f"the prompt template must contain {{id}} exactly once: {chosen!r}")
+    return chosen
+
+
+class PromptCache:
+    """The last ``size`` encoded prompts, least recently used evicted first."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple, Any] = OrderedDict()
+
+    def get(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """The cached value of ``key``, else ``make()`` (stored)."""
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = self._items[key] = make()
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return value
 
 
 @dataclass(frozen=True)
@@ -72,7 +103,7 @@ class PromptEncoder:
         self.encoder_names = ("clip_l",) if text_encoder_2 is None else ("clip_l", "clip_g")
         self.layers = layers if layers is not None else ((None,) if text_encoder_2 is None else (-2, -2))
         self._slots: list[torch.Tensor] | None = None
-        self._cache: OrderedDict[tuple, EncodedPrompt] = OrderedDict()
+        self._cache: PromptCache = PromptCache(CACHE_SIZE)
         self._negative: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     @property
@@ -87,27 +118,18 @@ class PromptEncoder:
 
     def template(self, template: str | None) -> str:
         """The template to use: the given one, else the bank's, else the default."""
-        chosen = template or getattr(self.identifiers, "template", None) or DEFAULT_TEMPLATE
-        if chosen.count("{id}") != 1:
-            raise PipelineError(f"the prompt template must contain {{id}} exactly once: {chosen!r}")
-        return chosen
+        return choose_template(template, self.identifiers)
 
     def encode(self, category: str | None, template: str | None = None, extra: str = "") -> EncodedPrompt:
         """The positive conditioning of ``category`` (None: the template without identifier, nothing confined)."""
-        key = (category, template, extra)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
+        return self._cache.get((category, template, extra), lambda: self._encode_new(category, template, extra))
+
+    def _encode_new(self, category: str | None, template: str | None, extra: str) -> EncodedPrompt:
         if not category:
-            result = self._plain(self.template(template).replace("{id}", "").replace("  ", " "), extra)
-        elif self.identifiers is None:
-            result = self._words(category, self.template(template), extra)
-        else:
-            result = self._identifier(category, self.template(template), extra)
-        self._cache[key] = result
-        while len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
-        return result
+            return self._plain(self.template(template).replace("{id}", "").replace("  ", " "), extra)
+        if self.identifiers is None:
+            return self._words(category, self.template(template), extra)
+        return self._identifier(category, self.template(template), extra)
 
     def negative(self, text: str = "") -> torch.Tensor:
         """``[1, 77, width]`` negative context of ``text``."""

@@ -38,6 +38,7 @@ from ..weights.errors import WeightsError
 from . import identifiers, outputs
 from .datasets import BG60kIndex, ImageMaskDataset, open_bg60k
 from .diffusion import DiffusionModule, jitter_masks, loss_weights, morph  # noqa: F401  (re-exported)
+from .state import load_trainables
 from .model_folder import save_pretrained_atomic
 from .models import SDComponents, load_components
 from .preview import cg_preview
@@ -291,13 +292,7 @@ class CGTask:
         return state
 
     def load_trainable_state(self, module: CGModule, tensors: dict[str, torch.Tensor]) -> None:
-        own = self.trainable_state(module)
-        if set(own) != set(tensors):
-            raise ValueError("checkpoint tensors do not match this model (different --unet mode, LoRA rank or "
-                             "categories?)")
-        with torch.no_grad():
-            for k, p in own.items():
-                p.copy_(tensors[k])
+        load_trainables(self.trainable_state(module), tensors, "different --unet mode, LoRA rank or categories?")
 
     def save_outputs(self, module: CGModule, out_dir: Path, step: int) -> list[Path]:
         # optional dependency: peft

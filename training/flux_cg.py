@@ -64,6 +64,7 @@ from .cg import _restrict, _start_bank
 from .datasets import ImageMaskDataset, open_bg60k
 from .diffusion import jitter_masks, loss_weights
 from .outputs import peft_lora_modules
+from .state import load_trainables
 
 BANK_FILE = "category_bank.safetensors"
 LORA_FILE = "transformer_lora.safetensors"
@@ -473,13 +474,7 @@ class FluxCGTask:
         return state
 
     def load_trainable_state(self, module: FluxCGModule, tensors: dict[str, torch.Tensor]) -> None:
-        own = self.trainable_state(module)
-        if set(own) != set(tensors):
-            raise ValueError("checkpoint tensors do not match this model (a different LoRA rank, categories or "
-                             "base model?)")
-        with torch.no_grad():
-            for k, p in own.items():
-                p.copy_(tensors[k])
+        load_trainables(self.trainable_state(module), tensors, "a different LoRA rank, categories or base model?")
 
     def save_outputs(self, module: FluxCGModule, out_dir: Path, step: int) -> list[Path]:
         training = {"trainer": "train-cg", "steps": step, "dataset": str(self.cfg.data), "model": self.cfg.model,

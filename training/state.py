@@ -95,3 +95,16 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     """The CPU generator for one micro-batch: a function of (seed, step, micro-batch, process) only."""
     mixed = np.random.SeedSequence([seed, step, micro, rank]).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
+
+
+def load_trainables(own: dict[str, torch.Tensor], saved: dict[str, torch.Tensor], hint: str) -> None:
+    """Copy a checkpoint's trainable tensors into the module's own (in place).
+
+    Raises:
+        ValueError: the checkpoint holds other tensors than the module trains (``hint`` says what may differ).
+    """
+    if set(own) != set(saved):
+        raise ValueError(f"checkpoint tensors do not match this model ({hint})")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(saved[k])
